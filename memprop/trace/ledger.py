@@ -1,0 +1,301 @@
+"""The storage ledger: the birth and death of every tensor storage during a step.
+
+NOTE [ How the ledger sees memory ]
+A ``TorchDispatchMode`` sees every aten op after autograd has decomposed it, forward and
+backward alike (the autograd engine runs the backward ops on the thread that called backward on
+the CPU, and carries the mode to its device threads on CUDA). After each op, every output whose
+storage is new is *born* at that op's clock tick. A weak reference to the storage's Python object
+(PyTorch keeps one object per live storage) calls back when the storage dies: that is its
+*death*, stamped with the clock of the last op that ran. Views and in-place results share a
+storage that is already known and are skipped, so each storage is counted once however many
+tensors view it.
+
+Time is the op clock: ``born == t`` means the storage came out of op ``t``; ``freed == t`` means it
+died after op ``t`` and before op ``t + 1``. A storage is therefore live at tick ``t`` when
+``born <= t <= freed``; the peak is the largest live total over all ticks, measured just after
+each op's outputs exist, as ``torch.cuda.max_memory_allocated`` would see them.
+
+The hot path only appends records; categories, totals and peaks are computed afterwards from the
+records, so a storage's category can be decided late (a temporary that autograd makes a
+parameter's ``.grad`` is a gradient from its birth).
+
+Known limitations:
+- Scratch buffers that a kernel allocates and frees inside one op are invisible (as they are to
+  every dispatch-level tracker); cuBLAS and cuDNN workspaces are the main case on a GPU.
+- ``UntypedStorage.resize_`` is not an op: a storage resized in place keeps its birth size.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from enum import Enum
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+__all__ = ["Category", "StorageLedger", "StorageRecord"]
+
+
+class Category(str, Enum):
+    """What a storage is for; the rows of the memory breakdown."""
+
+    PARAMETERS = "parameters"
+    BUFFERS = "buffers"
+    GRADIENTS = "gradients"
+    OPTIMIZER_STATE = "optimizer_state"
+    INPUTS = "inputs"
+    SAVED_ACTIVATIONS = "saved_activations"
+    TEMPORARIES = "temporaries"
+
+
+_PREEXISTING = (Category.PARAMETERS, Category.BUFFERS, Category.INPUTS)
+
+# CUDA's caching allocator hands out blocks in multiples of 512 bytes
+# (kMinBlockSize in c10/cuda/CUDACachingAllocator.cpp); torch.cuda.max_memory_allocated counts
+# the rounded size, so the ledger does too on a CUDA device.
+CUDA_BLOCK_BYTES = 512
+
+
+class StorageRecord:
+    """One storage's life. Mutable only while the ledger is recording."""
+
+    __slots__ = (
+        "born",
+        "bytes",
+        "category",
+        "dtype",
+        "freed",
+        "index",
+        "module",
+        "op",
+        "phase",
+        "saved",
+        "saved_in_phase",
+        "shape",
+        "stage",
+    )
+
+    def __init__(
+        self,
+        index: int,
+        nbytes: int,
+        born: int,
+        category: Category,
+        op: Any,
+        module: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        phase: str,
+        stage: int | None,
+    ) -> None:
+        self.index = index
+        self.bytes = nbytes
+        self.born = born
+        self.freed: int | None = None
+        self.category = category
+        self.op = op
+        self.module = module
+        self.shape = shape
+        self.dtype = dtype
+        self.phase = phase
+        self.stage = stage
+        self.saved = False
+        self.saved_in_phase: str | None = None
+
+    @property
+    def op_name(self) -> str:
+        op = self.op
+        if isinstance(op, str):
+            return op
+        return str(op.overloadpacket.__name__) if hasattr(op, "overloadpacket") else str(op)
+
+    def live_at(self, tick: int) -> bool:
+        return self.born <= tick and (self.freed is None or tick <= self.freed)
+
+
+class _StorageRef(weakref.ref):  # type: ignore[type-arg]
+    __slots__ = ("key", "record")
+    key: int
+    record: StorageRecord
+
+
+def _rounded(nbytes: int, device: torch.device) -> int:
+    if device.type == "cuda" and nbytes > 0:
+        return -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
+    return nbytes
+
+
+class StorageLedger(TorchDispatchMode):
+    """Records every storage born and freed while it is the active dispatch mode.
+
+    The driver (``memprop.trace.step``) sets ``phase``, ``module`` and ``stage`` as the step goes;
+    the ledger stamps them on each record. ``flops`` and ``stage_flops`` count floating-point
+    operations with PyTorch's own formulas (``torch.utils.flop_counter``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = 0
+        self.records: list[StorageRecord] = []
+        self._live: dict[int, _StorageRef] = {}
+        self.phase = "setup"
+        self.module = ""
+        self.stage: int | None = None
+        self.flops = 0
+        self.stage_flops: dict[tuple[int, str], int] = {}
+        self._on_free = self._make_free_callback()
+
+    def _make_free_callback(self) -> Any:
+        # A plain function holding the ledger weakly: the callback must not keep the ledger
+        # alive, and it runs inside whatever op happened to drop the last reference.
+        ledger_ref = weakref.ref(self)
+
+        def on_free(ref: _StorageRef) -> None:
+            ledger = ledger_ref()
+            if ledger is None:
+                return
+            ref.record.freed = ledger.clock
+            ledger._live.pop(ref.key, None)
+
+        return on_free
+
+    # -- registration of what exists before the step -------------------------------------
+
+    def register(self, tensors: Iterable[torch.Tensor], category: Category, label: str) -> None:
+        """Adopt storages that exist before the step (parameters, inputs...), born at tick 0."""
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                self._adopt(tensor, category, label, op="(existing)")
+
+    def _adopt(
+        self, tensor: torch.Tensor, category: Category, label: str, op: Any
+    ) -> StorageRecord:
+        storage = tensor.untyped_storage()
+        found = self._lookup(storage)
+        if found is not None:
+            return found
+        record = StorageRecord(
+            len(self.records),
+            _rounded(storage.nbytes(), tensor.device),
+            0 if op == "(existing)" else self.clock,
+            category,
+            op,
+            label,
+            tuple(tensor.shape),
+            tensor.dtype,
+            self.phase,
+            self.stage,
+        )
+        self._track(storage, record)
+        return record
+
+    def _lookup(self, storage: torch.UntypedStorage) -> StorageRecord | None:
+        ref = self._live.get(id(storage))
+        return ref.record if ref is not None else None
+
+    def _track(self, storage: torch.UntypedStorage, record: StorageRecord) -> None:
+        ref = _StorageRef(storage, self._on_free)
+        ref.key = id(storage)
+        ref.record = record
+        self._live[ref.key] = ref
+        self.records.append(record)
+
+    def record_of(self, tensor: torch.Tensor) -> StorageRecord | None:
+        """The record of a tensor's storage, if the ledger knows it and it is alive."""
+        return self._lookup(tensor.untyped_storage())
+
+    def mark_saved(self, tensor: torch.Tensor) -> None:
+        """Called by the saved-tensors pack hook for every tensor autograd keeps for backward."""
+        storage = tensor.untyped_storage()
+        record = self._lookup(storage)
+        if record is None:
+            # Existed before the step without being registered: a constant the model holds
+            # outside its parameters and buffers. It is read by the step, so it is an input.
+            record = self._adopt(tensor, Category.INPUTS, self.module, op="(existing)")
+        if not record.saved:
+            record.saved = True
+            record.saved_in_phase = self.phase
+            if record.category is Category.TEMPORARIES:
+                record.category = Category.SAVED_ACTIVATIONS
+
+    # -- the hot path ---------------------------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        self.clock += 1
+        if type(out) is torch.Tensor or isinstance(out, torch.Tensor):
+            self._born(out, func)
+        elif isinstance(out, (tuple, list)):
+            for item in out:
+                if isinstance(item, torch.Tensor):
+                    self._born(item, func)
+        formula = flop_registry.get(func.overloadpacket)
+        if formula is not None:
+            count = int(formula(*args, **(kwargs or {}), out_val=out))
+            self.flops += count
+            key = (-1 if self.stage is None else self.stage, self.phase)
+            self.stage_flops[key] = self.stage_flops.get(key, 0) + count
+        return out
+
+    def _born(self, tensor: torch.Tensor, func: Any) -> None:
+        storage = tensor.untyped_storage()
+        if id(storage) in self._live:
+            return
+        record = StorageRecord(
+            len(self.records),
+            _rounded(storage.nbytes(), tensor.device),
+            self.clock,
+            Category.TEMPORARIES,
+            func,
+            self.module,
+            tuple(tensor.shape),
+            tensor.dtype,
+            self.phase,
+            self.stage,
+        )
+        self._track(storage, record)
+
+    # -- after the step -------------------------------------------------------------------
+
+    def reclassify(self, tensors: Iterable[torch.Tensor], category: Category) -> None:
+        """Give storages their final category (gradients, optimizer state) once it is known."""
+        for tensor in tensors:
+            record = self.record_of(tensor)
+            if record is not None and record.category not in _PREEXISTING:
+                record.category = category
+
+    def live_bytes(self) -> list[int]:
+        """Live bytes at every tick 0..clock (tick 0 is before the first op)."""
+        births = [0] * (self.clock + 2)
+        deaths = [0] * (self.clock + 2)
+        for record in self.records:
+            births[record.born] += record.bytes
+            if record.freed is not None:
+                deaths[record.freed] += record.bytes
+        live, total, dead = [], 0, 0
+        for tick in range(self.clock + 1):
+            total += births[tick]
+            live.append(total - dead)
+            dead += deaths[tick]
+        return live
+
+    def peak(self, start: int = 0, stop: int | None = None) -> tuple[int, int]:
+        """(peak bytes, tick of the peak) over ticks ``start..stop`` inclusive."""
+        live = self.live_bytes()
+        stop = self.clock if stop is None else stop
+        window = live[start : stop + 1]
+        if not window:
+            return 0, start
+        best = max(range(len(window)), key=window.__getitem__)
+        return window[best], start + best
+
+    def breakdown_at(self, tick: int) -> dict[Category, int]:
+        """Live bytes per category at one tick."""
+        totals = dict.fromkeys(Category, 0)
+        for record in self.records:
+            if record.live_at(tick):
+                totals[record.category] += record.bytes
+        return totals
