@@ -11,6 +11,7 @@ of ``depth`` hidden layers (linear then φ) and one output layer.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,9 +30,11 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class HiddenLayer(nn.Module):
     """``h = φ(W x + b)``: one hidden layer of the seed's network."""
 
-    def __init__(self, in_features: int, out_features: int, *, activation: str, bias: bool):
+    def __init__(
+        self, in_features: int, out_features: int, *, activation: str, bias: bool, **factory: Any
+    ) -> None:
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        self.linear = nn.Linear(in_features, out_features, bias=bias, **factory)
         self.activation = activation
         self._phi = ACTIVATIONS[activation]
 
@@ -55,18 +58,21 @@ class SeedMLP(nn.Module):
         activation: str = "relu",
         bias: bool = False,
         weight_decay: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r}: choose one of {sorted(ACTIVATIONS)}")
         if min(input_dim, hidden, classes, depth) < 1:
             raise ValueError("input_dim, hidden, classes and depth must all be at least 1")
         widths = [input_dim] + [hidden] * depth
         layers: list[nn.Module] = [
-            HiddenLayer(w_in, w_out, activation=activation, bias=bias)
+            HiddenLayer(w_in, w_out, activation=activation, bias=bias, **factory)
             for w_in, w_out in zip(widths, widths[1:], strict=False)
         ]
-        layers.append(nn.Linear(hidden, classes, bias=bias))
+        layers.append(nn.Linear(hidden, classes, bias=bias, **factory))
         self.layers = nn.Sequential(*layers)
         self.weight_decay = weight_decay
         self.depth = depth

@@ -145,6 +145,10 @@ class StorageLedger(TorchDispatchMode):
         self.module = ""
         self.stage: int | None = None
         self.flops = 0
+        # One entry per tick (index 0 is "before the first op"): for the trace and the chart.
+        self.tick_ops: list[Any] = ["(start)"]
+        self.tick_modules: list[str] = [""]
+        self.tick_phases: list[str] = ["setup"]
         self.stage_flops: dict[tuple[int, str], int] = {}
         self._on_free = self._make_free_callback()
 
@@ -207,7 +211,7 @@ class StorageLedger(TorchDispatchMode):
         """The record of a tensor's storage, if the ledger knows it and it is alive."""
         return self._lookup(tensor.untyped_storage())
 
-    def mark_saved(self, tensor: torch.Tensor) -> None:
+    def mark_saved(self, tensor: torch.Tensor) -> StorageRecord:
         """Called by the saved-tensors pack hook for every tensor autograd keeps for backward."""
         storage = tensor.untyped_storage()
         record = self._lookup(storage)
@@ -220,12 +224,16 @@ class StorageLedger(TorchDispatchMode):
             record.saved_in_phase = self.phase
             if record.category is Category.TEMPORARIES:
                 record.category = Category.SAVED_ACTIVATIONS
+        return record
 
     # -- the hot path ---------------------------------------------------------------------
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         self.clock += 1
+        self.tick_ops.append(func)
+        self.tick_modules.append(self.module)
+        self.tick_phases.append(self.phase)
         if type(out) is torch.Tensor or isinstance(out, torch.Tensor):
             self._born(out, func)
         elif isinstance(out, (tuple, list)):
@@ -268,19 +276,45 @@ class StorageLedger(TorchDispatchMode):
                 record.category = category
 
     def live_bytes(self) -> list[int]:
-        """Live bytes at every tick 0..clock (tick 0 is before the first op)."""
+        """Live bytes at every tick 0..clock, just after that op's outputs were born."""
+        return self._live_curves()[0]
+
+    def live_after_bytes(self) -> list[int]:
+        """Live bytes at every tick once the storages that died after that op are gone."""
+        return self._live_curves()[1]
+
+    def _live_curves(self) -> tuple[list[int], list[int]]:
         births = [0] * (self.clock + 2)
         deaths = [0] * (self.clock + 2)
         for record in self.records:
             births[record.born] += record.bytes
             if record.freed is not None:
                 deaths[record.freed] += record.bytes
-        live, total, dead = [], 0, 0
+        live, after, total = [], [], 0
         for tick in range(self.clock + 1):
             total += births[tick]
-            live.append(total - dead)
-            dead += deaths[tick]
-        return live
+            live.append(total)
+            total -= deaths[tick]
+            after.append(total)
+        return live, after
+
+    def category_curves(self) -> dict[Category, list[int]]:
+        """Live bytes per category at every tick (the stacked chart of the step)."""
+        curves: dict[Category, list[int]] = {}
+        for category in Category:
+            births = [0] * (self.clock + 2)
+            deaths = [0] * (self.clock + 2)
+            for record in self.records:
+                if record.category is category:
+                    births[record.born] += record.bytes
+                    if record.freed is not None:
+                        deaths[record.freed + 1] += record.bytes
+            curve, total = [], 0
+            for tick in range(self.clock + 1):
+                total += births[tick] - deaths[tick]
+                curve.append(total)
+            curves[category] = curve
+        return curves
 
     def peak(self, start: int = 0, stop: int | None = None) -> tuple[int, int]:
         """(peak bytes, tick of the peak) over ticks ``start..stop`` inclusive."""

@@ -1,0 +1,353 @@
+"""``memprop.profile``: one traced training step and one traced inference pass, as a report.
+
+Every figure here comes from the storage ledger (``memprop.trace.ledger``); on a real device the
+device's own high-water mark is read around the same step as a cross-check (``measured``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from memprop import __version__
+from memprop.devices import get_device
+from memprop.devices.cpu import CpuDevice
+from memprop.trace.fake import (
+    device_of,
+    fake_mode_of,
+    new_fake_mode,
+    to_fake_workload,
+)
+from memprop.trace.ledger import Category, StorageLedger
+from memprop.trace.stages import StageStats
+from memprop.trace.step import StepTrace, trace_inference, trace_training_step
+from memprop.workload import Workload
+
+__all__ = ["Measured", "MemoryTotals", "Profile", "SavedTensor", "Timeline", "profile"]
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SavedTensor:
+    """One storage that autograd kept for backward at the end of the forward pass."""
+
+    id: int
+    """The storage's index on the ledger."""
+    op: str
+    """The aten op that created it (``relu``, ``_log_softmax``...)."""
+    module: str
+    """The qualified name of the module whose forward created it ('' for the loss)."""
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+    born: int
+    """Op clock tick of its creation in the forward pass."""
+    freed: int | None
+    """Op clock tick after which it died in the backward pass; None if still alive at the end."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryTotals:
+    parameters_bytes: int
+    buffers_bytes: int
+    """Buffers (BatchNorm's running statistics...): part of the model, not trained."""
+    gradients_bytes: int
+    """Every ``.grad`` at the end of the step."""
+    optimizer_state_bytes: int
+    """The optimizer's state at the end of the step."""
+    inputs_bytes: int
+    """Inputs, targets, and constants the step read that are not parameters or buffers."""
+    saved_activations_bytes: int
+    """Storages autograd keeps for backward at the end of the forward pass, parameters and
+    inputs excluded, each counted once."""
+    second_order_saved_bytes: int
+    """With ``create_graph=True``: what the backward pass itself saves (the second-order graph),
+    alive at the end of backward. 0 otherwise."""
+    training_peak_bytes: int
+    inference_peak_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Measured:
+    """The device's own high-water marks around the traced step and pass."""
+
+    training_peak_bytes: int
+    inference_peak_bytes: int
+    source: str
+    """Where the figures come from and how far to trust them."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Timeline:
+    """Live bytes per category at every op tick of the training step: the chart's data."""
+
+    phases: tuple[str, ...]
+    ops: tuple[str, ...]
+    modules: tuple[str, ...]
+    curves: dict[str, tuple[int, ...]]
+    forward_end: int
+    backward_end: int
+    peak_tick: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Profile:
+    """Where one training step's memory goes, and how it compares with inference."""
+
+    tool: dict[str, str]
+    device: dict[str, Any]
+    workload: dict[str, Any]
+    memory: MemoryTotals
+    peak_breakdown: dict[str, int]
+    """Live bytes per category at the moment of the training peak."""
+    peak_phase: str
+    """forward, backward or optimizer: when the training peak happened."""
+    measured: Measured | None
+    saved_tensors: tuple[SavedTensor, ...]
+    """The ledger of saved storages, largest first."""
+    stages: tuple[StageStats, ...]
+    loss_note: str
+    timeline: Timeline
+    closed_form: dict[str, int] | None
+    """For the built-in MLP: the same totals from the closed-form formulas."""
+    trace_s: float
+    """Seconds spent tracing (both passes)."""
+
+    @property
+    def training_peak_bytes(self) -> int:
+        return self.memory.training_peak_bytes
+
+    @property
+    def inference_peak_bytes(self) -> int:
+        return self.memory.inference_peak_bytes
+
+    @property
+    def saved_activations_bytes(self) -> int:
+        return self.memory.saved_activations_bytes
+
+    @property
+    def training_to_inference(self) -> float:
+        return self.training_peak_bytes / max(1, self.inference_peak_bytes)
+
+    def to_dict(self, *, timeline: bool = False) -> dict[str, Any]:
+        """DESIGN's profile document (``schema_version: 1``)."""
+        document: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "tool": dict(self.tool),
+            "device": dict(self.device),
+            "workload": dict(self.workload),
+            "memory": asdict(self.memory),
+            "peak": {"phase": self.peak_phase, "breakdown": dict(self.peak_breakdown)},
+            "measured": None if self.measured is None else asdict(self.measured),
+            "saved_tensors": [
+                {**asdict(t), "shape": list(t.shape)} for t in self.saved_tensors
+            ],
+            "stages": [s.to_dict() for s in self.stages],
+            "loss": self.loss_note,
+            "closed_form": self.closed_form,
+        }
+        if timeline:
+            document["timeline"] = {
+                **{k: v for k, v in asdict(self.timeline).items() if k != "curves"},
+                "curves": {k: list(v) for k, v in self.timeline.curves.items()},
+            }
+        return document
+
+
+def profile(
+    model: nn.Module | Workload,
+    inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    loss_fn: Any = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    fake: bool = False,
+    *,
+    targets: torch.Tensor | None = None,
+    create_graph: bool = False,
+) -> Profile:
+    """Trace one training step and one inference pass of ``model(*inputs)``.
+
+    The training step is a real step: gradients accumulate into ``.grad`` and, when an optimizer
+    is given, it steps, as in any training loop. With ``fake=True`` (or a model built inside a
+    fake-tensor mode) nothing is allocated and the user's model is not touched; the figures are
+    the same, to the byte. ``create_graph=True`` traces a backward that keeps its own graph (for
+    second derivatives) and reports what that graph saves.
+    """
+    workload = _as_workload(model, inputs, loss_fn, optimizer, targets)
+    mode = fake_mode_of(workload)
+    if fake and mode is None:
+        mode = new_fake_mode()
+        workload = to_fake_workload(workload, mode)
+    fake = mode is not None
+    context = mode if mode is not None else contextlib.nullcontext()
+    device = device_of(workload)
+    backend = None if fake else get_device(device)
+    with context:
+        inference, inference_hwm = _traced(trace_inference, workload, backend)
+        training, training_hwm = _traced(
+            lambda w: trace_training_step(w, create_graph=create_graph), workload, backend
+        )
+    return _assemble(workload, training, inference, device, fake, training_hwm, inference_hwm,
+                     backend)
+
+
+def _as_workload(
+    model: nn.Module | Workload,
+    inputs: Any,
+    loss_fn: Any,
+    optimizer: torch.optim.Optimizer | None,
+    targets: torch.Tensor | None,
+) -> Workload:
+    if isinstance(model, Workload):
+        return model
+    if inputs is None:
+        raise TypeError("profile(model, inputs): inputs is a tensor or a tuple of tensors")
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+    batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else None
+    return Workload(model=model, inputs=inputs, targets=targets, loss_fn=loss_fn,
+                    optimizer=optimizer, name=type(model).__name__, batch_size=batch)
+
+
+def _traced(step: Any, workload: Workload, backend: Any) -> tuple[StepTrace, int | None]:
+    """Run a traced step; with a real device, also the device's peak over the step, in bytes
+    above where the device stood before it."""
+    if backend is None:
+        return step(workload), None
+    before = backend.current_bytes()
+    backend.reset_peak()
+    trace = step(workload)
+    return trace, max(0, backend.peak_bytes() - before)
+
+
+def _assemble(
+    workload: Workload,
+    training: StepTrace,
+    inference: StepTrace,
+    device: torch.device,
+    fake: bool,
+    training_rise: int | None,
+    inference_rise: int | None,
+    backend: Any,
+) -> Profile:
+    ledger = training.ledger
+    peak_bytes, peak_tick = ledger.peak()
+    inference_peak, _ = inference.ledger.peak()
+    end_totals = _totals_at_end(ledger)
+    saved = [
+        r for r in ledger.records
+        if r.saved and r.category is Category.SAVED_ACTIVATIONS and r.saved_in_phase == "forward"
+        and r.live_at(training.forward_end)
+    ]
+    second_order = [
+        r for r in ledger.records
+        if r.saved and r.saved_in_phase == "backward" and r.category not in _NOT_ACTIVATIONS
+        and r.live_at(training.backward_end)
+    ]
+    memory = MemoryTotals(
+        parameters_bytes=end_totals[Category.PARAMETERS],
+        buffers_bytes=end_totals[Category.BUFFERS],
+        gradients_bytes=end_totals[Category.GRADIENTS],
+        optimizer_state_bytes=end_totals[Category.OPTIMIZER_STATE],
+        inputs_bytes=end_totals[Category.INPUTS],
+        saved_activations_bytes=sum(r.bytes for r in saved),
+        second_order_saved_bytes=sum(r.bytes for r in second_order),
+        training_peak_bytes=peak_bytes,
+        inference_peak_bytes=inference_peak,
+    )
+    measured = None
+    if training_rise is not None and inference_rise is not None:
+        measured = _measured(ledger, inference.ledger, training_rise, inference_rise, backend)
+    saved_tensors = tuple(
+        SavedTensor(id=r.index, op=r.op_name, module=r.module, shape=r.shape,
+                    dtype=str(r.dtype).removeprefix("torch."), bytes=r.bytes, born=r.born,
+                    freed=r.freed)
+        for r in sorted(saved, key=lambda r: (-r.bytes, r.born))
+    )
+    from memprop.closed_form import closed_form_for
+
+    return Profile(
+        tool={"name": "memprop", "version": __version__},
+        device=_describe(device, backend),
+        workload={
+            "name": workload.name,
+            "batch_size": workload.batch_size,
+            "depth": workload.depth,
+            "dtype": _dtype_of(workload),
+            "device": str(device),
+            "mode": "fake" if fake else "real",
+            **({"config": dict(workload.config)} if workload.config else {}),
+        },
+        memory=memory,
+        peak_breakdown={c.value: b for c, b in ledger.breakdown_at(peak_tick).items()},
+        peak_phase=ledger.tick_phases[peak_tick],
+        measured=measured,
+        saved_tensors=saved_tensors,
+        stages=training.stages,
+        loss_note=training.loss_note,
+        timeline=_timeline(ledger, training, peak_tick),
+        closed_form=closed_form_for(workload),
+        trace_s=training.wall_s + inference.wall_s,
+    )
+
+
+_NOT_ACTIVATIONS = (Category.PARAMETERS, Category.BUFFERS, Category.INPUTS, Category.GRADIENTS)
+
+
+def _totals_at_end(ledger: StorageLedger) -> dict[Category, int]:
+    totals = dict.fromkeys(Category, 0)
+    for record in ledger.records:
+        if record.freed is None:
+            totals[record.category] += record.bytes
+    return totals
+
+
+def _measured(
+    training: StorageLedger, inference: StorageLedger, training_rise: int, inference_rise: int,
+    backend: Any,
+) -> Measured:
+    # The device's high-water mark rose by ``rise`` over the step; what was live before the
+    # step (tick 0 on the ledger) was already resident, so the measured peak is the sum.
+    training_base = training.live_after_bytes()[0] if training.clock >= 0 else 0
+    inference_base = inference.live_after_bytes()[0] if inference.clock >= 0 else 0
+    if isinstance(backend, CpuDevice):
+        source = (
+            "VmHWM rise over the traced step plus the ledger's bytes live before it: page "
+            "rounding, the tracer's own records and glibc's heap reuse make it approximate"
+        )
+    else:
+        source = "torch.cuda.max_memory_allocated rise over the traced step"
+    return Measured(
+        training_peak_bytes=training_base + training_rise,
+        inference_peak_bytes=inference_base + inference_rise,
+        source=source,
+    )
+
+
+def _describe(device: torch.device, backend: Any) -> dict[str, Any]:
+    if backend is not None:
+        return dict(backend.describe())
+    return {"type": device.type, "name": f"fake {device.type} (nothing allocated)"}
+
+
+def _dtype_of(workload: Workload) -> str:
+    for parameter in workload.model.parameters():
+        return str(parameter.dtype).removeprefix("torch.")
+    return str(workload.inputs[0].dtype).removeprefix("torch.") if workload.inputs else "?"
+
+
+def _timeline(ledger: StorageLedger, training: StepTrace, peak_tick: int) -> Timeline:
+    curves = ledger.category_curves()
+    ops = tuple(op if isinstance(op, str) else op.overloadpacket.__name__ for op in ledger.tick_ops)
+    return Timeline(
+        phases=tuple(ledger.tick_phases),
+        ops=ops,
+        modules=tuple(ledger.tick_modules),
+        curves={c.value: tuple(v) for c, v in curves.items()},
+        forward_end=training.forward_end,
+        backward_end=training.backward_end,
+        peak_tick=peak_tick,
+    )

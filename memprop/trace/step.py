@@ -1,0 +1,336 @@
+"""Drive one training step (and one inference pass) under the storage ledger.
+
+The driver owns everything that is not the ledger's hot path: registering what exists before the
+step, the saved-tensors hooks that mark what autograd keeps, module hooks that say which module
+and which stage is running, and the final categories (gradients, optimizer state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from memprop.trace.ledger import Category, StorageLedger, StorageRecord
+from memprop.trace.stages import StageStats
+from memprop.workload import Workload
+
+__all__ = ["StepTrace", "find_chain", "trace_inference", "trace_training_step"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepTrace:
+    """A finished ledger and the landmarks of the step it recorded."""
+
+    ledger: StorageLedger
+    forward_end: int
+    """Tick of the last forward op (the loss included)."""
+    backward_end: int
+    """Tick of the last backward op."""
+    end: int
+    """Tick of the last op of the step (the optimizer's, when there is one)."""
+    stages: tuple[StageStats, ...]
+    loss_note: str
+    """How the loss was obtained, for the report."""
+    wall_s: float
+    """Seconds the traced step took (tracing overhead included)."""
+
+
+def find_chain(model: nn.Module) -> nn.Sequential | None:
+    """The ``nn.Sequential`` whose children are the planner's stages.
+
+    The model itself when it is one; else the child that ``model.memprop_chain`` names; else its
+    only direct child that is an ``nn.Sequential``. ``None`` when the model is not a chain.
+    """
+    if isinstance(model, nn.Sequential):
+        return model
+    named = getattr(model, "memprop_chain", None)
+    if isinstance(named, str):
+        candidate = getattr(model, named, None)
+        return candidate if isinstance(candidate, nn.Sequential) else None
+    sequentials = [m for m in model.children() if isinstance(m, nn.Sequential)]
+    return sequentials[0] if len(sequentials) == 1 else None
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def compute_loss(workload: Workload, output: Any) -> tuple[torch.Tensor, str]:
+    """The step's loss, and a sentence saying how it was obtained."""
+    if workload.loss_fn is not None:
+        if workload.targets is not None:
+            return workload.loss_fn(output, workload.targets), "the workload's loss function"
+        return workload.loss_fn(output), "the workload's loss function"
+    if isinstance(output, torch.Tensor) and output.dim() == 0:
+        return output, "the model's scalar output"
+    parts = [t.float().mean() for t in _tensors(output) if t.requires_grad]
+    if not parts:
+        raise ValueError("the model's output does not require grad: there is nothing to train")
+    loss = parts[0]
+    for part in parts[1:]:
+        loss = loss + part
+    return loss, "output.float().mean() (no loss function given; memory-wise the choice hardly "\
+        "matters)"
+
+
+class _ModuleTracker:
+    """Forward hooks that keep the ledger's ``module`` and ``stage`` fields current, and the
+    per-stage landmarks the stage table is made of."""
+
+    def __init__(self, ledger: StorageLedger, model: nn.Module) -> None:
+        self.ledger = ledger
+        self.stack: list[str] = []
+        self.handles: list[Any] = []
+        chain = find_chain(model)
+        self.stage_modules = list(chain.children()) if chain is not None else []
+        names = {m: n for n, m in model.named_modules()}
+        self.stage_names = [names.get(m, str(i)) for i, m in enumerate(self.stage_modules)]
+        n = len(self.stage_modules)
+        self.forward_ticks: list[tuple[int, int]] = [(0, 0)] * n
+        self.forward_s = [0.0] * n
+        self.inputs: list[list[StorageRecord]] = [[] for _ in range(n)]
+        self.outputs: list[list[StorageRecord]] = [[] for _ in range(n)]
+        self.saved: list[dict[int, StorageRecord]] = [{} for _ in range(n)]
+        # Backward regions: (stage, tick, time) each time autograd reaches a stage's output.
+        self.backward_marks: list[tuple[int, int, float]] = []
+        self._started = 0.0
+        self._start_tick = 0
+        for name, module in model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(module.register_forward_hook(self._leave()))
+        for index, module in enumerate(self.stage_modules):
+            self.handles.append(module.register_forward_pre_hook(self._stage_enter(index)))
+            self.handles.append(module.register_forward_hook(self._stage_leave(index)))
+
+    def _enter(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            self.stack.append(name)
+            self.ledger.module = name
+
+        return hook
+
+    def _leave(self) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.stack.pop()
+            self.ledger.module = self.stack[-1] if self.stack else ""
+
+        return hook
+
+    def _stage_enter(self, index: int) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            if self.ledger.phase != "forward":
+                return
+            self.ledger.stage = index
+            self.inputs[index] = self._records(args)
+            self._start_tick = self.ledger.clock
+            self._started = time.perf_counter()
+
+        return hook
+
+    def _stage_leave(self, index: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if self.ledger.phase != "forward":
+                return
+            self.forward_s[index] = time.perf_counter() - self._started
+            self.forward_ticks[index] = (self._start_tick, self.ledger.clock)
+            self.outputs[index] = self._records(output)
+            self.ledger.stage = None
+            for tensor in _tensors(output):
+                if tensor.grad_fn is not None:
+                    tensor.grad_fn.register_prehook(self._backward_mark(index))
+                    break
+
+        return hook
+
+    def _backward_mark(self, index: int) -> Any:
+        def prehook(grad_outputs: Any) -> None:
+            self.ledger.stage = index
+            self.backward_marks.append((index, self.ledger.clock, time.perf_counter()))
+
+        return prehook
+
+    def _records(self, value: Any) -> list[StorageRecord]:
+        found: dict[int, StorageRecord] = {}
+        for tensor in _tensors(value):
+            record = self.ledger.record_of(tensor)
+            if record is not None:
+                found[record.index] = record
+        return list(found.values())
+
+    def on_saved(self, record: StorageRecord) -> None:
+        stage = self.ledger.stage
+        if stage is not None and self.ledger.phase == "forward":
+            self.saved[stage][record.index] = record
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def stage_stats(self, backward_end: int, backward_end_s: float) -> tuple[StageStats, ...]:
+        ledger = self.ledger
+        live, after = ledger._live_curves()
+        regions: dict[int, tuple[int, int, float]] = {}
+        marks = self.backward_marks
+        for position, (index, tick, started) in enumerate(marks):
+            if position + 1 < len(marks):
+                stop_tick, stopped = marks[position + 1][1], marks[position + 1][2]
+            else:
+                stop_tick, stopped = backward_end, backward_end_s
+            regions.setdefault(index, (tick, stop_tick, stopped - started))
+        stats = []
+        for index, name in enumerate(self.stage_names):
+            inputs = {r.index for r in self.inputs[index]}
+            outputs = {r.index for r in self.outputs[index]}
+            saved = self.saved[index]
+            own = [
+                r for r in saved.values()
+                if r.index not in inputs
+                and r.category not in (Category.PARAMETERS, Category.BUFFERS, Category.INPUTS)
+            ]
+            start, stop = self.forward_ticks[index]
+            back_start, back_stop, back_s = regions.get(index, (0, -1, 0.0))
+            stats.append(StageStats(
+                index=index,
+                name=name,
+                forward_s=self.forward_s[index],
+                backward_s=back_s,
+                flops=ledger.stage_flops.get((index, "forward"), 0),
+                backward_flops=ledger.stage_flops.get((index, "backward"), 0),
+                input_bytes=sum(r.bytes for r in self.inputs[index]),
+                output_bytes=sum(r.bytes for r in self.outputs[index]),
+                saved_bytes=sum(r.bytes for r in own),
+                saves_input=any(i in saved for i in inputs),
+                saves_output=any(o in saved for o in outputs),
+                forward_peak_bytes=_rise(live, after, start, stop),
+                backward_peak_bytes=_rise(live, after, back_start, back_stop),
+            ))
+        return tuple(stats)
+
+
+def _rise(live: list[int], after: list[int], start: int, stop: int) -> int:
+    """How far the live total rose above where it stood at ``start``, over ``start+1..stop``."""
+    if stop <= start:
+        return 0
+    return max(0, max(live[start + 1 : stop + 1]) - after[start])
+
+
+def _register_state(ledger: StorageLedger, workload: Workload, *, training: bool) -> None:
+    model = workload.model
+    for name, parameter in model.named_parameters():
+        ledger.register([parameter], Category.PARAMETERS, name)
+    for name, buffer in model.named_buffers():
+        ledger.register([buffer], Category.BUFFERS, name)
+    ledger.register(workload.inputs, Category.INPUTS, "inputs")
+    if workload.targets is not None:
+        ledger.register([workload.targets], Category.INPUTS, "targets")
+    if not training:
+        return
+    ledger.register(
+        [p.grad for p in model.parameters() if p.grad is not None], Category.GRADIENTS, "grad"
+    )
+    if workload.optimizer is not None:
+        ledger.register(
+            list(_tensors(list(workload.optimizer.state.values()))),
+            Category.OPTIMIZER_STATE,
+            "optimizer",
+        )
+
+
+def trace_training_step(workload: Workload, *, create_graph: bool = False) -> StepTrace:
+    """One forward, backward and (when given) optimizer step, every storage on the ledger."""
+    ledger = StorageLedger()
+    _register_state(ledger, workload, training=True)
+    tracker = _ModuleTracker(ledger, workload.model)
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        tracker.on_saved(ledger.mark_saved(tensor))
+        return tensor
+
+    def unpack(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    started = time.perf_counter()
+    try:
+        with ledger, torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            ledger.phase = "forward"
+            output = workload.model(*workload.inputs)
+            loss, loss_note = compute_loss(workload, output)
+            forward_end = ledger.clock
+            ledger.phase = "backward"
+            ledger.module = ""
+            ledger.stage = None
+            loss.backward(create_graph=create_graph)
+            backward_end = ledger.clock
+            backward_end_s = time.perf_counter()
+            ledger.stage = None
+            if workload.optimizer is not None:
+                ledger.phase = "optimizer"
+                workload.optimizer.step()
+            ledger.phase = "end"
+            end = ledger.clock
+            grads = [p.grad for p in workload.model.parameters() if p.grad is not None]
+            ledger.reclassify(grads, Category.GRADIENTS)
+            if workload.optimizer is not None:
+                ledger.reclassify(
+                    list(_tensors(list(workload.optimizer.state.values()))),
+                    Category.OPTIMIZER_STATE,
+                )
+            del output, loss, grads
+    finally:
+        tracker.remove()
+    wall_s = time.perf_counter() - started
+    return StepTrace(
+        ledger=ledger,
+        forward_end=forward_end,
+        backward_end=backward_end,
+        end=end,
+        stages=tracker.stage_stats(backward_end, backward_end_s),
+        loss_note=loss_note,
+        wall_s=wall_s,
+    )
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+
+
+def trace_inference(workload: Workload) -> StepTrace:
+    """The forward pass as prediction runs it: ``eval()`` and ``torch.inference_mode()``."""
+    ledger = StorageLedger()
+    _register_state(ledger, workload, training=False)
+    started = time.perf_counter()
+    with _eval_mode(workload.model), torch.inference_mode(), ledger:
+        ledger.phase = "forward"
+        output = workload.model(*workload.inputs)
+        end = ledger.clock
+        del output
+    return StepTrace(
+        ledger=ledger,
+        forward_end=end,
+        backward_end=end,
+        end=end,
+        stages=(),
+        loss_note="",
+        wall_s=time.perf_counter() - started,
+    )

@@ -1,0 +1,271 @@
+"""What memprop traces: a model, its inputs, how to get a loss, and an optional optimizer.
+
+A user's own workload comes from a factory named ``package.module:func`` or
+``path/to/file.py:func``; memprop calls ``func(batch_size=B)``, adding ``depth=D`` when the function
+accepts it. The factory returns ``(model, inputs)``, ``(model, inputs, targets)`` or a
+``Workload``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from memprop.errors import UsageError, WorkloadError
+from memprop.models import ACTIVATIONS, SeedMLP, seed_objective
+
+__all__ = ["SeedConfig", "Workload", "as_workload", "load_factory", "seed_workload"]
+
+LossFn = Callable[..., torch.Tensor]
+
+
+@dataclass(kw_only=True)
+class Workload:
+    """One training step's ingredients. Not frozen: it holds a live model."""
+
+    model: nn.Module
+    """The model; its parameters and buffers are counted as such."""
+    inputs: tuple[torch.Tensor, ...]
+    """Positional inputs of ``model(*inputs)``."""
+    targets: torch.Tensor | None = None
+    """Passed to ``loss_fn(output, targets)`` when given."""
+    loss_fn: LossFn | None = None
+    """``loss_fn(output[, targets])``; without one, a scalar output is the loss and any other
+    output is reduced with ``.float().mean()``."""
+    optimizer: torch.optim.Optimizer | None = None
+    """Stepped at the end of the traced training step when given."""
+    name: str = "custom"
+    """How reports call the workload."""
+    batch_size: int | None = None
+    """The batch size the factory was asked for, when known."""
+    depth: int | None = None
+    """The depth the factory was asked for, when known."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Anything else worth reporting (the seed MLP's widths, for instance)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SeedConfig:
+    """The built-in workload: the seed's MLP on random data, with plain SGD."""
+
+    input_dim: int = 784
+    """Features per example (d)."""
+    hidden: int = 1024
+    """Width of every hidden layer (h)."""
+    classes: int = 10
+    """Outputs (q)."""
+    depth: int = 4
+    """Hidden layers; 1 is the seed's exact network."""
+    batch: int = 256
+    """Examples per step."""
+    activation: str = "relu"
+    """φ: relu, gelu, tanh or sigmoid."""
+    bias: bool = False
+    """A bias on every layer (the seed's exercise 2)."""
+    weight_decay: float = 0.0
+    """λ of the regulariser λ/2 Σ‖W‖², added to the objective inside the graph."""
+    dtype: str = "float32"
+    """float32, float64, float16 or bfloat16."""
+    device: str = "cpu"
+    """cpu, cuda or cuda:N."""
+    optimizer: str = "sgd"
+    """sgd (no state), momentum (one buffer per parameter) or adam (two)."""
+
+    def validate(self) -> None:
+        for name in ("input_dim", "hidden", "classes", "depth", "batch"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} is {getattr(self, name)}: "
+                                 "it must be at least 1")
+        if self.activation not in ACTIVATIONS:
+            raise UsageError(f"--activation {self.activation!r} is not one of "
+                             f"{', '.join(sorted(ACTIVATIONS))}")
+        if self.dtype not in _DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
+        if self.optimizer not in _OPTIMIZERS:
+            raise UsageError(f"--optimizer {self.optimizer!r} is not one of "
+                             f"{', '.join(_OPTIMIZERS)}")
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight-decay is {self.weight_decay}: it must be >= 0")
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.01)
+
+
+def _momentum(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+
+def _adam(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+_OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+    "sgd": _sgd,
+    "momentum": _momentum,
+    "adam": _adam,
+}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def seed_workload(config: SeedConfig, *, seed: int = 0) -> Workload:
+    """The seed's MLP with random inputs and labels, built on ``config.device``."""
+    config.validate()
+    generator = torch.Generator().manual_seed(seed)
+    dtype = _DTYPES[config.dtype]
+    device = torch.device(config.device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SeedMLP(
+            input_dim=config.input_dim,
+            hidden=config.hidden,
+            classes=config.classes,
+            depth=config.depth,
+            activation=config.activation,
+            bias=config.bias,
+            weight_decay=config.weight_decay,
+            device=device,
+            dtype=dtype,
+        )
+    inputs = torch.randn(config.batch, config.input_dim, generator=generator, dtype=dtype)
+    targets = torch.randint(0, config.classes, (config.batch,), generator=generator)
+    return Workload(
+        model=model,
+        inputs=(inputs.to(device),),
+        targets=targets.to(device),
+        loss_fn=seed_objective(model),
+        optimizer=_OPTIMIZERS[config.optimizer](model.parameters()),
+        name="seed-mlp",
+        batch_size=config.batch,
+        depth=config.depth,
+        config={
+            "input_dim": config.input_dim,
+            "hidden": config.hidden,
+            "classes": config.classes,
+            "activation": config.activation,
+            "bias": config.bias,
+            "weight_decay": config.weight_decay,
+            "optimizer": config.optimizer,
+        },
+    )
+
+
+def as_workload(
+    result: Any, *, name: str, batch_size: int | None = None, depth: int | None = None
+) -> Workload:
+    """Normalise what a factory returned into a ``Workload``."""
+    if isinstance(result, Workload):
+        if result.batch_size is None:
+            result.batch_size = batch_size
+        if result.depth is None:
+            result.depth = depth
+        return result
+    if isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], nn.Module):
+        inputs = result[1]
+        if isinstance(inputs, torch.Tensor):
+            inputs = (inputs,)
+        if not (isinstance(inputs, (tuple, list)) and all(
+            isinstance(t, torch.Tensor) for t in inputs
+        )):
+            raise WorkloadError(
+                f"factory {name} returned inputs of type {type(result[1]).__name__}: "
+                "return a tensor or a tuple of tensors"
+            )
+        targets = result[2] if len(result) == 3 else None
+        return Workload(model=result[0], inputs=tuple(inputs), targets=targets, name=name,
+                        batch_size=batch_size, depth=depth)
+    raise WorkloadError(
+        f"factory {name} returned {type(result).__name__}: return (model, inputs), "
+        "(model, inputs, targets) or a memprop.Workload"
+    )
+
+
+def load_factory(spec: str) -> Callable[..., Any]:
+    """The function named by ``package.module:func`` or ``path/to/file.py:func``."""
+    module_name, sep, func_name = spec.rpartition(":")
+    if not sep or not module_name or not func_name:
+        raise UsageError(
+            f"--model {spec!r} is not a factory spec: write package.module:func or "
+            "path/to/file.py:func"
+        )
+    try:
+        if module_name.endswith(".py") or "/" in module_name:
+            path = Path(module_name)
+            if not path.is_file():
+                raise WorkloadError(f"--model {spec!r}: file {path} does not exist")
+            unique = f"_memprop_factory_{abs(hash(str(path.resolve())))}"
+            module_spec = importlib.util.spec_from_file_location(unique, path)
+            if module_spec is None or module_spec.loader is None:
+                raise WorkloadError(f"--model {spec!r}: {path} cannot be imported as Python")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[unique] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except WorkloadError:
+        raise
+    except Exception as error:  # the user's module failed to import: say why, in one line
+        raise WorkloadError(
+            f"--model {spec!r}: importing {module_name} failed: {type(error).__name__}: {error}"
+        ) from error
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise WorkloadError(f"--model {spec!r}: {module_name} has no function {func_name!r}")
+    return func  # type: ignore[no-any-return]
+
+
+def call_factory(
+    func: Callable[..., Any], *, spec: str, batch_size: int, depth: int | None = None
+) -> Workload:
+    """``func(batch_size=B[, depth=D])`` as a ``Workload``; a failing factory is the user's
+    error, reported in one line."""
+    kwargs: dict[str, Any] = {"batch_size": batch_size}
+    accepts_depth = _accepts(func, "depth")
+    if depth is not None:
+        if not accepts_depth:
+            raise UsageError(f"--depth was given but {spec} takes no 'depth' argument")
+        kwargs["depth"] = depth
+    try:
+        result = func(**kwargs)
+    except TypeError as error:
+        if not _accepts(func, "batch_size"):
+            raise UsageError(
+                f"{spec} must accept batch_size=...: memprop calls func(batch_size=B)"
+            ) from error
+        raise WorkloadError(f"{spec}(**{kwargs}) failed: TypeError: {error}") from error
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:
+        raise WorkloadError(f"{spec}(**{kwargs}) failed: {type(error).__name__}: {error}") \
+            from error
+    return as_workload(result, name=spec, batch_size=batch_size, depth=depth)
+
+
+def _accepts(func: Callable[..., Any], name: str) -> bool:
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
