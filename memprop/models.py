@@ -10,6 +10,7 @@ of ``depth`` hidden layers (linear then φ) and one output layer.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -70,7 +71,7 @@ class SeedMLP(nn.Module):
         widths = [input_dim] + [hidden] * depth
         layers: list[nn.Module] = [
             HiddenLayer(w_in, w_out, activation=activation, bias=bias, **factory)
-            for w_in, w_out in zip(widths, widths[1:], strict=False)
+            for w_in, w_out in itertools.pairwise(widths)
         ]
         layers.append(nn.Linear(hidden, classes, bias=bias, **factory))
         self.layers = nn.Sequential(*layers)

@@ -10,8 +10,10 @@ storage is new is *born* at that op's clock tick. A weak reference to the storag
 storage that is already known and are skipped, so each storage is counted once however many
 tensors view it.
 
-Time is the op clock: ``born == t`` means the storage came out of op ``t``; ``freed == t`` means it
-died after op ``t`` and before op ``t + 1``. A storage is therefore live at tick ``t`` when
+Time is the allocation clock: it ticks at every op that creates at least one new storage (views,
+in-place ops and metadata queries allocate nothing and do not tick, which also keeps the clocks
+of real and fake traces equal). ``born == t`` means the storage came out of the ``t``-th
+allocating op; ``freed == t`` means it died after that op and before the next allocating one. A storage is therefore live at tick ``t`` when
 ``born <= t <= freed``; the peak is the largest live total over all ticks, measured just after
 each op's outputs exist, as ``torch.cuda.max_memory_allocated`` would see them.
 
@@ -57,6 +59,21 @@ _PREEXISTING = (Category.PARAMETERS, Category.BUFFERS, Category.INPUTS)
 # (kMinBlockSize in c10/cuda/CUDACachingAllocator.cpp); torch.cuda.max_memory_allocated counts
 # the rounded size, so the ledger does too on a CUDA device.
 CUDA_BLOCK_BYTES = 512
+
+
+# prim::device and friends: fake tensors answer them through the dispatcher, real ones do not.
+# They allocate nothing and are not steps of the computation.
+_METADATA_QUERIES = frozenset(
+    op.default for op in (torch.ops.prim.device, torch.ops.prim.layout)
+)
+_IDENTITY_WHEN_NOT_TRAINING = frozenset(
+    (torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default,
+     torch.ops.aten.alpha_dropout.default, torch.ops.aten.feature_alpha_dropout.default)
+)
+
+
+def _training_flag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    return bool(kwargs.get("train", args[2] if len(args) > 2 else True))
 
 
 class StorageRecord:
@@ -229,29 +246,44 @@ class StorageLedger(TorchDispatchMode):
     # -- the hot path ---------------------------------------------------------------------
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
-        self.clock += 1
-        self.tick_ops.append(func)
-        self.tick_modules.append(self.module)
-        self.tick_phases.append(self.phase)
-        if type(out) is torch.Tensor or isinstance(out, torch.Tensor):
-            self._born(out, func)
+        kwargs = kwargs or {}
+        if func in _IDENTITY_WHEN_NOT_TRAINING and not _training_flag(args, kwargs):
+            # NOTE [ Fake dropout ] Eager dropout in eval mode hands back its input; fake
+            # tensors make a fresh output instead. Answer as eager does, so fake equals real.
+            return args[0]
+        out = func(*args, **kwargs)
+        if func in _METADATA_QUERIES:
+            return out
+        if isinstance(out, torch.Tensor):
+            storage = out.untyped_storage()
+            if id(storage) not in self._live:
+                self._tick(func)
+                self._born(out, storage, func)
         elif isinstance(out, (tuple, list)):
+            ticked = False
             for item in out:
                 if isinstance(item, torch.Tensor):
-                    self._born(item, func)
+                    storage = item.untyped_storage()
+                    if id(storage) not in self._live:
+                        if not ticked:
+                            self._tick(func)
+                            ticked = True
+                        self._born(item, storage, func)
         formula = flop_registry.get(func.overloadpacket)
         if formula is not None:
-            count = int(formula(*args, **(kwargs or {}), out_val=out))
+            count = int(formula(*args, **kwargs, out_val=out))
             self.flops += count
             key = (-1 if self.stage is None else self.stage, self.phase)
             self.stage_flops[key] = self.stage_flops.get(key, 0) + count
         return out
 
-    def _born(self, tensor: torch.Tensor, func: Any) -> None:
-        storage = tensor.untyped_storage()
-        if id(storage) in self._live:
-            return
+    def _tick(self, func: Any) -> None:
+        self.clock += 1
+        self.tick_ops.append(func)
+        self.tick_modules.append(self.module)
+        self.tick_phases.append(self.phase)
+
+    def _born(self, tensor: torch.Tensor, storage: torch.UntypedStorage, func: Any) -> None:
         record = StorageRecord(
             len(self.records),
             _rounded(storage.nbytes(), tensor.device),

@@ -96,7 +96,7 @@ class _ModuleTracker:
         self.handles: list[Any] = []
         chain = find_chain(model)
         self.stage_modules = list(chain.children()) if chain is not None else []
-        names = {m: n for n, m in model.named_modules()}
+        names = {m: n or type(model).__name__ for n, m in model.named_modules()}
         self.stage_names = [names.get(m, str(i)) for i, m in enumerate(self.stage_modules)]
         n = len(self.stage_modules)
         self.forward_ticks: list[tuple[int, int]] = [(0, 0)] * n
@@ -109,6 +109,7 @@ class _ModuleTracker:
         self._started = 0.0
         self._start_tick = 0
         for name, module in model.named_modules():
+            name = name or type(model).__name__  # the root module, by its class
             self.handles.append(module.register_forward_pre_hook(self._enter(name)))
             self.handles.append(module.register_forward_hook(self._leave()))
         for index, module in enumerate(self.stage_modules):
@@ -235,10 +236,10 @@ def _register_state(ledger: StorageLedger, workload: Workload, *, training: bool
     for name, buffer in model.named_buffers():
         ledger.register([buffer], Category.BUFFERS, name)
     ledger.register(workload.inputs, Category.INPUTS, "inputs")
+    if not training:
+        return  # prediction has no labels, gradients or optimizer
     if workload.targets is not None:
         ledger.register([workload.targets], Category.INPUTS, "targets")
-    if not training:
-        return
     ledger.register(
         [p.grad for p in model.parameters() if p.grad is not None], Category.GRADIENTS, "grad"
     )

@@ -1,0 +1,43 @@
+"""The ``memprop`` command: a thin layer over the library (parse, call, render)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+import memprop
+
+from memprop.devices.cpu import fix_malloc_threshold
+from memprop_cli.profile import profile_command
+
+app = typer.Typer(
+    name="memprop",
+    help="Where PyTorch training memory goes, and how to make a training step fit a budget.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.command("profile")(profile_command)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"memprop {memprop.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+    )] = False,
+) -> None:
+    """Where PyTorch training memory goes, and how to make a training step fit a budget."""
+
+
+def main() -> None:
+    # The CPU's measured peak reads RSS: pin glibc's mmap threshold first so freed tensors
+    # go back to the kernel (see NOTE [ Reading a peak from RSS ] in memprop.devices.cpu).
+    fix_malloc_threshold()
+    app()

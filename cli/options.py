@@ -1,0 +1,92 @@
+"""The workload options every subcommand shares, and how they become a ``Workload``."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+
+from memprop.errors import UsageError
+from memprop.trace.fake import new_fake_mode
+from memprop.workload import SeedConfig, Workload, call_factory, load_factory, seed_workload
+
+_W = "Workload"
+
+Model = Annotated[str | None, typer.Option(
+    "--model", metavar="SPEC", rich_help_panel=_W,
+    help="Your factory, package.module:func or path/to/file.py:func, called as "
+         "func(batch_size=B[, depth=D]); default: the seed's MLP.")]
+InputDim = Annotated[int, typer.Option(help="Seed MLP: input features d.", rich_help_panel=_W)]
+Hidden = Annotated[int, typer.Option(help="Seed MLP: hidden width h.", rich_help_panel=_W)]
+Classes = Annotated[int, typer.Option(help="Seed MLP: classes q.", rich_help_panel=_W)]
+Depth = Annotated[int | None, typer.Option(
+    help="Hidden layers (seed MLP default 4; passed to a factory that accepts depth).",
+    rich_help_panel=_W)]
+Batch = Annotated[int, typer.Option(help="Batch size.", rich_help_panel=_W)]
+Activation = Annotated[str, typer.Option(help="Seed MLP: relu, gelu, tanh or sigmoid.",
+                                         rich_help_panel=_W)]
+Bias = Annotated[bool, typer.Option("--bias/--no-bias", help="Seed MLP: biases on the layers.",
+                                    rich_help_panel=_W)]
+WeightDecay = Annotated[float, typer.Option(
+    help="Seed MLP: λ of the λ/2 Σ‖W‖² term added to the objective.", rich_help_panel=_W)]
+Dtype = Annotated[str, typer.Option(help="Seed MLP: float32, float64, float16, bfloat16.",
+                                    rich_help_panel=_W)]
+Device = Annotated[str, typer.Option(help="Seed MLP: cpu, cuda or cuda:N.", rich_help_panel=_W)]
+Optimizer = Annotated[str, typer.Option(help="Seed MLP: sgd, momentum or adam.",
+                                        rich_help_panel=_W)]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkloadOptions:
+    model: str | None
+    input_dim: int
+    hidden: int
+    classes: int
+    depth: int | None
+    batch: int
+    activation: str
+    bias: bool
+    weight_decay: float
+    dtype: str
+    device: str
+    optimizer: str
+
+    def with_size(self, *, batch: int | None = None, depth: int | None = None) -> WorkloadOptions:
+        values = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        if batch is not None:
+            values["batch"] = batch
+        if depth is not None:
+            values["depth"] = depth
+        return WorkloadOptions(**values)
+
+    def seed_config(self) -> SeedConfig:
+        return SeedConfig(
+            input_dim=self.input_dim, hidden=self.hidden, classes=self.classes,
+            depth=4 if self.depth is None else self.depth, batch=self.batch,
+            activation=self.activation, bias=self.bias, weight_decay=self.weight_decay,
+            dtype=self.dtype, device=self.device, optimizer=self.optimizer,
+        )
+
+
+def workload_options(**values: Any) -> WorkloadOptions:
+    return WorkloadOptions(**values)
+
+
+def build_workload(options: WorkloadOptions, *, fake: bool) -> Workload:
+    """The workload the options name; built inside a fake-tensor mode when ``fake``."""
+    if options.batch < 1:
+        raise UsageError(f"--batch is {options.batch}: it must be at least 1")
+    if options.depth is not None and options.depth < 1:
+        raise UsageError(f"--depth is {options.depth}: it must be at least 1")
+    context: Any = new_fake_mode() if fake else contextlib.nullcontext()
+    if options.model is None:
+        config = options.seed_config()
+        config.validate()
+        with context:
+            return seed_workload(config)
+    factory = load_factory(options.model)
+    with context:
+        return call_factory(factory, spec=options.model, batch_size=options.batch,
+                            depth=options.depth)

@@ -1,0 +1,81 @@
+"""``memprop profile``: where one training step's memory goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+import memprop
+from memprop.report.json_report import write_json
+from memprop.report.terminal import render_profile
+from memprop_cli.errors import exits_cleanly
+from memprop_cli.options import (
+    Activation,
+    Batch,
+    Bias,
+    Classes,
+    Depth,
+    Device,
+    Dtype,
+    Hidden,
+    InputDim,
+    Model,
+    Optimizer,
+    WeightDecay,
+    build_workload,
+    workload_options,
+)
+
+Fake = Annotated[bool, typer.Option(
+    "--fake", help="Trace on fake tensors: nothing is allocated, any size can be estimated.")]
+
+
+@exits_cleanly
+def profile_command(
+    model: Model = None,
+    input_dim: InputDim = 784,
+    hidden: Hidden = 1024,
+    classes: Classes = 10,
+    depth: Depth = None,
+    batch: Batch = 64,
+    activation: Activation = "relu",
+    bias: Bias = False,
+    weight_decay: WeightDecay = 0.0,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    optimizer: Optimizer = "sgd",
+    fake: Fake = False,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", metavar="PATH", help="Write the profile document (schema_version 1).")] = None,
+    html_path: Annotated[Path | None, typer.Option(
+        "--html", metavar="PATH", help="Write a self-contained HTML report.")] = None,
+    trace_path: Annotated[Path | None, typer.Option(
+        "--trace", metavar="PATH", help="Write a Chrome trace / Perfetto JSON.")] = None,
+    top: Annotated[int, typer.Option(help="Rows of the saved-tensor ledger to show.")] = 12,
+    create_graph: Annotated[bool, typer.Option(
+        "--create-graph", help="Backward with create_graph=True (second derivatives).")] = False,
+) -> None:
+    """Trace one training step and one inference pass: every tensor saved for backward, the
+    totals by category, the stages, and training against inference."""
+    options = workload_options(
+        model=model, input_dim=input_dim, hidden=hidden, classes=classes, depth=depth,
+        batch=batch, activation=activation, bias=bias, weight_decay=weight_decay, dtype=dtype,
+        device=device, optimizer=optimizer,
+    )
+    workload = build_workload(options, fake=fake)
+    result = memprop.profile(workload, create_graph=create_graph)
+    console = Console()
+    render_profile(result, console, top=top)
+    if json_path is not None:
+        console.print(f"wrote {write_json(json_path, result.to_dict())}")
+    if html_path is not None:
+        from memprop.report.html import write_html
+
+        console.print(f"wrote {write_html(html_path, result)}")
+    if trace_path is not None:
+        from memprop.report.chrome_trace import write_trace
+
+        console.print(f"wrote {write_trace(trace_path, result)}")

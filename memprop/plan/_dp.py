@@ -1,0 +1,316 @@
+"""The dynamic programs behind ``optimal``: least compute under a memory cap, and least peak.
+
+Both recurse over the persistent schedules of Beaumont et al.'s rotor, on *units* (a stage, or a
+run of consecutive stages kept or checkpointed together when the chain is grouped for speed).
+``solve(a, b, h, m)`` runs units ``a..b`` forward then backward with ``m`` bytes above what its
+context holds throughout; ``h`` says whether that context holds ``x_a`` (a checkpoint or a tape that
+outlives the sub-schedule) or the sub-schedule owns it as a flow. Either
+
+- **keep** unit ``a`` (its tape ``ret[h][a]`` held while ``a+1..b`` run), then ``b`` is reached
+  with ``h' = so[a]`` (whether that tape holds ``x_{a+1}``); or
+- **checkpoint** ``a..s-1``: run it without tapes holding ``x_a``, solve ``s..b`` (owning
+  ``x_s``) and, when backward returns, re-run ``a..s-1`` with the same memory (``h = 1``: the
+  checkpoint holds ``x_a``).
+
+The last unit of every segment is kept (checkpointing it would re-run it at once).
+``g_b``, the gradient ``d_{b+1}`` that a re-run segment's context handed it, is live through the
+forward moments of ``a..b`` and freed by ``b``'s backward; the top-level segment has none until the
+loss. Each moment below is the one the simulator sees (:mod:`memprop.plan.schedule`).
+
+# NOTE [ Slots and why rounding is safe ]
+The cost table discretises bytes into slots of ``u`` bytes: every size is rounded *up* to whole
+slots, the budget *down*. A constraint ``sum(sizes) <= m`` checked as ``sum(ceil(size/u)) <=
+floor(m/u)`` implies the exact one, and the memory passed to a sub-problem, ``floor(m/u) -
+ceil(r/u)`` slots, is at most ``(m - r)/u``, so by induction every plan the table accepts fits in
+exact bytes. ``u`` is the gcd of all sizes when that leaves at most ``max_slots`` slots (then the
+table is exact), else ``ceil(m/max_slots)``.
+
+Speed: both tables are filled by diagonal (segment length ``L``), vectorised over every start
+``a`` and, for costs, over the memory axis; the split offset ``k`` is the only Python loop, so the
+table costs ``n^2/2`` numpy operations on ``(n - L, slots)`` arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from memprop.plan.chain import Chain
+from memprop.plan.schedule import Child, Segment
+
+_INF = math.inf
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Units:
+    """Per-unit moments in bytes (or slots), indexed ``[h][unit]`` where they depend on ``h``."""
+
+    bounds: tuple[tuple[int, int], ...]
+    """Each unit's stages ``[start, stop)``."""
+    xin: np.ndarray
+    """Size of the unit's input activation."""
+    dout: np.ndarray
+    """Size of the gradient of its output."""
+    fk: np.ndarray
+    """Forward moment when kept, shape ``(2, n)``."""
+    ret: np.ndarray
+    """Bytes the kept unit holds until its backward, ``(2, n)``."""
+    bm: np.ndarray
+    """Backward moment, its output's gradient included, ``(2, n)``."""
+    lm: np.ndarray
+    """Loss moment when the unit is last, ``(2, n)``."""
+    so: np.ndarray
+    """Whether the kept unit's tape holds its output."""
+    fn_first: np.ndarray
+    """Forward moment without tapes, the unit first in its checkpoint."""
+    fn_flow: np.ndarray
+    """Forward moment without tapes, its input a flow."""
+    cost_f: np.ndarray
+    """Forward cost."""
+    cost_b: np.ndarray
+    """Backward cost."""
+
+    @property
+    def n(self) -> int:
+        return len(self.bounds)
+
+    def in_slots(self, u: int) -> Units:
+        def up(a: np.ndarray) -> np.ndarray:
+            return -(-a // u)
+
+        return Units(
+            bounds=self.bounds, xin=up(self.xin), dout=up(self.dout), fk=up(self.fk),
+            ret=up(self.ret), bm=up(self.bm), lm=up(self.lm), so=self.so,
+            fn_first=up(self.fn_first), fn_flow=up(self.fn_flow),
+            cost_f=self.cost_f, cost_b=self.cost_b,
+        )
+
+    def gcd(self) -> int:
+        parts = [self.xin, self.dout, self.fk, self.ret, self.bm, self.lm, self.fn_first,
+                 self.fn_flow]
+        return int(np.gcd.reduce(np.concatenate([np.ravel(p) for p in parts])))
+
+
+def _kept_unit(chain: Chain, start: int, stop: int, h: int) -> tuple[int, int, int, int, bool]:
+    """Walk stages ``[start, stop)`` run normally: (forward moment, retained, backward moment,
+    loss moment, output held). With ``h = 1`` the context holds ``x_start``, so it weighs 0."""
+    refs: dict[int, int] = {}
+    live = 0
+
+    def size(j: int) -> int:
+        return 0 if (j == start and h == 1) else chain.act_bytes(j)
+
+    def hold(j: int) -> None:
+        nonlocal live
+        refs[j] = refs.get(j, 0) + 1
+        live += size(j) if refs[j] == 1 else 0
+
+    def release(j: int) -> None:
+        nonlocal live
+        refs[j] -= 1
+        live -= size(j) if refs[j] == 0 else 0
+
+    hold(start)
+    fk = 0
+    for i in range(start, stop):
+        stage = chain.stages[i]
+        fk = max(fk, live + chain.forward_moment_bytes(i))
+        hold(i + 1)
+        live += stage.tape_bytes
+        if stage.saves_input:
+            hold(i)
+        if stage.saves_output:
+            hold(i + 1)
+        release(i)
+    lm = live + chain.act_bytes(stop)
+    release(stop)
+    ret, so = live, refs[stop] > 0
+    live += chain.act_bytes(stop)
+    bm = 0
+    for i in reversed(range(start, stop)):
+        stage = chain.stages[i]
+        bm = max(bm, live + chain.backward_moment_bytes(i))
+        live -= stage.tape_bytes
+        if stage.saves_input:
+            release(i)
+        if stage.saves_output:
+            release(i + 1)
+        live += chain.act_bytes(i) - chain.act_bytes(i + 1)
+    return fk, ret, bm, lm, so
+
+
+def make_units(chain: Chain, bounds: list[tuple[int, int]]) -> Units:
+    walks = [[_kept_unit(chain, a, b, h) for a, b in bounds] for h in (0, 1)]
+
+    def col(c: int) -> np.ndarray:
+        return np.array([[w[c] for w in walks[h]] for h in (0, 1)], dtype=np.int64)
+
+    flow = [max(chain.act_bytes(i) + chain.forward_moment_bytes(i) for i in range(a, b))
+            for a, b in bounds]
+    first = [max([chain.forward_moment_bytes(a)]
+                 + [chain.act_bytes(i) + chain.forward_moment_bytes(i) for i in range(a + 1, b)])
+             for a, b in bounds]
+    return Units(
+        bounds=tuple(bounds),
+        xin=np.array([chain.act_bytes(a) for a, _ in bounds], dtype=np.int64),
+        dout=np.array([chain.act_bytes(b) for _, b in bounds], dtype=np.int64),
+        fk=col(0), ret=col(1), bm=col(2), lm=col(3),
+        so=np.array([w[4] for w in walks[0]], dtype=bool),
+        fn_first=np.array(first, dtype=np.int64),
+        fn_flow=np.array(flow, dtype=np.int64),
+        cost_f=np.array([sum(s.forward_cost for s in chain.stages[a:b]) for a, b in bounds]),
+        cost_b=np.array([sum(s.backward_cost for s in chain.stages[a:b]) for a, b in bounds]),
+    )
+
+
+def _windows(p: Units) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """``fnw[k-1][a]``: the tape-less forward moment of units ``a..a+k-1`` as a checkpoint;
+    ``sumf[k-1][a]``: their forward cost; ``g[b]``: the gradient live while ``..b`` runs."""
+    fnw, sumf = [p.fn_first], [p.cost_f]
+    for k in range(2, p.n + 1):
+        fnw.append(np.maximum(fnw[-1][:-1], p.fn_flow[k - 1:]))
+        sumf.append(sumf[-1][:-1] + p.cost_f[k - 1:])
+    g = np.append(p.dout[:-1], 0)
+    return fnw, sumf, g
+
+
+def _shift(arr: np.ndarray, by: np.ndarray, ar: np.ndarray) -> np.ndarray:
+    """``out[r, m] = arr[r, m - by[r]]``, infinite where ``m < by[r]``."""
+    idx = ar[None, :] - by[:, None]
+    out = np.take_along_axis(arr, np.clip(idx, 0, None), axis=1)
+    out[idx < 0] = _INF
+    return out
+
+
+class CostTable:
+    """``D[h][L][a, m]``: least compute for units ``a..a+L`` with ``m`` slots, ``inf`` if none."""
+
+    def __init__(self, p: Units, slots: int) -> None:
+        self.p, self.slots = p, slots
+        n, ar = p.n, np.arange(slots + 1)
+        self.fnw, self.sumf, self.g = fnw, sumf, g = _windows(p)
+        self.fb = fb = p.cost_f + p.cost_b
+        D: list[list[Any]] = [[None] * n, [None] * n]
+        for h in (0, 1):
+            need = np.maximum(p.fk[h] + g, p.bm[h])
+            need[-1] = max(need[-1], p.lm[h][-1])
+            D[h][0] = np.where(ar[None, :] >= need[:, None], fb[:, None], _INF)
+        for L in range(1, n):
+            rows, gb = n - L, g[L:]
+            best = np.full((rows, slots + 1), _INF)
+            for k in range(1, L + 1):
+                tmp = D[1][k - 1][:rows] + D[0][L - k][k : k + rows]
+                tmp += sumf[k - 1][:rows, None]
+                tmp[ar[None, :] < (fnw[k - 1][:rows] + gb)[:, None]] = _INF
+                np.minimum(best, tmp, out=best)
+            src = np.where(p.so[:rows, None], D[1][L - 1][1:], D[0][L - 1][1:])
+            for h in (0, 1):
+                ckpt = best if h == 1 else _shift(best, p.xin[:rows], ar)
+                keep = _shift(src, p.ret[h][:rows], ar) + fb[:rows, None]
+                need = np.maximum(p.fk[h][:rows] + gb, p.bm[h][:rows])
+                keep[ar[None, :] < need[:, None]] = _INF
+                D[h][L] = np.minimum(keep, ckpt)
+        self.D = D
+
+    def best(self) -> float:
+        return float(self.D[1][self.p.n - 1][0, self.slots])
+
+    def tree(self, chain_len: int) -> Segment:
+        """The plan that attains :meth:`best` (which must be finite)."""
+        p, D = self.p, self.D
+
+        def choose(a: int, b: int, h: int, m: int) -> tuple[str, int, int]:
+            L, target = b - a, D[h][b - a][a, m]
+            if m >= max(p.fk[h][a] + self.g[b], p.bm[h][a]) and m >= p.ret[h][a]:
+                keep = D[int(p.so[a])][L - 1][a + 1, m - p.ret[h][a]] + self.fb[a]
+                if keep == target:
+                    return "keep", int(p.so[a]), int(m - p.ret[h][a])
+            mp = int(m - (p.xin[a] if h == 0 else 0))
+            for k in range(1, L + 1):
+                if mp < self.fnw[k - 1][a] + self.g[b]:
+                    continue
+                val = D[1][k - 1][a, mp] + D[0][L - k][a + k, mp] + self.sumf[k - 1][a]
+                if val == target:
+                    return "ckpt", k, mp
+            raise AssertionError(f"no choice attains the table at {a}..{b}, h={h}, m={m}")
+
+        return _rebuild(p, chain_len, self.slots, choose)
+
+
+def min_peak(p: Units) -> tuple[int, Segment, int]:
+    """The least peak over all plans (bytes above ``fixed_bytes``, exact), a plan attaining it,
+    and the chain length it covers."""
+    n = p.n
+    fnw, _, g = _windows(p)
+    P: list[list[Any]] = [[None] * n, [None] * n]
+    for h in (0, 1):
+        P[h][0] = np.maximum(p.fk[h] + g, p.bm[h])
+        P[h][0][-1] = max(P[h][0][-1], p.lm[h][-1])
+    for L in range(1, n):
+        rows, gb = n - L, g[L:]
+        best = np.full(rows, np.iinfo(np.int64).max)
+        for k in range(1, L + 1):
+            cand = np.maximum(np.maximum(P[1][k - 1][:rows], P[0][L - k][k : k + rows]),
+                              fnw[k - 1][:rows] + gb)
+            np.minimum(best, cand, out=best)
+        src = np.where(p.so[:rows], P[1][L - 1][1:], P[0][L - 1][1:])
+        for h in (0, 1):
+            keep = np.maximum(np.maximum(p.fk[h][:rows] + gb, p.bm[h][:rows]),
+                              p.ret[h][:rows] + src)
+            ckpt = best + (p.xin[:rows] if h == 0 else 0)
+            P[h][L] = np.minimum(keep, ckpt)
+
+    def choose(a: int, b: int, h: int, m: int) -> tuple[str, int, int]:
+        L, target = b - a, P[h][b - a][a]
+        keep = max(p.fk[h][a] + g[b], p.bm[h][a],
+                   p.ret[h][a] + P[int(p.so[a])][L - 1][a + 1])
+        if keep == target:
+            return "keep", int(p.so[a]), 0
+        xa = p.xin[a] if h == 0 else 0
+        for k in range(1, L + 1):
+            if xa + max(P[1][k - 1][a], P[0][L - k][a + k], fnw[k - 1][a] + g[b]) == target:
+                return "ckpt", k, 0
+        raise AssertionError(f"no choice attains the least peak at {a}..{b}, h={h}")
+
+    peak = int(P[1][n - 1][0])
+    length = p.bounds[-1][1]
+    return peak, _rebuild(p, length, 0, choose), length
+
+
+def _rebuild(p: Units, chain_len: int, m0: int, choose: Any) -> Segment:
+    """Follow the choices from the top, without recursion (chains can be deeper than Python's
+    stack), then build the Segments children-first."""
+    tasks: list[tuple[int, int, int, int]] = [(0, p.n - 1, 1, m0)]
+    items: list[list[tuple[str, int, int]]] = []  # per task: ("keep", unit) or ("sub", task, k)
+    i = 0
+    while i < len(tasks):
+        a, b, h, m = tasks[i]
+        out: list[tuple[str, int, int]] = []
+        while a < b:
+            kind, x, m_next = choose(a, b, h, m)
+            if kind == "keep":
+                out.append(("keep", a, 1))
+                a, h, m = a + 1, x, m_next
+            else:
+                tasks.append((a, a + x - 1, 1, m_next))
+                out.append(("sub", len(tasks) - 1, x))
+                a, h, m = a + x, 0, m_next
+        out.append(("keep", b, 1))
+        items.append(out)
+        i += 1
+    built: dict[int, Segment] = {}
+    for t in reversed(range(len(tasks))):
+        children: list[Child] = []
+        for kind, x, _ in items[t]:
+            if kind == "keep":
+                children.extend(range(*p.bounds[x]))
+            else:
+                children.append(built.pop(x))
+        a, b = tasks[t][0], tasks[t][1]
+        built[t] = Segment(start=p.bounds[a][0], stop=p.bounds[b][1], children=tuple(children))
+    top = built[0]
+    assert top.start == 0 and top.stop == chain_len
+    return top

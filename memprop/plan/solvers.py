@@ -1,0 +1,205 @@
+"""The strategies, the Plan they produce, and the one entry point, :func:`solve`.
+
+- ``none``: every stage kept, no recomputation.
+- ``uniform``: what ``torch.utils.checkpoint.checkpoint_sequential(segments=k)`` runs: ``k - 1``
+  checkpointed segments of ``n // k`` stages, then the rest run normally; the ``k`` that fits
+  with the least compute (ties: the lower peak).
+- ``optimal``: the dynamic program of :mod:`memprop.plan._dp`: least compute under the budget
+  over every persistent schedule (a stage may be recomputed more than once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from memprop.errors import BudgetInfeasibleError, UsageError
+from memprop.plan import _dp
+from memprop.plan.chain import Chain
+from memprop.plan.schedule import Segment, flat, kept_at_top, schedule_ops, simulate
+from memprop.units import format_bytes
+
+__all__ = ["Plan", "min_feasible_bytes", "solve", "uniform_tree"]
+
+Strategy = Literal["optimal", "uniform", "none"]
+STRATEGIES: tuple[str, ...] = ("optimal", "uniform", "none")
+
+DEFAULT_MAX_SLOTS = 500
+"""Memory-axis resolution of the cost table (rotor's default): exact when sizes share a large
+gcd, else a safe rounding (see ``NOTE [ Slots and why rounding is safe ]``)."""
+DEFAULT_MAX_UNITS = 100
+"""Longer chains are planned on groups of consecutive stages (kept or checkpointed together),
+which restricts the search, never its safety; the least peak is always computed exactly."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Plan:
+    """What to keep, what to recompute, and what it is predicted to cost."""
+
+    budget_bytes: int
+    """The cap on the training peak that was asked for."""
+    strategy: str
+    """``optimal``, ``uniform`` or ``none``."""
+    cost_model: str
+    """``measured`` (seconds) or ``flops``."""
+    feasible: bool
+    """Whether the predicted peak is within the budget."""
+    min_feasible_bytes: int
+    """The least budget for which this strategy finds a plan."""
+    tree: Segment
+    """The plan as nested checkpoints (see :mod:`memprop.plan.schedule`)."""
+    stage_names: tuple[str, ...]
+    """The chain's stage names, in order."""
+    forward_runs: tuple[int, ...]
+    """How many times each stage's forward runs."""
+    peak_bytes: int
+    """Predicted training peak."""
+    compute: float
+    """Predicted compute of the step."""
+    baseline_peak_bytes: int
+    """The unplanned step's peak."""
+    baseline_compute: float
+    """The unplanned step's compute."""
+
+    @property
+    def compute_overhead(self) -> float:
+        """Extra compute over the unplanned step, as a fraction (0.25 is 25% more)."""
+        if self.baseline_compute <= 0:
+            return 0.0
+        return (self.compute - self.baseline_compute) / self.baseline_compute
+
+    @property
+    def schedule(self) -> list[dict[str, Any]]:
+        return schedule_ops(self.tree)
+
+    def stages(self) -> list[dict[str, Any]]:
+        kept = kept_at_top(self.tree)
+        return [
+            {"index": i, "name": name, "tape": "kept" if i in kept else "dropped",
+             "recomputes": self.forward_runs[i] - 1}
+            for i, name in enumerate(self.stage_names)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": 1,
+            "budget_bytes": self.budget_bytes,
+            "strategy": self.strategy,
+            "cost_model": self.cost_model,
+            "feasible": self.feasible,
+            "min_feasible_bytes": self.min_feasible_bytes,
+            "stages": self.stages(),
+            "schedule": self.schedule,
+            "tree": self.tree.to_dict(),
+            "predicted": {"peak_bytes": self.peak_bytes,
+                          "compute_overhead": self.compute_overhead,
+                          "compute": self.compute},
+            "baseline": {"peak_bytes": self.baseline_peak_bytes,
+                         "compute": self.baseline_compute},
+        }
+
+
+def uniform_tree(n: int, segments: int) -> Segment:
+    """``checkpoint_sequential(segments=segments)`` on ``n`` stages, as a tree."""
+    if not 1 <= segments <= n:
+        raise UsageError(f"segments={segments} for {n} stages: give 1 <= segments <= {n}")
+    size = n // segments
+    children: list[int | Segment] = [
+        Segment(start=s, stop=s + size, children=tuple(range(s, s + size)))
+        for s in range(0, size * (segments - 1), size)
+    ]
+    children.extend(range(size * (segments - 1), n))
+    return Segment(start=0, stop=n, children=tuple(children))
+
+
+def _groups(n: int, max_units: int) -> list[tuple[int, int]]:
+    units = min(n, max_units)
+    cuts = [round(i * n / units) for i in range(units + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(units)]
+
+
+def min_feasible_bytes(chain: Chain) -> tuple[int, Segment]:
+    """The least training peak of any plan (exact), and a plan that attains it."""
+    units = _dp.make_units(chain, [(i, i + 1) for i in range(len(chain))])
+    peak, tree, _ = _dp.min_peak(units)
+    return chain.fixed_bytes + peak, tree
+
+
+def _optimal(chain: Chain, budget_bytes: int, max_slots: int, max_units: int
+             ) -> tuple[Segment, int]:
+    floor_bytes, floor_tree = min_feasible_bytes(chain)
+    avail = budget_bytes - chain.fixed_bytes
+    if budget_bytes < floor_bytes:
+        return floor_tree, floor_bytes
+    units = _dp.make_units(chain, _groups(len(chain), max_units))
+    unit = max(units.gcd(), -(-avail // max_slots), 1)
+    table = _dp.CostTable(units.in_slots(unit), avail // unit)
+    candidates = [floor_tree]
+    if table.best() < float("inf"):
+        candidates.append(table.tree(len(chain)))
+    # Rounding or grouping can only lose: the exact least-peak plan stands in when they do.
+    best = min(candidates, key=lambda t: simulate(chain, t).compute)
+    return best, floor_bytes
+
+
+def solve(
+    chain: Chain,
+    budget_bytes: int,
+    strategy: str = "optimal",
+    *,
+    strict: bool = True,
+    max_slots: int = DEFAULT_MAX_SLOTS,
+    max_units: int = DEFAULT_MAX_UNITS,
+) -> Plan:
+    """The plan of ``strategy`` for ``chain`` under ``budget_bytes`` (a cap on the training peak,
+    ``fixed_bytes`` included). Raises :class:`BudgetInfeasibleError` when nothing fits, unless
+    ``strict=False``: then the returned plan has ``feasible=False`` and the lowest peak found."""
+    n = len(chain)
+    baseline = simulate(chain, flat(n))
+    if strategy == "none":
+        tree, floor = flat(n), baseline.peak_bytes
+    elif strategy == "uniform":
+        sims = [(simulate(chain, t), t) for t in (uniform_tree(n, k) for k in range(1, n + 1))]
+        floor = min(s.peak_bytes for s, _ in sims)
+        fits = [(s, t) for s, t in sims if s.peak_bytes <= budget_bytes]
+        pool = fits or [(s, t) for s, t in sims if s.peak_bytes == floor]
+        tree = min(pool, key=lambda st: (st[0].compute, st[0].peak_bytes))[1]
+    elif strategy == "optimal":
+        tree, floor = _optimal(chain, budget_bytes, max_slots, max_units)
+    else:
+        raise UsageError(
+            f"strategy {strategy!r} does not exist: use one of {', '.join(STRATEGIES)}"
+        )
+    sim = simulate(chain, tree)
+    feasible = sim.peak_bytes <= budget_bytes
+    if strict and not feasible:
+        raise BudgetInfeasibleError(
+            f"budget {format_bytes(budget_bytes)} is below the smallest feasible peak, "
+            f"{format_bytes(floor)}, for this {n}-stage chain with strategy {strategy!r}: "
+            f"raise --budget to at least {_cli_size(floor)} or lower --batch",
+            budget_bytes=budget_bytes,
+            min_feasible_bytes=floor,
+        )
+    return Plan(
+        budget_bytes=budget_bytes,
+        strategy=strategy,
+        cost_model="flops" if chain.cost_unit == "flops" else "measured",
+        feasible=feasible,
+        min_feasible_bytes=floor,
+        tree=tree,
+        stage_names=tuple(s.name for s in chain.stages),
+        forward_runs=sim.forward_runs,
+        peak_bytes=sim.peak_bytes,
+        compute=sim.compute,
+        baseline_peak_bytes=baseline.peak_bytes,
+        baseline_compute=baseline.compute,
+    )
+
+
+def _cli_size(n: int) -> str:
+    """A size the ``--budget`` flag parses back to at least ``n`` bytes (rounded up)."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            hundredths = -(-n * 100 // scale)
+            return f"{hundredths / 100:.2f}".rstrip("0").rstrip(".") + unit
+    return str(n)

@@ -1,0 +1,229 @@
+"""The ledger against oracles: hand counts, saved_tensors_hooks, MemTracker, and fake tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import memprop
+from memprop.trace.fake import new_fake_mode
+from memprop.trace.step import compute_loss
+from memprop.workload import SeedConfig, Workload, seed_workload
+from tests.zoo import ZOO
+
+
+def _hooks_saved_bytes(workload: Workload) -> int:
+    """Oracle: storages that autograd packs during forward, deduplicated by storage, parameters,
+    buffers and inputs excluded. Written without any of memprop's tracing code."""
+    model = workload.model
+    excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    excluded |= {t.untyped_storage().data_ptr() for t in workload.inputs}
+    if workload.targets is not None:
+        excluded.add(workload.targets.untyped_storage().data_ptr())
+    seen: dict[int, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in excluded:
+            seen[pointer] = tensor
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        output = model(*workload.inputs)
+        loss, _ = compute_loss(workload, output)
+    # Everything packed is still alive here (the graph holds it), so pointers are unique.
+    total = sum(t.untyped_storage().nbytes() for t in seen.values())
+    del output, loss
+    return total
+
+
+def _memtracker_peak(workload: Workload) -> int:
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    extra = [workload.targets] if workload.targets is not None else []
+    tracker.track_external(workload.model, workload.optimizer, *workload.inputs, *extra)
+    with tracker:
+        output = workload.model(*workload.inputs)
+        loss, _ = compute_loss(workload, output)
+        loss.backward()
+        if workload.optimizer is not None:
+            workload.optimizer.step()
+        del output, loss
+    return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+
+
+@pytest.mark.parametrize(("activation", "per_layer"), [("relu", 1), ("tanh", 1), ("gelu", 2)])
+@pytest.mark.parametrize(("batch", "hidden", "depth"), [(1, 3, 1), (8, 16, 2), (32, 100, 5)])
+def test_saved_activations_equal_a_hand_count(
+    activation: str, per_layer: int, batch: int, hidden: int, depth: int
+) -> None:
+    classes = 4
+    workload = seed_workload(SeedConfig(input_dim=7, hidden=hidden, classes=classes,
+                                        depth=depth, batch=batch, activation=activation))
+    result = memprop.profile(workload)
+    # Per hidden layer: φ's output (which the next layer's matmul saves too: one storage), and
+    # for gelu its input z as well; then log_softmax's output and nll_loss's total_weight scalar.
+    expected = 4 * (per_layer * depth * batch * hidden + batch * classes + 1)
+    assert result.saved_activations_bytes == expected
+    hidden_rows = [t for t in result.saved_tensors if t.shape == (batch, hidden)]
+    assert len(hidden_rows) == per_layer * depth
+    assert {t.module for t in hidden_rows} == {f"layers.{i}" for i in range(depth)} | (
+        {f"layers.{i}.linear" for i in range(depth)} if per_layer == 2 else set()
+    )
+    assert all(t.freed is not None and t.born < t.freed for t in result.saved_tensors)
+
+
+class _ViewsAndInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(6, 12, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)            # (4, 12): not saved by anything below
+        v = h.view(4, 3, 4)           # a view: same storage
+        v.mul_(2.0)                   # in place on the view: mul by a constant saves nothing
+        s = torch.sigmoid(v)          # saves its output: 4*12 floats
+        return s.transpose(1, 2).sum()  # a view, then a sum that saves nothing
+
+
+def test_views_and_in_place_ops_are_counted_once_by_hand() -> None:
+    torch.manual_seed(0)
+    model = _ViewsAndInPlace()
+    result = memprop.profile(model, torch.randn(4, 6))
+    assert result.saved_activations_bytes == 4 * 12 * 4
+    assert [(t.op, t.shape) for t in result.saved_tensors] == [("sigmoid", (4, 3, 4))]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_saved_activations_equal_saved_tensors_hooks(name: str) -> None:
+    assert memprop.profile(ZOO[name]()).saved_activations_bytes == _hooks_saved_bytes(ZOO[name]())
+
+
+@pytest.mark.parametrize("name", sorted(set(ZOO) - {"frozen"}))
+def test_training_peak_equals_memtracker(name: str) -> None:
+    # MemTracker registers a hook on every parameter and so refuses frozen ones: "frozen" is
+    # covered by the hooks and fake oracles instead.
+    ours = memprop.profile(ZOO[name]()).training_peak_bytes
+    theirs = _memtracker_peak(ZOO[name]())
+    assert ours == theirs
+
+
+def _records(result: memprop.Profile) -> list[tuple[object, ...]]:
+    return [(op, module) for op, module in zip(result.timeline.ops, result.timeline.modules,
+                                               strict=True)]
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_fake_equals_real_to_the_byte(name: str) -> None:
+    factory: Callable[[], Workload] = ZOO[name]
+    real = memprop.profile(factory())
+    with new_fake_mode():
+        fake_workload = factory()
+    fake = memprop.profile(fake_workload)
+    assert fake.workload["mode"] == "fake" and real.workload["mode"] == "real"
+    assert fake.memory == real.memory
+    assert fake.peak_breakdown == real.peak_breakdown
+    assert [(t.op, t.module, t.shape, t.bytes, t.born) for t in fake.saved_tensors] == [
+        (t.op, t.module, t.shape, t.bytes, t.born) for t in real.saved_tensors
+    ]
+    assert [(s.input_bytes, s.saved_bytes, s.output_bytes, s.flops) for s in fake.stages] == [
+        (s.input_bytes, s.saved_bytes, s.output_bytes, s.flops) for s in real.stages
+    ]
+    assert fake.measured is None
+    if name != "tied":
+        assert _records(fake) == _records(real)
+        assert fake.timeline.curves == real.timeline.curves
+    else:
+        # NOTE [ In-place ops on views ] The backward of an in-place op on a view (CopySlices)
+        # takes another path for fake tensors (they replay views instead of as_strided): eager
+        # allocates one more temporary, the size of the base, which fake tensors skip. It is
+        # not at the peak here; this pins exactly what differs.
+        extra = [op for op in real.timeline.ops if op not in fake.timeline.ops]
+        assert extra == ["new_zeros"]
+
+
+def test_fake_flag_leaves_a_real_model_untouched() -> None:
+    workload = ZOO["relu-mlp"]()
+    before = [p.detach().clone() for p in workload.model.parameters()]
+    fake = memprop.profile(workload.model, workload.inputs, loss_fn=workload.loss_fn,
+                           targets=workload.targets, optimizer=workload.optimizer, fake=True)
+    assert all(p.grad is None for p in workload.model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, workload.model.parameters(), strict=True))
+    real = memprop.profile(ZOO["relu-mlp"]())
+    assert fake.memory == real.memory
+
+
+def test_tied_weights_are_one_parameter_storage() -> None:
+    result = memprop.profile(ZOO["tied"]())
+    embed, mix = 50 * 16 * 4, (16 * 16 + 16) * 4
+    assert result.memory.parameters_bytes == embed + mix
+    assert result.memory.gradients_bytes == embed + mix
+
+
+def test_frozen_parameters_get_no_gradient() -> None:
+    result = memprop.profile(ZOO["frozen"]())
+    trainable = (16 * 16 + 16) * 4
+    assert result.memory.parameters_bytes == 2 * trainable
+    assert result.memory.gradients_bytes == trainable
+    assert "mean" in result.loss_note  # a tuple output without a loss function is reduced
+
+
+def test_dropout_mask_is_a_saved_activation() -> None:
+    result = memprop.profile(ZOO["frozen"]())
+    # Eager dropout on the CPU draws a mask of the input's dtype and saves it for backward.
+    assert [(t.module, t.shape) for t in result.saved_tensors if t.module == "drop"] == [
+        ("drop", (8, 16))
+    ]
+
+
+def test_optimizer_state_is_counted() -> None:
+    result = memprop.profile(ZOO["gelu-mlp"]())  # Adam: two moments per parameter
+    params = result.memory.parameters_bytes
+    tensors = 6  # three weights, three biases: one float32 step counter each
+    assert result.memory.optimizer_state_bytes == 2 * params + 4 * tensors
+
+
+def test_double_backward_reports_the_second_order_graph() -> None:
+    """Seed exercise 4: create_graph=True keeps a graph of the backward pass itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8, bias=False), nn.Tanh(), nn.Linear(8, 1, bias=False))
+    x = torch.randn(3, 5)
+    first = memprop.profile(model, x)
+    model.zero_grad(set_to_none=True)
+    second = memprop.profile(model, x, create_graph=True)
+    assert first.memory.second_order_saved_bytes == 0
+    assert second.memory.second_order_saved_bytes > 0
+    assert second.training_peak_bytes > first.training_peak_bytes
+    # The gradients themselves carry a graph: they can be differentiated again.
+    weight = model[0].weight
+    assert weight.grad is not None and weight.grad.requires_grad
+    (weight.grad**2).sum().backward()
+
+
+def test_stage_costs_of_the_seed_mlp() -> None:
+    batch, hidden, depth = 16, 32, 3
+    result = memprop.profile(seed_workload(SeedConfig(input_dim=8, hidden=hidden, classes=4,
+                                                      depth=depth, batch=batch)))
+    activation = 4 * batch * hidden
+    assert [s.name for s in result.stages] == [f"layers.{i}" for i in range(depth + 1)]
+    hidden_stages = result.stages[:depth]
+    assert all(s.output_bytes == activation and s.saved_bytes == activation for s in hidden_stages)
+    assert all(s.saves_input and s.saves_output for s in hidden_stages)
+    assert result.stages[0].input_bytes == 4 * batch * 8
+    assert result.stages[0].flops == 2 * batch * 8 * hidden
+    assert result.stages[1].flops == 2 * batch * hidden * hidden
+    # Backward of a hidden layer: the weight's gradient and (but for the first) the input's.
+    assert result.stages[1].backward_flops == 2 * result.stages[1].flops
+    assert result.stages[0].backward_flops == result.stages[0].flops
+    last = result.stages[-1]
+    assert last.saved_bytes == 0 and last.output_bytes == 4 * batch * 4
+
+
+def test_inference_peak_is_below_training_peak_and_counts_no_labels() -> None:
+    result = memprop.profile(seed_workload(SeedConfig(depth=3, batch=64, hidden=128)))
+    assert result.inference_peak_bytes < result.training_peak_bytes
+    assert result.training_to_inference > 1

@@ -1,0 +1,131 @@
+"""The optimal planner against exhaustive search over every plan tree, on random chains."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from memprop.errors import BudgetInfeasibleError
+from memprop.plan import Chain, Segment, Stage, _dp, min_feasible_bytes, simulate, solve
+from memprop.plan.schedule import flat
+
+
+def _plans(a: int, b: int) -> Iterator[tuple[int | Segment, ...]]:
+    """Every child sequence for stages [a, b) whose last child is kept: the search space."""
+    if b - a == 1:
+        yield (a,)
+        return
+    for rest in _plans(a + 1, b):
+        yield (a, *rest)
+    for s in range(a + 1, b):
+        for inner in _plans(a, s):
+            for rest in _plans(s, b):
+                yield (Segment(start=a, stop=s, children=inner), *rest)
+
+
+def _random_chain(rng: random.Random, n: int) -> Chain:
+    stages = []
+    for i in range(n):
+        out, tape, so = rng.randint(1, 9), rng.randint(0, 9), rng.random() < 0.4
+        stages.append(Stage(
+            name=f"s{i}", forward_cost=float(rng.randint(1, 9)),
+            backward_cost=float(rng.randint(1, 9)), input_bytes=0, output_bytes=out,
+            saved_bytes=tape + (out if so else 0), saves_input=rng.random() < 0.6,
+            saves_output=so, forward_peak_bytes=rng.randint(0, 25),
+            backward_peak_bytes=rng.randint(0, 25),
+        ))
+    return Chain(stages=tuple(stages), fixed_bytes=rng.randint(0, 5))
+
+
+def _exhaustive(chain: Chain) -> list[tuple[int, float]]:
+    n = len(chain)
+    sims = [simulate(chain, Segment(start=0, stop=n, children=c)) for c in _plans(0, n)]
+    return [(s.peak_bytes, s.compute) for s in sims]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 7))
+def test_optimal_equals_exhaustive_search(seed: int, n: int) -> None:
+    chain = _random_chain(random.Random(seed), n)
+    front = _exhaustive(chain)
+    least = min(p for p, _ in front)
+    assert min_feasible_bytes(chain)[0] == least
+    units = _dp.make_units(chain, [(i, i + 1) for i in range(n)])
+    for budget in range(least, max(p for p, _ in front) + 2, 2):
+        best = min(c for p, c in front if p <= budget)
+        table = _dp.CostTable(units, budget - chain.fixed_bytes)  # 1-byte slots: exact
+        assert table.best() == best
+        sim = simulate(chain, table.tree(n))
+        assert sim.compute == best and sim.peak_bytes <= budget
+        plan = solve(chain, budget, "optimal")
+        assert plan.compute == best and plan.peak_bytes <= budget
+
+
+@pytest.mark.parametrize("n", [8])
+def test_optimal_equals_exhaustive_search_longer(n: int) -> None:
+    chain = _random_chain(random.Random(n), n)
+    front = _exhaustive(chain)
+    least = min(p for p, _ in front)
+    for budget in range(least, max(p for p, _ in front) + 1, 7):
+        best = min(c for p, c in front if p <= budget)
+        assert solve(chain, budget, "optimal").compute == best
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 12))
+def test_optimal_never_worse_than_uniform_and_monotone(seed: int, n: int) -> None:
+    chain = _random_chain(random.Random(seed), n)
+    least = min_feasible_bytes(chain)[0]
+    top = simulate(chain, flat(n)).peak_bytes
+    previous = float("inf")
+    for budget in range(least, top + 1):
+        plan = solve(chain, budget, "optimal")
+        uniform = solve(chain, budget, "uniform", strict=False)
+        if uniform.feasible:
+            assert plan.compute <= uniform.compute
+        assert plan.compute <= previous  # more memory never costs more compute
+        previous = plan.compute
+    assert solve(chain, top, "optimal").compute == simulate(chain, flat(n)).compute
+
+
+def test_min_feasible_fits_and_one_byte_less_raises() -> None:
+    chain = _random_chain(random.Random(7), 12)
+    least = min_feasible_bytes(chain)[0]
+    assert solve(chain, least, "optimal").peak_bytes <= least
+    with pytest.raises(BudgetInfeasibleError) as info:
+        solve(chain, least - 1, "optimal")
+    assert info.value.min_feasible_bytes == least
+    assert info.value.budget_bytes == least - 1
+    assert "12-stage chain" in str(info.value) and "raise --budget to at least" in str(info.value)
+
+
+def test_infeasible_message_in_house_style() -> None:
+    mib = 1024**2
+    stage = Stage(name="s", forward_cost=1.0, backward_cost=1.0, input_bytes=mib,
+                  output_bytes=64 * mib, saved_bytes=0, saves_input=True, saves_output=False,
+                  forward_peak_bytes=64 * mib, backward_peak_bytes=64 * mib)
+    chain = Chain(stages=(stage,) * 12, fixed_bytes=256 * mib)
+    least = min_feasible_bytes(chain)[0]
+    with pytest.raises(BudgetInfeasibleError) as info:
+        solve(chain, 256 * mib, "optimal")
+    assert str(info.value).startswith("budget 256 MiB is below the smallest feasible peak, ")
+    assert info.value.min_feasible_bytes == least
+    with pytest.raises(BudgetInfeasibleError):
+        solve(chain, chain.fixed_bytes - 1, "optimal")
+
+
+def test_grouped_plans_fit_and_never_beat_the_exact_ones() -> None:
+    rng = random.Random(3)
+    for _ in range(5):
+        chain = _random_chain(rng, 24)
+        least = min_feasible_bytes(chain)[0]
+        top = simulate(chain, flat(24)).peak_bytes
+        for budget in (least, (least + top) // 2, top):
+            exact = solve(chain, budget, "optimal", max_slots=10**6)
+            grouped = solve(chain, budget, "optimal", max_slots=10**6, max_units=6)
+            assert grouped.peak_bytes <= budget
+            assert exact.compute <= grouped.compute
