@@ -23,7 +23,7 @@ from memprop.trace.fake import (
     to_fake_workload,
 )
 from memprop.trace.ledger import Category, StorageLedger
-from memprop.trace.stages import StageStats
+from memprop.trace.stages import ChainCosts, StageStats
 from memprop.trace.step import StepTrace, trace_inference, trace_training_step
 from memprop.workload import Workload
 
@@ -111,6 +111,9 @@ class Profile:
     saved_tensors: tuple[SavedTensor, ...]
     """The ledger of saved storages, largest first."""
     stages: tuple[StageStats, ...]
+    chain: ChainCosts | None
+    """The stages and the memory outside them, as the planner needs them (None if the model
+    is not a chain)."""
     loss_note: str
     timeline: Timeline
     closed_form: dict[str, int] | None
@@ -148,6 +151,9 @@ class Profile:
                 {**asdict(t), "shape": list(t.shape)} for t in self.saved_tensors
             ],
             "stages": [s.to_dict() for s in self.stages],
+            "chain": None if self.chain is None else {
+                k: v for k, v in self.chain.to_dict().items() if k != "stages"
+            },
             "loss": self.loss_note,
             "closed_form": self.closed_form,
         }
@@ -287,6 +293,7 @@ def _assemble(
         measured=measured,
         saved_tensors=saved_tensors,
         stages=training.stages,
+        chain=training.chain,
         loss_note=training.loss_note,
         timeline=_timeline(ledger, training, peak_tick),
         closed_form=closed_form_for(workload),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["StageStats"]
+__all__ = ["ChainCosts", "StageStats"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -43,6 +43,36 @@ class StageStats:
     backward_peak_bytes: int
     """The same for the stage's backward, over the live total when it began (which holds the
     gradient of its output)."""
+    gradient_bytes: int
+    """Parameter gradients born in the stage's backward that outlive it (its ``.grad``s on a
+    first step; 0 when they accumulate in place into existing ones)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ChainCosts:
+    """What the planner needs beyond the stages: the memory outside the chain."""
+
+    stages: tuple[StageStats, ...]
+    fixed_bytes: int
+    """Live before the step began: parameters, buffers, inputs, targets, existing gradients and
+    optimizer state."""
+    loss_peak_bytes: int
+    """Highest live total between the end of the last stage's forward and the start of its
+    backward (the loss's forward and backward), over the live total at that end."""
+    loss_residual_bytes: int
+    """What the loss left live when the chain's backward starts (the gradient of the output,
+    the loss itself...), over the live total at the end of the last stage's forward. The
+    model's output is also still held by the caller until the step ends."""
+    optimizer_peak_bytes: int
+    """The highest live total during the optimizer step (0 without one): it does not depend on
+    the plan, since every activation is gone by then."""
+    traced_peak_bytes: int
+    """The traced training peak of the unplanned step, for calibration checks."""
+
+    def to_dict(self) -> dict[str, Any]:
+        document = asdict(self)
+        document["stages"] = [s.to_dict() for s in self.stages]
+        return document

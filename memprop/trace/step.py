@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from memprop.trace.ledger import Category, StorageLedger, StorageRecord
-from memprop.trace.stages import StageStats
+from memprop.trace.stages import ChainCosts, StageStats
 from memprop.workload import Workload
 
 __all__ = ["StepTrace", "find_chain", "trace_inference", "trace_training_step"]
@@ -35,6 +35,8 @@ class StepTrace:
     end: int
     """Tick of the last op of the step (the optimizer's, when there is one)."""
     stages: tuple[StageStats, ...]
+    chain: ChainCosts | None
+    """The chain's costs, when the model is a chain."""
     loss_note: str
     """How the loss was obtained, for the report."""
     wall_s: float
@@ -204,6 +206,10 @@ class _ModuleTracker:
             ]
             start, stop = self.forward_ticks[index]
             back_start, back_stop, back_s = regions.get(index, (0, -1, 0.0))
+            gradients = sum(
+                r.bytes for r in ledger.records
+                if r.category is Category.GRADIENTS and back_start < r.born <= back_stop
+            )
             stats.append(StageStats(
                 index=index,
                 name=name,
@@ -218,8 +224,33 @@ class _ModuleTracker:
                 saves_output=any(o in saved for o in outputs),
                 forward_peak_bytes=_rise(live, after, start, stop),
                 backward_peak_bytes=_rise(live, after, back_start, back_stop),
+                gradient_bytes=gradients,
             ))
         return tuple(stats)
+
+    has_optimizer = False
+
+    def chain_costs(
+        self, stages: tuple[StageStats, ...], backward_end: int, end: int
+    ) -> ChainCosts | None:
+        if not stages or not self.backward_marks:
+            return None
+        live, after = self.ledger._live_curves()
+        forward_stop = self.forward_ticks[-1][1]
+        last = len(stages) - 1
+        backward_start = next(tick for index, tick, _ in self.backward_marks if index == last)
+        # The optimizer's moment starts with what backward left live; its own temporaries and
+        # new state come on top.
+        optimizer_ticks = [after[backward_end], *live[backward_end + 1 : end + 1]]
+        return ChainCosts(
+            stages=stages,
+            fixed_bytes=after[0],
+            loss_peak_bytes=_rise(live, after, forward_stop, backward_start),
+            loss_residual_bytes=after[backward_start] - after[forward_stop],
+            optimizer_peak_bytes=max(optimizer_ticks) if end > backward_end or self.has_optimizer
+            else 0,
+            traced_peak_bytes=max(live),
+        )
 
 
 def _rise(live: list[int], after: list[int], start: int, stop: int) -> int:
@@ -256,6 +287,7 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False) -> St
     ledger = StorageLedger()
     _register_state(ledger, workload, training=True)
     tracker = _ModuleTracker(ledger, workload.model)
+    tracker.has_optimizer = workload.optimizer is not None
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         tracker.on_saved(ledger.mark_saved(tensor))
@@ -294,12 +326,14 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False) -> St
     finally:
         tracker.remove()
     wall_s = time.perf_counter() - started
+    stages = tracker.stage_stats(backward_end, backward_end_s)
     return StepTrace(
         ledger=ledger,
         forward_end=forward_end,
         backward_end=backward_end,
         end=end,
-        stages=tracker.stage_stats(backward_end, backward_end_s),
+        stages=stages,
+        chain=tracker.chain_costs(stages, backward_end, end),
         loss_note=loss_note,
         wall_s=wall_s,
     )
@@ -332,6 +366,7 @@ def trace_inference(workload: Workload) -> StepTrace:
         backward_end=end,
         end=end,
         stages=(),
+        chain=None,
         loss_note="",
         wall_s=time.perf_counter() - started,
     )
