@@ -8,11 +8,14 @@ from typing import Annotated, Any
 
 import typer
 
+from memprop.devices import get_device
 from memprop.errors import UsageError
 from memprop.trace.fake import new_fake_mode
 from memprop.workload import SeedConfig, Workload, call_factory, load_factory, seed_workload
 
 _W = "Workload"
+SEED = SeedConfig()
+"""The built-in workload's defaults: every subcommand's defaults come from here."""
 
 Model = Annotated[str | None, typer.Option(
     "--model", metavar="SPEC", rich_help_panel=_W,
@@ -22,7 +25,8 @@ InputDim = Annotated[int, typer.Option(help="Seed MLP: input features d.", rich_
 Hidden = Annotated[int, typer.Option(help="Seed MLP: hidden width h.", rich_help_panel=_W)]
 Classes = Annotated[int, typer.Option(help="Seed MLP: classes q.", rich_help_panel=_W)]
 Depth = Annotated[int | None, typer.Option(
-    help="Hidden layers (seed MLP default 4; passed to a factory that accepts depth).",
+    help=f"Hidden layers (seed MLP default {SEED.depth}; passed to a factory that accepts "
+         "depth).",
     rich_help_panel=_W)]
 Batch = Annotated[int, typer.Option(help="Batch size.", rich_help_panel=_W)]
 Activation = Annotated[str, typer.Option(help="Seed MLP: relu, gelu, tanh or sigmoid.",
@@ -64,7 +68,7 @@ class WorkloadOptions:
     def seed_config(self) -> SeedConfig:
         return SeedConfig(
             input_dim=self.input_dim, hidden=self.hidden, classes=self.classes,
-            depth=4 if self.depth is None else self.depth, batch=self.batch,
+            depth=SEED.depth if self.depth is None else self.depth, batch=self.batch,
             activation=self.activation, bias=self.bias, weight_decay=self.weight_decay,
             dtype=self.dtype, device=self.device, optimizer=self.optimizer,
         )
@@ -84,6 +88,8 @@ def build_workload(options: WorkloadOptions, *, fake: bool) -> Workload:
     if options.model is None:
         config = options.seed_config()
         config.validate()
+        if not fake:
+            get_device(config.device)  # a clear error now, not a CUDA traceback later
         with context:
             return seed_workload(config)
     factory = load_factory(options.model)

@@ -6,13 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-
-import memprop
-from memprop.report.json_report import write_json
-from memprop.report.terminal import render_profile
 from memprop_cli.errors import exits_cleanly
 from memprop_cli.options import (
+    SEED,
     Activation,
     Batch,
     Bias,
@@ -28,6 +24,11 @@ from memprop_cli.options import (
     build_workload,
     workload_options,
 )
+from rich.console import Console
+
+import memprop
+from memprop.report.json_report import write_json
+from memprop.report.terminal import render_profile
 
 Fake = Annotated[bool, typer.Option(
     "--fake", help="Trace on fake tensors: nothing is allocated, any size can be estimated.")]
@@ -36,17 +37,17 @@ Fake = Annotated[bool, typer.Option(
 @exits_cleanly
 def profile_command(
     model: Model = None,
-    input_dim: InputDim = 784,
-    hidden: Hidden = 1024,
-    classes: Classes = 10,
+    input_dim: InputDim = SEED.input_dim,
+    hidden: Hidden = SEED.hidden,
+    classes: Classes = SEED.classes,
     depth: Depth = None,
-    batch: Batch = 64,
-    activation: Activation = "relu",
-    bias: Bias = False,
-    weight_decay: WeightDecay = 0.0,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
-    optimizer: Optimizer = "sgd",
+    batch: Batch = SEED.batch,
+    activation: Activation = SEED.activation,
+    bias: Bias = SEED.bias,
+    weight_decay: WeightDecay = SEED.weight_decay,
+    dtype: Dtype = SEED.dtype,
+    device: Device = SEED.device,
+    optimizer: Optimizer = SEED.optimizer,
     fake: Fake = False,
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", help="Write the profile document (schema_version 1).")] = None,

@@ -59,13 +59,13 @@ class SeedConfig:
 
     input_dim: int = 784
     """Features per example (d)."""
-    hidden: int = 1024
+    hidden: int = 512
     """Width of every hidden layer (h)."""
     classes: int = 10
     """Outputs (q)."""
-    depth: int = 4
+    depth: int = 8
     """Hidden layers; 1 is the seed's exact network."""
-    batch: int = 256
+    batch: int = 512
     """Examples per step."""
     activation: str = "relu"
     """φ: relu, gelu, tanh or sigmoid."""
@@ -93,6 +93,8 @@ class SeedConfig:
         if self.optimizer not in _OPTIMIZERS:
             raise UsageError(f"--optimizer {self.optimizer!r} is not one of "
                              f"{', '.join(_OPTIMIZERS)}")
+        if not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
+            raise UsageError(f"--device {self.device!r} is not supported: use cpu, cuda or cuda:N")
         if self.weight_decay < 0:
             raise UsageError(f"--weight-decay is {self.weight_decay}: it must be >= 0")
 

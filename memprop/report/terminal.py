@@ -12,12 +12,12 @@ from memprop.units import format_bytes
 __all__ = ["render_profile"]
 
 _CATEGORY_ROWS = [
-    ("parameters", "parameters_bytes", "the weights"),
-    ("buffers", "buffers_bytes", "running statistics and other buffers"),
-    ("gradients", "gradients_bytes", "one .grad per trained parameter"),
-    ("optimizer_state", "optimizer_state_bytes", "momentum, Adam's moments..."),
-    ("inputs", "inputs_bytes", "inputs and targets"),
-    ("saved_activations", "saved_activations_bytes", "kept by forward for backward"),
+    ("parameters", "parameters_bytes"),
+    ("buffers", "buffers_bytes"),
+    ("gradients", "gradients_bytes"),
+    ("optimizer_state", "optimizer_state_bytes"),
+    ("inputs", "inputs_bytes"),
+    ("saved_activations", "saved_activations_bytes"),
 ]
 
 
@@ -39,7 +39,11 @@ def render_profile(profile: Profile, console: Console, *, top: int = 12) -> None
     console.print(_ledger_table(profile, top))
     if profile.stages:
         console.print(_stage_table(profile))
-    notes = [f"loss: {profile.loss_note}"]
+    notes = [
+        "saved activations: what forward keeps for backward; gradients: every .grad; "
+        "temporaries: outputs and gradients in flight",
+        f"loss: {profile.loss_note}",
+    ]
     if profile.measured is not None:
         notes.append(f"measured: {profile.measured.source}")
     notes.append(
@@ -53,53 +57,43 @@ def render_profile(profile: Profile, console: Console, *, top: int = 12) -> None
 def _totals_table(profile: Profile) -> Table:
     memory = profile.memory
     closed = profile.closed_form or {}
+    measured = profile.measured
     table = Table(title="Where the training step's memory goes", title_justify="left")
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     table.add_column("size", justify="right")
     table.add_column("at the peak", justify="right")
     if closed:
         table.add_column("closed form", justify="right")
-    table.add_column("what it is", style="dim")
-    for category, field, meaning in _CATEGORY_ROWS:
+    if measured is not None:
+        table.add_column("measured", justify="right")
+
+    def row(label: str | Text, size: str | Text, at_peak: str, field: str | None,
+            measured_bytes: int | None = None) -> None:
+        cells: list[str | Text] = [label, size, at_peak]
+        if closed:
+            cells.append(format_bytes(closed[field]) if field in closed else "")
+        if measured is not None:
+            cells.append("" if measured_bytes is None else format_bytes(measured_bytes))
+        table.add_row(*cells)
+
+    for category, field in _CATEGORY_ROWS:
         value = getattr(memory, field)
         if category == "buffers" and value == 0:
             continue
-        row = [category.replace("_", " "), format_bytes(value),
-               format_bytes(profile.peak_breakdown.get(category, 0))]
-        if closed:
-            row.append(format_bytes(closed[field]) if field in closed else "")
-        table.add_row(*row, meaning)
-    temporaries = profile.peak_breakdown.get("temporaries", 0)
-    row = ["temporaries", "", format_bytes(temporaries)]
-    if closed:
-        row.append("")
-    table.add_row(*row, "outputs, gradients in flight, scratch")
+        row(category.replace("_", " "), format_bytes(value),
+            format_bytes(profile.peak_breakdown.get(category, 0)), field)
+    row("temporaries", "", format_bytes(profile.peak_breakdown.get("temporaries", 0)), None)
     if memory.second_order_saved_bytes:
-        row = ["second-order graph", format_bytes(memory.second_order_saved_bytes), ""]
-        if closed:
-            row.append("")
-        table.add_row(*row, "saved by backward for a second derivative")
+        row("second-order graph", format_bytes(memory.second_order_saved_bytes), "", None)
     table.add_section()
-    measured = profile.measured
-    for label, field, measured_value in (
-        ("training peak", "training_peak_bytes",
-         None if measured is None else measured.training_peak_bytes),
-        ("inference peak", "inference_peak_bytes",
-         None if measured is None else measured.inference_peak_bytes),
-    ):
-        value = getattr(memory, field)
-        note = "forward, backward, optimizer step" if label.startswith("training") else \
-            "forward under inference_mode, eval()"
-        if measured_value is not None:
-            note += f"; measured {format_bytes(measured_value)}"
-        row = [Text(label, style="bold"), Text(format_bytes(value), style="bold"), ""]
-        if closed:
-            row.append(format_bytes(closed[field]) if field in closed else "")
-        table.add_row(*row, note)
-    row = ["training / inference", f"{profile.training_to_inference:.2f}x", ""]
-    if closed:
-        row.append("")
-    table.add_row(*row, "how much more training needs than prediction")
+    row(Text("training peak", style="bold"),
+        Text(format_bytes(memory.training_peak_bytes), style="bold"), "",
+        "training_peak_bytes", None if measured is None else measured.training_peak_bytes)
+    row(Text("inference peak", style="bold"),
+        Text(format_bytes(memory.inference_peak_bytes), style="bold"), "",
+        "inference_peak_bytes", None if measured is None else measured.inference_peak_bytes)
+    ratio = f"{profile.training_to_inference:.2f}x"
+    row("training / inference", ratio, "", None)
     return table
 
 
@@ -143,3 +137,126 @@ def _stage_table(profile: Profile) -> Table:
             format_bytes(stage.output_bytes),
         )
     return table
+
+
+# Sweeps and fits (memprop.estimate): imported here, not above, so that this block is
+# self-contained; memprop.estimate imports nothing from report/.
+from memprop.estimate import FitResult, Sweep, SweepCell  # noqa: E402
+
+
+def _depth_label(depth: int | None) -> str:
+    return "—" if depth is None else str(depth)
+
+
+def _sweep_cell_text(cell: SweepCell) -> Text:
+    if cell.status == "ok" and cell.training_peak_bytes is not None:
+        text = Text(format_bytes(cell.training_peak_bytes), style="bold")
+        text.append(f"\n{format_bytes(cell.inference_peak_bytes or 0)} inf")
+        if cell.ratio is not None:
+            text.append(f" · {cell.ratio:.1f}x", style="dim")
+        return text
+    return Text(cell.status, style="red" if cell.status == "error" else "yellow")
+
+
+def render_sweep(sweep: Sweep, console: Console) -> None:
+    """The grid (depth rows × batch columns: training peak, inference peak, their ratio), the
+    fitted line per depth beside the closed form, and the cells that failed."""
+    w = sweep.workload
+    console.print(Text(
+        f"memprop sweep: {w.get('name', '?')} · {w.get('dtype', '?')} · {w.get('device', '?')} · "
+        f"{sweep.mode} tensors · {len(sweep.cells)} cells in {sweep.wall_s:.1f} s",
+        style="bold"))
+    grid = Table(title="Training peak (bold), inference peak and their ratio, per cell",
+                 title_justify="left", show_lines=True)
+    grid.add_column("depth \\ batch", justify="right")
+    for batch in sweep.batch_sizes:
+        grid.add_column(str(batch), justify="right")
+    for depth in sweep.depths:
+        grid.add_row(_depth_label(depth),
+                     *(_sweep_cell_text(sweep.cell(b, depth)) for b in sweep.batch_sizes))
+    console.print(grid)
+    fits = sweep.line_fits()
+    has_closed = any(f.closed_form_training is not None for f in fits)
+    lines = Table(title="Training peak = fixed + per example × batch (least squares per depth)",
+                  title_justify="left")
+    for name in ("depth", "fixed", "per example", "max residual"):
+        lines.add_column(name, justify="right")
+    if has_closed:
+        lines.add_column("closed form: fixed", justify="right")
+        lines.add_column("per example", justify="right")
+        lines.add_column("cells = closed form", justify="right")
+    lines.add_column("inference per example", justify="right")
+    for depth_fit in fits:
+        line = depth_fit.training
+        if line is None:
+            continue
+        row = [_depth_label(depth_fit.depth), format_bytes(round(line.fixed_bytes)),
+               format_bytes(round(line.per_example_bytes)),
+               f"{line.max_residual_bytes:,.0f} B"]
+        if has_closed:
+            closed = depth_fit.closed_form_training
+            cells = [c for c in sweep.cells if c.depth == depth_fit.depth and c.status == "ok"]
+            same = sum(c.training_peak_bytes == c.closed_form_training_peak_bytes for c in cells)
+            row += ["", "", ""] if closed is None else [
+                format_bytes(round(closed.fixed_bytes)),
+                format_bytes(round(closed.per_example_bytes)), f"{same}/{len(cells)}"]
+        inference = depth_fit.inference
+        row.append("" if inference is None else format_bytes(round(inference.per_example_bytes)))
+        lines.add_row(*row)
+    if lines.row_count:
+        console.print(lines)
+        if any(f.training is not None and f.training.max_residual_bytes for f in fits):
+            console.print(Text(
+                "a non-zero residual: the training peak is not one line over these batch "
+                "sizes; its moment (peak_tick in --json) changes as the batch grows, so the "
+                "peak is the largest of several lines. Fit the large batches alone to "
+                "extrapolate.", style="dim"))
+    for cell in sweep.cells:
+        if cell.status != "ok":
+            console.print(Text(f"batch {cell.batch_size}, depth {_depth_label(cell.depth)}: "
+                               f"{cell.status}: {cell.message}",
+                               style="red" if cell.status == "error" else "yellow"))
+
+
+def render_fit(result: FitResult, console: Console) -> None:
+    """The largest batch, its peak and headroom, the budget and where it came from."""
+    w = result.workload
+    console.print(Text(
+        f"memprop fit: {w.get('name', '?')}"
+        + (f" · depth {w['depth']}" if w.get("depth") is not None else "")
+        + f" · {w.get('dtype', '?')} · {w.get('device', '?')}", style="bold"))
+    console.print(f"budget: {format_bytes(result.budget_bytes)} ({result.budget_bytes:,} bytes),"
+                  f" {result.budget_source}")
+    table = Table(title_justify="left", show_header=False)
+    table.add_column("")
+    table.add_column("", justify="right")
+    table.add_column("", style="dim")
+    table.add_row(Text("largest batch that fits", style="bold"),
+                  Text(str(result.max_batch_size), style="bold"),
+                  f"found with {len(result.probes)} fake traces in {result.wall_s:.1f} s")
+    table.add_row("its training peak", format_bytes(result.training_peak_bytes),
+                  f"{result.training_peak_bytes:,} bytes")
+    table.add_row("headroom", format_bytes(result.headroom_bytes),
+                  f"{result.headroom_bytes:,} bytes left under the budget")
+    table.add_row(f"batch {result.max_batch_size + 1}",
+                  format_bytes(result.next_training_peak_bytes),
+                  f"over the budget by {result.next_training_peak_bytes - result.budget_bytes:,}"
+                  " bytes")
+    checkpointed = result.max_batch_size_with_checkpointing
+    table.add_row("with activation checkpointing",
+                  "—" if checkpointed is None else str(checkpointed),
+                  result.checkpointing_note
+                  + ("" if result.checkpointing_compute_overhead is None else
+                     f"; extra compute {result.checkpointing_compute_overhead:.0%}"))
+    console.print(table)
+    verification = result.verification
+    if verification is not None:
+        verdict = "fits" if verification.fits else "DOES NOT FIT"
+        measured = "" if verification.measured_peak_bytes is None else \
+            f"; the device measured {format_bytes(verification.measured_peak_bytes)}"
+        agree = "equal to" if verification.training_peak_bytes == \
+            verification.predicted_training_peak_bytes else "unlike"
+        console.print(Text(
+            f"real run of batch {verification.batch_size}: {verdict}, training peak "
+            f"{format_bytes(verification.training_peak_bytes)} ({agree} the fake trace's"
+            f"){measured}", style="green" if verification.fits else "red"))

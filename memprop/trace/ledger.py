@@ -29,6 +29,7 @@ Known limitations:
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Iterable
 from enum import Enum
@@ -70,6 +71,38 @@ _IDENTITY_WHEN_NOT_TRAINING = frozenset(
     (torch.ops.aten.dropout.default, torch.ops.aten.feature_dropout.default,
      torch.ops.aten.alpha_dropout.default, torch.ops.aten.feature_alpha_dropout.default)
 )
+
+
+_PLAIN = "plain"
+_METADATA = "metadata"
+_IDENTITY = "identity"
+
+
+def _classify(func: Any) -> Any:
+    """How the hot path treats an op: a metadata query, dropout (identity when not training),
+    an op with a FLOP formula (the formula itself) or a plain op."""
+    if func in _METADATA_QUERIES:
+        return _METADATA
+    if func in _IDENTITY_WHEN_NOT_TRAINING:
+        return _IDENTITY
+    return flop_registry.get(func.overloadpacket, _PLAIN)
+
+
+def _shape(value: Any) -> Any:
+    return value.shape if isinstance(value, torch.Tensor) else value
+
+
+def _count_flops(formula: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
+    """PyTorch's FLOP formula for one op. The registered formulas convert every argument to a
+    shape with a pytree walk; the raw formula under them takes shapes directly, and one level
+    of conversion is all the matmul and convolution signatures need."""
+    raw = getattr(formula, "__wrapped__", None)
+    if raw is None or any(isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)
+                          for a in args):
+        return int(formula(*args, **kwargs, out_val=out))
+    out_shape = tuple(_shape(o) for o in out) if isinstance(out, (tuple, list)) else _shape(out)
+    return int(raw(*(_shape(a) for a in args), out_shape=out_shape,
+                   **{k: _shape(v) for k, v in kwargs.items()}))
 
 
 def _training_flag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -168,6 +201,8 @@ class StorageLedger(TorchDispatchMode):
         self.tick_phases: list[str] = ["setup"]
         self.stage_flops: dict[tuple[int, str], int] = {}
         self._on_free = self._make_free_callback()
+        self._kinds: dict[Any, Any] = {}
+        self._curves_cache: tuple[tuple[int, int], tuple[list[int], list[int]]] | None = None
 
     def _make_free_callback(self) -> Any:
         # A plain function holding the ledger weakly: the callback must not keep the ledger
@@ -246,17 +281,25 @@ class StorageLedger(TorchDispatchMode):
     # -- the hot path ---------------------------------------------------------------------
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        if func in _IDENTITY_WHEN_NOT_TRAINING and not _training_flag(args, kwargs):
+        # NOTE [ The hot path ] This runs at every aten op of the step, forward and backward:
+        # one dict lookup classifies the op, and a storage already on the ledger (a view, an
+        # in-place result) costs one more.
+        kind = self._kinds.get(func)
+        if kind is None:
+            kind = self._kinds[func] = _classify(func)
+        if kwargs is None:
+            kwargs = {}
+        if kind is _IDENTITY and not _training_flag(args, kwargs):
             # NOTE [ Fake dropout ] Eager dropout in eval mode hands back its input; fake
             # tensors make a fresh output instead. Answer as eager does, so fake equals real.
             return args[0]
         out = func(*args, **kwargs)
-        if func in _METADATA_QUERIES:
+        if kind is _METADATA:
             return out
+        live = self._live
         if isinstance(out, torch.Tensor):
             storage = out.untyped_storage()
-            if id(storage) not in self._live:
+            if id(storage) not in live:
                 self._tick(func)
                 self._born(out, storage, func)
         elif isinstance(out, (tuple, list)):
@@ -264,18 +307,23 @@ class StorageLedger(TorchDispatchMode):
             for item in out:
                 if isinstance(item, torch.Tensor):
                     storage = item.untyped_storage()
-                    if id(storage) not in self._live:
+                    if id(storage) not in live:
                         if not ticked:
                             self._tick(func)
                             ticked = True
                         self._born(item, storage, func)
-        formula = flop_registry.get(func.overloadpacket)
-        if formula is not None:
-            count = int(formula(*args, **kwargs, out_val=out))
+        if kind is not _PLAIN:
+            count = _count_flops(kind, args, kwargs, out)
             self.flops += count
             key = (-1 if self.stage is None else self.stage, self.phase)
             self.stage_flops[key] = self.stage_flops.get(key, 0) + count
         return out
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # TorchDispatchMode wraps subclasses' __torch_dispatch__ in torch._disable_dynamo, which
+        # costs a few microseconds per op. The ledger never runs under torch.compile's tracing.
+        return False
 
     def _tick(self, func: Any) -> None:
         self.clock += 1
@@ -284,9 +332,12 @@ class StorageLedger(TorchDispatchMode):
         self.tick_phases.append(self.phase)
 
     def _born(self, tensor: torch.Tensor, storage: torch.UntypedStorage, func: Any) -> None:
+        nbytes = storage.nbytes()
+        if tensor.is_cuda:
+            nbytes = _rounded(nbytes, tensor.device)
         record = StorageRecord(
             len(self.records),
-            _rounded(storage.nbytes(), tensor.device),
+            nbytes,
             self.clock,
             Category.TEMPORARIES,
             func,
@@ -316,6 +367,15 @@ class StorageLedger(TorchDispatchMode):
         return self._live_curves()[1]
 
     def _live_curves(self) -> tuple[list[int], list[int]]:
+        # Called several times once the step is over; the records no longer change by then.
+        key = (self.clock, len(self.records))
+        if self._curves_cache is not None and self._curves_cache[0] == key:
+            return self._curves_cache[1]
+        curves = self._compute_live_curves()
+        self._curves_cache = (key, curves)
+        return curves
+
+    def _compute_live_curves(self) -> tuple[list[int], list[int]]:
         births = [0] * (self.clock + 2)
         deaths = [0] * (self.clock + 2)
         for record in self.records:
@@ -332,25 +392,18 @@ class StorageLedger(TorchDispatchMode):
 
     def category_curves(self) -> dict[Category, list[int]]:
         """Live bytes per category at every tick (the stacked chart of the step)."""
-        curves: dict[Category, list[int]] = {}
-        for category in Category:
-            births = [0] * (self.clock + 2)
-            deaths = [0] * (self.clock + 2)
-            for record in self.records:
-                if record.category is category:
-                    births[record.born] += record.bytes
-                    if record.freed is not None:
-                        deaths[record.freed + 1] += record.bytes
-            curve, total = [], 0
-            for tick in range(self.clock + 1):
-                total += births[tick] - deaths[tick]
-                curve.append(total)
-            curves[category] = curve
-        return curves
+        deltas = {category: [0] * (self.clock + 2) for category in Category}
+        for record in self.records:
+            delta = deltas[record.category]
+            delta[record.born] += record.bytes
+            if record.freed is not None:
+                delta[record.freed + 1] -= record.bytes
+        return {category: list(itertools.accumulate(delta[: self.clock + 1]))
+                for category, delta in deltas.items()}
 
     def peak(self, start: int = 0, stop: int | None = None) -> tuple[int, int]:
         """(peak bytes, tick of the peak) over ticks ``start..stop`` inclusive."""
-        live = self.live_bytes()
+        live = self._live_curves()[0]
         stop = self.clock if stop is None else stop
         window = live[start : stop + 1]
         if not window:
