@@ -22,6 +22,7 @@ tensor) but not the step's peak, which depends on the order of its per-parameter
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 __all__ = ["SeedShape", "closed_form", "closed_form_for"]
@@ -43,7 +44,7 @@ class SeedShape:
 
     def weight_bytes(self) -> list[int]:
         widths = [self.d] + [self.h] * self.D + [self.q]
-        return [self.s * a * b for a, b in zip(widths, widths[1:], strict=False)]
+        return [self.s * a * b for a, b in itertools.pairwise(widths)]
 
     def bias_bytes(self) -> list[int]:
         return [self.s * self.h] * self.D + [self.s * self.q] if self.bias else []

@@ -13,9 +13,10 @@ tensors view it.
 Time is the allocation clock: it ticks at every op that creates at least one new storage (views,
 in-place ops and metadata queries allocate nothing and do not tick, which also keeps the clocks
 of real and fake traces equal). ``born == t`` means the storage came out of the ``t``-th
-allocating op; ``freed == t`` means it died after that op and before the next allocating one. A storage is therefore live at tick ``t`` when
-``born <= t <= freed``; the peak is the largest live total over all ticks, measured just after
-each op's outputs exist, as ``torch.cuda.max_memory_allocated`` would see them.
+allocating op; ``freed == t`` means it died after that op and before the next allocating one.
+A storage is therefore live at tick ``t`` when ``born <= t <= freed``; the peak is the largest
+live total over all ticks, measured just after each op's outputs exist, as
+``torch.cuda.max_memory_allocated`` would see them.
 
 The hot path only appends records; categories, totals and peaks are computed afterwards from the
 records, so a storage's category can be decided late (a temporary that autograd makes a

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from memprop_cli.main import app
 from typer.main import get_command
 from typer.testing import CliRunner
 
 import memprop
 from memprop.workload import SeedConfig, seed_workload
-from memprop_cli.main import app
 
 SMALL = ["--input-dim", "16", "--hidden", "32", "--depth", "2", "--batch", "8"]
 
@@ -21,7 +21,9 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
-def test_profile_prints_the_report_and_writes_design_json(runner: CliRunner, tmp_path: Path) -> None:
+def test_profile_prints_the_report_and_writes_design_json(
+    runner: CliRunner, tmp_path: Path
+) -> None:
     out = tmp_path / "profile.json"
     result = runner.invoke(app, ["profile", *SMALL, "--json", str(out)])
     assert result.exit_code == 0, result.output

@@ -10,7 +10,9 @@ _PHI_PRIME = {
     "relu": lambda z: (z > 0).to(z.dtype),
     "tanh": lambda z: 1 - torch.tanh(z) ** 2,
     "sigmoid": lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)),
-    "gelu": lambda z: 0.5 * (1 + torch.erf(z / 2**0.5)) + z * torch.exp(-(z**2) / 2) / (2 * torch.pi) ** 0.5,
+    "gelu": lambda z: (
+        0.5 * (1 + torch.erf(z / 2**0.5)) + z * torch.exp(-(z**2) / 2) / (2 * torch.pi) ** 0.5
+    ),
 }
 _PHI = {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid, "gelu": F.gelu}
 
@@ -44,8 +46,9 @@ def test_gradients_equal_the_seed_equations(activation: str, bias: bool) -> None
     torch.testing.assert_close(W1.grad, dJ_dW1, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(x.grad, dJ_dx, rtol=1e-10, atol=1e-12)
     if bias:
-        # The biases are not regularised (the seed's s covers the weights): ∂J/∂b = Σ_examples ∂J/∂z.
-        torch.testing.assert_close(model.layers[1].bias.grad, dJ_do.sum(0), rtol=1e-10, atol=1e-12)
+        # Biases are not regularised (the seed's s covers the weights): ∂J/∂b = Σ_rows ∂J/∂z.
+        torch.testing.assert_close(model.layers[1].bias.grad, dJ_do.sum(0), rtol=1e-10,
+                                   atol=1e-12)
         torch.testing.assert_close(model.layers[0].linear.bias.grad, dJ_dz.sum(0), rtol=1e-10,
                                    atol=1e-12)
 
