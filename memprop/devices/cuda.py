@@ -17,6 +17,7 @@ from memprop.errors import DeviceUnavailableError
 __all__ = ["CudaDevice", "nvml_status"]
 
 _nvml_state: dict[str, Any] = {"started": False, "error": None, "module": None}
+_context_cache: dict[int, int] = {}
 
 
 def _nvml() -> Any | None:
@@ -106,6 +107,21 @@ class CudaDevice:
             "used_bytes": int(info.used),
             "process_bytes": process_bytes,
         }
+
+    def context_bytes(self) -> int:
+        """What the CUDA context and loaded libraries cost this process, beyond the allocator's
+        reserve: NVML's per-process figure less ``memory_reserved``, measured once (0 when NVML
+        cannot say)."""
+        cached = _context_cache.get(self.index)
+        if cached is not None:
+            return cached
+        torch.cuda.init()
+        torch.empty(1, device=self.torch_device)  # make sure the context exists
+        memory = self.nvml_memory()
+        used = memory["process_bytes"] if memory else 0
+        context = max(0, used - self.reserved_bytes()) if used else 0
+        _context_cache[self.index] = context
+        return context
 
     def _nvml_index(self) -> int:
         # NVML numbers GPUs physically; CUDA_VISIBLE_DEVICES renumbers them for torch.
