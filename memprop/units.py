@@ -58,6 +58,6 @@ def format_bytes(n: int) -> str:
         if value < 1024 or unit == "TiB":
             if unit == "B":
                 return f"{sign}{int(value)} B"
-            return f"{sign}{value:.3g} {unit}" if value >= 100 else f"{sign}{value:.2f} {unit}"
+            return f"{sign}{value:.0f} {unit}" if value >= 100 else f"{sign}{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")

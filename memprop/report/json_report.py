@@ -26,6 +26,11 @@ def write_text(path: str | Path, text: str) -> Path:
         handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        # mkstemp makes the file private (0600); a report is an ordinary file, readable as the
+        # umask allows, like any file the user's tools would write.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, target)
     except OSError as error:
         raise UsageError(f"cannot write {target}: {error.strerror or error}") from error

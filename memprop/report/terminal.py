@@ -6,10 +6,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from memprop.estimate import FitResult, Sweep, SweepCell
 from memprop.trace.profile import Profile
 from memprop.units import format_bytes
 
-__all__ = ["render_profile"]
+__all__ = ["render_fit", "render_profile", "render_sweep"]
 
 _CATEGORY_ROWS = [
     ("parameters", "parameters_bytes"),
@@ -141,7 +142,6 @@ def _stage_table(profile: Profile) -> Table:
 
 # Sweeps and fits (memprop.estimate): imported here, not above, so that this block is
 # self-contained; memprop.estimate imports nothing from report/.
-from memprop.estimate import FitResult, Sweep, SweepCell  # noqa: E402
 
 
 def _depth_label(depth: int | None) -> str:

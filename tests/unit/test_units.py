@@ -33,3 +33,4 @@ def test_format_bytes() -> None:
     assert format_bytes(1610612736) == "1.50 GiB"
     assert format_bytes(300 * 1024**2) == "300 MiB"
     assert format_bytes(-2048) == "-2.00 KiB"
+    assert format_bytes(1023 * 1024**2 + 1000) == "1023 MiB"

@@ -1,0 +1,79 @@
+"""``memprop fit``: the largest batch whose training peak fits a budget."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from memprop.errors import UsageError
+from memprop.estimate import fit
+from memprop.estimate.fit import device_free_bytes
+from memprop.report.json_report import write_json
+from memprop.report.terminal import render_fit
+from memprop.units import parse_size
+from memprop_cli.errors import exits_cleanly
+from memprop_cli.options import (
+    Activation,
+    Bias,
+    Classes,
+    Depth,
+    Device,
+    Dtype,
+    Hidden,
+    InputDim,
+    Model,
+    Optimizer,
+    WeightDecay,
+    workload_options,
+)
+from memprop_cli.sweep import builder
+
+
+@exits_cleanly
+def fit_command(
+    model: Model = None,
+    budget: Annotated[str | None, typer.Option(
+        "--budget", metavar="SIZE",
+        help="Cap on the training peak: 1.5GiB, 512MiB (binary), 2GB (decimal); default: the "
+             "device's free memory.")] = None,
+    input_dim: InputDim = 784,
+    hidden: Hidden = 1024,
+    classes: Classes = 10,
+    depth: Depth = None,
+    activation: Activation = "relu",
+    bias: Bias = False,
+    weight_decay: WeightDecay = 0.0,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    optimizer: Optimizer = "sgd",
+    real: Annotated[bool, typer.Option(
+        "--real", help="Verify: run the batch found for real and check its peak.")] = False,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", metavar="PATH", help="Write the fit document (schema_version 1).")] = None,
+) -> None:
+    """The largest batch whose training peak fits the budget, by bisection on fake traces,
+    and the headroom left."""
+    options = workload_options(
+        model=model, input_dim=input_dim, hidden=hidden, classes=classes, depth=depth,
+        batch=1, activation=activation, bias=bias, weight_decay=weight_decay, dtype=dtype,
+        device=device, optimizer=optimizer,
+    )
+    if budget is not None:
+        budget_bytes = parse_size(budget)
+        source = f"from --budget {budget}"
+    else:
+        budget_bytes, source = device_free_bytes(device)
+        source = f"no --budget given, so {source}"
+    build = builder(options)
+    if options.model is None:
+        depth = options.seed_config().depth
+    if depth is not None and depth < 1:
+        raise UsageError(f"--depth is {depth}: it must be at least 1")
+    result = fit(build, budget_bytes=budget_bytes, budget_source=source, depth=depth, real=real)
+    console = Console()
+    render_fit(result, console)
+    if json_path is not None:
+        console.print(f"wrote {write_json(json_path, result.to_dict())}")

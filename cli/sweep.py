@@ -1,0 +1,124 @@
+"""``memprop sweep``: training and inference peaks over batch sizes and depths."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from memprop.errors import EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, UsageError
+from memprop.estimate import Build, SweepCell, factory_builder, seed_builder, sweep
+from memprop.report.json_report import write_json
+from memprop.report.terminal import render_sweep
+from memprop.workload import load_factory
+from memprop_cli.errors import exits_cleanly
+from memprop_cli.options import (
+    Activation,
+    Bias,
+    Classes,
+    Device,
+    Dtype,
+    Hidden,
+    InputDim,
+    Model,
+    Optimizer,
+    WeightDecay,
+    WorkloadOptions,
+    workload_options,
+)
+
+
+def parse_sizes(text: str, flag: str) -> tuple[int, ...]:
+    """``"1,64,4096"`` -> ``(1, 64, 4096)``; a clear error for anything else."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not a list of integers: write it like "
+                         f"{flag} 1,64,4096") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} {text!r} needs positive integers: write it like "
+                         f"{flag} 1,64,4096")
+    return tuple(dict.fromkeys(values))
+
+
+def builder(options: WorkloadOptions) -> Build:
+    """How each cell's workload is made: the seed MLP, or the user's factory."""
+    if options.model is None:
+        config = options.seed_config()
+        config.validate()
+        return seed_builder(config)
+    return factory_builder(load_factory(options.model), spec=options.model)
+
+
+@exits_cleanly
+def sweep_command(
+    model: Model = None,
+    batch: Annotated[str, typer.Option(
+        "--batch", metavar="B1,B2,...", help="Batch sizes (columns).")] = "1,64,4096",
+    depth: Annotated[str | None, typer.Option(
+        "--depth", metavar="D1,D2,...",
+        help="Depths (rows); seed MLP default 1,8,64; passed to a factory that accepts depth.",
+    )] = None,
+    input_dim: InputDim = 784,
+    hidden: Hidden = 1024,
+    classes: Classes = 10,
+    activation: Activation = "relu",
+    bias: Bias = False,
+    weight_decay: WeightDecay = 0.0,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    optimizer: Optimizer = "sgd",
+    real: Annotated[bool, typer.Option(
+        "--real", help="Run every cell for real (a cell that runs out of memory, or is "
+                       "predicted to, is recorded as oom).")] = False,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", metavar="PATH", help="Write the sweep document (schema_version 1).")] = None,
+    plot_path: Annotated[Path | None, typer.Option(
+        "--plot", metavar="PATH", help="Draw the peaks against batch and depth (.png, .svg).",
+    )] = None,
+) -> None:
+    """Training and inference peaks for every batch size at every depth, on fake tensors
+    (nothing allocated, any size) unless --real."""
+    batch_sizes = parse_sizes(batch, "--batch")
+    if depth is not None:
+        depths: tuple[int | None, ...] = parse_sizes(depth, "--depth")
+    else:
+        depths = (1, 8, 64) if model is None else (None,)
+    if plot_path is not None and plot_path.suffix.lower() not in (".png", ".svg"):
+        raise UsageError(f"--plot {plot_path}: the suffix says the format, .png or .svg")
+    options = workload_options(
+        model=model, input_dim=input_dim, hidden=hidden, classes=classes, depth=None, batch=1,
+        activation=activation, bias=bias, weight_decay=weight_decay, dtype=dtype,
+        device=device, optimizer=optimizer,
+    )
+    build = builder(options)
+    console = Console()
+    progress = Progress(
+        TextColumn("sweeping"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+        TimeElapsedColumn(), console=Console(stderr=True), transient=True,
+        disable=not sys.stderr.isatty(),
+    )
+    with progress:
+        task = progress.add_task("", total=len(batch_sizes) * len(depths))
+
+        def advance(cell: SweepCell) -> None:
+            depth_text = "" if cell.depth is None else f", depth {cell.depth}"
+            progress.update(task, advance=1,
+                            description=f"batch {cell.batch_size}{depth_text}: {cell.status}")
+
+        result = sweep(build, batch_sizes=batch_sizes, depths=depths, real=real,
+                       on_cell=advance)
+    render_sweep(result, console)
+    if json_path is not None:
+        console.print(f"wrote {write_json(json_path, result.to_dict())}")
+    if plot_path is not None:
+        from memprop.report.plot import write_sweep_plot
+
+        console.print(f"wrote {write_sweep_plot(plot_path, result)}")
+    if not any(cell.status == "ok" for cell in result.cells):
+        failed = any(cell.status == "oom" for cell in result.cells)
+        raise typer.Exit(code=EXIT_DOES_NOT_FIT if failed else EXIT_BAD_INPUT)

@@ -1,0 +1,266 @@
+"""``memprop fit``: the largest batch whose training peak fits a budget.
+
+The search traces fake cells only: batch 1 (if it does not fit, nothing does), then doubling
+until a batch does not fit, then bisection between the last batch that fits and the first that
+does not. It assumes the training peak never falls as the batch grows, which holds for every
+model whose tensors scale with the batch. ``real=True`` then runs the batch found for real and
+checks its peak against the budget; one more example is over the budget by its traced peak.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from memprop.devices import get_device
+from memprop.errors import BudgetInfeasibleError, MemPropError, OutOfMemoryError, WorkloadError
+from memprop.estimate.sweep import Build, trace_fake
+from memprop.trace.profile import profile
+from memprop.units import format_bytes
+
+__all__ = ["FitProbe", "FitResult", "Verification", "device_free_bytes", "fit"]
+
+SCHEMA_VERSION = 1
+MAX_BATCH_SIZE = 2**40
+"""Where the doubling gives up: a peak that fits at 2**40 examples does not grow with the batch."""
+
+_NO_PLANNER = (
+    "not computed: memprop.plan(workload, budget=...) is not available in this version; "
+    "the largest batch with activation checkpointing will come with the planner"
+)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FitProbe:
+    """One fake trace of the search."""
+
+    batch_size: int
+    training_peak_bytes: int
+    fits: bool
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Verification:
+    """The largest batch run for real."""
+
+    batch_size: int
+    training_peak_bytes: int
+    """The ledger's training peak of the real run."""
+    predicted_training_peak_bytes: int
+    """The fake trace's, for the same batch: equal to the byte when tracing is exact."""
+    measured_peak_bytes: int | None
+    """The device's own high-water mark over the step (VmHWM on the CPU: approximate)."""
+    fits: bool
+    """The real training peak is within the budget."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FitResult:
+    """The largest batch that fits, and what is left."""
+
+    workload: dict[str, Any]
+    budget_bytes: int
+    budget_source: str
+    """Where the budget came from: ``--budget`` or the device's free memory, said plainly."""
+    max_batch_size: int
+    training_peak_bytes: int
+    """The traced training peak at ``max_batch_size``."""
+    headroom_bytes: int
+    """Budget minus that peak."""
+    next_training_peak_bytes: int
+    """The traced training peak at ``max_batch_size + 1``: over the budget."""
+    probes: tuple[FitProbe, ...]
+    """Every fake trace of the search, in order."""
+    max_batch_size_with_checkpointing: int | None
+    checkpointing_compute_overhead: float | None
+    """Extra compute of the plan at that batch, as a fraction of the unplanned step."""
+    checkpointing_note: str
+    verification: Verification | None
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """DESIGN's fit document (``schema_version: 1``)."""
+        verification = self.verification
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "workload": dict(self.workload),
+            "budget_bytes": self.budget_bytes,
+            "budget_source": self.budget_source,
+            "max_batch_size": self.max_batch_size,
+            "max_batch_size_with_checkpointing": self.max_batch_size_with_checkpointing,
+            "checkpointing_compute_overhead": self.checkpointing_compute_overhead,
+            "checkpointing_note": self.checkpointing_note,
+            "training_peak_bytes": self.training_peak_bytes,
+            "headroom_bytes": self.headroom_bytes,
+            "next_batch_size": self.max_batch_size + 1,
+            "next_training_peak_bytes": self.next_training_peak_bytes,
+            "probes": [{"batch_size": p.batch_size, "training_peak_bytes": p.training_peak_bytes,
+                        "fits": p.fits} for p in self.probes],
+            "verification": None if verification is None else {
+                "batch_size": verification.batch_size,
+                "training_peak_bytes": verification.training_peak_bytes,
+                "predicted_training_peak_bytes": verification.predicted_training_peak_bytes,
+                "measured_peak_bytes": verification.measured_peak_bytes,
+                "fits": verification.fits,
+            },
+            "wall_s": self.wall_s,
+        }
+
+
+def device_free_bytes(device: str) -> tuple[int, str]:
+    """The memory a step could take on ``device`` now, and a sentence saying where it comes
+    from: NVML's free memory on a GPU, psutil's available memory on the CPU."""
+    backend = get_device(device)
+    if device.startswith("cuda"):
+        nvml = getattr(backend, "nvml_memory", lambda: None)()
+        if nvml is not None:
+            return int(nvml["free_bytes"]), (
+                f"the free memory of {device} from NVML, {format_bytes(nvml['free_bytes'])} "
+                "now; the CUDA context and the caching allocator's reserve need room above it"
+            )
+        free = backend.available_bytes()
+        return free, (f"the free memory of {device} from cudaMemGetInfo (NVML unavailable), "
+                      f"{format_bytes(free)} now")
+    free = backend.available_bytes()
+    return free, (f"the available memory of this machine (psutil), {format_bytes(free)} now; "
+                  "other processes may take some of it")
+
+
+def fit(
+    build: Build,
+    *,
+    budget_bytes: int,
+    budget_source: str = "--budget",
+    depth: int | None = None,
+    real: bool = False,
+    available_bytes: int | None = None,
+) -> FitResult:
+    """The largest batch size whose fake-traced training peak is at most ``budget_bytes``.
+
+    Raises ``BudgetInfeasibleError`` (with the smallest budget that fits, batch 1's peak) when
+    batch 1 does not fit. With ``real``, the batch found is run for real: ``OutOfMemoryError``
+    when its predicted peak exceeds ``available_bytes`` (default: the device's available memory).
+    """
+    start = time.perf_counter()
+    probes: list[FitProbe] = []
+    peaks: dict[int, int] = {}
+    described: dict[str, Any] = {}
+
+    def peak(batch_size: int) -> int:
+        if batch_size not in peaks:
+            try:
+                result = trace_fake(build, batch_size, depth)
+            except MemPropError:
+                raise
+            except Exception as error:
+                raise WorkloadError(
+                    f"tracing batch {batch_size} on fake tensors failed: "
+                    f"{type(error).__name__}: {error}: fit needs a workload that fake tensors "
+                    "can trace"
+                ) from error
+            if not described:
+                described.update(result.workload)
+            peaks[batch_size] = result.training_peak_bytes
+            probes.append(FitProbe(batch_size=batch_size, training_peak_bytes=peaks[batch_size],
+                                   fits=peaks[batch_size] <= budget_bytes))
+        return peaks[batch_size]
+
+    first = peak(1)
+    if first > budget_bytes:
+        raise BudgetInfeasibleError(
+            f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the training "
+            f"peak at batch 1, {format_bytes(first)}: raise --budget to at least {first} bytes "
+            "or make the model smaller",
+            budget_bytes=budget_bytes, min_feasible_bytes=first,
+        )
+    low, high = 1, 2
+    while peak(high) <= budget_bytes:
+        low, high = high, high * 2
+        if high > MAX_BATCH_SIZE:
+            raise WorkloadError(
+                f"the training peak stays within {format_bytes(budget_bytes)} up to batch "
+                f"{low}: it does not grow with the batch size; does the factory use batch_size?"
+            )
+    while high - low > 1:
+        middle = (low + high) // 2
+        if peak(middle) <= budget_bytes:
+            low = middle
+        else:
+            high = middle
+    verification = _verify(build, low, depth, peaks[low], budget_bytes, described,
+                           available_bytes) if real else None
+    with_checkpointing, overhead, note = _with_checkpointing(build, low, depth, budget_bytes)
+    described = {k: v for k, v in described.items() if k != "batch_size"}
+    described["mode"] = "real" if real else "fake"
+    return FitResult(
+        workload=described, budget_bytes=budget_bytes, budget_source=budget_source,
+        max_batch_size=low, training_peak_bytes=peaks[low],
+        headroom_bytes=budget_bytes - peaks[low], next_training_peak_bytes=peak(low + 1),
+        probes=tuple(probes), max_batch_size_with_checkpointing=with_checkpointing,
+        checkpointing_compute_overhead=overhead, checkpointing_note=note,
+        verification=verification, wall_s=time.perf_counter() - start,
+    )
+
+
+def _verify(
+    build: Build, batch_size: int, depth: int | None, predicted: int, budget_bytes: int,
+    described: dict[str, Any], available_bytes: int | None,
+) -> Verification:
+    device = str(described.get("device", "cpu"))
+    available = available_bytes if available_bytes is not None else \
+        get_device(device).available_bytes()
+    if predicted > available:
+        raise OutOfMemoryError(
+            f"--real asked to run batch {batch_size}, whose traced training peak "
+            f"{format_bytes(predicted)} exceeds the {format_bytes(available)} available on "
+            f"{device}: lower --budget to at most {available} bytes to verify by a real run"
+        )
+    try:
+        result = profile(build(batch_size, depth))
+        measured = None if result.measured is None else result.measured.training_peak_bytes
+        return Verification(
+            batch_size=batch_size, training_peak_bytes=result.training_peak_bytes,
+            predicted_training_peak_bytes=predicted, measured_peak_bytes=measured,
+            fits=result.training_peak_bytes <= budget_bytes,
+        )
+    finally:
+        gc.collect()
+
+
+def _with_checkpointing(
+    build: Build, low: int, depth: int | None, budget_bytes: int
+) -> tuple[int | None, float | None, str]:
+    """The largest batch that the planner makes fit, once ``memprop.plan`` is a function."""
+    import memprop
+
+    plan = getattr(memprop, "plan", None)
+    if not callable(plan):
+        return None, None, _NO_PLANNER
+    overheads: dict[int, float] = {}
+
+    def feasible(batch_size: int) -> bool:
+        from memprop.trace.fake import new_fake_mode
+
+        with new_fake_mode():
+            workload = build(batch_size, depth)
+        try:
+            result = plan(workload, budget=budget_bytes, strategy="optimal", cost_model="flops")
+        except BudgetInfeasibleError:
+            return False
+        predicted = result.to_dict().get("predicted", {})
+        overheads[batch_size] = float(predicted.get("compute_overhead", 0.0))
+        return True
+
+    if not feasible(low):
+        return low, 0.0, "the planner found no plan at the largest batch that fits without one"
+    high = low * 2
+    while feasible(high):
+        low, high = high, high * 2
+        if high > MAX_BATCH_SIZE:
+            break
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if feasible(middle) else (low, middle)
+    return low, overheads.get(low), "memprop.plan, strategy optimal, cost model flops"

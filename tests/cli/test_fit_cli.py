@@ -1,0 +1,54 @@
+"""``memprop fit`` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from memprop.closed_form import SeedShape, closed_form
+from memprop_cli.main import app
+
+SMALL = ["--input-dim", "16", "--hidden", "32", "--classes", "4", "--depth", "2"]
+
+
+def _peak(batch: int) -> int:
+    shape = SeedShape(input_dim=16, hidden=32, classes=4, depth=2, batch=batch)
+    return closed_form(shape)["training_peak_bytes"]
+
+
+def test_fit_real_writes_its_document(tmp_path: Path) -> None:
+    out = tmp_path / "fit.json"
+    budget = _peak(200) + 10
+    result = CliRunner().invoke(app, ["fit", *SMALL, "--budget", str(budget), "--real",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    batch = document["max_batch_size"]
+    assert _peak(batch) <= budget < _peak(batch + 1)
+    assert document["budget_bytes"] == budget
+    assert document["headroom_bytes"] == budget - _peak(batch)
+    checkpointed = document["max_batch_size_with_checkpointing"]
+    assert checkpointed is None or checkpointed >= batch
+    assert document["verification"]["fits"] is True
+    assert document["verification"]["training_peak_bytes"] == _peak(batch)
+    assert "largest batch that fits" in result.output and "fits" in result.output
+
+
+def test_without_budget_the_free_memory_is_the_budget_said_plainly() -> None:
+    result = CliRunner().invoke(app, ["fit", *SMALL], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "no --budget given" in result.output and "available memory" in result.output
+
+
+def test_budget_that_does_not_parse_exits_2() -> None:
+    result = CliRunner().invoke(app, ["fit", *SMALL, "--budget", "lots"])
+    assert result.exit_code == 2
+    assert "does not parse" in result.output
+
+
+def test_batch_one_over_budget_exits_3_with_the_smallest_budget() -> None:
+    result = CliRunner().invoke(app, ["fit", *SMALL, "--budget", str(_peak(1) - 1)])
+    assert result.exit_code == 3
+    assert f"at least {_peak(1)} bytes" in result.output
