@@ -14,8 +14,11 @@ outlives the sub-schedule) or the sub-schedule owns it as a flow. Either
 
 The last unit of every segment is kept (checkpointing it would re-run it at once).
 ``g_b``, the gradient ``d_{b+1}`` that a re-run segment's context handed it, is live through the
-forward moments of ``a..b`` and freed by ``b``'s backward; the top-level segment has none until the
-loss. Each moment below is the one the simulator sees (:mod:`memprop.plan.schedule`).
+forward moments of ``a..b`` and freed by ``b``'s backward; so are the parameter gradients of every
+stage after ``b`` (persistent schedules differentiate strictly in reverse, so a segment re-run
+during the backward sees them all live, and its budget shrinks by them). The top-level segment
+(the only one that ends with the last unit) has neither until the loss. Each moment below is
+the one the simulator sees (:mod:`memprop.plan.schedule`).
 
 # NOTE [ Slots and why rounding is safe ]
 The cost table discretises bytes into slots of ``u`` bytes: every size is rounded *up* to whole
@@ -53,7 +56,9 @@ class Units:
     xin: np.ndarray
     """Size of the unit's input activation."""
     dout: np.ndarray
-    """Size of the gradient of its output."""
+    """Size of the gradient of its output, plus the parameter gradients of every later stage and
+    the model's output (held by the caller) and what the loss left: what the context of a segment
+    ending with this unit holds while it re-runs."""
     fk: np.ndarray
     """Forward moment when kept, shape ``(2, n)``."""
     ret: np.ndarray
@@ -96,22 +101,28 @@ class Units:
 
 def _kept_unit(chain: Chain, start: int, stop: int, h: int) -> tuple[int, int, int, int, bool]:
     """Walk stages ``[start, stop)`` run normally: (forward moment, retained, backward moment,
-    loss moment, output held). With ``h = 1`` the context holds ``x_start``, so it weighs 0."""
+    loss moment, output held). With ``h = 1`` the context holds ``x_start``, so it weighs 0. The
+    backward moment counts the parameter gradients born inside the unit, not those of later
+    stages (:func:`make_units` adds them). The last unit keeps ``x_n`` (the caller's) and
+    starts its backward with what the loss left."""
     refs: dict[int, int] = {}
     live = 0
+    held = chain.storage_of(start)
 
-    def size(j: int) -> int:
-        return 0 if (j == start and h == 1) else chain.act_bytes(j)
+    def size(root: int) -> int:
+        return 0 if (root == held and h == 1) else chain.storage_bytes(root)
 
     def hold(j: int) -> None:
         nonlocal live
-        refs[j] = refs.get(j, 0) + 1
-        live += size(j) if refs[j] == 1 else 0
+        root = chain.storage_of(j)
+        refs[root] = refs.get(root, 0) + 1
+        live += size(root) if refs[root] == 1 else 0
 
     def release(j: int) -> None:
         nonlocal live
-        refs[j] -= 1
-        live -= size(j) if refs[j] == 0 else 0
+        root = chain.storage_of(j)
+        refs[root] -= 1
+        live -= size(root) if refs[root] == 0 else 0
 
     hold(start)
     fk = 0
@@ -125,10 +136,12 @@ def _kept_unit(chain: Chain, start: int, stop: int, h: int) -> tuple[int, int, i
         if stage.saves_output:
             hold(i + 1)
         release(i)
-    lm = live + chain.act_bytes(stop)
-    release(stop)
-    ret, so = live, refs[stop] > 0
-    live += chain.act_bytes(stop)
+    last = stop == len(chain)
+    lm = live + chain.loss_moment_bytes() if last else 0
+    if not last:
+        release(stop)
+    ret, so = live, refs.get(chain.storage_of(stop), 0) > 0
+    live += chain.loss_left_bytes() if last else chain.act_bytes(stop)
     bm = 0
     for i in reversed(range(start, stop)):
         stage = chain.stages[i]
@@ -138,7 +151,7 @@ def _kept_unit(chain: Chain, start: int, stop: int, h: int) -> tuple[int, int, i
             release(i)
         if stage.saves_output:
             release(i + 1)
-        live += chain.act_bytes(i) - chain.act_bytes(i + 1)
+        live += chain.act_bytes(i) - chain.act_bytes(i + 1) + stage.gradient_bytes
     return fk, ret, bm, lm, so
 
 
@@ -148,16 +161,27 @@ def make_units(chain: Chain, bounds: list[tuple[int, int]]) -> Units:
     def col(c: int) -> np.ndarray:
         return np.array([[w[c] for w in walks[h]] for h in (0, 1)], dtype=np.int64)
 
-    flow = [max(chain.act_bytes(i) + chain.forward_moment_bytes(i) for i in range(a, b))
-            for a, b in bounds]
+    def x(j: int) -> int:  # x_j's storage (the model's input, which weighs 0, for a view of it)
+        return chain.storage_bytes(chain.storage_of(j))
+
+    flow = [max(x(i) + chain.forward_moment_bytes(i) for i in range(a, b)) for a, b in bounds]
     first = [max([chain.forward_moment_bytes(a)]
-                 + [chain.act_bytes(i) + chain.forward_moment_bytes(i) for i in range(a + 1, b)])
+                 + [x(i) + chain.forward_moment_bytes(i) for i in range(a + 1, b)])
              for a, b in bounds]
+    # Backward runs strictly in reverse: while a unit is differentiated, the parameter gradients
+    # of every later stage are live, and so are they while a segment ending there is re-run; so
+    # are the model's output, which the caller holds, and what the loss left besides d_n (the
+    # last unit's walk counts those itself).
+    n = len(chain)
+    after_last = (chain.storage_bytes(chain.storage_of(n))
+                  + chain.loss_left_bytes() - chain.act_bytes(n))
+    later = np.array([chain.gradients_from(b) + (after_last if b < n else 0) for _, b in bounds],
+                     dtype=np.int64)
     return Units(
         bounds=tuple(bounds),
-        xin=np.array([chain.act_bytes(a) for a, _ in bounds], dtype=np.int64),
-        dout=np.array([chain.act_bytes(b) for _, b in bounds], dtype=np.int64),
-        fk=col(0), ret=col(1), bm=col(2), lm=col(3),
+        xin=np.array([x(a) for a, _ in bounds], dtype=np.int64),
+        dout=np.array([chain.act_bytes(b) for _, b in bounds], dtype=np.int64) + later,
+        fk=col(0), ret=col(1), bm=col(2) + later[None, :], lm=col(3),
         so=np.array([w[4] for w in walks[0]], dtype=bool),
         fn_first=np.array(first, dtype=np.int64),
         fn_flow=np.array(flow, dtype=np.int64),

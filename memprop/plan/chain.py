@@ -4,54 +4,68 @@ A chain is stages ``0..n-1`` run in order, as the children of an ``nn.Sequential
 for the activation between stage ``j-1`` and stage ``j`` (``x_0`` is the model's input, already in
 ``fixed_bytes``, so it weighs 0 here; ``x_{j+1}`` weighs ``stages[j].output_bytes``) and ``d_j``
 for its gradient, the same size. Stage ``i``'s input is taken to be stage ``i-1``'s output (one
-storage), so ``input_bytes`` is informational.
+storage), so ``input_bytes`` is informational. A stage whose output *aliases* its input (an
+in-place op such as ``ReLU(inplace=True)``, a view such as ``Flatten``) hands on the same storage:
+``x_{i+1}`` and ``x_i`` are then one storage, counted once (:meth:`Chain.storage_of`).
 
 # NOTE [ The memory model ]
 The live bytes at any moment are ``fixed_bytes`` plus the sum of these storages, each counted once
-however many holders share it (the simulator keeps a reference count per ``x_j``):
+however many holders share it (the simulator keeps a reference count per activation storage):
 
 - ``x_j`` is live while anyone holds it: the stage producing it, until the next one has run
   (the "flow"); stage ``j`` when it is run normally and ``saves_input``; stage ``j-1`` when it is
   run normally and ``saves_output``; a checkpointed segment that starts at ``j`` (its stored
-  input) until its backward is over. So a ReLU that saves its output and a Linear after it that
-  saves its input share one storage, and a checkpoint's input is the previous stage's output.
+  input) until its backward is over; and, for ``x_n``, the caller, who holds the model's output
+  until the step ends.
 - A stage run normally keeps its private tape, ``saved_bytes`` less its output when
   ``saves_output`` (the output is counted as ``x_{i+1}`` above), from its forward to its backward.
   A stage run inside a checkpoint keeps nothing: ``torch.utils.checkpoint(use_reentrant=False)``
   drops the saved tensors and keeps only the segment's input.
-- Gradients: after the loss, ``d_n`` is live; stage ``i``'s backward holds ``d_{i+1}``, produces
-  ``d_i`` (none for stage 0: the model's input needs no gradient) and then frees ``d_{i+1}``, its
-  tape and its holds. When backward reaches a checkpointed segment ``[a, s)``, ``d_s`` is live while
-  the segment is re-run (by its own inner plan, which may hold further checkpoints) and then
-  differentiated.
+- The loss: at the end of the forward the moment is the live total plus ``loss_peak_bytes``
+  (the loss's forward and backward); then ``loss_residual_bytes`` (``d_n``, the loss itself, and
+  whatever else the loss left) stays live through the whole backward, less ``d_n`` once the last
+  stage has consumed it.
+- Gradients: stage ``i``'s backward holds ``d_{i+1}``, produces ``d_i`` (none for stage 0: the
+  model's input needs no gradient) and then frees ``d_{i+1}``, its tape and its holds; the
+  parameter gradients it produced, ``gradient_bytes``, stay live until the step ends. When
+  backward reaches a checkpointed segment ``[a, s)``, ``d_s`` and the parameter gradients of every
+  stage from ``s`` on are live while the segment is re-run (by its own inner plan, which may hold
+  further checkpoints) and then differentiated.
 - Transients: the moment of a stage's forward is the live total when it began plus
-  ``max(forward_peak_bytes, output + tape)``; of its backward, the live total when it began
-  (which holds ``d_{i+1}``) plus ``max(backward_peak_bytes, d_i)``. The clamps keep the model
-  coherent for stats that under-report (the moment after an op never exceeds the moment during it).
-- The loss sits between the last forward and the first backward: its moment holds ``x_n`` and
-  ``d_n`` together. Its own small temporaries are outside the chain.
+  ``max(forward_peak_bytes, output + tape)`` (no output term when it aliases its input); of its
+  backward, the live total when it began (which holds ``d_{i+1}``) plus
+  ``max(backward_peak_bytes, d_i)`` (``backward_peak_bytes`` alone for an aliasing stage, whose
+  input gradient may be a view). The clamps keep the model coherent for stats that under-report
+  (the moment after an op never exceeds the moment during it); traced stats never need them.
+- The optimizer: its moment, ``optimizer_peak_bytes``, is an absolute live total that no plan
+  changes (every activation is gone by then, and what is left is the same in every plan).
 
-The peak of a schedule is ``fixed_bytes`` plus the largest of these moments. The same model drives
-the simulator (:func:`memprop.plan.schedule.simulate`, an event walk) and the dynamic programs
-(:mod:`memprop.plan._dp`, a recursion over the same moments); the tests hold them equal.
+The peak of a schedule is the larger of the optimizer's moment and ``fixed_bytes`` plus the
+largest of the moments above. The same model drives the simulator
+(:func:`memprop.plan.schedule.simulate`, an event walk) and the dynamic programs
+(:mod:`memprop.plan._dp`, a recursion over the same moments); the tests hold them equal, and hold
+the unplanned schedule's peak equal to the ledger's traced peak on real models.
 
-Known limitations: stages with several inputs or outputs, or whose output aliases their input
-(in-place ops), are outside the model; the loss head's memory is assumed small or in
-``fixed_bytes``.
+Known limitations: stages with several inputs or outputs are outside the model; an aliasing stage
+is never the first stage of a checkpointed segment (:meth:`Chain.atoms` glues it to the stage
+before, so an in-place op never writes into a checkpoint's stored input); a loss whose output
+gradient is smaller than the output (``output.sum()``: an expanded scalar) is charged the full
+``d_n``, which over-predicts by at most ``d_n``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from memprop.errors import UsageError
-from memprop.trace.stages import StageStats
+from memprop.trace.stages import ChainCosts, StageStats
 
-__all__ = ["Chain", "Stage"]
+__all__ = ["Chain", "CostModel", "Stage"]
 
 CostModel = Literal["measured", "flops"]
+COST_MODELS: tuple[str, ...] = ("measured", "flops")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -79,6 +93,10 @@ class Stage:
     """Transient of the forward above the live total when it began."""
     backward_peak_bytes: int
     """Transient of the backward above the live total when it began."""
+    gradient_bytes: int = 0
+    """Parameter gradients born in the stage's backward that stay live until the step ends."""
+    aliases_input: bool = False
+    """Whether the output is the input's storage (an in-place op, a view)."""
 
     @property
     def tape_bytes(self) -> int:
@@ -88,25 +106,53 @@ class Stage:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Chain:
-    """The planner's problem: stages, the bytes under every moment and the unit of cost."""
+    """The planner's problem: stages, the bytes outside them and the unit of cost."""
 
     stages: tuple[Stage, ...]
     """The stages, in execution order."""
     fixed_bytes: int = 0
-    """Bytes live at every moment: parameters, gradients, optimizer state, inputs."""
+    """Bytes live at every moment: parameters, buffers, inputs, gradients and optimizer state
+    that existed before the step."""
     cost_unit: Literal["s", "flops"] = "s"
     """What ``forward_cost`` and ``backward_cost`` count."""
+    loss_peak_bytes: int | None = None
+    """The loss's moment over the live total at the end of the forward; ``None``: ``d_n`` alone
+    (a loss that makes nothing but the output's gradient)."""
+    loss_residual_bytes: int | None = None
+    """What the loss leaves live through the backward, ``d_n`` included; ``None``: ``d_n``."""
+    optimizer_peak_bytes: int = 0
+    """The optimizer step's live total, absolute (``fixed_bytes`` included); 0 without one."""
+    _roots: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _grads_from: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise UsageError("a chain needs at least one stage: the model has no children to plan")
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             sizes = (stage.output_bytes, stage.saved_bytes, stage.forward_peak_bytes,
-                     stage.backward_peak_bytes, stage.input_bytes)
+                     stage.backward_peak_bytes, stage.input_bytes, stage.gradient_bytes)
             if min(sizes) < 0 or stage.forward_cost < 0 or stage.backward_cost < 0:
                 raise UsageError(f"stage {stage.name!r} has a negative size or cost: {stage}")
-        if self.fixed_bytes < 0:
-            raise UsageError(f"fixed_bytes is {self.fixed_bytes}: give a number of bytes >= 0")
+            before = self.stages[i - 1].output_bytes if i > 0 else stage.output_bytes
+            if stage.aliases_input and stage.output_bytes != before:
+                raise UsageError(
+                    f"stage {stage.name!r} aliases its input but its output has "
+                    f"{stage.output_bytes} bytes against its input's "
+                    f"{before}: give equal sizes or aliases_input=False"
+                )
+        outside = (self.fixed_bytes, self.optimizer_peak_bytes,
+                   self.loss_peak_bytes or 0, self.loss_residual_bytes or 0)
+        if min(outside) < 0:
+            raise UsageError(f"the chain's bytes outside the stages are negative: {outside}; "
+                             "give numbers of bytes >= 0")
+        roots = [0]
+        for i, stage in enumerate(self.stages):
+            roots.append(roots[i] if stage.aliases_input else i + 1)
+        grads = [0] * (len(self.stages) + 1)
+        for i in reversed(range(len(self.stages))):
+            grads[i] = grads[i + 1] + self.stages[i].gradient_bytes
+        object.__setattr__(self, "_roots", tuple(roots))
+        object.__setattr__(self, "_grads_from", tuple(grads))
 
     def __len__(self) -> int:
         return len(self.stages)
@@ -115,14 +161,53 @@ class Chain:
         """Size of ``x_j`` (and of ``d_j``); ``x_0`` lives in ``fixed_bytes`` and weighs 0."""
         return 0 if j == 0 else self.stages[j - 1].output_bytes
 
+    def storage_of(self, j: int) -> int:
+        """The activation whose storage ``x_j`` is: ``j`` itself unless stages before it alias
+        their inputs. Holders of ``x_j`` count against that storage."""
+        return self._roots[j]
+
+    def storage_bytes(self, root: int) -> int:
+        """Size of the storage that :meth:`storage_of` names (0 for the model's input)."""
+        return 0 if root == 0 else self.act_bytes(root)
+
+    def gradients_from(self, i: int) -> int:
+        """Parameter gradients born in the backward of stages ``i..n-1``."""
+        return self._grads_from[i]
+
     def forward_moment_bytes(self, i: int) -> int:
         """What stage ``i``'s forward adds, at its worst, to the live total when it began."""
         stage = self.stages[i]
-        return max(stage.forward_peak_bytes, stage.output_bytes + stage.tape_bytes)
+        made = 0 if stage.aliases_input else stage.output_bytes
+        return max(stage.forward_peak_bytes, made + stage.tape_bytes)
 
     def backward_moment_bytes(self, i: int) -> int:
         """What stage ``i``'s backward adds, at its worst, to the live total when it began."""
-        return max(self.stages[i].backward_peak_bytes, self.act_bytes(i))
+        stage = self.stages[i]
+        if stage.aliases_input:
+            return stage.backward_peak_bytes
+        return max(stage.backward_peak_bytes, self.act_bytes(i))
+
+    def loss_moment_bytes(self) -> int:
+        """The loss's moment over the live total at the end of the forward."""
+        return self.act_bytes(len(self)) if self.loss_peak_bytes is None else self.loss_peak_bytes
+
+    def loss_left_bytes(self) -> int:
+        """What the loss leaves live when the backward starts, ``d_n`` included (never less than
+        ``d_n``, which the last stage's backward frees)."""
+        d_n = self.act_bytes(len(self))
+        return d_n if self.loss_residual_bytes is None else max(d_n, self.loss_residual_bytes)
+
+    def atoms(self) -> list[tuple[int, int]]:
+        """The smallest runs of stages a plan may split the chain into: each aliasing stage is
+        glued to the one before it, so that no checkpoint starts with an in-place op or a view
+        of the previous stage's output."""
+        bounds: list[tuple[int, int]] = []
+        for i, stage in enumerate(self.stages):
+            if bounds and stage.aliases_input:
+                bounds[-1] = (bounds[-1][0], i + 1)
+            else:
+                bounds.append((i, i + 1))
+        return bounds
 
     @classmethod
     def from_stage_stats(
@@ -131,10 +216,13 @@ class Chain:
         *,
         fixed_bytes: int,
         cost_model: CostModel = "measured",
+        loss_peak_bytes: int | None = None,
+        loss_residual_bytes: int | None = None,
+        optimizer_peak_bytes: int = 0,
     ) -> Chain:
         """The chain of a traced step: ``"measured"`` prices stages in seconds, ``"flops"`` in
         counted floating-point operations (the same plan on every machine)."""
-        if cost_model not in ("measured", "flops"):
+        if cost_model not in COST_MODELS:
             raise UsageError(
                 f"cost model {cost_model!r} does not exist: use 'measured' or 'flops'"
             )
@@ -150,6 +238,8 @@ class Chain:
                 saves_output=s.saves_output,
                 forward_peak_bytes=s.forward_peak_bytes,
                 backward_peak_bytes=s.backward_peak_bytes,
+                gradient_bytes=s.gradient_bytes,
+                aliases_input=_aliases_input(s),
             )
             for s in sorted(stats, key=lambda s: s.index)
         )
@@ -157,4 +247,27 @@ class Chain:
             stages=stages,
             fixed_bytes=fixed_bytes,
             cost_unit="flops" if cost_model == "flops" else "s",
+            loss_peak_bytes=loss_peak_bytes,
+            loss_residual_bytes=loss_residual_bytes,
+            optimizer_peak_bytes=optimizer_peak_bytes,
         )
+
+    @classmethod
+    def from_chain_costs(cls, costs: ChainCosts, cost_model: CostModel = "measured") -> Chain:
+        """The chain of a profile (``profile.chain``), with the loss's and the optimizer's
+        moments: its unplanned peak is the ledger's traced peak."""
+        return cls.from_stage_stats(
+            costs.stages,
+            fixed_bytes=costs.fixed_bytes,
+            cost_model=cost_model,
+            loss_peak_bytes=costs.loss_peak_bytes,
+            loss_residual_bytes=costs.loss_residual_bytes,
+            optimizer_peak_bytes=costs.optimizer_peak_bytes,
+        )
+
+
+def _aliases_input(stats: StageStats) -> bool:
+    # The live total cannot rise by less than a storage born during the forward (the stage's
+    # input is held by its caller throughout), so an output larger than the rise was not born
+    # there: it is the input's storage, written in place or viewed.
+    return stats.output_bytes > 0 and stats.forward_peak_bytes < stats.output_bytes

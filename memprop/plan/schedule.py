@@ -62,7 +62,10 @@ class Simulation:
     """What executing a tree costs, under the chain's memory model."""
 
     peak_bytes: int
-    """The training peak, ``fixed_bytes`` included."""
+    """The training peak, ``fixed_bytes`` and the optimizer's moment included."""
+    chain_peak_bytes: int
+    """The peak of the forward, loss and backward alone (``fixed_bytes`` included): what the
+    plan changes."""
     compute: float
     """Total cost of every forward run and every backward."""
     forward_runs: tuple[int, ...]
@@ -75,7 +78,7 @@ def flat(n: int) -> Segment:
 
 
 class _Ledger:
-    """Reference-counted activations, plus plain byte counts for tapes and gradients."""
+    """Reference-counted activation storages, plus plain byte counts for tapes and gradients."""
 
     def __init__(self, chain: Chain) -> None:
         self.chain = chain
@@ -89,14 +92,16 @@ class _Ledger:
         self.peak = max(self.peak, self.live + extra)
 
     def hold(self, j: int) -> None:
-        self.refs[j] += 1
-        if self.refs[j] == 1:
-            self.live += self.chain.act_bytes(j)
+        root = self.chain.storage_of(j)
+        self.refs[root] += 1
+        if self.refs[root] == 1:
+            self.live += self.chain.storage_bytes(root)
 
     def release(self, j: int) -> None:
-        self.refs[j] -= 1
-        if self.refs[j] == 0:
-            self.live -= self.chain.act_bytes(j)
+        root = self.chain.storage_of(j)
+        self.refs[root] -= 1
+        if self.refs[root] == 0:
+            self.live -= self.chain.storage_bytes(root)
 
     def forward(self, seg: Segment) -> None:
         # Entered with a flow reference on x_start; leaves one on x_stop.
@@ -135,6 +140,7 @@ class _Ledger:
                 if stage.saves_output:
                     self.release(child + 1)
                 self.live += self.chain.act_bytes(child) - self.chain.act_bytes(child + 1)
+                self.live += stage.gradient_bytes
             else:
                 self.hold(child.start)  # the recompute's flow
                 self.forward(child)
@@ -144,19 +150,22 @@ class _Ledger:
 
 
 def simulate(chain: Chain, tree: Segment) -> Simulation:
-    """Execute ``tree`` on paper: the peak (``fixed_bytes`` included) and the total compute."""
+    """Execute ``tree`` on paper: the peak (``fixed_bytes`` and the optimizer's moment included)
+    and the total compute."""
     n = len(chain)
     if tree.start != 0 or tree.stop != n:
         raise ValueError(f"the plan covers {tree.start}..{tree.stop}, the chain 0..{n}")
     ledger = _Ledger(chain)
     ledger.hold(0)
     ledger.forward(tree)
-    ledger.moment(chain.act_bytes(n))  # the loss: x_n and d_n together
-    ledger.release(n)
-    ledger.live += chain.act_bytes(n)
+    # The flow reference on x_n becomes the caller's: it holds the output until the step ends.
+    ledger.moment(chain.loss_moment_bytes())
+    ledger.live += chain.loss_left_bytes()
     ledger.backward(tree)
+    chain_peak = chain.fixed_bytes + ledger.peak
     return Simulation(
-        peak_bytes=chain.fixed_bytes + ledger.peak,
+        peak_bytes=max(chain_peak, chain.optimizer_peak_bytes),
+        chain_peak_bytes=chain_peak,
         compute=ledger.compute,
         forward_runs=tuple(ledger.runs),
     )

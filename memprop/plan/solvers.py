@@ -99,30 +99,37 @@ class Plan:
         }
 
 
-def uniform_tree(n: int, segments: int) -> Segment:
-    """``checkpoint_sequential(segments=segments)`` on ``n`` stages, as a tree."""
-    if not 1 <= segments <= n:
-        raise UsageError(f"segments={segments} for {n} stages: give 1 <= segments <= {n}")
-    size = n // segments
+def uniform_tree(n: int, segments: int, atoms: list[tuple[int, int]] | None = None) -> Segment:
+    """``checkpoint_sequential(segments=segments)`` on ``n`` stages, as a tree. With ``atoms``
+    (:meth:`Chain.atoms`) the split counts atoms instead of stages, so that no checkpoint starts
+    with an in-place op or a view."""
+    bounds = atoms if atoms is not None else [(i, i + 1) for i in range(n)]
+    count = len(bounds)
+    if not 1 <= segments <= count:
+        raise UsageError(f"segments={segments} for {count} stages: give 1 <= segments <= {count}")
+    size = count // segments
     children: list[int | Segment] = [
-        Segment(start=s, stop=s + size, children=tuple(range(s, s + size)))
+        Segment(start=bounds[s][0], stop=bounds[s + size - 1][1],
+                children=tuple(range(bounds[s][0], bounds[s + size - 1][1])))
         for s in range(0, size * (segments - 1), size)
     ]
-    children.extend(range(size * (segments - 1), n))
+    children.extend(range(bounds[size * (segments - 1)][0], n))
     return Segment(start=0, stop=n, children=tuple(children))
 
 
-def _groups(n: int, max_units: int) -> list[tuple[int, int]]:
+def _groups(atoms: list[tuple[int, int]], max_units: int) -> list[tuple[int, int]]:
+    """At most ``max_units`` runs of consecutive atoms, as even in atom count as can be."""
+    n = len(atoms)
     units = min(n, max_units)
     cuts = [round(i * n / units) for i in range(units + 1)]
-    return [(cuts[i], cuts[i + 1]) for i in range(units)]
+    return [(atoms[cuts[i]][0], atoms[cuts[i + 1] - 1][1]) for i in range(units)]
 
 
 def min_feasible_bytes(chain: Chain) -> tuple[int, Segment]:
     """The least training peak of any plan (exact), and a plan that attains it."""
-    units = _dp.make_units(chain, [(i, i + 1) for i in range(len(chain))])
+    units = _dp.make_units(chain, chain.atoms())
     peak, tree, _ = _dp.min_peak(units)
-    return chain.fixed_bytes + peak, tree
+    return max(chain.fixed_bytes + peak, chain.optimizer_peak_bytes), tree
 
 
 def _optimal(chain: Chain, budget_bytes: int, max_slots: int, max_units: int
@@ -131,7 +138,7 @@ def _optimal(chain: Chain, budget_bytes: int, max_slots: int, max_units: int
     avail = budget_bytes - chain.fixed_bytes
     if budget_bytes < floor_bytes:
         return floor_tree, floor_bytes
-    units = _dp.make_units(chain, _groups(len(chain), max_units))
+    units = _dp.make_units(chain, _groups(chain.atoms(), max_units))
     unit = max(units.gcd(), -(-avail // max_slots), 1)
     table = _dp.CostTable(units.in_slots(unit), avail // unit)
     candidates = [floor_tree]
@@ -159,7 +166,9 @@ def solve(
     if strategy == "none":
         tree, floor = flat(n), baseline.peak_bytes
     elif strategy == "uniform":
-        sims = [(simulate(chain, t), t) for t in (uniform_tree(n, k) for k in range(1, n + 1))]
+        atoms = chain.atoms()
+        trees = (uniform_tree(n, k, atoms) for k in range(1, len(atoms) + 1))
+        sims = [(simulate(chain, t), t) for t in trees]
         floor = min(s.peak_bytes for s, _ in sims)
         fits = [(s, t) for s, t in sims if s.peak_bytes <= budget_bytes]
         pool = fits or [(s, t) for s, t in sims if s.peak_bytes == floor]

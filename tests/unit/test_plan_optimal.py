@@ -14,36 +14,48 @@ from memprop.plan import Chain, Segment, Stage, _dp, min_feasible_bytes, simulat
 from memprop.plan.schedule import flat
 
 
-def _plans(a: int, b: int) -> Iterator[tuple[int | Segment, ...]]:
-    """Every child sequence for stages [a, b) whose last child is kept: the search space."""
+def _plans(atoms: list[tuple[int, int]], a: int, b: int) -> Iterator[tuple[int | Segment, ...]]:
+    """Every child sequence for atoms [a, b) whose last atom is kept: the search space. An atom
+    is a run of stages that a plan never splits (an aliasing stage glued to the one before)."""
+    kept = tuple(range(*atoms[a]))
     if b - a == 1:
-        yield (a,)
+        yield kept
         return
-    for rest in _plans(a + 1, b):
-        yield (a, *rest)
+    for rest in _plans(atoms, a + 1, b):
+        yield (*kept, *rest)
     for s in range(a + 1, b):
-        for inner in _plans(a, s):
-            for rest in _plans(s, b):
-                yield (Segment(start=a, stop=s, children=inner), *rest)
+        for inner in _plans(atoms, a, s):
+            for rest in _plans(atoms, s, b):
+                segment = Segment(start=atoms[a][0], stop=atoms[s - 1][1], children=inner)
+                yield (segment, *rest)
 
 
 def _random_chain(rng: random.Random, n: int) -> Chain:
-    stages = []
+    """Heterogeneous stages with every feature of the model: tapes that hold the output,
+    in-place or view stages, parameter gradients, the loss's and the optimizer's moments."""
+    stages: list[Stage] = []
     for i in range(n):
-        out, tape, so = rng.randint(1, 9), rng.randint(0, 9), rng.random() < 0.4
+        aliases = i > 0 and rng.random() < 0.2
+        out = stages[-1].output_bytes if aliases else rng.randint(1, 9)
+        tape, so = rng.randint(0, 9), rng.random() < 0.4
         stages.append(Stage(
             name=f"s{i}", forward_cost=float(rng.randint(1, 9)),
             backward_cost=float(rng.randint(1, 9)), input_bytes=0, output_bytes=out,
             saved_bytes=tape + (out if so else 0), saves_input=rng.random() < 0.6,
             saves_output=so, forward_peak_bytes=rng.randint(0, 25),
-            backward_peak_bytes=rng.randint(0, 25),
+            backward_peak_bytes=rng.randint(0, 25), gradient_bytes=rng.choice((0, 0, 1, 4, 9)),
+            aliases_input=aliases,
         ))
-    return Chain(stages=tuple(stages), fixed_bytes=rng.randint(0, 5))
+    return Chain(stages=tuple(stages), fixed_bytes=rng.randint(0, 5),
+                 loss_peak_bytes=rng.choice((None, rng.randint(0, 30))),
+                 loss_residual_bytes=rng.choice((None, rng.randint(0, 12))),
+                 optimizer_peak_bytes=rng.choice((0, 0, rng.randint(0, 60))))
 
 
 def _exhaustive(chain: Chain) -> list[tuple[int, float]]:
-    n = len(chain)
-    sims = [simulate(chain, Segment(start=0, stop=n, children=c)) for c in _plans(0, n)]
+    n, atoms = len(chain), chain.atoms()
+    sims = [simulate(chain, Segment(start=0, stop=n, children=c))
+            for c in _plans(atoms, 0, len(atoms))]
     return [(s.peak_bytes, s.compute) for s in sims]
 
 
@@ -54,7 +66,7 @@ def test_optimal_equals_exhaustive_search(seed: int, n: int) -> None:
     front = _exhaustive(chain)
     least = min(p for p, _ in front)
     assert min_feasible_bytes(chain)[0] == least
-    units = _dp.make_units(chain, [(i, i + 1) for i in range(n)])
+    units = _dp.make_units(chain, chain.atoms())
     for budget in range(least, max(p for p, _ in front) + 2, 2):
         best = min(c for p, c in front if p <= budget)
         table = _dp.CostTable(units, budget - chain.fixed_bytes)  # 1-byte slots: exact

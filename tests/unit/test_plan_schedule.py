@@ -29,15 +29,40 @@ def _linear(name: str, out: int) -> Stage:
 
 def test_simulator_counts_by_hand() -> None:
     chain = Chain(stages=tuple(_linear(f"l{i}", 10) for i in range(3)), fixed_bytes=100)
-    # No plan: x1, x2 held by their consumers, then the loss holds x3 and d3: 10+10+10+10.
-    assert simulate(chain, Segment(start=0, stop=3, children=(0, 1, 2))).peak_bytes == 140
-    # Checkpoint stages 0-1: only x2 (stage 2's input) then x3 and d3; the recompute of
-    # stage 1 holds d2 + x1 + its output x2: 30.
+    # No plan: x1, x2 held by their consumers, x3 by the caller; stage 2's backward holds those,
+    # d3 and the d2 it makes: 5 * 10.
+    assert simulate(chain, Segment(start=0, stop=3, children=(0, 1, 2))).peak_bytes == 150
+    # Checkpoint stages 0-1: x2 (stage 2's input) and x3, then d3 and stage 2's d2: 40. The
+    # recompute of stage 1 holds x3, d2, x1 and its output x2: 40 too.
     tree = Segment(start=0, stop=3, children=(Segment(start=0, stop=2, children=(0, 1)), 2))
     sim = simulate(chain, tree)
-    assert sim.peak_bytes == 130
+    assert sim.peak_bytes == 140
     assert sim.forward_runs == (2, 2, 1)
     assert sim.compute == 5 * 1.0 + 3 * 2.0
+
+
+def test_gradients_loss_and_optimizer_by_hand() -> None:
+    stages = tuple(
+        Stage(name=f"l{i}", forward_cost=1.0, backward_cost=2.0, input_bytes=10, output_bytes=10,
+              saved_bytes=0, saves_input=True, saves_output=False, forward_peak_bytes=10,
+              backward_peak_bytes=10, gradient_bytes=7)
+        for i in range(3)
+    )
+    chain = Chain(stages=stages, fixed_bytes=100, loss_peak_bytes=25, loss_residual_bytes=13)
+    # End of forward: x1, x2, x3 = 30; the loss rises 25 over it: 155 (the peak).
+    # Stage 2's backward: 30 + 13 (d3 and 3 more) + 10 = 53; stage 1's: x1, x3, d2, 3 left by
+    # the loss, 7 of stage 2's gradients, + 10: 50; stage 0's: x3, d1, 3, 14, + 10: 47.
+    flat_tree = Segment(start=0, stop=3, children=(0, 1, 2))
+    assert simulate(chain, flat_tree).peak_bytes == 155
+    with_optimizer = Chain(stages=stages, fixed_bytes=100, loss_peak_bytes=25,
+                           loss_residual_bytes=13, optimizer_peak_bytes=171)
+    sim = simulate(with_optimizer, flat_tree)
+    assert (sim.peak_bytes, sim.chain_peak_bytes) == (171, 155)
+    # Re-running stages 0-1 during the backward sees stage 2's gradients live: x3, d2, 3 left
+    # by the loss, 7, then x1 and x2 and stage 1's output transient (10): 50 over fixed.
+    tree = Segment(start=0, stop=3, children=(Segment(start=0, stop=2, children=(0, 1)), 2))
+    assert simulate(chain, tree).chain_peak_bytes == 100 + max(10 + 10 + 25, 10 + 10 + 13 + 10,
+                                                               10 + 10 + 3 + 7 + 10 + 10)
 
 
 def test_shared_storage_counted_once() -> None:
@@ -45,9 +70,10 @@ def test_shared_storage_counted_once() -> None:
                  output_bytes=8, saved_bytes=8, saves_input=False, saves_output=True,
                  forward_peak_bytes=8, backward_peak_bytes=8)
     chain = Chain(stages=(_linear("l0", 8), relu, _linear("l2", 8)))
-    # relu's saved output is l2's saved input: x2, counted once (double counting would give 32).
-    # x1 is freed once relu has run; the loss holds x2, x3 and d3: 24.
-    assert simulate(chain, Segment(start=0, stop=3, children=(0, 1, 2))).peak_bytes == 8 * 3
+    # relu's saved output is l2's saved input: x2, counted once. x1 is freed once relu has run;
+    # l2's backward holds x2, x3 (the caller's), d3 and the d2 it makes: 32 (double counting
+    # x2 would give 40).
+    assert simulate(chain, Segment(start=0, stop=3, children=(0, 1, 2))).peak_bytes == 8 * 4
 
 
 def test_schedule_ops_in_execution_order() -> None:
@@ -111,7 +137,9 @@ def test_predicted_peak_within_budget_on_10000_instances() -> None:
                   input_bytes=0, output_bytes=rng.randint(1, 5000),
                   saved_bytes=rng.randint(0, 9000), saves_input=rng.random() < 0.7,
                   saves_output=False, forward_peak_bytes=rng.randint(0, 20000),
-                  backward_peak_bytes=rng.randint(0, 20000)) for i in range(n)))
+                  backward_peak_bytes=rng.randint(0, 20000),
+                  gradient_bytes=rng.randint(0, 3000)) for i in range(n)),
+            loss_peak_bytes=rng.randint(0, 9000), loss_residual_bytes=rng.randint(0, 9000))
         least = min_feasible_bytes(chain)[0]
         top = simulate(chain, flat(n)).peak_bytes
         for _ in range(20):
