@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from memprop_cli.errors import exits_cleanly
 from rich.console import Console
+
+from memprop_cli.errors import exits_cleanly
 
 PARTS = ("ledger", "planner")
 

@@ -7,9 +7,13 @@ from typing import Annotated
 import typer
 
 import memprop
-
 from memprop.devices.cpu import fix_malloc_threshold
+from memprop_cli.bench import bench_command
+from memprop_cli.fit import fit_command
+from memprop_cli.plan import plan_command
 from memprop_cli.profile import profile_command
+from memprop_cli.run import run_command
+from memprop_cli.sweep import sweep_command
 
 app = typer.Typer(
     name="memprop",
@@ -19,6 +23,11 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("profile")(profile_command)
+app.command("sweep")(sweep_command)
+app.command("fit")(fit_command)
+app.command("plan")(plan_command)
+app.command("run")(run_command)
+app.command("bench")(bench_command)
 
 
 def _show_version(value: bool) -> None:

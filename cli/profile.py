@@ -6,6 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+
+import memprop
+from memprop.report.json_report import write_json
+from memprop.report.terminal import render_profile
 from memprop_cli.errors import exits_cleanly
 from memprop_cli.options import (
     SEED,
@@ -24,11 +29,6 @@ from memprop_cli.options import (
     build_workload,
     workload_options,
 )
-from rich.console import Console
-
-import memprop
-from memprop.report.json_report import write_json
-from memprop.report.terminal import render_profile
 
 Fake = Annotated[bool, typer.Option(
     "--fake", help="Trace on fake tensors: nothing is allocated, any size can be estimated.")]

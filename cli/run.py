@@ -1,0 +1,87 @@
+"""``memprop run``: train under the plan and measure it against the unplanned step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from memprop.budget import resolve_budget
+from memprop.errors import OutOfMemoryError
+from memprop.report.json_report import write_json
+from memprop.units import format_bytes
+from memprop_cli.errors import exits_cleanly
+from memprop_cli.options import (
+    SEED,
+    Activation,
+    Batch,
+    Bias,
+    Classes,
+    Depth,
+    Device,
+    Dtype,
+    Hidden,
+    InputDim,
+    Model,
+    Optimizer,
+    WeightDecay,
+    build_workload,
+    workload_options,
+)
+from memprop_cli.plan import BudgetOption, CostModel, Strategy
+
+
+@exits_cleanly
+def run_command(
+    model: Model = None,
+    input_dim: InputDim = SEED.input_dim,
+    hidden: Hidden = SEED.hidden,
+    classes: Classes = SEED.classes,
+    depth: Depth = None,
+    batch: Batch = SEED.batch,
+    activation: Activation = SEED.activation,
+    bias: Bias = SEED.bias,
+    weight_decay: WeightDecay = SEED.weight_decay,
+    dtype: Dtype = SEED.dtype,
+    device: Device = SEED.device,
+    optimizer: Optimizer = SEED.optimizer,
+    budget: BudgetOption = None,
+    steps: Annotated[int, typer.Option(help="Timed training steps, each way.")] = 5,
+    strategy: Strategy = "optimal",
+    cost_model: CostModel = None,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", metavar="PATH", help="Write the run document.")] = None,
+) -> None:
+    """Run training steps under the plan, then unplanned: measured peak against predicted and
+    budget, step time against the unplanned step, and whether the gradients match."""
+    import memprop
+    from memprop.errors import UsageError
+    from memprop.report.terminal_plan import render_run
+    from memprop.run.measure import run_plan
+
+    if steps < 1:
+        raise UsageError(f"--steps {steps}: give at least 1")
+    options = workload_options(
+        model=model, input_dim=input_dim, hidden=hidden, classes=classes, depth=depth,
+        batch=batch, activation=activation, bias=bias, weight_decay=weight_decay, dtype=dtype,
+        device=device, optimizer=optimizer,
+    )
+    cap = resolve_budget(budget, device)
+    workload = build_workload(options, fake=False)
+    plan = memprop.plan(workload, budget=cap.bytes, strategy=strategy,
+                        cost_model=cost_model or "measured")
+    result = run_plan(workload, plan, steps=steps)
+    console = Console()
+    if cap.source != "given":
+        console.print(f"budget: {cap.source}")
+    render_run(result, console)
+    if json_path is not None:
+        console.print(f"wrote {write_json(json_path, result.to_dict())}")
+    if result.peak_bytes > plan.budget_bytes:
+        raise OutOfMemoryError(
+            f"the planned run peaked at {format_bytes(result.peak_bytes)}, over the budget of "
+            f"{format_bytes(plan.budget_bytes)} (predicted {format_bytes(plan.peak_bytes)}): "
+            "this is a planner bug; please report it with the --json document"
+        )

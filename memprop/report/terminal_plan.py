@@ -1,0 +1,74 @@
+"""Rich reports of plans and of planned runs."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from memprop.plan.solvers import Plan
+from memprop.run.measure import RunResult
+from memprop.units import format_bytes
+
+__all__ = ["render_plan", "render_run"]
+
+
+def render_plan(plan: Plan, alternatives: list[Plan], console: Console) -> None:
+    """The stages (kept, dropped, recomputed how often), then the strategies side by side."""
+    stages = Table(title=f"Plan '{plan.strategy}' for a budget of "
+                         f"{format_bytes(plan.budget_bytes)} ({plan.cost_model} costs)",
+                   title_justify="left")
+    for name in ("stage", "tape", "forward runs"):
+        stages.add_column(name, justify="left" if name != "forward runs" else "right")
+    for row in plan.stages():
+        tape = Text("kept", style="green") if row["tape"] == "kept" else Text("dropped",
+                                                                               style="yellow")
+        stages.add_row(row["name"], tape, str(row["recomputes"] + 1))
+    console.print(stages)
+    console.print(_comparison([plan, *alternatives]))
+    headroom = plan.budget_bytes - plan.peak_bytes
+    console.print(
+        f"predicted peak {format_bytes(plan.peak_bytes)} against a budget of "
+        f"{format_bytes(plan.budget_bytes)} ({format_bytes(headroom)} to spare), "
+        f"{plan.compute_overhead:.1%} more compute than the unplanned step, whose peak is "
+        f"{format_bytes(plan.baseline_peak_bytes)}"
+    )
+
+
+def _comparison(plans: list[Plan]) -> Table:
+    table = Table(title="Strategies for this budget", title_justify="left")
+    for name in ("strategy", "fits", "predicted peak", "extra compute", "least budget"):
+        table.add_column(name, justify="left" if name in ("strategy", "fits") else "right")
+    for plan in plans:
+        table.add_row(
+            plan.strategy,
+            Text("yes", style="green") if plan.feasible else Text("no", style="red"),
+            format_bytes(plan.peak_bytes),
+            f"{plan.compute_overhead:.1%}",
+            format_bytes(plan.min_feasible_bytes),
+        )
+    return table
+
+
+def render_run(result: RunResult, console: Console) -> None:
+    plan = result.plan
+    table = Table(title=f"{result.steps} training steps under plan '{plan.strategy}'",
+                  title_justify="left")
+    for name in ("", "planned", "unplanned", "budget / predicted"):
+        table.add_column(name, justify="left" if not name else "right")
+    within = result.peak_bytes <= plan.budget_bytes
+    table.add_row("peak", Text(format_bytes(result.peak_bytes),
+                               style="green" if within else "bold red"),
+                  format_bytes(result.baseline_peak_bytes),
+                  f"{format_bytes(plan.budget_bytes)} / {format_bytes(plan.peak_bytes)}")
+    ratio = result.step_s / result.baseline_step_s if result.baseline_step_s else float("nan")
+    table.add_row("step time (median)", f"{result.step_s * 1e3:.2f} ms",
+                  f"{result.baseline_step_s * 1e3:.2f} ms",
+                  f"{ratio:.2f}x measured / {1 + plan.compute_overhead:.2f}x predicted")
+    table.add_row("gradients", "match" if result.gradients_match else Text("DIFFER",
+                                                                           style="bold red"),
+                  "", "bit for bit on the CPU")
+    table.add_row("buffers (BatchNorm)", "match" if result.buffers_match else
+                  Text("DIFFER", style="bold red"), "", "")
+    console.print(table)
+    console.print(Text(f"peaks: {result.peak_source}", style="dim"))
