@@ -196,10 +196,8 @@ class StorageLedger(TorchDispatchMode):
         self.module = ""
         self.stage: int | None = None
         self.flops = 0
-        # One entry per tick (index 0 is "before the first op"): for the trace and the chart.
-        self.tick_ops: list[Any] = ["(start)"]
-        self.tick_modules: list[str] = [""]
-        self.tick_phases: list[str] = ["setup"]
+        # One (op, module, phase) per tick; tick 0 is "before the first op".
+        self.ticks: list[tuple[Any, str, str]] = [("(start)", "", "setup")]
         self.stage_flops: dict[tuple[int, str], int] = {}
         self._on_free = self._make_free_callback()
         self._kinds: dict[Any, Any] = {}
@@ -301,7 +299,8 @@ class StorageLedger(TorchDispatchMode):
         if isinstance(out, torch.Tensor):
             storage = out.untyped_storage()
             if id(storage) not in live:
-                self._tick(func)
+                self.clock += 1
+                self.ticks.append((func, self.module, self.phase))
                 self._born(out, storage, func)
         elif isinstance(out, (tuple, list)):
             ticked = False
@@ -310,7 +309,8 @@ class StorageLedger(TorchDispatchMode):
                     storage = item.untyped_storage()
                     if id(storage) not in live:
                         if not ticked:
-                            self._tick(func)
+                            self.clock += 1
+                            self.ticks.append((func, self.module, self.phase))
                             ticked = True
                         self._born(item, storage, func)
         if kind is not _PLAIN:
@@ -326,12 +326,6 @@ class StorageLedger(TorchDispatchMode):
         # costs a few microseconds per op. The ledger never runs under torch.compile's tracing.
         return False
 
-    def _tick(self, func: Any) -> None:
-        self.clock += 1
-        self.tick_ops.append(func)
-        self.tick_modules.append(self.module)
-        self.tick_phases.append(self.phase)
-
     def _born(self, tensor: torch.Tensor, storage: torch.UntypedStorage, func: Any) -> None:
         nbytes = storage.nbytes()
         if tensor.is_cuda:
@@ -343,7 +337,7 @@ class StorageLedger(TorchDispatchMode):
             Category.TEMPORARIES,
             func,
             self.module,
-            tuple(tensor.shape),
+            tensor.shape,
             tensor.dtype,
             self.phase,
             self.stage,

@@ -268,7 +268,7 @@ def _assemble(
     if training_rise is not None and inference_rise is not None:
         measured = _measured(ledger, inference.ledger, training_rise, inference_rise, backend)
     saved_tensors = tuple(
-        SavedTensor(id=r.index, op=r.op_name, module=r.module, shape=r.shape,
+        SavedTensor(id=r.index, op=r.op_name, module=r.module, shape=tuple(r.shape),
                     dtype=str(r.dtype).removeprefix("torch."), bytes=r.bytes, born=r.born,
                     freed=r.freed)
         for r in sorted(saved, key=lambda r: (-r.bytes, r.born))
@@ -289,7 +289,7 @@ def _assemble(
         },
         memory=memory,
         peak_breakdown={c.value: b for c, b in ledger.breakdown_at(peak_tick).items()},
-        peak_phase=ledger.tick_phases[peak_tick],
+        peak_phase=ledger.ticks[peak_tick][2],
         measured=measured,
         saved_tensors=saved_tensors,
         stages=training.stages,
@@ -348,11 +348,12 @@ def _dtype_of(workload: Workload) -> str:
 
 def _timeline(ledger: StorageLedger, training: StepTrace, peak_tick: int) -> Timeline:
     curves = ledger.category_curves()
-    ops = tuple(op if isinstance(op, str) else op.overloadpacket.__name__ for op in ledger.tick_ops)
+    ops = tuple(op if isinstance(op, str) else op.overloadpacket.__name__
+                for op, _, _ in ledger.ticks)
     return Timeline(
-        phases=tuple(ledger.tick_phases),
+        phases=tuple(phase for _, _, phase in ledger.ticks),
         ops=ops,
-        modules=tuple(ledger.tick_modules),
+        modules=tuple(module for _, module, _ in ledger.ticks),
         curves={c.value: tuple(v) for c, v in curves.items()},
         forward_end=training.forward_end,
         backward_end=training.backward_end,

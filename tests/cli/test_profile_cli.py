@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from memprop_cli.main import app
 from typer.main import get_command
 from typer.testing import CliRunner
 
 import memprop
 from memprop.workload import SeedConfig, seed_workload
+from memprop_cli.main import app
 
 SMALL = ["--input-dim", "16", "--hidden", "32", "--depth", "2", "--batch", "8"]
 
