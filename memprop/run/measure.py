@@ -24,7 +24,7 @@ from memprop.errors import UsageError
 from memprop.plan.solvers import Plan
 from memprop.run.execute import installed
 from memprop.trace.ledger import StorageLedger
-from memprop.trace.step import _register_state, compute_loss, find_chain
+from memprop.trace.step import compute_loss, find_chain, register_step_state
 from memprop.workload import Workload
 
 __all__ = ["RunResult", "run_plan"]
@@ -140,7 +140,7 @@ def _measured_step(workload: Workload, device: torch.device) -> int:
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device))
     ledger = StorageLedger()
-    _register_state(ledger, workload, training=True)
+    register_step_state(ledger, workload, training=True)
     with ledger:
         _step(workload)
     return ledger.peak()[0]

@@ -16,6 +16,7 @@ from torch import nn
 from memprop import __version__
 from memprop.devices import get_device
 from memprop.devices.cpu import CpuDevice
+from memprop.devices.reconcile import Layer
 from memprop.trace.fake import (
     device_of,
     fake_mode_of,
@@ -120,6 +121,9 @@ class Profile:
     """For the built-in MLP: the same totals from the closed-form formulas."""
     trace_s: float
     """Seconds spent tracing (both passes)."""
+    gpu_layers: tuple[Layer, ...] | None = None
+    """On a GPU: the ledger's training peak, the allocator's peaks and NVML's figures, each gap
+    explained (``memprop.devices.reconcile``); None elsewhere."""
 
     @property
     def training_peak_bytes(self) -> int:
@@ -157,6 +161,8 @@ class Profile:
             "loss": self.loss_note,
             "closed_form": self.closed_form,
         }
+        if self.gpu_layers is not None:
+            document["gpu_layers"] = [asdict(layer) for layer in self.gpu_layers]
         if timeline:
             document["timeline"] = {
                 **{k: v for k, v in asdict(self.timeline).items() if k != "curves"},

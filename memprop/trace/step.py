@@ -206,6 +206,11 @@ class _ModuleTracker:
             ]
             start, stop = self.forward_ticks[index]
             back_start, back_stop, back_s = regions.get(index, (0, -1, 0.0))
+            # NOTE [ Gradients summed in the engine ] With two contributions to one parameter
+            # (the seed's weight decay), the engine holds the first from the loss's backward
+            # until the stage's arrives, then sums them into the .grad. The first is part of
+            # loss_residual_bytes and is freed here; counting only what is born here makes the
+            # planner over-predict by it (safe, and pinned under 2% in the calibration tests).
             gradients = sum(
                 r.bytes for r in ledger.records
                 if r.category is Category.GRADIENTS and back_start < r.born <= back_stop
@@ -260,7 +265,9 @@ def _rise(live: list[int], after: list[int], start: int, stop: int) -> int:
     return max(0, max(live[start + 1 : stop + 1]) - after[start])
 
 
-def _register_state(ledger: StorageLedger, workload: Workload, *, training: bool) -> None:
+def register_step_state(ledger: StorageLedger, workload: Workload, *, training: bool) -> None:
+    """Put what exists before the step on the ledger: parameters, buffers, inputs and, for a
+    training step, targets, existing gradients and the optimizer's state."""
     model = workload.model
     for name, parameter in model.named_parameters():
         ledger.register([parameter], Category.PARAMETERS, name)
@@ -285,7 +292,7 @@ def _register_state(ledger: StorageLedger, workload: Workload, *, training: bool
 def trace_training_step(workload: Workload, *, create_graph: bool = False) -> StepTrace:
     """One forward, backward and (when given) optimizer step, every storage on the ledger."""
     ledger = StorageLedger()
-    _register_state(ledger, workload, training=True)
+    register_step_state(ledger, workload, training=True)
     tracker = _ModuleTracker(ledger, workload.model)
     tracker.has_optimizer = workload.optimizer is not None
 
@@ -353,7 +360,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 def trace_inference(workload: Workload) -> StepTrace:
     """The forward pass as prediction runs it: ``eval()`` and ``torch.inference_mode()``."""
     ledger = StorageLedger()
-    _register_state(ledger, workload, training=False)
+    register_step_state(ledger, workload, training=False)
     started = time.perf_counter()
     with _eval_mode(workload.model), torch.inference_mode(), ledger:
         ledger.phase = "forward"

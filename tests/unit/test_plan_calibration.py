@@ -36,9 +36,9 @@ def test_seed_mlp_unplanned_peak_is_the_traced_peak(
 
 @pytest.mark.parametrize("weight_decay", [0.1, 0.01])
 def test_seed_mlp_with_weight_decay_within_two_percent(weight_decay: float) -> None:
-    # The L2 term's gradients are born in the loss's backward; each stage's backward then
-    # replaces them out of place, which ChainCosts.gradient_bytes counts as new gradients:
-    # the model over-predicts by those replaced gradients (safe, and under 2%).
+    # The L2 term's gradients are born in the loss's backward and held by the engine until
+    # each stage's own arrives (NOTE [ Gradients summed in the engine ] in trace/step.py): the
+    # model over-predicts by the largest of them (safe, and under 2%).
     workload = seed_workload(SeedConfig(input_dim=16, hidden=32, classes=4, depth=4, batch=64,
                                         weight_decay=weight_decay, optimizer="adam"))
     predicted, traced = _predicted_and_traced(workload)
