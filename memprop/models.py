@@ -79,7 +79,8 @@ class SeedMLP(nn.Module):
         self.depth = depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        out: torch.Tensor = self.layers(x)
+        return out
 
     def weights(self) -> list[torch.Tensor]:
         """The weight matrices W1..W(depth+1), the terms of the seed's regulariser."""

@@ -3,6 +3,7 @@ inference pass, with PyTorch's MemTracker measured beside it in the same run."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -39,7 +40,8 @@ def _memtracker(workload: Workload) -> None:
 
     tracker = MemTracker()
     extra = [workload.targets] if workload.targets is not None else []
-    tracker.track_external(workload.model, workload.optimizer, *workload.inputs, *extra)
+    owned = [workload.optimizer] if workload.optimizer is not None else []
+    tracker.track_external(workload.model, *owned, *workload.inputs, *extra)
     with tracker:
         output = workload.model(*workload.inputs)
         loss, _ = compute_loss(workload, output)
@@ -59,9 +61,9 @@ def ledger_overhead(*, repeats: int = 21) -> BenchReport:
         workload = seed_workload(config)
         medians = interleaved_medians(
             {
-                "plain": lambda w=workload: _plain(w),
-                "memprop": lambda w=workload: memprop.profile(w),
-                "memtracker": lambda w=workload: _memtracker(w),
+                "plain": functools.partial(_plain, workload),
+                "memprop": functools.partial(memprop.profile, workload),
+                "memtracker": functools.partial(_memtracker, workload),
             },
             repeats=repeats,
         )

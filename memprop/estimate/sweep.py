@@ -295,7 +295,7 @@ def _cell(
     build: Build, batch_size: int, depth: int | None, real: bool, available_bytes: int | None
 ) -> tuple[SweepCell, dict[str, Any]]:
     start = time.perf_counter()
-    size = {"batch_size": batch_size, "depth": depth}
+    size: dict[str, Any] = {"batch_size": batch_size, "depth": depth}
     try:
         fake = trace_fake(build, batch_size, depth)
     except UsageError:

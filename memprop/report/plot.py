@@ -54,7 +54,7 @@ def write_sweep_plot(path: str | Path, sweep: Sweep) -> Path:
         for color, batch in zip(colors, sweep.batch_sizes, strict=False):
             cells = sorted((c for c in ok if c.batch_size == batch and c.depth is not None),
                            key=lambda c: c.depth or 0)
-            xs = [c.depth for c in cells]
+            xs = [c.depth or 0 for c in cells]
             by_depth.plot(xs, [(c.training_peak_bytes or 0) / _GIB for c in cells], "o-",
                           color=color, label=f"batch {batch} training")
             by_depth.plot(xs, [(c.inference_peak_bytes or 0) / _GIB for c in cells], "s--",

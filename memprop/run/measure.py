@@ -151,7 +151,7 @@ def _step(workload: Workload) -> None:
     # training loop that keeps them for logging.
     output = workload.model(*workload.inputs)
     loss, _ = compute_loss(workload, output)
-    loss.backward()  # type: ignore[no-untyped-call]
+    loss.backward()
     if workload.optimizer is not None:
         workload.optimizer.step()
     del output, loss
@@ -199,7 +199,7 @@ def _restore(workload: Workload, snapshot: dict[str, Any]) -> None:
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor]]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []  # type: ignore[no-untyped-call]
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
     return torch.get_rng_state(), cuda
 
 

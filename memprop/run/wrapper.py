@@ -53,8 +53,8 @@ class PlannedModule(nn.Module):
         self._planner = planner
         self.plans: dict[InputKey, Plan] = {}
         """The plans made so far, by the inputs' (shape, dtype, device)."""
-        self.register_state_dict_post_hook(_strip_prefix)  # type: ignore[no-untyped-call]
-        self.register_load_state_dict_pre_hook(_add_prefix)  # type: ignore[no-untyped-call]
+        self.register_state_dict_post_hook(_strip_prefix)
+        self.register_load_state_dict_pre_hook(_add_prefix)
 
     def plan_for(self, *inputs: Any) -> Plan:
         """The plan for these inputs, made on first sight."""

@@ -27,7 +27,7 @@ def new_fake_mode() -> FakeTensorMode:
 
 
 def is_fake(workload: Workload) -> bool:
-    first = next(iter(workload.model.parameters()), None)
+    first: torch.Tensor | None = next(iter(workload.model.parameters()), None)
     if first is None:
         first = workload.inputs[0] if workload.inputs else None
     return isinstance(first, FakeTensor)
@@ -61,7 +61,7 @@ def to_fake_workload(workload: Workload, mode: FakeTensorMode) -> Workload:
         for group in workload.optimizer.param_groups:
             settings = {k: v for k, v in group.items() if k != "params"}
             groups.append({**settings, "params": [memo[id(p)] for p in group["params"]]})
-        optimizer = type(workload.optimizer)(groups)
+        optimizer = type(workload.optimizer)(groups)  # type: ignore[call-arg]
     return Workload(
         model=fake_model,
         inputs=tuple(mode.from_tensor(t) for t in workload.inputs),
