@@ -75,15 +75,17 @@ _IDENTITY_WHEN_NOT_TRAINING = frozenset(
 
 
 _PLAIN = "plain"
-_METADATA = "metadata"
+_ALIAS = "alias"
 _IDENTITY = "identity"
 
 
 def _classify(func: Any) -> Any:
-    """How the hot path treats an op: a metadata query, dropout (identity when not training),
-    an op with a FLOP formula (the formula itself) or a plain op."""
+    """How the hot path treats an op: a metadata query (it cannot allocate), dropout (identity
+    when not training), an op with a FLOP formula (the formula itself) or a plain op. Views are
+    plain: a view of a tensor made outside the step (``lift_fresh`` of a constant) is the first
+    sight of its storage."""
     if func in _METADATA_QUERIES:
-        return _METADATA
+        return _ALIAS
     if func in _IDENTITY_WHEN_NOT_TRAINING:
         return _IDENTITY
     return flop_registry.get(func.overloadpacket, _PLAIN)
@@ -293,7 +295,7 @@ class StorageLedger(TorchDispatchMode):
             # tensors make a fresh output instead. Answer as eager does, so fake equals real.
             return args[0]
         out = func(*args, **kwargs)
-        if kind is _METADATA:
+        if kind is _ALIAS:
             return out
         live = self._live
         if isinstance(out, torch.Tensor):

@@ -194,6 +194,18 @@ class _ModuleTracker:
             else:
                 stop_tick, stopped = backward_end, backward_end_s
             regions.setdefault(index, (tick, stop_tick, stopped - started))
+        # NOTE [ Gradients summed in the engine ] With two contributions to one parameter (the
+        # seed's weight decay), the engine holds the first from the loss's backward until the
+        # stage's own arrives, then sums them into the .grad. The first is part of
+        # loss_residual_bytes and is freed here; counting only what is born here makes the
+        # planner over-predict by it (safe, and pinned under 2% in the calibration tests).
+        gradients_by_stage = [0] * len(self.stage_names)
+        gradient_records = [r for r in ledger.records if r.category is Category.GRADIENTS]
+        for index in range(len(self.stage_names)):
+            back_start, back_stop, _ = regions.get(index, (0, -1, 0.0))
+            gradients_by_stage[index] = sum(
+                r.bytes for r in gradient_records if back_start < r.born <= back_stop
+            )
         stats = []
         for index, name in enumerate(self.stage_names):
             inputs = {r.index for r in self.inputs[index]}
@@ -206,15 +218,6 @@ class _ModuleTracker:
             ]
             start, stop = self.forward_ticks[index]
             back_start, back_stop, back_s = regions.get(index, (0, -1, 0.0))
-            # NOTE [ Gradients summed in the engine ] With two contributions to one parameter
-            # (the seed's weight decay), the engine holds the first from the loss's backward
-            # until the stage's arrives, then sums them into the .grad. The first is part of
-            # loss_residual_bytes and is freed here; counting only what is born here makes the
-            # planner over-predict by it (safe, and pinned under 2% in the calibration tests).
-            gradients = sum(
-                r.bytes for r in ledger.records
-                if r.category is Category.GRADIENTS and back_start < r.born <= back_stop
-            )
             stats.append(StageStats(
                 index=index,
                 name=name,
@@ -229,7 +232,7 @@ class _ModuleTracker:
                 saves_output=any(o in saved for o in outputs),
                 forward_peak_bytes=_rise(live, after, start, stop),
                 backward_peak_bytes=_rise(live, after, back_start, back_stop),
-                gradient_bytes=gradients,
+                gradient_bytes=gradients_by_stage[index],
             ))
         return tuple(stats)
 
