@@ -56,6 +56,18 @@ def _memtracker_peak(workload: Workload) -> int:
     return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
 
 
+def _memtracker_inference_peak(workload: Workload) -> int:
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(workload.model, *workload.inputs)
+    workload.model.eval()
+    with tracker, torch.inference_mode():
+        output = workload.model(*workload.inputs)
+        del output
+    return int(tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"])
+
+
 @pytest.mark.parametrize(("activation", "per_layer"), [("relu", 1), ("tanh", 1), ("gelu", 2)])
 @pytest.mark.parametrize(("batch", "hidden", "depth"), [(1, 3, 1), (8, 16, 2), (32, 100, 5)])
 def test_saved_activations_equal_a_hand_count(
@@ -110,6 +122,12 @@ def test_training_peak_equals_memtracker(name: str) -> None:
     ours = memprop.profile(ZOO[name]()).training_peak_bytes
     theirs = _memtracker_peak(ZOO[name]())
     assert ours == theirs
+
+
+@pytest.mark.parametrize("name", sorted(set(ZOO) - {"frozen"}))
+def test_inference_peak_equals_memtracker(name: str) -> None:
+    ours = memprop.profile(ZOO[name]()).inference_peak_bytes
+    assert ours == _memtracker_inference_peak(ZOO[name]())
 
 
 def _records(result: memprop.Profile) -> list[tuple[object, ...]]:
