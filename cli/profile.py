@@ -70,6 +70,10 @@ def profile_command(
     result = memprop.profile(workload, create_graph=create_graph)
     console = Console()
     render_profile(result, console, top=top)
+    if result.gpu_layers:
+        from memprop.report.terminal_gpu import render_reconciliation
+
+        render_reconciliation(result.gpu_layers, console)
     if json_path is not None:
         console.print(f"wrote {write_json(json_path, result.to_dict())}")
     if html_path is not None:

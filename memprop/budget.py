@@ -38,10 +38,12 @@ def resolve_budget(text: str | int | None, device: str = "cpu") -> Budget:
     if text is not None:
         return Budget(bytes=parse_size(text), source="given")
     backend = get_device(device)
+    headroom = getattr(backend, "headroom_bytes", None)
+    if headroom is not None:
+        # Asking CUDA for its free memory creates the context first, so the context is already
+        # outside the free figure; this process's cached blocks can be reused by the step.
+        return Budget(bytes=int(headroom()),
+                      source=f"{device}'s free memory plus this process's allocator reserve "
+                             f"({format_bytes(int(headroom()))}); the CUDA context is outside it")
     free = backend.available_bytes()
-    context = getattr(backend, "context_bytes", lambda: 0)()
-    if context:
-        return Budget(bytes=max(0, free - context),
-                      source=f"{device}'s free memory ({format_bytes(free)}) less the CUDA "
-                             f"context ({format_bytes(context)})")
     return Budget(bytes=free, source=f"{device}'s available memory now ({format_bytes(free)})")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from memprop import __version__
-from memprop.devices import get_device
+from memprop.devices import get_device, gpu_layers
 from memprop.devices.cpu import CpuDevice
 from memprop.devices.reconcile import Layer
 from memprop.trace.fake import (
@@ -302,6 +302,7 @@ def _assemble(
         chain=training.chain,
         loss_note=training.loss_note,
         timeline=_timeline(ledger, training, peak_tick),
+        gpu_layers=gpu_layers(backend, peak_bytes),
         closed_form=closed_form_for(workload),
         trace_s=training.wall_s + inference.wall_s,
     )
