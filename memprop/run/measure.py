@@ -133,14 +133,18 @@ def _run(workload: Workload, steps: int, device: torch.device) -> _Measured:
 
 
 def _measured_step(workload: Workload, device: torch.device) -> int:
+    ledger = StorageLedger()
+    register_step_state(ledger, workload, training=True)
     if device.type == "cuda":
+        # The allocator's peak counts every tensor of the process (cuBLAS workspaces, other
+        # models); like profile, count the step's own state once, then its rise over the step.
+        state_bytes = ledger.live_after_bytes()[0]
         torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         _step(workload)
         torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device))
-    ledger = StorageLedger()
-    register_step_state(ledger, workload, training=True)
+        return state_bytes + int(torch.cuda.max_memory_allocated(device)) - before
     with ledger:
         _step(workload)
     return ledger.peak()[0]
