@@ -1,0 +1,72 @@
+"""The runtime benchmark's quick mode on tiny models: the report's shape and its invariants
+(never its timings, which belong to the machine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from memprop.bench._runtime_workloads import QUICK_CASES, build
+from memprop.bench.common import BenchReport
+from memprop.bench.runtime import COLUMNS, runtime_curves, write_runtime_plot
+from memprop.trace.step import find_chain
+
+
+@pytest.fixture(scope="module")
+def report() -> BenchReport:
+    return runtime_curves(quick=True)
+
+
+def test_every_model_has_every_curve(report: BenchReport) -> None:
+    assert report.name == "runtime-curves"
+    assert report.columns == COLUMNS
+    for name, (_, batch, _) in QUICK_CASES.items():
+        chain = find_chain(build(name, batch, quick=True).model)
+        assert chain is not None
+        rows = [r for r in report.rows if r["model"] == name]
+        assert [r["setting"] for r in rows if r["contender"] == "checkpoint_sequential"] == [
+            f"segments={k}" for k in range(1, len(chain) + 1)]
+        assert sum(r["contender"] == "none" for r in rows) == 1
+        assert any(r["contender"] == "optimal" for r in rows)
+        for row in rows:
+            assert set(row) == set(COLUMNS)
+            assert row["peak_bytes"] > 0 and row["step_s"] > 0 and row["flops"] > 0
+
+
+def test_optimal_points_stay_within_their_budgets(report: BenchReport) -> None:
+    # Optimal points are made only for budgets at or above the least feasible peak, so every
+    # one is a plan the planner calls feasible.
+    planned = [r for r in report.rows if r["contender"].startswith("optimal")]
+    assert planned
+    for row in planned:
+        assert row["predicted_peak_bytes"] <= row["budget_bytes"]
+        assert row["peak_bytes"] <= row["budget_bytes"], row
+
+
+def test_recomputation_shows_in_the_flops(report: BenchReport) -> None:
+    for row in report.rows:
+        if row["contender"] == "checkpoint_sequential" and row["setting"] == "segments=1":
+            assert row["flops_vs_unplanned"] == 1.0  # one segment: run normally, no recompute
+        elif row["contender"] == "checkpoint_sequential":
+            assert row["flops_vs_unplanned"] > 1.0
+
+
+def test_the_goals_are_stated(report: BenchReport) -> None:
+    text = "\n".join(report.summary)
+    for goal in ("- (a) ", "- (b) ", "- (c) "):
+        assert text.count(goal) == len(QUICK_CASES)
+    for line in report.summary:
+        if line.startswith(("- (a) ", "- (b) At", "- (c) ")):
+            assert ": met" in line or ": missed" in line, line
+    assert text.count("torch.compile: did not run: quick mode skips it.") == len(QUICK_CASES)
+
+
+def test_files_and_plot(report: BenchReport, tmp_path: Path) -> None:
+    written = report.write(tmp_path)
+    assert {p.name for p in written} == {"runtime-curves.md", "runtime-curves.json"}
+    document = json.loads((tmp_path / "runtime-curves.json").read_text())
+    assert document["schema_version"] == 1 and len(document["rows"]) == len(report.rows)
+    png = write_runtime_plot(report, tmp_path / "runtime-curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
