@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 import memprop
-from memprop.devices.cpu import fix_malloc_threshold
 from memprop_cli.bench import bench_command
 from memprop_cli.fit import fit_command
 from memprop_cli.plan import plan_command
@@ -46,7 +45,4 @@ def _root(
 
 
 def main() -> None:
-    # The CPU's measured peak reads RSS: pin glibc's mmap threshold first so freed tensors
-    # go back to the kernel (see NOTE [ Reading a peak from RSS ] in memprop.devices.cpu).
-    fix_malloc_threshold()
     app()

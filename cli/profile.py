@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 import memprop
+from memprop.devices.cpu import fix_malloc_threshold
 from memprop.report.json_report import write_json
 from memprop.report.terminal import render_profile
 from memprop_cli.errors import exits_cleanly
@@ -66,6 +67,11 @@ def profile_command(
         batch=batch, activation=activation, bias=bias, weight_decay=weight_decay, dtype=dtype,
         device=device, optimizer=optimizer,
     )
+    if not fake:
+        # The measured peak reads RSS: pin glibc's mmap threshold so freed tensors go back to
+        # the kernel (NOTE [ Reading a peak from RSS ] in memprop.devices.cpu). Only here: every
+        # large allocation then costs page faults, which would distort timings elsewhere.
+        fix_malloc_threshold()
     workload = build_workload(options, fake=fake)
     result = memprop.profile(workload, create_graph=create_graph)
     console = Console()
