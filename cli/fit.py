@@ -15,40 +15,18 @@ from memprop.report.json_report import write_json
 from memprop.report.terminal import render_fit
 from memprop.units import parse_size
 from memprop_cli.errors import exits_cleanly
-from memprop_cli.options import (
-    Activation,
-    Bias,
-    Classes,
-    Depth,
-    Device,
-    Dtype,
-    Hidden,
-    InputDim,
-    Model,
-    Optimizer,
-    WeightDecay,
-    workload_options,
-)
+from memprop_cli.options import WorkloadOptions, with_workload_options
 from memprop_cli.sweep import builder
 
 
 @exits_cleanly
+@with_workload_options(exclude=("batch",))
 def fit_command(
-    model: Model = None,
+    options: WorkloadOptions,
     budget: Annotated[str | None, typer.Option(
         "--budget", metavar="SIZE",
         help="Cap on the training peak: 1.5GiB, 512MiB (binary), 2GB (decimal); default: the "
              "device's free memory.")] = None,
-    input_dim: InputDim = 784,
-    hidden: Hidden = 1024,
-    classes: Classes = 10,
-    depth: Depth = None,
-    activation: Activation = "relu",
-    bias: Bias = False,
-    weight_decay: WeightDecay = 0.0,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
-    optimizer: Optimizer = "sgd",
     real: Annotated[bool, typer.Option(
         "--real", help="Verify: run the batch found for real and check its peak.")] = False,
     json_path: Annotated[Path | None, typer.Option(
@@ -56,11 +34,7 @@ def fit_command(
 ) -> None:
     """The largest batch whose training peak fits the budget, by bisection on fake traces,
     and the headroom left."""
-    options = workload_options(
-        model=model, input_dim=input_dim, hidden=hidden, classes=classes, depth=depth,
-        batch=1, activation=activation, bias=bias, weight_decay=weight_decay, dtype=dtype,
-        device=device, optimizer=optimizer,
-    )
+    device, depth = options.device, options.depth
     if budget is not None:
         budget_bytes = parse_size(budget)
         source = f"from --budget {budget}"

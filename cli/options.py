@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -76,6 +79,54 @@ class WorkloadOptions:
 
 def workload_options(**values: Any) -> WorkloadOptions:
     return WorkloadOptions(**values)
+
+
+_SHARED: list[tuple[str, Any, Any]] = [
+    ("model", Model, None),
+    ("input_dim", InputDim, SEED.input_dim),
+    ("hidden", Hidden, SEED.hidden),
+    ("classes", Classes, SEED.classes),
+    ("depth", Depth, None),
+    ("batch", Batch, SEED.batch),
+    ("activation", Activation, SEED.activation),
+    ("bias", Bias, SEED.bias),
+    ("weight_decay", WeightDecay, SEED.weight_decay),
+    ("dtype", Dtype, SEED.dtype),
+    ("device", Device, SEED.device),
+    ("optimizer", Optimizer, SEED.optimizer),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_workload_options(*, exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Give a command the options every subcommand shares (the seed MLP's sizes, --model...)
+    in one place: the command takes ``options: WorkloadOptions`` and its own options; typer
+    sees the shared ones first. A command that spells an option its own way (``sweep``'s lists
+    of batch sizes) names it in ``exclude`` and receives the default in ``options``."""
+
+    def decorate(command: F) -> F:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+               for name, p in signature.parameters.items() if name != "options"]
+        shared = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                              annotation=annotation)
+            for name, annotation, default in _SHARED if name not in exclude
+        ]
+        defaults = {name: default for name, _, default in _SHARED}
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            values = {name: default if name in exclude else kwargs.pop(name, default)
+                      for name, default in defaults.items()}
+            return command(options=WorkloadOptions(**values), **kwargs)
+
+        wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[*shared, *own], return_annotation=signature.return_annotation)
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def build_workload(options: WorkloadOptions, *, fake: bool) -> Workload:

@@ -11,23 +11,7 @@ from rich.console import Console
 from memprop.budget import resolve_budget
 from memprop.report.json_report import write_json
 from memprop_cli.errors import exits_cleanly
-from memprop_cli.options import (
-    SEED,
-    Activation,
-    Batch,
-    Bias,
-    Classes,
-    Depth,
-    Device,
-    Dtype,
-    Hidden,
-    InputDim,
-    Model,
-    Optimizer,
-    WeightDecay,
-    build_workload,
-    workload_options,
-)
+from memprop_cli.options import WorkloadOptions, build_workload, with_workload_options
 
 BudgetOption = Annotated[str | None, typer.Option(
     "--budget", metavar="SIZE",
@@ -40,19 +24,9 @@ CostModel = Annotated[str | None, typer.Option(
 
 
 @exits_cleanly
+@with_workload_options()
 def plan_command(
-    model: Model = None,
-    input_dim: InputDim = SEED.input_dim,
-    hidden: Hidden = SEED.hidden,
-    classes: Classes = SEED.classes,
-    depth: Depth = None,
-    batch: Batch = SEED.batch,
-    activation: Activation = SEED.activation,
-    bias: Bias = SEED.bias,
-    weight_decay: WeightDecay = SEED.weight_decay,
-    dtype: Dtype = SEED.dtype,
-    device: Device = SEED.device,
-    optimizer: Optimizer = SEED.optimizer,
+    options: WorkloadOptions,
     budget: BudgetOption = None,
     fake: Annotated[bool, typer.Option("--fake", help="Plan on fake tensors (FLOP costs).")] =
     False,
@@ -67,12 +41,7 @@ def plan_command(
     from memprop.plan.solvers import STRATEGIES, solve
     from memprop.report.terminal_plan import render_plan
 
-    options = workload_options(
-        model=model, input_dim=input_dim, hidden=hidden, classes=classes, depth=depth,
-        batch=batch, activation=activation, bias=bias, weight_decay=weight_decay, dtype=dtype,
-        device=device, optimizer=optimizer,
-    )
-    cap = resolve_budget(budget, device)
+    cap = resolve_budget(budget, options.device)
     costs = cost_model or ("flops" if fake else "measured")
     if strategy not in STRATEGIES:
         from memprop.errors import UsageError

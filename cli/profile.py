@@ -13,42 +13,16 @@ from memprop.devices.cpu import fix_malloc_threshold
 from memprop.report.json_report import write_json
 from memprop.report.terminal import render_profile
 from memprop_cli.errors import exits_cleanly
-from memprop_cli.options import (
-    SEED,
-    Activation,
-    Batch,
-    Bias,
-    Classes,
-    Depth,
-    Device,
-    Dtype,
-    Hidden,
-    InputDim,
-    Model,
-    Optimizer,
-    WeightDecay,
-    build_workload,
-    workload_options,
-)
+from memprop_cli.options import WorkloadOptions, build_workload, with_workload_options
 
 Fake = Annotated[bool, typer.Option(
     "--fake", help="Trace on fake tensors: nothing is allocated, any size can be estimated.")]
 
 
 @exits_cleanly
+@with_workload_options()
 def profile_command(
-    model: Model = None,
-    input_dim: InputDim = SEED.input_dim,
-    hidden: Hidden = SEED.hidden,
-    classes: Classes = SEED.classes,
-    depth: Depth = None,
-    batch: Batch = SEED.batch,
-    activation: Activation = SEED.activation,
-    bias: Bias = SEED.bias,
-    weight_decay: WeightDecay = SEED.weight_decay,
-    dtype: Dtype = SEED.dtype,
-    device: Device = SEED.device,
-    optimizer: Optimizer = SEED.optimizer,
+    options: WorkloadOptions,
     fake: Fake = False,
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", help="Write the profile document (schema_version 1).")] = None,
@@ -62,11 +36,6 @@ def profile_command(
 ) -> None:
     """Trace one training step and one inference pass: every tensor saved for backward, the
     totals by category, the stages, and training against inference."""
-    options = workload_options(
-        model=model, input_dim=input_dim, hidden=hidden, classes=classes, depth=depth,
-        batch=batch, activation=activation, bias=bias, weight_decay=weight_decay, dtype=dtype,
-        device=device, optimizer=optimizer,
-    )
     if not fake:
         # The measured peak reads RSS: pin glibc's mmap threshold so freed tensors go back to
         # the kernel (NOTE [ Reading a peak from RSS ] in memprop.devices.cpu). Only here: every

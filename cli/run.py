@@ -13,40 +13,14 @@ from memprop.errors import OutOfMemoryError
 from memprop.report.json_report import write_json
 from memprop.units import format_bytes
 from memprop_cli.errors import exits_cleanly
-from memprop_cli.options import (
-    SEED,
-    Activation,
-    Batch,
-    Bias,
-    Classes,
-    Depth,
-    Device,
-    Dtype,
-    Hidden,
-    InputDim,
-    Model,
-    Optimizer,
-    WeightDecay,
-    build_workload,
-    workload_options,
-)
+from memprop_cli.options import WorkloadOptions, build_workload, with_workload_options
 from memprop_cli.plan import BudgetOption, CostModel, Strategy
 
 
 @exits_cleanly
+@with_workload_options()
 def run_command(
-    model: Model = None,
-    input_dim: InputDim = SEED.input_dim,
-    hidden: Hidden = SEED.hidden,
-    classes: Classes = SEED.classes,
-    depth: Depth = None,
-    batch: Batch = SEED.batch,
-    activation: Activation = SEED.activation,
-    bias: Bias = SEED.bias,
-    weight_decay: WeightDecay = SEED.weight_decay,
-    dtype: Dtype = SEED.dtype,
-    device: Device = SEED.device,
-    optimizer: Optimizer = SEED.optimizer,
+    options: WorkloadOptions,
     budget: BudgetOption = None,
     steps: Annotated[int, typer.Option(help="Timed training steps, each way.")] = 5,
     strategy: Strategy = "optimal",
@@ -63,12 +37,7 @@ def run_command(
 
     if steps < 1:
         raise UsageError(f"--steps {steps}: give at least 1")
-    options = workload_options(
-        model=model, input_dim=input_dim, hidden=hidden, classes=classes, depth=depth,
-        batch=batch, activation=activation, bias=bias, weight_decay=weight_decay, dtype=dtype,
-        device=device, optimizer=optimizer,
-    )
-    cap = resolve_budget(budget, device)
+    cap = resolve_budget(budget, options.device)
     workload = build_workload(options, fake=False)
     plan = memprop.plan(workload, budget=cap.bytes, strategy=strategy,
                         cost_model=cost_model or "measured")

@@ -16,20 +16,7 @@ from memprop.report.json_report import write_json
 from memprop.report.terminal import render_sweep
 from memprop.workload import load_factory
 from memprop_cli.errors import exits_cleanly
-from memprop_cli.options import (
-    Activation,
-    Bias,
-    Classes,
-    Device,
-    Dtype,
-    Hidden,
-    InputDim,
-    Model,
-    Optimizer,
-    WeightDecay,
-    WorkloadOptions,
-    workload_options,
-)
+from memprop_cli.options import WorkloadOptions, with_workload_options
 
 
 def parse_sizes(text: str, flag: str) -> tuple[int, ...]:
@@ -55,23 +42,15 @@ def builder(options: WorkloadOptions) -> Build:
 
 
 @exits_cleanly
+@with_workload_options(exclude=("batch", "depth"))
 def sweep_command(
-    model: Model = None,
+    options: WorkloadOptions,
     batch: Annotated[str, typer.Option(
         "--batch", metavar="B1,B2,...", help="Batch sizes (columns).")] = "1,64,4096",
     depth: Annotated[str | None, typer.Option(
         "--depth", metavar="D1,D2,...",
         help="Depths (rows); seed MLP default 1,8,64; passed to a factory that accepts depth.",
     )] = None,
-    input_dim: InputDim = 784,
-    hidden: Hidden = 1024,
-    classes: Classes = 10,
-    activation: Activation = "relu",
-    bias: Bias = False,
-    weight_decay: WeightDecay = 0.0,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
-    optimizer: Optimizer = "sgd",
     real: Annotated[bool, typer.Option(
         "--real", help="Run every cell for real (a cell that runs out of memory, or is "
                        "predicted to, is recorded as oom).")] = False,
@@ -87,14 +66,9 @@ def sweep_command(
     if depth is not None:
         depths: tuple[int | None, ...] = parse_sizes(depth, "--depth")
     else:
-        depths = (1, 8, 64) if model is None else (None,)
+        depths = (1, 8, 64) if options.model is None else (None,)
     if plot_path is not None and plot_path.suffix.lower() not in (".png", ".svg"):
         raise UsageError(f"--plot {plot_path}: the suffix says the format, .png or .svg")
-    options = workload_options(
-        model=model, input_dim=input_dim, hidden=hidden, classes=classes, depth=None, batch=1,
-        activation=activation, bias=bias, weight_decay=weight_decay, dtype=dtype,
-        device=device, optimizer=optimizer,
-    )
     build = builder(options)
     console = Console()
     progress = Progress(
