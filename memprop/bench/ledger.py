@@ -10,7 +10,7 @@ import torch
 
 import memprop
 from memprop.bench.common import BenchReport, interleaved_medians
-from memprop.trace.step import compute_loss
+from memprop.trace.step import compute_loss, training_step
 from memprop.workload import SeedConfig, Workload, seed_workload
 
 __all__ = ["ledger_overhead"]
@@ -25,12 +25,7 @@ CASES = {
 
 
 def _plain(workload: Workload) -> None:
-    output = workload.model(*workload.inputs)
-    loss, _ = compute_loss(workload, output)
-    loss.backward()
-    if workload.optimizer is not None:
-        workload.optimizer.step()
-    del output, loss
+    training_step(workload)
     with torch.inference_mode():
         workload.model(*workload.inputs)
 

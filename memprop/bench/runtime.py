@@ -36,7 +36,7 @@ from memprop.plan.solvers import min_feasible_bytes, solve, uniform_tree
 from memprop.run.execute import installed
 from memprop.trace.ledger import StorageLedger
 from memprop.trace.profile import profile
-from memprop.trace.step import compute_loss, find_chain, register_step_state
+from memprop.trace.step import find_chain, register_step_state, training_step
 from memprop.units import format_bytes
 from memprop.workload import Workload
 
@@ -320,13 +320,13 @@ def _measure(workload: Workload, chain: nn.Sequential, c: _Contender) -> _Point:
     ledger = StorageLedger()
     register_step_state(ledger, workload, training=True)
     with _installed(chain, c), ledger:
-        _step(workload)
+        training_step(workload)
     # A step of its own: FlopCounterMode's module tracker holds tensors of its own, which
     # raised a checkpointed transformer's measured peak by 11% when both ran in one step.
     _zero(workload)
     counter = FlopCounterMode(display=False)
     with _installed(chain, c), counter:
-        _step(workload)
+        training_step(workload)
     return _Point(peak_bytes=ledger.peak()[0], flops=counter.get_total_flops())
 
 
@@ -334,7 +334,7 @@ def _stepper(workload: Workload, chain: nn.Sequential, c: _Contender) -> Callabl
     def run() -> None:
         _zero(workload)
         with _installed(chain, c):
-            _step(workload)
+            training_step(workload)
     return run
 
 
@@ -359,14 +359,6 @@ def _installed(chain: nn.Sequential, c: _Contender) -> Iterator[None]:
     else:
         yield
 
-
-def _step(workload: Workload) -> None:
-    output = workload.model(*workload.inputs)
-    loss, _ = compute_loss(workload, output)
-    loss.backward()
-    if workload.optimizer is not None:
-        workload.optimizer.step()
-    del output, loss
 
 
 def _zero(workload: Workload) -> None:

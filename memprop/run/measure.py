@@ -24,7 +24,7 @@ from memprop.errors import UsageError
 from memprop.plan.solvers import Plan
 from memprop.run.execute import installed
 from memprop.trace.ledger import StorageLedger
-from memprop.trace.step import compute_loss, find_chain, register_step_state
+from memprop.trace.step import find_chain, register_step_state, training_step
 from memprop.workload import Workload
 
 __all__ = ["RunResult", "run_plan"]
@@ -124,7 +124,7 @@ def _run(workload: Workload, steps: int, device: torch.device) -> _Measured:
         _zero(workload)
         _sync(device)
         started = time.perf_counter()
-        _step(workload)
+        training_step(workload)
         _sync(device)
         times.append(time.perf_counter() - started)
     buffers = [b.detach().clone() for b in workload.model.buffers()]
@@ -142,23 +142,13 @@ def _measured_step(workload: Workload, device: torch.device) -> int:
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        _step(workload)
+        training_step(workload)
         torch.cuda.synchronize(device)
         return state_bytes + int(torch.cuda.max_memory_allocated(device)) - before
     with ledger:
-        _step(workload)
+        training_step(workload)
     return ledger.peak()[0]
 
-
-def _step(workload: Workload) -> None:
-    # The output and the loss stay held until the step ends, as in the traced step and in a
-    # training loop that keeps them for logging.
-    output = workload.model(*workload.inputs)
-    loss, _ = compute_loss(workload, output)
-    loss.backward()
-    if workload.optimizer is not None:
-        workload.optimizer.step()
-    del output, loss
 
 
 def _zero(workload: Workload) -> None:

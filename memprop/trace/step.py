@@ -20,7 +20,15 @@ from memprop.trace.ledger import Category, StorageLedger, StorageRecord
 from memprop.trace.stages import ChainCosts, StageStats
 from memprop.workload import Workload
 
-__all__ = ["StepTrace", "find_chain", "trace_inference", "trace_training_step"]
+__all__ = [
+    "StepTrace",
+    "compute_loss",
+    "find_chain",
+    "register_step_state",
+    "trace_inference",
+    "trace_training_step",
+    "training_step",
+]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -86,6 +94,19 @@ def compute_loss(workload: Workload, output: Any) -> tuple[torch.Tensor, str]:
         loss = loss + part
     return loss, "output.float().mean() (no loss function given; memory-wise the choice hardly "\
         "matters)"
+
+
+def training_step(workload: Workload) -> None:
+    """One plain training step, untraced: forward, loss, backward and the optimizer's step.
+
+    The output and the loss stay held until the step ends, as in the traced step and in a
+    training loop that keeps them for logging: the peaks of both are the same step's."""
+    output = workload.model(*workload.inputs)
+    loss, _ = compute_loss(workload, output)
+    loss.backward()
+    if workload.optimizer is not None:
+        workload.optimizer.step()
+    del output, loss
 
 
 class _ModuleTracker:
