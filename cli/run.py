@@ -46,6 +46,14 @@ def run_command(
     if cap.source != "given":
         console.print(f"budget: {cap.source}")
     render_run(result, console)
+    if options.device.startswith("cuda"):
+        from memprop.devices import get_device
+        from memprop.report.terminal_gpu import render_reconciliation
+
+        # The allocator's peaks were last reset for the unplanned run, which ran last.
+        layers = get_device(options.device).layers(result.baseline_peak_bytes)  # type: ignore[attr-defined]
+        console.print("the unplanned step on the device:")
+        render_reconciliation(layers, console)
     if json_path is not None:
         console.print(f"wrote {write_json(json_path, result.to_dict())}")
     if result.peak_bytes > plan.budget_bytes:
