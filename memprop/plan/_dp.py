@@ -25,12 +25,28 @@ The cost table discretises bytes into slots of ``u`` bytes: every size is rounde
 slots, the budget *down*. A constraint ``sum(sizes) <= m`` checked as ``sum(ceil(size/u)) <=
 floor(m/u)`` implies the exact one, and the memory passed to a sub-problem, ``floor(m/u) -
 ceil(r/u)`` slots, is at most ``(m - r)/u``, so by induction every plan the table accepts fits in
-exact bytes. ``u`` is the gcd of all sizes when that leaves at most ``max_slots`` slots (then the
-table is exact), else ``ceil(m/max_slots)``.
+exact bytes. ``u`` is the gcd of all sizes when that leaves at most ``max_slots`` slots plus
+the extra columns below (then the table is exact), else ``ceil(m/max_slots)``.
+
+# NOTE [ Slots at the budget's boundary ]
+Rounding is safe but loses plans: one whose exact peak is the budget is priced up to one slot
+too high per rounded term, and the budget one slot too low. A constraint sums at most ``2 U + 2``
+terms on ``U`` units (a tape and a stored input per unit on the way down, then a moment and a
+gradient), so every plan that fits in exact bytes is in the table ``2 U + 2`` columns above the
+budget's own. The table is built with those extra columns (:meth:`CostTable.column` gives the
+whole chain's cost at each); the budget's own column fits by the induction above, a column
+above it only if the simulator says so. ``solvers._optimal_table`` bisects over the columns
+where the cost drops for the cheapest plan that fits; the budget is never exceeded, since every
+plan it returns was either at the safe column or simulated within the budget. Not exact still:
+each column shows one plan of its cost, and a cheaper plan that fits may be hidden behind one
+that does not at every column (uniform chains of 4 KiB states and 3 MB tapes lose a checkpoint
+this way); ``solve`` keeps the exact least-peak plan and ``checkpoint_sequential``'s plans as nets.
 
 Speed: both tables are filled by diagonal (segment length ``L``), vectorised over every start
-``a`` and, for costs, over the memory axis; the split offset ``k`` is the only Python loop, so the
-table costs ``n^2/2`` numpy operations on ``(n - L, slots)`` arrays.
+``a`` and, for costs, over the memory axis; the split offset ``k`` is the only Python loop of the
+cost table: ``n^2/2`` pairs of numpy operations (an add, a minimum) on ``(n - L, slots)`` arrays,
+a checkpoint's first forward masked only in the rows where neither part's first finite column
+implies it. ``min_peak`` takes each diagonal as one expression over every split.
 """
 
 from __future__ import annotations
@@ -44,7 +60,8 @@ import numpy as np
 from memprop.plan.chain import Chain
 from memprop.plan.schedule import Child, Segment
 
-_INF = math.inf
+INF = math.inf
+_INF = INF
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -203,10 +220,18 @@ def _windows(p: Units) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
 
 def _shift(arr: np.ndarray, by: np.ndarray, ar: np.ndarray) -> np.ndarray:
     """``out[r, m] = arr[r, m - by[r]]``, infinite where ``m < by[r]``."""
-    idx = ar[None, :] - by[:, None]
-    out = np.take_along_axis(arr, np.clip(idx, 0, None), axis=1)
-    out[idx < 0] = _INF
+    width = arr.shape[1]
+    out = np.full(arr.shape, _INF)
+    for r, s in enumerate(by.tolist()):
+        if s < width:
+            out[r, s:] = arr[r, : width - s]
     return out
+
+
+def _first_finite(arr: np.ndarray) -> np.ndarray:
+    """Per row of a table non-increasing along ``m``: the first finite column (``m + 1`` when
+    none is)."""
+    return np.asarray(np.count_nonzero(np.isinf(arr), axis=1))
 
 
 class CostTable:
@@ -222,14 +247,29 @@ class CostTable:
             need = np.maximum(p.fk[h] + g, p.bm[h])
             need[-1] = max(need[-1], p.lm[h][-1])
             D[h][0] = np.where(ar[None, :] >= need[:, None], fb[:, None], _INF)
+        # C[k-1][a] = D[1][k-1][a] + sumf[k-1][a]: a checkpoint of k units, its first forward and
+        # its re-run, summed once rather than once per enclosing segment. lo0[L][a] and
+        # loC[k-1][a]: the first finite column of D[0][L][a] and of C[k-1][a] (rows are
+        # non-increasing in m, so finite from there on).
+        C: list[Any] = [None] * n
+        lo0: list[Any] = [None] * n
+        loC: list[Any] = [None] * n
+        C[0] = D[1][0] + sumf[0][:, None]
+        lo0[0], loC[0] = _first_finite(D[0][0]), _first_finite(C[0])
+        tmp = np.empty((n, slots + 1))
         for L in range(1, n):
             rows, gb = n - L, g[L:]
             best = np.full((rows, slots + 1), _INF)
+            t = tmp[:rows]
             for k in range(1, L + 1):
-                tmp = D[1][k - 1][:rows] + D[0][L - k][k : k + rows]
-                tmp += sumf[k - 1][:rows, None]
-                tmp[ar[None, :] < (fnw[k - 1][:rows] + gb)[:, None]] = _INF
-                np.minimum(best, tmp, out=best)
+                np.add(C[k - 1][:rows], D[0][L - k][k : k + rows], out=t)
+                # The checkpoint's first forward, with the segment's gradient live, must fit: a
+                # bound that both parts' own first finite columns usually imply already.
+                need = fnw[k - 1][:rows] + gb
+                short = need > np.maximum(loC[k - 1][:rows], lo0[L - k][k : k + rows])
+                for r in np.flatnonzero(short):
+                    t[r, : need[r]] = _INF
+                np.minimum(best, t, out=best)
             src = np.where(p.so[:rows, None], D[1][L - 1][1:], D[0][L - 1][1:])
             for h in (0, 1):
                 ckpt = best if h == 1 else _shift(best, p.xin[:rows], ar)
@@ -237,13 +277,20 @@ class CostTable:
                 need = np.maximum(p.fk[h][:rows] + gb, p.bm[h][:rows])
                 keep[ar[None, :] < need[:, None]] = _INF
                 D[h][L] = np.minimum(keep, ckpt)
-        self.D = D
+            C[L] = D[1][L] + sumf[L][:, None]
+            lo0[L], loC[L] = _first_finite(D[0][L]), _first_finite(C[L])
+        self.D, self.C = D, C
 
-    def best(self) -> float:
-        return float(self.D[1][self.p.n - 1][0, self.slots])
+    def best(self, m: int | None = None) -> float:
+        """The least compute of the whole chain with ``m`` slots (default: all of them)."""
+        return float(self.D[1][self.p.n - 1][0, self.slots if m is None else m])
 
-    def tree(self, chain_len: int) -> Segment:
-        """The plan that attains :meth:`best` (which must be finite)."""
+    def column(self) -> np.ndarray:
+        """:meth:`best` at every ``m``, non-increasing."""
+        return np.asarray(self.D[1][self.p.n - 1][0])
+
+    def tree(self, chain_len: int, m: int | None = None) -> Segment:
+        """The plan that attains :meth:`best` at ``m`` slots (which must be finite)."""
         p, D = self.p, self.D
 
         def choose(a: int, b: int, h: int, m: int) -> tuple[str, int, int]:
@@ -256,12 +303,12 @@ class CostTable:
             for k in range(1, L + 1):
                 if mp < self.fnw[k - 1][a] + self.g[b]:
                     continue
-                val = D[1][k - 1][a, mp] + D[0][L - k][a + k, mp] + self.sumf[k - 1][a]
+                val = self.C[k - 1][a, mp] + D[0][L - k][a + k, mp]
                 if val == target:
                     return "ckpt", k, mp
             raise AssertionError(f"no choice attains the table at {a}..{b}, h={h}, m={m}")
 
-        return _rebuild(p, chain_len, self.slots, choose)
+        return _rebuild(p, chain_len, self.slots if m is None else m, choose)
 
 
 def min_peak(p: Units) -> tuple[int, Segment, int]:
@@ -269,23 +316,28 @@ def min_peak(p: Units) -> tuple[int, Segment, int]:
     and the chain length it covers."""
     n = p.n
     fnw, _, g = _windows(p)
-    P: list[list[Any]] = [[None] * n, [None] * n]
+    # P[h][L, a]: the least peak of units a..a+L, as square arrays (the unused corner stays 0) so
+    # that each diagonal is one numpy expression over every split k and start a.
+    P = [np.zeros((n, n), dtype=np.int64), np.zeros((n, n), dtype=np.int64)]
+    F = np.zeros((n, n), dtype=np.int64)  # F[k-1, a] = fnw[k-1][a]
+    for k in range(n):
+        F[k, : n - k] = fnw[k]
     for h in (0, 1):
         P[h][0] = np.maximum(p.fk[h] + g, p.bm[h])
         P[h][0][-1] = max(P[h][0][-1], p.lm[h][-1])
     for L in range(1, n):
         rows, gb = n - L, g[L:]
-        best = np.full(rows, np.iinfo(np.int64).max)
-        for k in range(1, L + 1):
-            cand = np.maximum(np.maximum(P[1][k - 1][:rows], P[0][L - k][k : k + rows]),
-                              fnw[k - 1][:rows] + gb)
-            np.minimum(best, cand, out=best)
-        src = np.where(p.so[:rows], P[1][L - 1][1:], P[0][L - 1][1:])
+        ks = np.arange(1, L + 1)[:, None]
+        starts = ks + np.arange(rows)[None, :]
+        cand = np.maximum(np.maximum(P[1][:L, :rows], P[0][L - ks, starts]),
+                          F[:L, :rows] + gb[None, :])
+        best = cand.min(axis=0)
+        src = np.where(p.so[:rows], P[1][L - 1][1 : rows + 1], P[0][L - 1][1 : rows + 1])
         for h in (0, 1):
             keep = np.maximum(np.maximum(p.fk[h][:rows] + gb, p.bm[h][:rows]),
                               p.ret[h][:rows] + src)
             ckpt = best + (p.xin[:rows] if h == 0 else 0)
-            P[h][L] = np.minimum(keep, ckpt)
+            P[h][L, :rows] = np.minimum(keep, ckpt)
 
     def choose(a: int, b: int, h: int, m: int) -> tuple[str, int, int]:
         L, target = b - a, P[h][b - a][a]

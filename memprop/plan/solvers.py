@@ -127,26 +127,102 @@ def _groups(atoms: list[tuple[int, int]], max_units: int) -> list[tuple[int, int
 
 def min_feasible_bytes(chain: Chain) -> tuple[int, Segment]:
     """The least training peak of any plan (exact), and a plan that attains it."""
-    units = _dp.make_units(chain, chain.atoms())
+    return _min_feasible(chain, _dp.make_units(chain, chain.atoms()))
+
+
+def _min_feasible(chain: Chain, units: _dp.Units) -> tuple[int, Segment]:
     peak, tree, _ = _dp.min_peak(units)
     return max(chain.fixed_bytes + peak, chain.optimizer_peak_bytes), tree
 
 
 def _optimal(chain: Chain, budget_bytes: int, max_slots: int, max_units: int
              ) -> tuple[Segment, int]:
-    floor_bytes, floor_tree = min_feasible_bytes(chain)
-    avail = budget_bytes - chain.fixed_bytes
+    atoms = chain.atoms()
+    atom_units = _dp.make_units(chain, atoms)
+    floor_bytes, floor_tree = _min_feasible(chain, atom_units)
     if budget_bytes < floor_bytes:
         return floor_tree, floor_bytes
-    units = _dp.make_units(chain, _groups(chain.atoms(), max_units))
-    unit = max(units.gcd(), -(-avail // max_slots), 1)
-    table = _dp.CostTable(units.in_slots(unit), avail // unit)
-    candidates = [floor_tree]
-    if table.best() < float("inf"):
-        candidates.append(table.tree(len(chain)))
-    # Rounding or grouping can only lose: the exact least-peak plan stands in when they do.
-    best = min(candidates, key=lambda t: simulate(chain, t).compute)
-    return best, floor_bytes
+    groups = _groups(atoms, max_units)
+    units = atom_units if groups == atoms else _dp.make_units(chain, groups)
+    best, bar = floor_tree, simulate(chain, floor_tree).compute
+    table_tree = _optimal_table(chain, budget_bytes, units, max_slots)
+    if table_tree is not None:
+        compute = simulate(chain, table_tree).compute
+        if compute < bar:
+            best, bar = table_tree, compute
+    # Rounding or grouping can only lose: the exact least-peak plan stands in when they do, and
+    # checkpoint_sequential's plans are a last net.
+    return _uniform_net(chain, budget_bytes, best, bar), floor_bytes
+
+
+def _slot_size(units: _dp.Units, avail: int, max_slots: int) -> tuple[int, int, int]:
+    """(slot size ``u``, the budget in slots rounded down, extra columns); see ``NOTE [ Slots
+    and why rounding is safe ]``."""
+    exact = max(units.gcd(), 1)
+    spare = 2 * units.n + 2  # the most rounded terms one constraint sums
+    if avail // exact <= max_slots + spare:
+        return exact, avail // exact, 0
+    unit = -(-avail // max_slots)
+    return unit, avail // unit, spare
+
+
+def _optimal_table(chain: Chain, budget_bytes: int, units: _dp.Units, max_slots: int
+                   ) -> Segment | None:
+    """The cost table's cheapest plan that the simulator finds within ``budget_bytes``, among
+    those at the budget's own column and the extra ones above it; ``None`` if none is finite."""
+    avail = budget_bytes - chain.fixed_bytes
+    unit, base, extra = _slot_size(units, avail, max_slots)
+    table = _dp.CostTable(units.in_slots(unit), base + extra)
+    col = table.column()
+    # From the budget's column up, the first column of each value the table takes (the most
+    # frugal plan at that compute); the budget's own column fits by the NOTE's induction.
+    cols = [c for c in range(base, base + extra + 1)
+            if col[c] < _dp.INF and (c == base or col[c] < col[c - 1])]
+    if not cols:
+        return None
+
+    def fits(i: int) -> bool:
+        if cols[i] == base:
+            return True
+        return simulate(chain, table.tree(len(chain), cols[i])).peak_bytes <= budget_bytes
+
+    # Whether a column's plan fits is near enough monotone in the column to bisect: the
+    # cheapest column first, then the boundary between the lowest and it.
+    lo, hi = 0, len(cols) - 1
+    if fits(hi):
+        lo = hi
+    elif not fits(lo):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return table.tree(len(chain), cols[lo])
+
+
+def _uniform_net(chain: Chain, budget_bytes: int, best: Segment, bar: float) -> Segment:
+    """``best`` (whose compute is ``bar``), or a ``checkpoint_sequential`` plan that fits at less
+    compute. They are tried cheapest first and only while cheaper, at most ``tries`` of them."""
+    n, atoms = len(chain), chain.atoms()
+    ends = [0.0]
+    for a, b in atoms:
+        ends.append(ends[-1] + sum(s.forward_cost for s in chain.stages[a:b]))
+    baseline = sum(s.forward_cost + s.backward_cost for s in chain.stages)
+
+    def recomputed(k: int) -> float:  # the checkpointed atoms' forward runs twice
+        return ends[(len(atoms) // k) * (k - 1)]
+
+    tries = max(8, 20_000 // n)  # simulating a long chain's plans is not free
+    for k in sorted(range(1, len(atoms) + 1), key=recomputed)[:tries]:
+        if baseline + recomputed(k) >= bar:
+            break
+        tree = uniform_tree(n, k, atoms)
+        sim = simulate(chain, tree)
+        if sim.compute < bar and sim.peak_bytes <= budget_bytes:
+            return tree
+    return best
 
 
 def solve(

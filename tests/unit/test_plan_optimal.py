@@ -10,7 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memprop.errors import BudgetInfeasibleError
-from memprop.plan import Chain, Segment, Stage, _dp, min_feasible_bytes, simulate, solve
+from memprop.plan import (
+    Chain,
+    Segment,
+    Stage,
+    _dp,
+    min_feasible_bytes,
+    simulate,
+    solve,
+    solvers,
+    uniform_tree,
+)
 from memprop.plan.schedule import flat
 
 
@@ -141,3 +151,67 @@ def test_grouped_plans_fit_and_never_beat_the_exact_ones() -> None:
             grouped = solve(chain, budget, "optimal", max_slots=10**6, max_units=6)
             assert grouped.peak_bytes <= budget
             assert exact.compute <= grouped.compute
+
+
+_MIB = 1024**2
+_ULPS = 1e-12
+"""Relative slack for costs in seconds: equal plans summed in another order differ by ulps."""
+
+
+def _realistic_chain(rng: random.Random, n: int) -> Chain:
+    """Sizes as a traced model gives them: MiB-scale, multiples of 4 bytes and no larger common
+    factor, so that the cost table rounds to slots instead of counting bytes exactly."""
+    def size(top: int) -> int:
+        return rng.randint(1, top * _MIB // 4) * 4
+
+    stages: list[Stage] = []
+    for i in range(n):
+        aliases = i > 0 and rng.random() < 0.15
+        out = stages[-1].output_bytes if aliases else size(16)
+        tape, so = size(24) if rng.random() < 0.8 else 0, rng.random() < 0.4
+        stages.append(Stage(
+            name=f"s{i}", forward_cost=rng.uniform(1e-3, 1e-2),
+            backward_cost=rng.uniform(2e-3, 2e-2), input_bytes=0, output_bytes=out,
+            saved_bytes=tape + (out if so else 0), saves_input=rng.random() < 0.7,
+            saves_output=so, forward_peak_bytes=size(40), backward_peak_bytes=size(40),
+            gradient_bytes=rng.choice((0, 0, size(8))), aliases_input=aliases,
+        ))
+    return Chain(stages=tuple(stages), fixed_bytes=size(512),
+                 loss_peak_bytes=rng.choice((None, size(32))),
+                 loss_residual_bytes=rng.choice((None, size(8))))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 14))
+def test_optimal_never_worse_than_uniform_at_its_exact_peak(seed: int, n: int) -> None:
+    """The budget's boundary: at exactly checkpoint_sequential's peak, for every segment count,
+    optimal costs no more (rounding to slots once lost such plans)."""
+    chain = _realistic_chain(random.Random(seed), n)
+    atoms = chain.atoms()
+    for k in range(1, len(atoms) + 1):
+        uniform = simulate(chain, uniform_tree(n, k, atoms))
+        plan = solve(chain, uniform.peak_bytes, "optimal")
+        assert plan.peak_bytes <= uniform.peak_bytes
+        assert plan.compute <= uniform.compute * (1 + _ULPS), k  # sums in another order
+
+
+def test_cost_table_alone_finds_the_boundary_plans() -> None:
+    """The same property without the uniform plans as a net: the cost table's extra columns,
+    each plan checked by the simulator, find a plan at least as cheap (``solve`` then adds
+    checkpoint_sequential's plans as a last net)."""
+    rng = random.Random(5)
+    for _ in range(12):
+        n = rng.randint(2, 30)
+        chain = _realistic_chain(rng, n)
+        atoms = chain.atoms()
+        units = _dp.make_units(chain, atoms)
+        floor_tree = min_feasible_bytes(chain)[1]
+        for k in range(1, len(atoms) + 1):
+            uniform = simulate(chain, uniform_tree(n, k, atoms))
+            avail = uniform.peak_bytes - chain.fixed_bytes
+            assert solvers._slot_size(units, avail, solvers.DEFAULT_MAX_SLOTS)[2] > 0  # rounded
+            tree = solvers._optimal_table(chain, uniform.peak_bytes, units,
+                                          solvers.DEFAULT_MAX_SLOTS)
+            sims = [simulate(chain, t) for t in (floor_tree, tree) if t is not None]
+            assert all(s.peak_bytes <= uniform.peak_bytes for s in sims)
+            assert min(s.compute for s in sims) <= uniform.compute * (1 + _ULPS), (n, k)

@@ -203,11 +203,17 @@ def test_agreement_holds_for_every_budget_below_two_tapes(steps: int) -> None:
     assert solve(chain, top, "optimal").compute == simulate(chain, flat(steps)).compute
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the cost table's slot is ceil(avail / max_slots) bytes when the sizes' gcd leaves more than "
-    "max_slots slots; with tapes 1000x the activations a slot outweighs an activation, every "
-    "size rounds up and the budget down, and B(c) is worth fewer slots (l=8, c=4: 28 advances, "
-    "Revolve's count is 10)"))
 def test_optimal_equals_revolve_when_tapes_dwarf_activations() -> None:
+    """A slot of ``ceil(avail / max_slots)`` bytes outweighs an activation here: every size rounds
+    up and the budget down, so ``B(c)`` alone is worth fewer slots (l=8, c=4 gave 28 advances).
+    The table's extra columns, each plan checked by the simulator, recover Revolve's count."""
     chain = _uniform_chain(8, act=1000, tape=1_000_003)
     assert _advances(solve(chain, revolve_budget(chain, 4), "optimal").forward_runs) == 10
+    for steps in (5, 12):
+        chain = _uniform_chain(steps, act=1000, tape=1_000_003)
+        for slots in range(2, 6):
+            budget = revolve_budget(chain, slots)
+            assert budget - chain.fixed_bytes > 500 * chain.act_bytes(1)  # rounded, not exact
+            plan = solve(chain, budget, "optimal")
+            assert plan.peak_bytes <= budget
+            assert _advances(plan.forward_runs) == revolve_advances(steps, slots), (steps, slots)
