@@ -98,7 +98,7 @@ def runtime_curves(*, quick: bool = False) -> BenchReport:
         torch.set_num_threads(threads)
 
 
-_REPEATS = 5
+_REPEATS = 9
 
 
 def _case(name: str, batch: int, description: str, *, quick: bool
