@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from memprop.budget import resolve_budget
+from memprop.errors import UsageError
 from memprop.report.json_report import write_json
 from memprop_cli.errors import exits_cleanly
 from memprop_cli.options import WorkloadOptions, build_workload, with_workload_options
@@ -44,13 +45,9 @@ def plan_command(
     cap = resolve_budget(budget, options.device)
     costs = cost_model or ("flops" if fake else "measured")
     if strategy not in STRATEGIES:
-        from memprop.errors import UsageError
-
         raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
     workload = build_workload(options, fake=fake)
     if fake and costs == "measured":
-        from memprop.errors import UsageError
-
         raise UsageError("--cost-model measured needs real tensors: drop --fake or use "
                          "--cost-model flops")
     chain = chain_of(workload, cost_model=costs, fake=fake)

@@ -17,20 +17,13 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from memprop.workload import Workload
 
-__all__ = ["is_fake", "new_fake_mode", "to_fake_workload"]
+__all__ = ["device_of", "fake_mode_of", "new_fake_mode", "to_fake_workload"]
 
 
 def new_fake_mode() -> FakeTensorMode:
     # Real tensors may meet fake ones inside a step (a constant a loss function holds);
     # FakeTensorMode then treats them as fake of the same shape instead of refusing.
     return FakeTensorMode(allow_non_fake_inputs=True)
-
-
-def is_fake(workload: Workload) -> bool:
-    first: torch.Tensor | None = next(iter(workload.model.parameters()), None)
-    if first is None:
-        first = workload.inputs[0] if workload.inputs else None
-    return isinstance(first, FakeTensor)
 
 
 def fake_mode_of(workload: Workload) -> FakeTensorMode | None:

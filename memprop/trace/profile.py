@@ -325,8 +325,8 @@ def _measured(
 ) -> Measured:
     # The device's high-water mark rose by ``rise`` over the step; what was live before the
     # step (tick 0 on the ledger) was already resident, so the measured peak is the sum.
-    training_base = training.live_after_bytes()[0] if training.clock >= 0 else 0
-    inference_base = inference.live_after_bytes()[0] if inference.clock >= 0 else 0
+    training_base = training.live_after_bytes()[0]
+    inference_base = inference.live_after_bytes()[0]
     if isinstance(backend, CpuDevice):
         source = (
             "VmHWM rise over the traced step plus the ledger's bytes live before it: page "
