@@ -63,13 +63,13 @@ def plan(
 
 def chain_of(workload: Workload, *, cost_model: str, fake: bool) -> Chain:
     """The calibrated chain of one traced training step of ``workload``."""
-    from memprop.trace.profile import profile
+    from memprop.trace.profile import trace_chain
 
     if find_chain(workload.model) is None:
         raise UsageError(not_a_chain(workload.model))
     context = contextlib.nullcontext() if fake else _restored(workload)
     with context:
-        costs = profile(workload, fake=fake).chain
+        costs = trace_chain(workload, fake=fake)
     if costs is None:
         raise UsageError(
             f"{type(workload.model).__name__}: the traced step ran no stage of its chain: make "

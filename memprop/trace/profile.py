@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memprop import __version__
 from memprop.devices import get_device, gpu_layers
@@ -28,7 +29,8 @@ from memprop.trace.stages import ChainCosts, StageStats
 from memprop.trace.step import StepTrace, trace_inference, trace_training_step
 from memprop.workload import Workload
 
-__all__ = ["Measured", "MemoryTotals", "Profile", "SavedTensor", "Timeline", "profile"]
+__all__ = ["Measured", "MemoryTotals", "Profile", "SavedTensor", "Timeline", "profile",
+           "trace_chain"]
 
 SCHEMA_VERSION = 1
 
@@ -189,22 +191,35 @@ def profile(
     the same, to the byte. ``create_graph=True`` traces a backward that keeps its own graph (for
     second derivatives) and reports what that graph saves.
     """
-    workload = _as_workload(model, inputs, loss_fn, optimizer, targets)
-    mode = fake_mode_of(workload)
-    if fake and mode is None:
-        mode = new_fake_mode()
-        workload = to_fake_workload(workload, mode)
+    workload, mode = _in_mode(_as_workload(model, inputs, loss_fn, optimizer, targets), fake)
     fake = mode is not None
-    context = mode if mode is not None else contextlib.nullcontext()
     device = device_of(workload)
     backend = None if fake else get_device(device)
-    with context:
+    with mode if mode is not None else contextlib.nullcontext():
         inference, inference_hwm = _traced(trace_inference, workload, backend)
         training, training_hwm = _traced(
             lambda w: trace_training_step(w, create_graph=create_graph), workload, backend
         )
     return _assemble(workload, training, inference, device, fake, training_hwm, inference_hwm,
                      backend)
+
+
+def trace_chain(workload: Workload, *, fake: bool = False) -> ChainCosts | None:
+    """The chain's costs from one traced training step (no inference pass): what the planner
+    needs, for less than a whole profile. None when the model is not a chain."""
+    workload, mode = _in_mode(workload, fake)
+    with mode if mode is not None else contextlib.nullcontext():
+        return trace_training_step(workload).chain
+
+
+def _in_mode(workload: Workload, fake: bool) -> tuple[Workload, FakeTensorMode | None]:
+    """The workload to trace and the fake-tensor mode to trace it in (None: real tensors). A
+    real workload asked for fake is mirrored onto fake tensors and left untouched."""
+    mode = fake_mode_of(workload)
+    if fake and mode is None:
+        mode = new_fake_mode()
+        workload = to_fake_workload(workload, mode)
+    return workload, mode
 
 
 def _as_workload(
