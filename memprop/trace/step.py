@@ -293,7 +293,8 @@ def register_step_state(ledger: StorageLedger, workload: Workload, *, training: 
     """Put what exists before the step on the ledger: parameters, buffers, inputs and, for a
     training step, targets, existing gradients and the optimizer's state."""
     model = workload.model
-    for name, parameter in model.named_parameters():
+    parameters = list(model.named_parameters())
+    for name, parameter in parameters:
         ledger.register([parameter], Category.PARAMETERS, name)
     for name, buffer in model.named_buffers():
         ledger.register([buffer], Category.BUFFERS, name)
@@ -303,7 +304,7 @@ def register_step_state(ledger: StorageLedger, workload: Workload, *, training: 
     if workload.targets is not None:
         ledger.register([workload.targets], Category.INPUTS, "targets")
     ledger.register(
-        [p.grad for p in model.parameters() if p.grad is not None], Category.GRADIENTS, "grad"
+        [p.grad for _, p in parameters if p.grad is not None], Category.GRADIENTS, "grad"
     )
     if workload.optimizer is not None:
         ledger.register(

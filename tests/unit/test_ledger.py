@@ -245,3 +245,21 @@ def test_inference_peak_is_below_training_peak_and_counts_no_labels() -> None:
     result = memprop.profile(seed_workload(SeedConfig(depth=3, batch=64, hidden=128)))
     assert result.inference_peak_bytes < result.training_peak_bytes
     assert result.training_to_inference > 1
+
+
+def test_flops_equal_torch_flop_counter() -> None:
+    """The ledger's FLOP counts (its own matmul formulas, PyTorch's for the rest) against
+    torch.utils.flop_counter over the same step, on a model with mm, addmm, bmm and conv."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for factory in (ZOO["conv-bn"], ZOO["transformer"], ZOO["gelu-mlp"]):
+        counter = FlopCounterMode(display=False)
+        workload = factory()
+        with counter:
+            output = workload.model(*workload.inputs)
+            loss, _ = compute_loss(workload, output)
+            loss.backward()
+        from memprop.trace.step import trace_training_step
+
+        traced = trace_training_step(factory())
+        assert traced.ledger.flops == counter.get_total_flops() > 0
