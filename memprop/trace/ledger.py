@@ -82,9 +82,9 @@ _IDENTITY = "identity"
 
 def _classify(func: Any) -> Any:
     """How the hot path treats an op: a metadata query (it cannot allocate), dropout (identity
-    when not training), an op with a FLOP formula (``count(args, kwargs, out)``) or a plain op. Views are
-    plain: a view of a tensor made outside the step (``lift_fresh`` of a constant) is the first
-    sight of its storage."""
+    when not training), an op with a FLOP formula (``count(args, kwargs, out)``) or a plain op.
+    Views are plain: a view of a tensor made outside the step (``lift_fresh`` of a constant) is
+    the first sight of its storage."""
     if func in _METADATA_QUERIES:
         return _ALIAS
     if func in _IDENTITY_WHEN_NOT_TRAINING:
