@@ -97,17 +97,17 @@ def _classify(func: Any) -> Any:
 
 def _mm_flops(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
     m, k = args[0].shape
-    return 2 * m * k * args[1].shape[1]
+    return int(2 * m * k * args[1].shape[1])
 
 
 def _addmm_flops(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
     m, k = args[1].shape
-    return 2 * m * k * args[2].shape[1]
+    return int(2 * m * k * args[2].shape[1])
 
 
 def _bmm_flops(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
     b, m, k = args[0].shape
-    return 2 * b * m * k * args[1].shape[2]
+    return int(2 * b * m * k * args[1].shape[2])
 
 
 # The matmuls of every linear layer, counted as torch.utils.flop_counter counts them (2·m·k·n,
