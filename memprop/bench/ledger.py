@@ -10,7 +10,7 @@ import torch
 
 import memprop
 from memprop.bench.common import BenchReport, interleaved_medians
-from memprop.trace.step import compute_loss, training_step
+from memprop.trace.step import training_step
 from memprop.workload import SeedConfig, Workload, seed_workload
 
 __all__ = ["ledger_overhead"]
@@ -38,12 +38,7 @@ def _memtracker(workload: Workload) -> None:
     owned = [workload.optimizer] if workload.optimizer is not None else []
     tracker.track_external(workload.model, *owned, *workload.inputs, *extra)
     with tracker:
-        output = workload.model(*workload.inputs)
-        loss, _ = compute_loss(workload, output)
-        loss.backward()
-        if workload.optimizer is not None:
-            workload.optimizer.step()
-        del output, loss
+        training_step(workload)
     tracker.reset_mod_stats()  # MemTracker refuses a second pass over the same modules without
     with tracker, torch.inference_mode():
         workload.model(*workload.inputs)
