@@ -32,8 +32,9 @@ def fit_command(
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", help="Write the fit document (schema_version 1).")] = None,
 ) -> None:
-    """The largest batch whose training peak fits the budget, by bisection on fake traces,
-    and the headroom left."""
+    """The largest batch whose training peak fits the budget.
+
+    Found by bisection on fake traces, with the headroom left, and with checkpointing."""
     device, depth = options.device, options.depth
     if budget is not None:
         budget_bytes = parse_size(budget)

@@ -36,8 +36,9 @@ def plan_command(
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", help="Write the plan document.")] = None,
 ) -> None:
-    """Pick what to recompute so the training peak fits the budget at the least extra compute,
-    with uniform (checkpoint_sequential) and no checkpointing beside it."""
+    """What to recompute so the training peak fits the budget, at the least extra compute.
+
+    Shows uniform (checkpoint_sequential) and no checkpointing beside the chosen strategy."""
     from memprop.plan.api import chain_of
     from memprop.plan.solvers import STRATEGIES, solve
     from memprop.report.terminal_plan import render_plan

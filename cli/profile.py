@@ -34,8 +34,10 @@ def profile_command(
     create_graph: Annotated[bool, typer.Option(
         "--create-graph", help="Backward with create_graph=True (second derivatives).")] = False,
 ) -> None:
-    """Trace one training step and one inference pass: every tensor saved for backward, the
-    totals by category, the stages, and training against inference."""
+    """Where one training step's memory goes, tensor by tensor, against inference.
+
+    Traces one training step and one inference pass: every tensor saved for backward, the
+    totals by category, the stages, and the training and inference peaks."""
     if not fake:
         # The measured peak reads RSS: pin glibc's mmap threshold so freed tensors go back to
         # the kernel (NOTE [ Reading a peak from RSS ] in memprop.devices.cpu). Only here: every

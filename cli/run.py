@@ -28,8 +28,10 @@ def run_command(
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", help="Write the run document.")] = None,
 ) -> None:
-    """Run training steps under the plan, then unplanned: measured peak against predicted and
-    budget, step time against the unplanned step, and whether the gradients match."""
+    """Train under the plan and measure it against the unplanned step.
+
+    Measured peak against predicted and budget, step time against the unplanned step, and
+    whether the gradients match."""
     import memprop
     from memprop.errors import UsageError
     from memprop.report.terminal_plan import render_run

@@ -60,8 +60,9 @@ def sweep_command(
         "--plot", metavar="PATH", help="Draw the peaks against batch and depth (.png, .svg).",
     )] = None,
 ) -> None:
-    """Training and inference peaks for every batch size at every depth, on fake tensors
-    (nothing allocated, any size) unless --real."""
+    """Training and inference peaks against batch size and depth.
+
+    Every cell is traced on fake tensors (nothing allocated, any size) unless --real."""
     batch_sizes = parse_sizes(batch, "--batch")
     if depth is not None:
         depths: tuple[int | None, ...] = parse_sizes(depth, "--depth")
