@@ -20,6 +20,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Docstrings wrap at 100 columns in the source: markdown joins their lines into paragraphs.
+    rich_markup_mode="markdown",
 )
 app.command("profile")(profile_command)
 app.command("sweep")(sweep_command)
