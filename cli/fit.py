@@ -31,6 +31,10 @@ def fit_command(
         "--real", help="Verify: run the batch found for real and check its peak.")] = False,
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", help="Write the fit document (schema_version 1).")] = None,
+    max_overhead: Annotated[float | None, typer.Option(
+        "--max-overhead", metavar="FRACTION",
+        help="With checkpointing: the largest batch at most this much extra compute allows "
+             "(0.3 is 30%); default: no limit.")] = None,
 ) -> None:
     """The largest batch whose training peak fits the budget.
 
@@ -47,7 +51,10 @@ def fit_command(
         depth = options.seed_config().depth
     if depth is not None and depth < 1:
         raise UsageError(f"--depth is {depth}: it must be at least 1")
-    result = fit(build, budget_bytes=budget_bytes, budget_source=source, depth=depth, real=real)
+    if max_overhead is not None and max_overhead < 0:
+        raise UsageError(f"--max-overhead {max_overhead}: give a fraction >= 0 (0.3 is 30%)")
+    result = fit(build, budget_bytes=budget_bytes, budget_source=source, depth=depth, real=real,
+                 max_overhead=max_overhead)
     console = Console()
     render_fit(result, console)
     if json_path is not None:

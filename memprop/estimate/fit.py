@@ -26,12 +26,6 @@ SCHEMA_VERSION = 1
 MAX_BATCH_SIZE = 2**40
 """Where the doubling gives up: a peak that fits at 2**40 examples does not grow with the batch."""
 
-_NO_PLANNER = (
-    "not computed: memprop.plan(workload, budget=...) is not available in this version; "
-    "the largest batch with activation checkpointing will come with the planner"
-)
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FitProbe:
     """One fake trace of the search."""
@@ -136,6 +130,7 @@ def fit(
     depth: int | None = None,
     real: bool = False,
     available_bytes: int | None = None,
+    max_overhead: float | None = None,
 ) -> FitResult:
     """The largest batch size whose fake-traced training peak is at most ``budget_bytes``.
 
@@ -191,7 +186,8 @@ def fit(
             high = middle
     verification = _verify(build, low, depth, peaks[low], budget_bytes, described,
                            available_bytes) if real else None
-    with_checkpointing, overhead, note = _with_checkpointing(build, low, depth, budget_bytes)
+    with_checkpointing, overhead, note = _with_checkpointing(build, low, depth, budget_bytes,
+                                                             max_overhead)
     described = {k: v for k, v in described.items() if k != "batch_size"}
     described["mode"] = "real" if real else "fake"
     return FitResult(
@@ -230,14 +226,12 @@ def _verify(
 
 
 def _with_checkpointing(
-    build: Build, low: int, depth: int | None, budget_bytes: int
+    build: Build, low: int, depth: int | None, budget_bytes: int, max_overhead: float | None
 ) -> tuple[int | None, float | None, str]:
-    """The largest batch that the planner makes fit, once ``memprop.plan`` is a function."""
-    import memprop
+    """The largest batch that the planner makes fit (within ``max_overhead`` extra compute,
+    as a fraction, when given): more recomputation for a larger batch, so bisection holds."""
+    from memprop.plan.api import plan
 
-    plan = getattr(memprop, "plan", None)
-    if not callable(plan):
-        return None, None, _NO_PLANNER
     overheads: dict[int, float] = {}
 
     def feasible(batch_size: int) -> bool:
@@ -249,8 +243,9 @@ def _with_checkpointing(
             result = plan(workload, budget=budget_bytes, strategy="optimal", cost_model="flops")
         except BudgetInfeasibleError:
             return False
-        predicted = result.to_dict().get("predicted", {})
-        overheads[batch_size] = float(predicted.get("compute_overhead", 0.0))
+        if max_overhead is not None and result.compute_overhead > max_overhead:
+            return False
+        overheads[batch_size] = result.compute_overhead
         return True
 
     if not feasible(low):
@@ -263,4 +258,5 @@ def _with_checkpointing(
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if feasible(middle) else (low, middle)
-    return low, overheads.get(low), "memprop.plan, strategy optimal, cost model flops"
+    cap = "" if max_overhead is None else f", at most {max_overhead:.0%} extra compute"
+    return low, overheads.get(low), f"memprop.plan, strategy optimal, cost model flops{cap}"
