@@ -8,12 +8,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from memprop.budget import resolve_budget
 from memprop.errors import UsageError
 from memprop.estimate import fit
-from memprop.estimate.fit import device_free_bytes
 from memprop.report.json_report import write_json
 from memprop.report.terminal import render_fit
-from memprop.units import parse_size
 from memprop_cli.errors import exits_cleanly
 from memprop_cli.options import WorkloadOptions, with_workload_options
 from memprop_cli.sweep import builder
@@ -40,12 +39,10 @@ def fit_command(
 
     Found by bisection on fake traces, with the headroom left, and with checkpointing."""
     device, depth = options.device, options.depth
-    if budget is not None:
-        budget_bytes = parse_size(budget)
-        source = f"from --budget {budget}"
-    else:
-        budget_bytes, source = device_free_bytes(device)
-        source = f"no --budget given, so {source}"
+    cap = resolve_budget(budget, device)
+    budget_bytes = cap.bytes
+    source = (f"from --budget {budget}" if budget is not None
+              else f"no --budget given, so {cap.source}")
     build = builder(options)
     if options.model is None:
         depth = options.seed_config().depth

@@ -36,7 +36,7 @@ from memprop.plan.solvers import min_feasible_bytes, solve, uniform_tree
 from memprop.run.execute import installed
 from memprop.trace.ledger import StorageLedger
 from memprop.trace.profile import profile
-from memprop.trace.step import find_chain, register_step_state, training_step
+from memprop.trace.step import find_chain, register_step_state, training_step, zero_gradients
 from memprop.units import format_bytes
 from memprop.workload import Workload
 
@@ -316,14 +316,14 @@ _COMPILE_CAP_S = 45.0
 
 
 def _measure(workload: Workload, chain: nn.Sequential, c: _Contender) -> _Point:
-    _zero(workload)
+    zero_gradients(workload)
     ledger = StorageLedger()
     register_step_state(ledger, workload, training=True)
     with _installed(chain, c), ledger:
         training_step(workload)
     # A step of its own: FlopCounterMode's module tracker holds tensors of its own, which
     # raised a checkpointed transformer's measured peak by 11% when both ran in one step.
-    _zero(workload)
+    zero_gradients(workload)
     counter = FlopCounterMode(display=False)
     with _installed(chain, c), counter:
         training_step(workload)
@@ -332,7 +332,7 @@ def _measure(workload: Workload, chain: nn.Sequential, c: _Contender) -> _Point:
 
 def _stepper(workload: Workload, chain: nn.Sequential, c: _Contender) -> Callable[[], None]:
     def run() -> None:
-        _zero(workload)
+        zero_gradients(workload)
         with _installed(chain, c):
             training_step(workload)
     return run
@@ -359,13 +359,6 @@ def _installed(chain: nn.Sequential, c: _Contender) -> Iterator[None]:
     else:
         yield
 
-
-
-def _zero(workload: Workload) -> None:
-    if workload.optimizer is not None:
-        workload.optimizer.zero_grad(set_to_none=True)
-    else:
-        workload.model.zero_grad(set_to_none=True)
 
 
 def write_runtime_plot(report: BenchReport, path: Path) -> Path:

@@ -20,7 +20,7 @@ from memprop.estimate.sweep import Build, trace_fake
 from memprop.trace.profile import profile
 from memprop.units import format_bytes
 
-__all__ = ["FitProbe", "FitResult", "Verification", "device_free_bytes", "fit"]
+__all__ = ["FitProbe", "FitResult", "Verification", "fit"]
 
 SCHEMA_VERSION = 1
 MAX_BATCH_SIZE = 2**40
@@ -101,25 +101,6 @@ class FitResult:
             },
             "wall_s": self.wall_s,
         }
-
-
-def device_free_bytes(device: str) -> tuple[int, str]:
-    """The memory a step could take on ``device`` now, and a sentence saying where it comes
-    from: NVML's free memory on a GPU, psutil's available memory on the CPU."""
-    backend = get_device(device)
-    if device.startswith("cuda"):
-        nvml = getattr(backend, "nvml_memory", lambda: None)()
-        if nvml is not None:
-            return int(nvml["free_bytes"]), (
-                f"the free memory of {device} from NVML, {format_bytes(nvml['free_bytes'])} "
-                "now; the CUDA context and the caching allocator's reserve need room above it"
-            )
-        free = backend.available_bytes()
-        return free, (f"the free memory of {device} from cudaMemGetInfo (NVML unavailable), "
-                      f"{format_bytes(free)} now")
-    free = backend.available_bytes()
-    return free, (f"the available memory of this machine (psutil), {format_bytes(free)} now; "
-                  "other processes may take some of it")
 
 
 def fit(

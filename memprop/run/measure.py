@@ -24,7 +24,7 @@ from memprop.errors import UsageError
 from memprop.plan.solvers import Plan
 from memprop.run.execute import installed
 from memprop.trace.ledger import StorageLedger
-from memprop.trace.step import find_chain, register_step_state, training_step
+from memprop.trace.step import find_chain, register_step_state, training_step, zero_gradients
 from memprop.workload import Workload
 
 __all__ = ["RunResult", "run_plan"]
@@ -115,13 +115,13 @@ def run_plan(workload: Workload, plan: Plan, steps: int = 5) -> RunResult:
 
 
 def _run(workload: Workload, steps: int, device: torch.device) -> _Measured:
-    _zero(workload)
+    zero_gradients(workload)
     peak = _measured_step(workload, device)
     gradients = [None if p.grad is None else p.grad.detach().clone()
                  for p in workload.model.parameters()]
     times = []
     for _ in range(steps):
-        _zero(workload)
+        zero_gradients(workload)
         _sync(device)
         started = time.perf_counter()
         training_step(workload)
@@ -149,13 +149,6 @@ def _measured_step(workload: Workload, device: torch.device) -> int:
         training_step(workload)
     return ledger.peak()[0]
 
-
-
-def _zero(workload: Workload) -> None:
-    if workload.optimizer is not None:
-        workload.optimizer.zero_grad(set_to_none=True)
-    else:
-        workload.model.zero_grad(set_to_none=True)
 
 
 def _sync(device: torch.device) -> None:

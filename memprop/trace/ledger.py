@@ -190,13 +190,17 @@ class StorageRecord:
 
     @property
     def op_name(self) -> str:
-        op = self.op
-        if isinstance(op, str):
-            return op
-        return str(op.overloadpacket.__name__) if hasattr(op, "overloadpacket") else str(op)
+        return op_name(self.op)
 
     def live_at(self, tick: int) -> bool:
         return self.born <= tick and (self.freed is None or tick <= self.freed)
+
+
+def op_name(op: Any) -> str:
+    """``relu`` for ``aten.relu.default``; labels such as ``(existing)`` stay as they are."""
+    if isinstance(op, str):
+        return op
+    return str(op.overloadpacket.__name__) if hasattr(op, "overloadpacket") else str(op)
 
 
 class _StorageRef(weakref.ref):  # type: ignore[type-arg]
@@ -255,11 +259,10 @@ class StorageLedger(TorchDispatchMode):
         """Adopt storages that exist before the step (parameters, inputs...), born at tick 0."""
         for tensor in tensors:
             if isinstance(tensor, torch.Tensor):
-                self._adopt(tensor, category, label, op="(existing)")
+                self._adopt(tensor, category, label)
 
-    def _adopt(
-        self, tensor: torch.Tensor, category: Category, label: str, op: Any
-    ) -> StorageRecord:
+    def _adopt(self, tensor: torch.Tensor, category: Category, label: str) -> StorageRecord:
+        """The record of a storage that existed before the step: born at tick 0."""
         storage = tensor.untyped_storage()
         found = self._lookup(storage)
         if found is not None:
@@ -267,9 +270,9 @@ class StorageLedger(TorchDispatchMode):
         record = StorageRecord(
             len(self.records),
             _rounded(storage.nbytes(), tensor.device),
-            0 if op == "(existing)" else self.clock,
+            0,
             category,
-            op,
+            "(existing)",
             label,
             tuple(tensor.shape),
             tensor.dtype,
@@ -301,7 +304,7 @@ class StorageLedger(TorchDispatchMode):
         if record is None:
             # Existed before the step without being registered: a constant the model holds
             # outside its parameters and buffers. It is read by the step, so it is an input.
-            record = self._adopt(tensor, Category.INPUTS, self.module, op="(existing)")
+            record = self._adopt(tensor, Category.INPUTS, self.module)
         if not record.saved:
             record.saved = True
             record.saved_in_phase = self.phase
@@ -385,10 +388,6 @@ class StorageLedger(TorchDispatchMode):
             if record is not None and record.category not in _PREEXISTING:
                 record.category = category
 
-    def live_bytes(self) -> list[int]:
-        """Live bytes at every tick 0..clock, just after that op's outputs were born."""
-        return self._live_curves()[0]
-
     def live_after_bytes(self) -> list[int]:
         """Live bytes at every tick once the storages that died after that op are gone."""
         return self._live_curves()[1]
@@ -428,20 +427,8 @@ class StorageLedger(TorchDispatchMode):
         return {category: list(itertools.accumulate(delta[: self.clock + 1]))
                 for category, delta in deltas.items()}
 
-    def peak(self, start: int = 0, stop: int | None = None) -> tuple[int, int]:
-        """(peak bytes, tick of the peak) over ticks ``start..stop`` inclusive."""
+    def peak(self) -> tuple[int, int]:
+        """(peak bytes, tick of the peak): the largest live total just after an op's outputs."""
         live = self._live_curves()[0]
-        stop = self.clock if stop is None else stop
-        window = live[start : stop + 1]
-        if not window:
-            return 0, start
-        best = max(range(len(window)), key=window.__getitem__)
-        return window[best], start + best
-
-    def breakdown_at(self, tick: int) -> dict[Category, int]:
-        """Live bytes per category at one tick."""
-        totals = dict.fromkeys(Category, 0)
-        for record in self.records:
-            if record.live_at(tick):
-                totals[record.category] += record.bytes
-        return totals
+        best = max(range(len(live)), key=live.__getitem__)
+        return live[best], best

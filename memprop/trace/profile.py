@@ -15,6 +15,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memprop import __version__
+from memprop.closed_form import closed_form_for
 from memprop.devices import get_device, gpu_layers
 from memprop.devices.cpu import CpuDevice
 from memprop.devices.reconcile import Layer
@@ -24,7 +25,7 @@ from memprop.trace.fake import (
     new_fake_mode,
     to_fake_workload,
 )
-from memprop.trace.ledger import Category, StorageLedger
+from memprop.trace.ledger import Category, StorageLedger, op_name
 from memprop.trace.stages import ChainCosts, StageStats
 from memprop.trace.step import StepTrace, trace_inference, trace_training_step
 from memprop.workload import Workload
@@ -294,8 +295,7 @@ def _assemble(
                     freed=r.freed)
         for r in sorted(saved, key=lambda r: (-r.bytes, r.born))
     )
-    from memprop.closed_form import closed_form_for
-
+    timeline = _timeline(ledger, training, peak_tick)
     return Profile(
         tool={"name": "memprop", "version": __version__},
         device=_describe(device, backend),
@@ -309,14 +309,14 @@ def _assemble(
             **({"config": dict(workload.config)} if workload.config else {}),
         },
         memory=memory,
-        peak_breakdown={c.value: b for c, b in ledger.breakdown_at(peak_tick).items()},
+        peak_breakdown={c: curve[peak_tick] for c, curve in timeline.curves.items()},
         peak_phase=ledger.ticks[peak_tick][2],
         measured=measured,
         saved_tensors=saved_tensors,
         stages=training.stages,
         chain=training.chain,
         loss_note=training.loss_note,
-        timeline=_timeline(ledger, training, peak_tick),
+        timeline=timeline,
         gpu_layers=gpu_layers(backend, peak_bytes),
         closed_form=closed_form_for(workload),
         trace_s=training.wall_s + inference.wall_s,
@@ -370,8 +370,7 @@ def _dtype_of(workload: Workload) -> str:
 
 def _timeline(ledger: StorageLedger, training: StepTrace, peak_tick: int) -> Timeline:
     curves = ledger.category_curves()
-    ops = tuple(op if isinstance(op, str) else op.overloadpacket.__name__
-                for op, _, _ in ledger.ticks)
+    ops = tuple(op_name(op) for op, _, _ in ledger.ticks)
     return Timeline(
         phases=tuple(phase for _, _, phase in ledger.ticks),
         ops=ops,

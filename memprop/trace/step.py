@@ -28,6 +28,7 @@ __all__ = [
     "trace_inference",
     "trace_training_step",
     "training_step",
+    "zero_gradients",
 ]
 
 
@@ -78,6 +79,10 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+def _optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return list(_tensors(list(optimizer.state.values())))
+
+
 def compute_loss(workload: Workload, output: Any) -> tuple[torch.Tensor, str]:
     """The step's loss, and a sentence saying how it was obtained."""
     if workload.loss_fn is not None:
@@ -107,6 +112,14 @@ def training_step(workload: Workload) -> None:
     if workload.optimizer is not None:
         workload.optimizer.step()
     del output, loss
+
+
+def zero_gradients(workload: Workload) -> None:
+    """Gradients set to None, as a training loop leaves them between steps."""
+    if workload.optimizer is not None:
+        workload.optimizer.zero_grad(set_to_none=True)
+    else:
+        workload.model.zero_grad(set_to_none=True)
 
 
 class _ModuleTracker:
@@ -215,18 +228,7 @@ class _ModuleTracker:
             else:
                 stop_tick, stopped = backward_end, backward_end_s
             regions.setdefault(index, (tick, stop_tick, stopped - started))
-        # NOTE [ Gradients summed in the engine ] With two contributions to one parameter (the
-        # seed's weight decay), the engine holds the first from the loss's backward until the
-        # stage's own arrives, then sums them into the .grad. The first is part of
-        # loss_residual_bytes and is freed here; counting only what is born here makes the
-        # planner over-predict by it (safe, and pinned under 2% in the calibration tests).
-        gradients_by_stage = [0] * len(self.stage_names)
         gradient_records = [r for r in ledger.records if r.category is Category.GRADIENTS]
-        for index in range(len(self.stage_names)):
-            back_start, back_stop, _ = regions.get(index, (0, -1, 0.0))
-            gradients_by_stage[index] = sum(
-                r.bytes for r in gradient_records if back_start < r.born <= back_stop
-            )
         stats = []
         for index, name in enumerate(self.stage_names):
             inputs = {r.index for r in self.inputs[index]}
@@ -239,6 +241,14 @@ class _ModuleTracker:
             ]
             start, stop = self.forward_ticks[index]
             back_start, back_stop, back_s = regions.get(index, (0, -1, 0.0))
+            # NOTE [ Gradients summed in the engine ] With two contributions to one parameter
+            # (the seed's weight decay), the engine holds the first from the loss's backward
+            # until the stage's own arrives, then sums them into the .grad. The first is part of
+            # loss_residual_bytes and is freed here; counting only what is born here makes the
+            # planner over-predict by it (safe, and pinned under 2% in the calibration tests).
+            gradient_bytes = sum(
+                r.bytes for r in gradient_records if back_start < r.born <= back_stop
+            )
             stats.append(StageStats(
                 index=index,
                 name=name,
@@ -253,14 +263,12 @@ class _ModuleTracker:
                 saves_output=any(o in saved for o in outputs),
                 forward_peak_bytes=_rise(live, after, start, stop),
                 backward_peak_bytes=_rise(live, after, back_start, back_stop),
-                gradient_bytes=gradients_by_stage[index],
+                gradient_bytes=gradient_bytes,
             ))
         return tuple(stats)
 
-    has_optimizer = False
-
     def chain_costs(
-        self, stages: tuple[StageStats, ...], backward_end: int, end: int
+        self, stages: tuple[StageStats, ...], backward_end: int, end: int, *, has_optimizer: bool
     ) -> ChainCosts | None:
         if not stages or not self.backward_marks:
             return None
@@ -276,8 +284,7 @@ class _ModuleTracker:
             fixed_bytes=after[0],
             loss_peak_bytes=_rise(live, after, forward_stop, backward_start),
             loss_residual_bytes=after[backward_start] - after[forward_stop],
-            optimizer_peak_bytes=max(optimizer_ticks) if end > backward_end or self.has_optimizer
-            else 0,
+            optimizer_peak_bytes=max(optimizer_ticks) if has_optimizer else 0,
             traced_peak_bytes=max(live),
         )
 
@@ -307,11 +314,8 @@ def register_step_state(ledger: StorageLedger, workload: Workload, *, training: 
         [p.grad for _, p in parameters if p.grad is not None], Category.GRADIENTS, "grad"
     )
     if workload.optimizer is not None:
-        ledger.register(
-            list(_tensors(list(workload.optimizer.state.values()))),
-            Category.OPTIMIZER_STATE,
-            "optimizer",
-        )
+        ledger.register(_optimizer_state(workload.optimizer), Category.OPTIMIZER_STATE,
+                        "optimizer")
 
 
 def trace_training_step(workload: Workload, *, create_graph: bool = False) -> StepTrace:
@@ -319,7 +323,6 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False) -> St
     ledger = StorageLedger()
     register_step_state(ledger, workload, training=True)
     tracker = _ModuleTracker(ledger, workload.model)
-    tracker.has_optimizer = workload.optimizer is not None
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         tracker.on_saved(ledger.mark_saved(tensor))
@@ -350,10 +353,7 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False) -> St
             grads = [p.grad for p in workload.model.parameters() if p.grad is not None]
             ledger.reclassify(grads, Category.GRADIENTS)
             if workload.optimizer is not None:
-                ledger.reclassify(
-                    list(_tensors(list(workload.optimizer.state.values()))),
-                    Category.OPTIMIZER_STATE,
-                )
+                ledger.reclassify(_optimizer_state(workload.optimizer), Category.OPTIMIZER_STATE)
             del output, loss, grads
     finally:
         tracker.remove()
@@ -365,7 +365,8 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False) -> St
         backward_end=backward_end,
         end=end,
         stages=stages,
-        chain=tracker.chain_costs(stages, backward_end, end),
+        chain=tracker.chain_costs(stages, backward_end, end,
+                                  has_optimizer=workload.optimizer is not None),
         loss_note=loss_note,
         wall_s=wall_s,
     )
