@@ -8,6 +8,7 @@ accepts it. The factory returns ``(model, inputs)``, ``(model, inputs, targets)`
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import inspect
@@ -23,7 +24,16 @@ from torch import nn
 from memprop.errors import UsageError, WorkloadError
 from memprop.models import ACTIVATIONS, SeedMLP, seed_objective
 
-__all__ = ["SeedConfig", "Workload", "as_workload", "load_factory", "seed_workload"]
+__all__ = [
+    "SeedConfig",
+    "Workload",
+    "WorkloadState",
+    "as_workload",
+    "load_factory",
+    "restore_state",
+    "save_state",
+    "seed_workload",
+]
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -271,3 +281,47 @@ def _accepts(func: Callable[..., Any], name: str) -> bool:
     return name in parameters or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
     )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class WorkloadState:
+    """A copy of everything a training step changes: parameters, buffers, gradients, the
+    optimizer's state and the random generators."""
+
+    tensors: list[torch.Tensor]
+    grads: list[torch.Tensor | None]
+    optimizer: dict[str, Any] | None
+    rng: tuple[torch.Tensor, list[torch.Tensor]]
+
+
+def save_state(workload: Workload) -> WorkloadState:
+    model = workload.model
+    with torch.no_grad():
+        return WorkloadState(
+            tensors=[t.detach().clone() for t in (*model.parameters(), *model.buffers())],
+            grads=[None if p.grad is None else p.grad.detach().clone()
+                   for p in model.parameters()],
+            optimizer=(None if workload.optimizer is None
+                       else copy.deepcopy(workload.optimizer.state_dict())),
+            rng=(torch.get_rng_state(),
+                 torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []),
+        )
+
+
+def restore_state(workload: Workload, state: WorkloadState) -> None:
+    """Put the workload back as ``save_state`` found it (the same tensor objects, new values)."""
+    model = workload.model
+    with torch.no_grad():
+        for tensor, saved in zip((*model.parameters(), *model.buffers()), state.tensors,
+                                 strict=True):
+            tensor.copy_(saved)
+        for parameter, grad in zip(model.parameters(), state.grads, strict=True):
+            parameter.grad = None if grad is None else grad.clone()
+    if workload.optimizer is not None and state.optimizer is not None:
+        if state.optimizer["state"]:
+            workload.optimizer.load_state_dict(copy.deepcopy(state.optimizer))
+        else:
+            workload.optimizer.state.clear()
+    torch.set_rng_state(state.rng[0])
+    if state.rng[1]:
+        torch.cuda.set_rng_state_all(state.rng[1])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ from memprop.plan.solvers import STRATEGIES, Plan, solve
 from memprop.trace.fake import fake_mode_of
 from memprop.trace.step import find_chain
 from memprop.units import parse_size
-from memprop.workload import Workload
+from memprop.workload import Workload, restore_state, save_state
 
 __all__ = ["chain_of", "plan"]
 
@@ -120,26 +119,12 @@ def _budget(budget: int | str | None) -> int:
 
 @contextlib.contextmanager
 def _restored(workload: Workload) -> Iterator[None]:
-    """Put parameters, buffers, gradients and the optimizer's state back as they were after a
-    real traced step: planning must not train the caller's model. (A copy of the model would
-    not do: a loss function may hold the model itself, as the seed's weight decay does.)"""
-    model = workload.model
-    with torch.no_grad():
-        tensors = [(t, t.detach().clone()) for t in (*model.parameters(), *model.buffers())]
-        grads = [(p, None if p.grad is None else p.grad.detach().clone())
-                 for p in model.parameters()]
-    state = (None if workload.optimizer is None
-             else copy.deepcopy(workload.optimizer.state_dict()))
+    """Put parameters, buffers, gradients, the optimizer's state and the random generators back
+    as they were after a real traced step: planning must not train the caller's model. (A copy
+    of the model would not do: a loss function may hold the model itself, as the seed's weight
+    decay does.)"""
+    state = save_state(workload)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for tensor, saved in tensors:
-                tensor.copy_(saved)
-            for parameter, grad in grads:
-                parameter.grad = grad
-        if workload.optimizer is not None and state is not None:
-            if state["state"]:
-                workload.optimizer.load_state_dict(state)
-            else:
-                workload.optimizer.state.clear()
+        restore_state(workload, state)

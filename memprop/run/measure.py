@@ -12,7 +12,6 @@ the gradients set to None, as ``zero_grad(set_to_none=True)`` leaves them.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from memprop.plan.solvers import Plan
 from memprop.run.execute import installed
 from memprop.trace.ledger import StorageLedger
 from memprop.trace.step import find_chain, register_step_state, training_step, zero_gradients
-from memprop.workload import Workload
+from memprop.workload import Workload, restore_state, save_state
 
 __all__ = ["RunResult", "run_plan"]
 
@@ -95,10 +94,10 @@ def run_plan(workload: Workload, plan: Plan, steps: int = 5) -> RunResult:
         raise UsageError(f"the plan is for {len(plan.stage_names)} stages and the model has "
                          f"{found}: plan this model with memprop.plan first")
     device = next((p.device for p in workload.model.parameters()), workload.inputs[0].device)
-    start = _snapshot(workload)
+    start = save_state(workload)
     with installed(chain, plan.tree):
         planned = _run(workload, steps, device)
-    _restore(workload, start)
+    restore_state(workload, start)
     baseline = _run(workload, steps, device)
     return RunResult(
         plan=plan,
@@ -154,46 +153,6 @@ def _measured_step(workload: Workload, device: torch.device) -> int:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _snapshot(workload: Workload) -> dict[str, Any]:
-    model = workload.model
-    with torch.no_grad():
-        return {
-            "tensors": [t.detach().clone() for t in (*model.parameters(), *model.buffers())],
-            "grads": [None if p.grad is None else p.grad.detach().clone()
-                      for p in model.parameters()],
-            "optimizer": (None if workload.optimizer is None
-                          else copy.deepcopy(workload.optimizer.state_dict())),
-            "rng": _rng_state(),
-        }
-
-
-def _restore(workload: Workload, snapshot: dict[str, Any]) -> None:
-    model = workload.model
-    with torch.no_grad():
-        for tensor, saved in zip((*model.parameters(), *model.buffers()), snapshot["tensors"],
-                                 strict=True):
-            tensor.copy_(saved)
-        for parameter, grad in zip(model.parameters(), snapshot["grads"], strict=True):
-            parameter.grad = None if grad is None else grad.clone()
-    if workload.optimizer is not None:
-        if snapshot["optimizer"]["state"]:
-            workload.optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
-        else:
-            workload.optimizer.state.clear()
-    _set_rng_state(snapshot["rng"])
-
-
-def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor]]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1]:
-        torch.cuda.set_rng_state_all(state[1])
 
 
 def _same(a: list[torch.Tensor | None], b: list[torch.Tensor | None], device: torch.device,

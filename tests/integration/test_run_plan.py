@@ -210,3 +210,19 @@ def test_plan_refuses_what_it_cannot_do() -> None:
         memprop.plan(mixed_mlp(), budget="1MiB", fake=True)
     with pytest.raises(UsageError, match=r"budget is missing"):
         memprop.plan(mixed_mlp())
+
+
+def test_measured_planning_leaves_the_random_generator_where_it_was() -> None:
+    """Planning with measured costs traces a real step (dropout draws numbers): the caller's
+    random stream must go on as if planning had not happened."""
+    import torch
+    from torch import nn
+
+    import memprop
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 2))
+    x = torch.randn(16, 8)
+    state = torch.get_rng_state()
+    memprop.plan(model, x, budget="1GiB")
+    assert torch.equal(torch.get_rng_state(), state)
