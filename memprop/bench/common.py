@@ -77,10 +77,10 @@ class BenchReport:
 
     def write(self, folder: Path) -> list[Path]:
         document = {"schema_version": 1, **asdict(self)}
-        return [
-            write_text(folder / f"{self.name}.md", self.markdown()),
-            write_text(folder / f"{self.name}.json", json.dumps(document, indent=2) + "\n"),
-        ]
+        markdown, data = folder / f"{self.name}.md", folder / f"{self.name}.json"
+        write_text(markdown, self.markdown())
+        write_text(data, json.dumps(document, indent=2) + "\n")
+        return [markdown, data]
 
 
 def _cell(value: Any) -> str:

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from memprop.report.json_report import write_text
+from memprop.report.output import write_output
 from memprop.trace.profile import Profile
 
 __all__ = ["trace_events", "write_trace"]
@@ -28,8 +28,9 @@ _PID = 1
 _PHASES_TID, _MODULES_TID, _OPS_TID = 1, 2, 3
 
 
-def write_trace(path: str | Path, profile: Profile) -> Path:
-    """Write the profile's trace to ``path`` (atomically); return the path."""
+def write_trace(path: str | Path, profile: Profile) -> str:
+    """Write the profile's trace to ``path`` (``write_output``'s rules: ``-`` is standard output,
+    a regular file is replaced whole); return how to name the destination."""
     document = {
         "traceEvents": trace_events(profile),
         "displayTimeUnit": "ms",
@@ -37,7 +38,7 @@ def write_trace(path: str | Path, profile: Profile) -> Path:
                       "clock": "op ticks of the training step, one tick drawn as 1 µs",
                       "workload": str(profile.workload.get("name", ""))},
     }
-    return write_text(path, json.dumps(document) + "\n")
+    return write_output(path, json.dumps(document) + "\n")
 
 
 def trace_events(profile: Profile) -> list[dict[str, Any]]:

@@ -16,7 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from memprop.report.json_report import write_text
+from memprop.report.output import write_output
 from memprop.trace.profile import Profile
 from memprop.units import format_bytes
 
@@ -75,9 +75,10 @@ svg.addEventListener('mouseleave',function(){out.textContent='';});
 """
 
 
-def write_html(path: str | Path, profile: Profile) -> Path:
-    """Write the profile's HTML report to ``path`` (atomically); return the path."""
-    return write_text(path, render_html(profile.to_dict(timeline=True)))
+def write_html(path: str | Path, profile: Profile) -> str:
+    """Write the profile's HTML report to ``path`` (``write_output``'s rules: ``-`` is standard
+    output, a regular file is replaced whole); return how to name the destination."""
+    return write_output(path, render_html(profile.to_dict(timeline=True)))
 
 
 def render_html(document: dict[str, Any]) -> str:

@@ -5,13 +5,12 @@ asked for: it is the optional ``plot`` extra."""
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from memprop.errors import UsageError
 from memprop.estimate.sweep import Sweep
+from memprop.report.output import write_output
 
 __all__ = ["write_sweep_plot"]
 
@@ -29,8 +28,9 @@ def _figure_class() -> Any:
     return Figure
 
 
-def write_sweep_plot(path: str | Path, sweep: Sweep) -> Path:
-    """Draw the sweep to ``path``; the suffix (``.png`` or ``.svg``) says the format."""
+def write_sweep_plot(path: str | Path, sweep: Sweep) -> str:
+    """Draw the sweep to ``path``; the suffix (``.png`` or ``.svg``) says the format. Return how
+    to name the destination in a message (``write_output``'s rules apply)."""
     target = Path(path)
     fmt = _FORMATS.get(target.suffix.lower())
     if fmt is None:
@@ -75,18 +75,4 @@ def write_sweep_plot(path: str | Path, sweep: Sweep) -> Path:
                     f"({sweep.mode} tensors)")
     buffer = io.BytesIO()
     figure.savefig(buffer, format=fmt, dpi=110)
-    return _write_bytes(target, buffer.getvalue())
-
-
-def _write_bytes(target: Path, payload: bytes) -> Path:
-    if target.is_dir():
-        raise UsageError(f"{target} is a folder: give a file path to write to")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-        os.replace(temporary, target)
-    except OSError as error:
-        raise UsageError(f"cannot write {target}: {error.strerror or error}") from error
-    return target
+    return write_output(path, buffer.getvalue())

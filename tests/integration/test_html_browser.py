@@ -40,7 +40,7 @@ def _chromium(*arguments: str) -> subprocess.CompletedProcess[str]:
 def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = memprop.profile(seed_workload(SeedConfig(input_dim=64, hidden=128, classes=10,
                                                       depth=4, batch=32)))
-    return write_html(tmp_path_factory.mktemp("html") / "profile.html", result)
+    return Path(write_html(tmp_path_factory.mktemp("html") / "profile.html", result))
 
 
 def test_the_page_renders_to_a_screenshot(page: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ _REQUIRED = {"M": {"name", "ph", "pid", "tid", "args"},
 def test_trace_structure(tmp_path: Path) -> None:
     profile = memprop.profile(seed_workload(SeedConfig(input_dim=16, hidden=32, classes=4,
                                                        depth=2, batch=8)))
-    document = json.loads(write_trace(tmp_path / "t.json", profile).read_text())
+    document = json.loads(Path(write_trace(tmp_path / "t.json", profile)).read_text())
     events = document["traceEvents"]
     for event in events:
         assert _REQUIRED[event["ph"]] <= set(event), event

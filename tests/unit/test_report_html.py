@@ -84,7 +84,7 @@ def test_visible_figures_come_from_the_embedded_json(profile: memprop.Profile) -
 
 
 def test_the_page_is_self_contained(profile: memprop.Profile, tmp_path: Path) -> None:
-    path = write_html(tmp_path / "report.html", profile)
+    path = Path(write_html(tmp_path / "report.html", profile))
     page = path.read_text(encoding="utf-8")
     parser = _Figures()
     parser.feed(page)

@@ -24,7 +24,7 @@ def small_sweep() -> Sweep:
 
 def test_png_and_svg(small_sweep: Sweep, tmp_path: Path) -> None:
     png = write_sweep_plot(tmp_path / "s.png", small_sweep)
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = write_sweep_plot(tmp_path / "s.SVG", small_sweep)
     assert ET.parse(svg).getroot().tag.endswith("svg")
     with pytest.raises(UsageError, match=r"\.png or \.svg"):
