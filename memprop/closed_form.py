@@ -15,9 +15,14 @@ functions below walk those moments in the order autograd runs them for this mode
 way round; a storage dies when the last node that saved it has run) and return the largest live
 total. The tests hold every figure here equal to the traced ledger, to the byte.
 
-Known limitations: the training peak covers plain SGD and SGD with momentum; with Adam the
-closed form gives the optimizer state (two moments per parameter and a float32 step counter per
-tensor) but not the step's peak, which depends on the order of its per-parameter temporaries.
+The training peak is the steady state's (the momentum buffers live from the start, updated in
+place), the first step's beside it (each gradient cloned into a new buffer at the end), both for
+a loop that sets gradients to None between steps.
+
+Known limitations: the training peak covers plain SGD and SGD with momentum; with Adam and
+AdamW the closed form gives the optimizer state (two moments per parameter and a float32 step
+counter per tensor) but not the step's peak, which depends on the order of its per-parameter
+temporaries. A loop that keeps its gradients (``set_to_none=False``) has no closed form here.
 """
 
 from __future__ import annotations
@@ -80,11 +85,14 @@ def _inference_peak(m: SeedShape) -> int:
     return live.peak
 
 
-def _training_peak(m: SeedShape) -> int:
+def _training_peak(m: SeedShape, *, first_step: bool) -> int:
+    """The loop's first step (``first_step``: the momentum buffers are made at its end) or its
+    steady state (they are live from the start, and the step updates them in place)."""
     s, a, o = m.s, m.s * m.b * m.h, m.s * m.b * m.q
     weights, biases = m.weight_bytes(), m.bias_bytes()
     gelu = m.activation in _SAVES_INPUT
-    live = _Moments(sum(weights) + sum(biases) + s * m.b * m.d + 8 * m.b)
+    state = 0 if first_step or m.optimizer != "momentum" else sum(weights) + sum(biases)
+    live = _Moments(sum(weights) + sum(biases) + s * m.b * m.d + 8 * m.b + state)
 
     # Forward: z = x Wᵀ (+ b), h = φ(z); an output-saving φ lets z die at once.
     for _ in range(m.D):
@@ -155,7 +163,7 @@ def _training_peak(m: SeedShape) -> int:
         live.free(dh, a)  # φ's saved tensor (z for gelu, h otherwise) dies with its node
         dh = linear_backward(layer, dz, layer > 0, a if gelu and layer > 0 else 0)
     live.free(seed)
-    if m.optimizer == "momentum":
+    if m.optimizer == "momentum" and first_step:
         for w in [*weights, *biases]:
             live.alloc(w)  # the first step clones each gradient into its momentum buffer
     return live.peak
@@ -166,8 +174,8 @@ def closed_form(shape: SeedShape) -> dict[str, int]:
     s, b = shape.s, shape.b
     params = sum(shape.weight_bytes()) + sum(shape.bias_bytes())
     per_layer = 2 if shape.activation in _SAVES_INPUT else 1
-    optimizer_state = {"sgd": 0, "momentum": params,
-                       "adam": 2 * params + 4 * (shape.D + 1) * (2 if shape.bias else 1)}
+    adam = 2 * params + 4 * (shape.D + 1) * (2 if shape.bias else 1)  # + a step per tensor
+    optimizer_state = {"sgd": 0, "momentum": params, "adam": adam, "adamw": adam}
     result = {
         "parameters_bytes": params,
         "gradients_bytes": params,
@@ -177,7 +185,8 @@ def closed_form(shape: SeedShape) -> dict[str, int]:
         "inference_peak_bytes": _inference_peak(shape),
     }
     if shape.optimizer in ("sgd", "momentum"):
-        result["training_peak_bytes"] = _training_peak(shape)
+        result["training_peak_bytes"] = _training_peak(shape, first_step=False)
+        result["first_step_peak_bytes"] = _training_peak(shape, first_step=True)
     return result
 
 
@@ -185,6 +194,8 @@ def closed_form_for(workload: Any) -> dict[str, int] | None:
     """The closed form when the workload is the built-in seed MLP, else None."""
     config = getattr(workload, "config", None) or {}
     if getattr(workload, "name", "") != "seed-mlp" or "hidden" not in config:
+        return None
+    if not getattr(workload, "set_to_none", True):
         return None
     dtype = next(iter(workload.model.parameters())).dtype
     return closed_form(SeedShape(

@@ -10,11 +10,15 @@ __all__ = [
     "BudgetInfeasibleError",
     "DeviceUnavailableError",
     "MemPropError",
+    "ModelError",
     "OutOfMemoryError",
+    "PlanCheckError",
+    "PlanMismatchWarning",
     "UsageError",
     "WorkloadError",
 ]
 
+EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
 EXIT_DOES_NOT_FIT = 3
 
@@ -31,6 +35,12 @@ class UsageError(MemPropError, ValueError):
 
 class WorkloadError(MemPropError):
     """A user's workload cannot be loaded or run: a bad ``--model`` spec, a factory that fails."""
+
+
+class ModelError(WorkloadError):
+    """The user's model, loss or optimizer failed, or gives nothing to train: an exception in
+    its forward (the message names the user's frame; the original is the ``__cause__``), an
+    output that does not require grad, a loss that is not a scalar."""
 
 
 class DeviceUnavailableError(MemPropError):
@@ -53,6 +63,20 @@ class BudgetInfeasibleError(MemPropError):
 
 
 class OutOfMemoryError(MemPropError):
-    """A real run ran out of memory on its device."""
+    """A real run ran out of memory on its device, or would: a fake trace predicted more than
+    the device has."""
 
     exit_code = EXIT_DOES_NOT_FIT
+
+
+class PlanCheckError(MemPropError):
+    """A planned step was traced or measured above its budget: the plan's prediction was wrong,
+    or the plan is not what the step runs. memprop accepted a plan it could not keep, which is
+    memprop's bug (exit 1), said in one line with what was measured."""
+
+    exit_code = EXIT_BUG
+
+
+class PlanMismatchWarning(UserWarning):
+    """A planned step's traced or measured peak differs from the prediction by more than the
+    stated tolerance, within the budget."""

@@ -12,6 +12,7 @@ import copy
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprop.errors import UsageError, WorkloadError
+from memprop.blame import user_code
+from memprop.errors import ModelError, UsageError, WorkloadError
 from memprop.models import ACTIVATIONS, SeedMLP, seed_objective
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "restore_state",
     "save_state",
     "seed_workload",
+    "to_workload",
 ]
 
 LossFn = Callable[..., torch.Tensor]
@@ -61,6 +64,10 @@ class Workload:
     """The depth the factory was asked for, when known."""
     config: dict[str, Any] = field(default_factory=dict)
     """Anything else worth reporting (the seed MLP's widths, for instance)."""
+    set_to_none: bool = True
+    """How the training loop zeroes gradients between steps: ``zero_grad(set_to_none=True)``
+    (torch's default) frees them; ``False`` keeps them allocated, as zeros, through the next
+    step (as gradient accumulation does). See NOTE [ The steady state ] in ``memprop.loop``."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -88,7 +95,7 @@ class SeedConfig:
     device: str = "cpu"
     """cpu, cuda or cuda:N."""
     optimizer: str = "sgd"
-    """sgd (no state), momentum (one buffer per parameter) or adam (two)."""
+    """sgd (no state), momentum (one buffer per parameter), adam or adamw (two)."""
 
     def validate(self) -> None:
         for name in ("input_dim", "hidden", "classes", "depth", "batch"):
@@ -100,9 +107,9 @@ class SeedConfig:
                              f"{', '.join(sorted(ACTIVATIONS))}")
         if self.dtype not in _DTYPES:
             raise UsageError(f"--dtype {self.dtype!r} is not one of {', '.join(_DTYPES)}")
-        if self.optimizer not in _OPTIMIZERS:
+        if self.optimizer not in OPTIMIZERS:
             raise UsageError(f"--optimizer {self.optimizer!r} is not one of "
-                             f"{', '.join(_OPTIMIZERS)}")
+                             f"{', '.join(OPTIMIZERS)}")
         if not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
             raise UsageError(f"--device {self.device!r} is not supported: use cpu, cuda or cuda:N")
         if self.weight_decay < 0:
@@ -129,11 +136,18 @@ def _adam(params: Any) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-3)
 
 
-_OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
+def _adamw(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd": _sgd,
     "momentum": _momentum,
     "adam": _adam,
+    "adamw": _adamw,
 }
+"""The optimizers a workload can be given by name: plain SGD (no state), SGD with momentum
+0.9 (one buffer per parameter), Adam and AdamW (two moments per parameter)."""
 
 
 def dtype_of(name: str) -> torch.dtype:
@@ -166,7 +180,7 @@ def seed_workload(config: SeedConfig, *, seed: int = 0) -> Workload:
         inputs=(inputs.to(device),),
         targets=targets.to(device),
         loss_fn=seed_objective(model),
-        optimizer=_OPTIMIZERS[config.optimizer](model.parameters()),
+        optimizer=OPTIMIZERS[config.optimizer](model.parameters()),
         name="seed-mlp",
         batch_size=config.batch,
         depth=config.depth,
@@ -182,6 +196,53 @@ def seed_workload(config: SeedConfig, *, seed: int = 0) -> Workload:
     )
 
 
+def to_workload(
+    model: nn.Module | Workload,
+    inputs: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | None = None,
+    *,
+    loss_fn: LossFn | None = None,
+    targets: torch.Tensor | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    set_to_none: bool | None = None,
+) -> Workload:
+    """The one conversion of what the Python API is given (a model and its inputs, or a
+    ``Workload``) into a ``Workload``; every public function that takes a model calls it."""
+    if isinstance(model, Workload):
+        given = [name for name, value in (("inputs", inputs), ("loss_fn", loss_fn),
+                                          ("targets", targets), ("optimizer", optimizer))
+                 if value is not None]
+        if given:
+            raise UsageError(f"a Workload carries its own inputs, loss, targets and optimizer, "
+                             f"and {', '.join(given)} was given too: pass the Workload alone, "
+                             "or a model and its inputs")
+        if set_to_none is not None:
+            model.set_to_none = set_to_none
+        return model
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"model is a {type(model).__name__}: give an nn.Module or a "
+                         "memprop.Workload")
+    if inputs is None:
+        raise UsageError("inputs are missing: give a tensor or a tuple of tensors for "
+                         "model(*inputs)")
+    batch = _as_inputs(inputs, what="inputs")
+    if targets is not None and loss_fn is None:
+        raise UsageError("targets were given without a loss_fn, so they would reach no loss: "
+                         "give loss_fn (called as loss_fn(output, targets)), or drop targets")
+    return Workload(model=model, inputs=batch, targets=targets, loss_fn=loss_fn,
+                    optimizer=optimizer, name=type(model).__name__,
+                    batch_size=batch[0].shape[0] if batch and batch[0].dim() else None,
+                    set_to_none=True if set_to_none is None else set_to_none)
+
+
+def _as_inputs(inputs: Any, *, what: str) -> tuple[torch.Tensor, ...]:
+    if isinstance(inputs, torch.Tensor):
+        return (inputs,)
+    if isinstance(inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in inputs):
+        return tuple(inputs)
+    raise UsageError(f"{what} is a {type(inputs).__name__}: give a tensor or a tuple of "
+                     "tensors, passed as model(*inputs)")
+
+
 def as_workload(
     result: Any, *, name: str, batch_size: int | None = None, depth: int | None = None
 ) -> Workload:
@@ -193,18 +254,15 @@ def as_workload(
             result.depth = depth
         return result
     if isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], nn.Module):
-        inputs = result[1]
-        if isinstance(inputs, torch.Tensor):
-            inputs = (inputs,)
-        if not (isinstance(inputs, (tuple, list)) and all(
-            isinstance(t, torch.Tensor) for t in inputs
-        )):
+        try:
+            inputs = _as_inputs(result[1], what="the inputs")
+        except UsageError:
             raise WorkloadError(
                 f"factory {name} returned inputs of type {type(result[1]).__name__}: "
                 "return a tensor or a tuple of tensors"
-            )
+            ) from None
         targets = result[2] if len(result) == 3 else None
-        return Workload(model=result[0], inputs=tuple(inputs), targets=targets, name=name,
+        return Workload(model=result[0], inputs=inputs, targets=targets, name=name,
                         batch_size=batch_size, depth=depth)
     raise WorkloadError(
         f"factory {name} returned {type(result).__name__}: return (model, inputs), "
@@ -213,7 +271,10 @@ def as_workload(
 
 
 def load_factory(spec: str) -> Callable[..., Any]:
-    """The function named by ``package.module:func`` or ``path/to/file.py:func``."""
+    """The function named by ``package.module:func`` or ``path/to/file.py:func``.
+
+    As ``python`` would: a module is looked up from the current folder first, and a file's own
+    folder is on the path while it imports, so that it can import its siblings."""
     module_name, sep, func_name = spec.rpartition(":")
     if not sep or not module_name or not func_name:
         raise UsageError(
@@ -225,51 +286,50 @@ def load_factory(spec: str) -> Callable[..., Any]:
             path = Path(module_name)
             if not path.is_file():
                 raise WorkloadError(f"--model {spec!r}: file {path} does not exist")
+            _on_path(str(path.resolve().parent))
             unique = f"_memprop_factory_{abs(hash(str(path.resolve())))}"
             module_spec = importlib.util.spec_from_file_location(unique, path)
             if module_spec is None or module_spec.loader is None:
                 raise WorkloadError(f"--model {spec!r}: {path} cannot be imported as Python")
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[unique] = module
-            module_spec.loader.exec_module(module)
+            with user_code(f"importing {path}"):
+                module_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(module_name)
-    except WorkloadError:
-        raise
-    except Exception as error:  # the user's module failed to import: say why, in one line
-        raise WorkloadError(
-            f"--model {spec!r}: importing {module_name} failed: {type(error).__name__}: {error}"
-        ) from error
+            _on_path(os.getcwd())
+            with user_code(f"importing {module_name}"):
+                module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        raise WorkloadError(f"--model {spec!r}: no module named {error.name!r} (looked in the "
+                            "current folder and on sys.path)") from error
+    except ModelError as error:
+        raise WorkloadError(f"--model {spec!r}: {error}") from error.__cause__
     func = getattr(module, func_name, None)
     if not callable(func):
         raise WorkloadError(f"--model {spec!r}: {module_name} has no function {func_name!r}")
     return func  # type: ignore[no-any-return]
 
 
+def _on_path(folder: str) -> None:
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
 def call_factory(
     func: Callable[..., Any], *, spec: str, batch_size: int, depth: int | None = None
 ) -> Workload:
     """``func(batch_size=B[, depth=D])`` as a ``Workload``; a failing factory is the user's
-    error, reported in one line."""
+    error, reported in one line that names the factory's frame."""
     kwargs: dict[str, Any] = {"batch_size": batch_size}
-    accepts_depth = _accepts(func, "depth")
+    if not _accepts(func, "batch_size"):
+        raise UsageError(f"{spec} must accept batch_size=...: memprop calls func(batch_size=B)")
     if depth is not None:
-        if not accepts_depth:
+        if not _accepts(func, "depth"):
             raise UsageError(f"--depth was given but {spec} takes no 'depth' argument")
         kwargs["depth"] = depth
-    try:
+    arguments = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    with user_code(f"{spec}({arguments})"):
         result = func(**kwargs)
-    except TypeError as error:
-        if not _accepts(func, "batch_size"):
-            raise UsageError(
-                f"{spec} must accept batch_size=...: memprop calls func(batch_size=B)"
-            ) from error
-        raise WorkloadError(f"{spec}(**{kwargs}) failed: TypeError: {error}") from error
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as error:
-        raise WorkloadError(f"{spec}(**{kwargs}) failed: {type(error).__name__}: {error}") \
-            from error
     return as_workload(result, name=spec, batch_size=batch_size, depth=depth)
 
 
@@ -277,7 +337,7 @@ def _accepts(func: Callable[..., Any], name: str) -> bool:
     try:
         parameters = inspect.signature(func).parameters
     except (TypeError, ValueError):
-        return False
+        return True  # no signature to read (a builtin, a C extension): let the call say
     return name in parameters or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
     )

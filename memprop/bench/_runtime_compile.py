@@ -75,7 +75,7 @@ def _main(case: str, batch: int, repeats: int, out: Path) -> None:
     import torch._functorch.config as functorch_config
 
     from memprop.bench._runtime_workloads import build
-    from memprop.trace.step import compute_loss
+    from memprop.loop import compute_loss
 
     torch.set_num_threads(1)
     workload = build(case, batch)

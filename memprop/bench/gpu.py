@@ -18,10 +18,10 @@ from memprop.bench.common import BenchReport
 from memprop.devices import gpu_layers
 from memprop.devices.cuda import CudaDevice
 from memprop.errors import BudgetInfeasibleError
+from memprop.loop import compute_loss
 from memprop.plan.api import plan as make_plan
 from memprop.run.measure import run_plan
 from memprop.trace.ledger import CUDA_BLOCK_BYTES
-from memprop.trace.step import compute_loss
 from memprop.units import format_bytes
 from memprop.workload import SeedConfig, Workload, seed_workload
 

@@ -10,7 +10,7 @@ import torch
 
 import memprop
 from memprop.bench.common import BenchReport, interleaved_medians
-from memprop.trace.step import training_step
+from memprop.loop import training_step
 from memprop.workload import SeedConfig, Workload, seed_workload
 
 __all__ = ["ledger_overhead"]

@@ -16,6 +16,7 @@ percent of noise even as interleaved medians.
 from __future__ import annotations
 
 import contextlib
+import io
 import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,13 +31,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from memprop.bench._runtime_compile import compiled_points
 from memprop.bench._runtime_workloads import CASES, QUICK_CASES, build
 from memprop.bench.common import BenchReport, interleaved_medians
+from memprop.loop import training_step, zero_gradients
 from memprop.plan.api import chain_of
 from memprop.plan.schedule import Segment, flat, simulate
 from memprop.plan.solvers import min_feasible_bytes, solve, uniform_tree
+from memprop.report.output import write_output
 from memprop.run.execute import installed
 from memprop.trace.ledger import StorageLedger
 from memprop.trace.profile import profile
-from memprop.trace.step import find_chain, register_step_state, training_step, zero_gradients
+from memprop.trace.step import find_chain, register_step_state
 from memprop.units import format_bytes
 from memprop.workload import Workload
 
@@ -397,7 +400,10 @@ def write_runtime_plot(report: BenchReport, path: Path) -> Path:
     figure.suptitle("Measured peak against step time (checkpoint_sequential labelled by "
                     "segment count)", fontsize=10)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    # Rendered in memory, then written by write_output's rules (whole or not at all); the
+    # suffix still picks the format, as savefig(path) did (png when there is none).
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=path.suffix[1:].lower() or None, dpi=120)
     plt.close(figure)
+    write_output(path, buffer.getvalue())
     return path

@@ -32,6 +32,8 @@ class FitProbe:
 
     batch_size: int
     training_peak_bytes: int
+    """What a budget must cover at this batch: the larger of the steady-state and the
+    first-step training peaks."""
     fits: bool
 
 
@@ -41,7 +43,8 @@ class Verification:
 
     batch_size: int
     training_peak_bytes: int
-    """The ledger's training peak of the real run."""
+    """The ledger's training peak of the real run (the larger of the first step's and the
+    steady state's)."""
     predicted_training_peak_bytes: int
     """The fake trace's, for the same batch: equal to the byte when tracing is exact."""
     measured_peak_bytes: int | None
@@ -60,7 +63,8 @@ class FitResult:
     """Where the budget came from: ``--budget`` or the device's free memory, said plainly."""
     max_batch_size: int
     training_peak_bytes: int
-    """The traced training peak at ``max_batch_size``."""
+    """The traced training peak at ``max_batch_size``: the larger of the steady-state and the
+    first-step peaks, what the budget must cover."""
     headroom_bytes: int
     """Budget minus that peak."""
     next_training_peak_bytes: int
@@ -138,7 +142,7 @@ def fit(
                 ) from error
             if not described:
                 described.update(result.workload)
-            peaks[batch_size] = result.training_peak_bytes
+            peaks[batch_size] = result.required_bytes
             probes.append(FitProbe(batch_size=batch_size, training_peak_bytes=peaks[batch_size],
                                    fits=peaks[batch_size] <= budget_bytes))
         return peaks[batch_size]
@@ -198,9 +202,9 @@ def _verify(
         result = profile(build(batch_size, depth))
         measured = None if result.measured is None else result.measured.training_peak_bytes
         return Verification(
-            batch_size=batch_size, training_peak_bytes=result.training_peak_bytes,
+            batch_size=batch_size, training_peak_bytes=result.required_bytes,
             predicted_training_peak_bytes=predicted, measured_peak_bytes=measured,
-            fits=result.training_peak_bytes <= budget_bytes,
+            fits=result.required_bytes <= budget_bytes,
         )
     finally:
         gc.collect()

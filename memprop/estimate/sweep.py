@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from memprop.blame import is_out_of_memory
 from memprop.devices import get_device
 from memprop.errors import MemPropError, UsageError
 from memprop.trace.fake import new_fake_mode
@@ -44,7 +45,6 @@ __all__ = [
     "SweepCell",
     "factory_builder",
     "fit_line",
-    "is_out_of_memory",
     "seed_builder",
     "sweep",
     "trace_fake",
@@ -84,13 +84,6 @@ def trace_fake(build: Build, batch_size: int, depth: int | None) -> Profile:
     return profile(workload)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """A device's out-of-memory error (CUDA's, or a CPU allocator's RuntimeError)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SweepCell:
     """One batch size at one depth."""
@@ -101,6 +94,9 @@ class SweepCell:
     status: str
     """``ok``, ``oom`` (ran out of memory, or predicted to: see ``message``) or ``error``."""
     training_peak_bytes: int | None = None
+    """The steady-state step's training peak."""
+    first_step_peak_bytes: int | None = None
+    """The loop's first step's, when it was traced apart (its optimizer makes its state)."""
     inference_peak_bytes: int | None = None
     saved_activations_bytes: int | None = None
     peak_phase: str | None = None
@@ -130,6 +126,7 @@ class SweepCell:
             "depth": self.depth,
             "status": self.status,
             "training_peak_bytes": self.training_peak_bytes,
+            "first_step_peak_bytes": self.first_step_peak_bytes,
             "inference_peak_bytes": self.inference_peak_bytes,
             "saved_activations_bytes": self.saved_activations_bytes,
             "peak_phase": self.peak_phase,
@@ -307,12 +304,13 @@ def _cell(
     if not real:
         return SweepCell(
             **size, status="ok", training_peak_bytes=fake.training_peak_bytes,
+            first_step_peak_bytes=fake.first_step_peak_bytes,
             inference_peak_bytes=fake.inference_peak_bytes,
             saved_activations_bytes=fake.saved_activations_bytes, peak_phase=fake.peak_phase,
             peak_tick=fake.timeline.peak_tick,
             closed_form_training_peak_bytes=closed, trace_s=time.perf_counter() - start,
         ), fake.workload
-    predicted = fake.training_peak_bytes
+    predicted = fake.required_bytes
     device = str(fake.workload["device"])
     available = available_bytes if available_bytes is not None else \
         get_device(device).available_bytes()
@@ -343,6 +341,7 @@ def _cell(
             torch.cuda.empty_cache()
     return SweepCell(
         **size, status="ok", training_peak_bytes=result.training_peak_bytes,
+        first_step_peak_bytes=result.first_step_peak_bytes,
         inference_peak_bytes=result.inference_peak_bytes,
         saved_activations_bytes=result.saved_activations_bytes, peak_phase=result.peak_phase,
         peak_tick=result.timeline.peak_tick,

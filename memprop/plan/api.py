@@ -9,15 +9,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprop.errors import UsageError
+from memprop.blame import is_fake_tensor_limit
+from memprop.errors import ModelError, UsageError
 from memprop.plan.chain import COST_MODELS, Chain
 from memprop.plan.solvers import STRATEGIES, Plan, solve
 from memprop.trace.fake import fake_mode_of
 from memprop.trace.step import find_chain
 from memprop.units import parse_size
-from memprop.workload import Workload, restore_state, save_state
+from memprop.workload import Workload, restore_state, save_state, to_workload
 
-__all__ = ["chain_of", "plan"]
+__all__ = ["chain_of", "check_cost_model", "check_strategy", "plan"]
 
 
 def plan(
@@ -25,50 +26,63 @@ def plan(
     inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     budget: int | str | None = None,
     strategy: str = "optimal",
-    cost_model: str = "measured",
+    cost_model: str = "flops",
     *,
     loss_fn: Any = None,
     targets: torch.Tensor | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     fake: bool = False,
+    set_to_none: bool | None = None,
 ) -> Plan:
-    """The plan of ``strategy`` that keeps the training step of ``model(*inputs)`` under
+    """The plan of ``strategy`` that keeps every training step of ``model(*inputs)`` under
     ``budget`` (bytes, or a size such as ``"2GiB"``) at the least extra compute.
 
-    One training step is traced to find the chain's costs. With ``cost_model="measured"`` it is a
-    real step, after which parameters, buffers, gradients and optimizer state are put back;
-    with ``fake=True`` (or a model built in a fake-tensor mode) nothing is allocated and stages
-    are priced in FLOPs, so ``cost_model`` must be ``"flops"``. Raises
-    :class:`memprop.BudgetInfeasibleError` when nothing fits, :class:`memprop.errors.UsageError`
-    for a model that is not a chain or a bad argument.
+    The steady-state step is traced to find the chain's costs (and the loop's first step, when
+    its optimizer makes its state then: the plan covers both). ``cost_model="flops"`` (the
+    default) prices recomputation in counted floating-point operations, so the same arguments
+    give the same plan on every machine and every run; ``"measured"`` times the stages of
+    real steps, after which parameters, buffers, gradients and optimizer state are put back.
+    With ``fake=True`` (or a model built in a fake-tensor mode) nothing is allocated.
+    ``set_to_none`` says how the loop zeroes gradients (``zero_grad(set_to_none=...)``).
+    Raises :class:`memprop.BudgetInfeasibleError` when nothing fits,
+    :class:`memprop.errors.UsageError` for a model that is not a chain or a bad argument.
     """
-    workload = as_planning_workload(model, inputs, loss_fn, targets, optimizer)
+    workload = to_workload(model, inputs, loss_fn=loss_fn, targets=targets, optimizer=optimizer,
+                           set_to_none=set_to_none)
     budget_bytes = _budget(budget)
-    if strategy not in STRATEGIES:
-        raise UsageError(
-            f"strategy {strategy!r} does not exist: use one of {', '.join(STRATEGIES)}"
-        )
-    if cost_model not in COST_MODELS:
-        raise UsageError(f"cost model {cost_model!r} does not exist: use 'measured' or 'flops'")
+    check_strategy(strategy)
+    check_cost_model(cost_model)
     fake = fake or fake_mode_of(workload) is not None
     if fake and cost_model == "measured":
         raise UsageError(
-            "cost_model='measured' was asked on fake tensors, which have no timings: "
-            "use cost_model='flops' with fake=True, or plan on real tensors"
+            "cost model 'measured' was asked on fake tensors, which have no timings: "
+            "use the 'flops' cost model on fake tensors, or plan on real tensors"
         )
     chain = chain_of(workload, cost_model=cost_model, fake=fake)
     return solve(chain, budget_bytes, strategy)
 
 
-def chain_of(workload: Workload, *, cost_model: str, fake: bool) -> Chain:
-    """The calibrated chain of one traced training step of ``workload``."""
+def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chain:
+    """The calibrated chain of the traced steady-state step of ``workload``.
+
+    FLOP costs need no real step: a real workload is then traced on a fake mirror (nothing
+    allocated, the model untouched), unless fake tensors cannot trace it (code that reads
+    tensor values), in which case the real step is traced and the model put back after."""
     from memprop.trace.profile import trace_chain
 
     if find_chain(workload.model) is None:
         raise UsageError(not_a_chain(workload.model))
-    context = contextlib.nullcontext() if fake else _restored(workload)
-    with context:
-        costs = trace_chain(workload, fake=fake)
+    if not fake and cost_model == "flops":
+        try:
+            costs = trace_chain(workload, fake=True)
+        except ModelError as error:
+            if not is_fake_tensor_limit(error):
+                raise
+            with _restored(workload):
+                costs = trace_chain(workload, fake=False)
+    else:
+        with contextlib.nullcontext() if fake else _restored(workload):
+            costs = trace_chain(workload, fake=fake)
     if costs is None:
         raise UsageError(
             f"{type(workload.model).__name__}: the traced step ran no stage of its chain: make "
@@ -87,27 +101,16 @@ def not_a_chain(model: nn.Module) -> str:
     )
 
 
-def as_planning_workload(
-    model: nn.Module | Workload,
-    inputs: torch.Tensor | tuple[torch.Tensor, ...] | None,
-    loss_fn: Any,
-    targets: torch.Tensor | None,
-    optimizer: torch.optim.Optimizer | None,
-) -> Workload:
-    if isinstance(model, Workload):
-        if inputs is not None or loss_fn is not None or targets is not None or optimizer:
-            raise UsageError("a Workload carries its own inputs, loss, targets and optimizer: "
-                             "pass the Workload alone, or a model and its inputs")
-        return model
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"model is a {type(model).__name__}: give an nn.Module or a Workload")
-    if inputs is None:
-        raise UsageError("inputs are missing: give a tensor or a tuple of tensors for "
-                         "model(*inputs)")
-    batch = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    return Workload(model=model, inputs=batch, targets=targets, loss_fn=loss_fn,
-                    optimizer=optimizer, name=type(model).__name__,
-                    batch_size=batch[0].shape[0] if batch and batch[0].dim() else None)
+def check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise UsageError(f"strategy {strategy!r} does not exist: use one of "
+                         f"{', '.join(STRATEGIES)}")
+
+
+def check_cost_model(cost_model: str) -> None:
+    if cost_model not in COST_MODELS:
+        raise UsageError(f"cost model {cost_model!r} does not exist: use one of "
+                         f"{', '.join(COST_MODELS)}")
 
 
 def _budget(budget: int | str | None) -> int:

@@ -44,7 +44,12 @@ def render_profile(profile: Profile, console: Console, *, top: int = 12) -> None
         "saved activations: what forward keeps for backward; gradients: every .grad; "
         "temporaries: outputs and gradients in flight",
         f"loss: {profile.loss_note}",
+        _steady_state_note(profile),
+        *profile.notes,
     ]
+    if profile.stages and profile.workload.get("mode") == "fake":
+        notes.append("stage times: none on fake tensors (nothing is computed); the planner "
+                     "prices stages in FLOPs")
     if profile.measured is not None:
         notes.append(f"measured: {profile.measured.source}")
     notes.append(
@@ -53,6 +58,23 @@ def render_profile(profile: Profile, console: Console, *, top: int = 12) -> None
     )
     for note in notes:
         console.print(Text(note, style="dim"))
+
+
+def _steady_state_note(profile: Profile) -> str:
+    if profile.workload.get("set_to_none", True):
+        loop = ("zero_grad(set_to_none=True) between steps (torch's default; "
+                "--no-set-to-none if your loop keeps gradients as zeros)")
+    else:
+        loop = "zero_grad(set_to_none=False): gradients kept, as zeros, through every step"
+    first = profile.first_step_peak_bytes
+    if first is None:
+        started = "the optimizer's state was already made, so the first step was not traced"
+    elif first > profile.training_peak_bytes:
+        started = (f"the first step peaks higher, at {format_bytes(first)} (its optimizer makes "
+                   "its state): a budget must cover it")
+    else:
+        started = f"the first step peaks at {format_bytes(first)}"
+    return f"training peak: a steady-state step, the optimizer's state live; {loop}; {started}"
 
 
 def _totals_table(profile: Profile) -> Table:
@@ -90,6 +112,9 @@ def _totals_table(profile: Profile) -> Table:
     row(Text("training peak", style="bold"),
         Text(format_bytes(memory.training_peak_bytes), style="bold"), "",
         "training_peak_bytes", None if measured is None else measured.training_peak_bytes)
+    first = memory.first_step_peak_bytes
+    if first is not None and first != memory.training_peak_bytes:
+        row("first step's peak", format_bytes(first), "", "first_step_peak_bytes")
     row(Text("inference peak", style="bold"),
         Text(format_bytes(memory.inference_peak_bytes), style="bold"), "",
         "inference_peak_bytes", None if measured is None else measured.inference_peak_bytes)
@@ -127,11 +152,16 @@ def _stage_table(profile: Profile) -> Table:
     table = Table(title="Stages (the chain the planner sees)", title_justify="left")
     for name in ("stage", "forward", "backward", "GFLOP fwd", "input", "saved", "output"):
         table.add_column(name, justify="left" if name == "stage" else "right")
+    timed = profile.workload.get("mode") != "fake"
+
+    def ms(seconds: float) -> str:
+        return f"{seconds * 1e3:.2f} ms" if timed else "—"
+
     for stage in profile.stages:
         table.add_row(
             stage.name,
-            f"{stage.forward_s * 1e3:.2f} ms",
-            f"{stage.backward_s * 1e3:.2f} ms",
+            ms(stage.forward_s),
+            ms(stage.backward_s),
             f"{stage.flops / 1e9:.3g}",
             format_bytes(stage.input_bytes),
             format_bytes(stage.saved_bytes),

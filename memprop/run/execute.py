@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from memprop.plan.schedule import Segment
 
-__all__ = ["installed", "run_tree"]
+__all__ = ["Calls", "installed", "run_tree"]
 
 
 def run_tree(stages: Sequence[nn.Module], tree: Segment, x: torch.Tensor) -> torch.Tensor:
@@ -87,27 +88,40 @@ def _frozen_norm_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
             module.num_batches_tracked = counter
 
 
+@dataclass(kw_only=True, slots=True)
+class Calls:
+    """How often an installed plan ran: a plan that never runs keeps nothing it promised."""
+
+    expected: bool
+    """Whether the plan changes the step (it recomputes something), so that it must run."""
+    count: int = 0
+    """Training forwards of the chain under the plan so far."""
+
+
 @contextlib.contextmanager
-def installed(chain: nn.Sequential, tree: Segment) -> Iterator[None]:
+def installed(chain: nn.Sequential, tree: Segment) -> Iterator[Calls]:
     """Make ``chain(x)`` run ``tree`` until the block exits (an instance attribute shadows
-    ``nn.Sequential.forward``; hooks on the chain still fire, since ``__call__`` is untouched)."""
+    ``nn.Sequential.forward``; hooks on the chain still fire, since ``__call__`` is untouched).
+    The block receives a :class:`Calls` that counts the training forwards run under the plan."""
     stages = list(chain)
     if tree.start != 0 or tree.stop != len(stages):
         raise ValueError(f"the plan covers stages {tree.start}..{tree.stop}, the chain has "
                          f"{len(stages)}")
 
     if all(isinstance(child, int) for child in tree.children):
-        yield  # nothing to recompute: the chain's own forward is the plan, at no cost
+        yield Calls(expected=False)  # nothing to recompute: the chain's own forward is the plan
         return
+    calls = Calls(expected=True)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return run_tree(stages, Segment(start=0, stop=len(stages),
                                             children=tuple(range(len(stages)))), x)
+        calls.count += 1
         return run_tree(stages, tree, x)
 
     chain.forward = forward  # type: ignore[method-assign]
     try:
-        yield
+        yield calls
     finally:
         del chain.forward

@@ -4,34 +4,41 @@ The wrapper holds the model itself (the same parameter and buffer objects, so an
 before or after it works) and presents the model's own ``state_dict`` keys: it saves and loads
 checkpoints interchangeably with the bare model. Its forward installs the plan on the model's
 chain (:func:`memprop.run.execute.installed`) and calls the model, so the model's own forward,
-hooks and loss code run unchanged.
+hooks and loss code run unchanged. It pickles (``torch.save(wrapped)``) as the bare model does.
 
-Plans are cached by the inputs' shapes, dtypes and devices. An input never seen before is
-planned on first sight on fake tensors, pricing recomputation in FLOPs, so planning allocates
-nothing but a label-sized target tensor (targets given at construction are resized along their
-first dimension to the new batch when that dimension was the batch).
+Plans are kept by the inputs' shapes, dtypes and devices. An input never seen before reuses the
+plan of one whose every dimension is at least as large (the same plan peaks no higher on smaller
+tensors), and is otherwise planned on first sight on fake tensors, pricing recomputation in
+FLOPs, so planning allocates nothing. At most ``MAX_PLANS`` are kept, the least recently used
+dropped first. Every new plan is checked before it runs: the planned step is traced on fake
+tensors (:func:`memprop.run.verify.verify_plan`); a planned forward that never runs the plan
+raises :class:`memprop.errors.PlanCheckError`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from memprop.errors import UsageError
-from memprop.plan.api import as_planning_workload, not_a_chain, plan
+from memprop.errors import PlanCheckError, UsageError
+from memprop.plan.api import check_cost_model, check_strategy, not_a_chain, plan
 from memprop.plan.solvers import Plan
 from memprop.run.execute import installed
+from memprop.run.verify import verify_plan
 from memprop.trace.fake import new_fake_mode, to_fake_workload
 from memprop.trace.step import find_chain
 from memprop.units import parse_size
-from memprop.workload import Workload
+from memprop.workload import Workload, to_workload
 
-__all__ = ["PlannedModule", "checkpoint"]
+__all__ = ["MAX_PLANS", "PlannedModule", "checkpoint"]
 
 _PREFIX = "module."
+MAX_PLANS = 16
+"""Plans a wrapper keeps, one per input shape; the least recently used goes first."""
 InputKey = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
 
 
@@ -40,10 +47,72 @@ def _key(inputs: tuple[Any, ...]) -> InputKey:
                  if isinstance(t, torch.Tensor))
 
 
+def _covers(big: InputKey, small: InputKey) -> bool:
+    """Whether every input of ``small`` is no larger, dimension by dimension, than ``big``'s."""
+    return len(big) == len(small) and all(
+        b[1:] == s[1:] and len(b[0]) == len(s[0]) and all(x >= y for x, y in zip(b[0], s[0],
+                                                                                  strict=True))
+        for b, s in zip(big, small, strict=True)
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _TargetsLike:
+    """The shape of the targets given at construction, to make fake ones for a new batch."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+    batch_first: bool
+    """Whether the first dimension was the batch (it then follows the new inputs')."""
+
+    def fake(self, inputs: tuple[Any, ...]) -> torch.Tensor:
+        shape = self.shape
+        if self.batch_first and inputs and isinstance(inputs[0], torch.Tensor):
+            shape = (inputs[0].shape[0], *shape[1:])
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Planner:
+    """How to plan for new inputs: plain settings (no tensors, no closures), so that the
+    wrapper pickles and holds no batch alive."""
+
+    budget_bytes: int
+    strategy: str
+    loss_fn: Any
+    targets: _TargetsLike | None
+    optimizer_class: type[torch.optim.Optimizer] | None
+    optimizer_groups: tuple[tuple[dict[str, Any], tuple[int, ...]], ...]
+    """Each parameter group's settings and its parameters' positions in ``parameters()``."""
+    set_to_none: bool
+
+    def __call__(self, model: nn.Module, inputs: tuple[Any, ...]) -> Plan:
+        mode = new_fake_mode()
+        parameters = list(model.parameters())
+        optimizer = None
+        if self.optimizer_class is not None:
+            optimizer = self.optimizer_class([  # type: ignore[call-arg]
+                {**settings, "params": [parameters[i] for i in positions]}
+                for settings, positions in self.optimizer_groups
+            ])
+        real = Workload(model=model, inputs=tuple(inputs), loss_fn=self.loss_fn,
+                        optimizer=optimizer, name=type(model).__name__,
+                        set_to_none=self.set_to_none)
+        fake = to_fake_workload(real, mode)
+        if self.targets is not None:
+            with mode:
+                fake.targets = self.targets.fake(inputs)
+        result = plan(fake, budget=self.budget_bytes, strategy=self.strategy,
+                      cost_model="flops")
+        verify_plan(fake, result)
+        return result
+
+
 class PlannedModule(nn.Module):
     """``module`` whose training forward runs under the plan for its inputs' shapes."""
 
-    def __init__(self, module: nn.Module, planner: Callable[[tuple[Any, ...]], Plan]) -> None:
+    def __init__(self, module: nn.Module, planner: _Planner) -> None:
         super().__init__()
         chain = find_chain(module)
         if chain is None:
@@ -51,23 +120,38 @@ class PlannedModule(nn.Module):
         self.module = module
         self._chain = [chain]  # a list, so nn.Module does not register it a second time
         self._planner = planner
-        self.plans: dict[InputKey, Plan] = {}
-        """The plans made so far, by the inputs' (shape, dtype, device)."""
+        self.plans: OrderedDict[InputKey, Plan] = OrderedDict()
+        """The plans in use, by the inputs' (shape, dtype, device), most recent last."""
         self.register_state_dict_post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
 
     def plan_for(self, *inputs: Any) -> Plan:
-        """The plan for these inputs, made on first sight."""
+        """The plan for these inputs: one already made for inputs at least as large, or a new
+        one, checked before it is used."""
         key = _key(inputs)
-        if key not in self.plans:
-            self.plans[key] = self._planner(inputs)
-        return self.plans[key]
+        found = self.plans.get(key)
+        if found is None:
+            found = next((p for k, p in reversed(self.plans.items()) if _covers(k, key)), None)
+        if found is None:
+            found = self._planner(self.module, inputs)
+        self.plans[key] = found
+        self.plans.move_to_end(key)
+        while len(self.plans) > MAX_PLANS:
+            self.plans.popitem(last=False)
+        return found
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         if not (self.training and torch.is_grad_enabled()):
             return self.module(*inputs, **kwargs)
-        with installed(self._chain[0], self.plan_for(*inputs).tree):
-            return self.module(*inputs, **kwargs)
+        with installed(self._chain[0], self.plan_for(*inputs).tree) as calls:
+            output = self.module(*inputs, **kwargs)
+        if calls.expected and calls.count == 0:
+            raise PlanCheckError(
+                f"the plan was installed on {type(self.module).__name__}'s nn.Sequential, but "
+                "its forward did not call it: the plan did not run. memprop plans the "
+                "nn.Sequential that the model's forward calls"
+            )
+        return output
 
 
 def _strip_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str,
@@ -110,41 +194,52 @@ def checkpoint(
     loss_fn: Any = None,
     targets: torch.Tensor | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    set_to_none: bool = True,
 ) -> PlannedModule:
-    """``model`` wrapped so that its training steps keep under ``budget`` (bytes or a size such
-    as ``"2GiB"``), planned now for ``inputs`` and again for every new input shape.
+    """``model`` wrapped so that every step of its training loop keeps under ``budget`` (bytes
+    or a size such as ``"2GiB"``), planned now for ``inputs`` and again for larger inputs.
+
+    The planner must see the step as the loop runs it, so give what the loop uses:
+
+    - ``loss_fn``: called as ``loss_fn(output, targets)`` (or ``loss_fn(output)`` without
+      targets); without one the loss is ``output.float().mean()``.
+    - ``targets``: a batch of targets like the loop's (only their shape and dtype are kept; a
+      first dimension equal to the batch follows the batch of later inputs).
+    - ``optimizer``: its state (Adam's two moments, SGD's momentum) is live through every step
+      from the second on, and the plan keeps room for it; only its class and settings are kept.
+    - ``set_to_none``: how the loop zeroes gradients, ``zero_grad(set_to_none=...)``.
 
     ``cost_model="flops"`` (the default) plans on fake tensors: nothing is allocated, which
-    matters when the unplanned step does not fit. ``"measured"`` traces one real step for the
-    first plan (the model is put back as it was); later shapes are always planned in FLOPs.
-    ``loss_fn``, ``targets`` and ``optimizer`` make the planner see the step as it will run
-    (the loss's and the optimizer's memory); without them the loss is ``output.float().mean()``.
+    matters when the unplanned step does not fit. ``"measured"`` traces real steps for the first
+    plan (the model is put back as it was); later shapes are always planned in FLOPs. Every plan
+    is checked on fake tensors before it runs (:func:`memprop.run.verify.verify_plan`).
     """
-    first = as_planning_workload(model, inputs, loss_fn, targets, optimizer)
+    first = to_workload(model, inputs, loss_fn=loss_fn, targets=targets, optimizer=optimizer,
+                        set_to_none=set_to_none)
     budget_bytes = parse_size(budget)
-
-    def planner(new_inputs: tuple[Any, ...]) -> Plan:
-        if _key(new_inputs) == _key(first.inputs) and cost_model == "measured":
-            return plan(first, budget=budget_bytes, strategy=strategy, cost_model="measured")
-        return plan(_fake_workload(first, new_inputs), budget=budget_bytes, strategy=strategy,
-                    cost_model="flops")
-
+    check_strategy(strategy)
+    check_cost_model(cost_model)
+    positions = {id(p): i for i, p in enumerate(model.parameters())}
+    planner = _Planner(
+        budget_bytes=budget_bytes,
+        strategy=strategy,
+        loss_fn=loss_fn,
+        targets=None if targets is None else _TargetsLike(
+            shape=tuple(targets.shape), dtype=targets.dtype, device=targets.device,
+            batch_first=bool(targets.dim()) and bool(first.inputs[0].dim())
+            and targets.shape[0] == first.inputs[0].shape[0]),
+        optimizer_class=None if optimizer is None else type(optimizer),
+        optimizer_groups=() if optimizer is None else tuple(
+            ({k: v for k, v in group.items() if k != "params"},
+             tuple(positions[id(p)] for p in group["params"]))
+            for group in optimizer.param_groups),
+        set_to_none=set_to_none,
+    )
     wrapper = PlannedModule(model, planner)
-    wrapper.plan_for(*first.inputs)
+    if cost_model == "measured":
+        measured = plan(first, budget=budget_bytes, strategy=strategy, cost_model="measured")
+        verify_plan(first, measured)
+        wrapper.plans[_key(first.inputs)] = measured
+    else:
+        wrapper.plan_for(*first.inputs)
     return wrapper
-
-
-def _fake_workload(first: Workload, inputs: tuple[Any, ...]) -> Workload:
-    mode = new_fake_mode()
-    real = Workload(model=first.model, inputs=tuple(inputs), targets=None,
-                    loss_fn=first.loss_fn, optimizer=first.optimizer, name=first.name)
-    fake = to_fake_workload(real, mode)
-    if first.targets is not None:
-        targets = first.targets
-        shape = tuple(targets.shape)
-        old_batch = first.inputs[0].shape[0] if first.inputs[0].dim() else None
-        if shape and inputs and shape[0] == old_batch:
-            shape = (inputs[0].shape[0], *shape[1:])
-        with mode:
-            fake.targets = torch.zeros(shape, dtype=targets.dtype, device=targets.device)
-    return fake

@@ -36,8 +36,10 @@ def fake_mode_of(workload: Workload) -> FakeTensorMode | None:
 def to_fake_workload(workload: Workload, mode: FakeTensorMode) -> Workload:
     """A fake mirror of a real workload: same structure, fake parameters, buffers and inputs.
 
-    The optimizer is rebuilt with the same class and parameter groups; its state (if any) is
-    created by the traced step, as on a first step.
+    The optimizer is rebuilt with the same class and parameter groups, and its state, if it
+    has any (a workload in mid-training), is mirrored too, so the mirror starts where the
+    real workload stands. Gradients are not mirrored: every traced step starts from the loop's
+    ``zero_grad`` (``memprop.loop``).
     """
     model = workload.model
     memo: dict[int, Any] = {}
@@ -55,6 +57,10 @@ def to_fake_workload(workload: Workload, mode: FakeTensorMode) -> Workload:
             settings = {k: v for k, v in group.items() if k != "params"}
             groups.append({**settings, "params": [memo[id(p)] for p in group["params"]]})
         optimizer = type(workload.optimizer)(groups)  # type: ignore[call-arg]
+        for original, state in workload.optimizer.state.items():
+            optimizer.state[memo[id(original)]] = {
+                key: _fake_state(value, mode) for key, value in state.items()
+            }
     return Workload(
         model=fake_model,
         inputs=tuple(mode.from_tensor(t) for t in workload.inputs),
@@ -65,7 +71,20 @@ def to_fake_workload(workload: Workload, mode: FakeTensorMode) -> Workload:
         batch_size=workload.batch_size,
         depth=workload.depth,
         config=dict(workload.config),
+        set_to_none=workload.set_to_none,
     )
+
+
+def _fake_state(value: Any, mode: FakeTensorMode) -> Any:
+    """An optimizer's state entry on fake tensors. A scalar (Adam's step counter) stays a
+    constant that fake tensors can read, since the optimizer reads it (``step.item()``)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.dim() == 0:
+        number = value.item()  # read outside the mode: inside it, the tensor would be fake
+        with mode:
+            return torch.tensor(number, dtype=value.dtype, device=value.device)
+    return mode.from_tensor(value)
 
 
 def device_of(workload: Workload) -> torch.device:

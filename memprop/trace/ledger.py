@@ -381,6 +381,11 @@ class StorageLedger(TorchDispatchMode):
 
     # -- after the step -------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Stop following deaths: what dies after the step (gradients that the loop's next
+        ``zero_grad`` frees) is not the step's. The records keep what they saw."""
+        self._live.clear()
+
     def reclassify(self, tensors: Iterable[torch.Tensor], category: Category) -> None:
         """Give storages their final category (gradients, optimizer state) once it is known."""
         for tensor in tensors:

@@ -27,8 +27,8 @@ from memprop.trace.fake import (
 )
 from memprop.trace.ledger import Category, StorageLedger, op_name
 from memprop.trace.stages import ChainCosts, StageStats
-from memprop.trace.step import StepTrace, trace_inference, trace_training_step
-from memprop.workload import Workload
+from memprop.trace.step import StepTrace, TrainingTrace, trace_inference, trace_training
+from memprop.workload import Workload, to_workload
 
 __all__ = ["Measured", "MemoryTotals", "Profile", "SavedTensor", "Timeline", "profile",
            "trace_chain"]
@@ -73,6 +73,11 @@ class MemoryTotals:
     """With ``create_graph=True``: what the backward pass itself saves (the second-order graph),
     alive at the end of backward. 0 otherwise."""
     training_peak_bytes: int
+    """The peak of a steady-state step: the optimizer's state allocated before it starts, the
+    gradients as the loop's ``zero_grad`` leaves them."""
+    first_step_peak_bytes: int | None
+    """The peak of the loop's first step (its optimizer creates its state inside ``step()``);
+    None when the workload arrived with that state already made."""
     inference_peak_bytes: int
 
 
@@ -123,7 +128,9 @@ class Profile:
     closed_form: dict[str, int] | None
     """For the built-in MLP: the same totals from the closed-form formulas."""
     trace_s: float
-    """Seconds spent tracing (both passes)."""
+    """Seconds spent tracing (every pass)."""
+    notes: tuple[str, ...] = ()
+    """How the step was traced, where the report should say it (a model put in train())."""
     gpu_layers: tuple[Layer, ...] | None = None
     """On a GPU: the ledger's training peak, the allocator's peaks and NVML's figures, each gap
     explained (``memprop.devices.reconcile``); None elsewhere."""
@@ -131,6 +138,16 @@ class Profile:
     @property
     def training_peak_bytes(self) -> int:
         return self.memory.training_peak_bytes
+
+    @property
+    def first_step_peak_bytes(self) -> int | None:
+        return self.memory.first_step_peak_bytes
+
+    @property
+    def required_bytes(self) -> int:
+        """The least budget under which every step of the loop fits: the larger of the
+        steady-state and first-step training peaks."""
+        return max(self.training_peak_bytes, self.first_step_peak_bytes or 0)
 
     @property
     def inference_peak_bytes(self) -> int:
@@ -162,6 +179,7 @@ class Profile:
                 k: v for k, v in self.chain.to_dict().items() if k != "stages"
             },
             "loss": self.loss_note,
+            "notes": list(self.notes),
             "closed_form": self.closed_form,
         }
         if self.gpu_layers is not None:
@@ -183,34 +201,38 @@ def profile(
     *,
     targets: torch.Tensor | None = None,
     create_graph: bool = False,
+    set_to_none: bool | None = None,
 ) -> Profile:
-    """Trace one training step and one inference pass of ``model(*inputs)``.
+    """Trace the steady-state training step and one inference pass of ``model(*inputs)``.
 
-    The training step is a real step: gradients accumulate into ``.grad`` and, when an optimizer
-    is given, it steps, as in any training loop. With ``fake=True`` (or a model built inside a
-    fake-tensor mode) nothing is allocated and the user's model is not touched; the figures are
-    the same, to the byte. ``create_graph=True`` traces a backward that keeps its own graph (for
-    second derivatives) and reports what that graph saves.
+    The training peak is the steady state's: the step as every step from the second on runs
+    it, with the optimizer's state allocated and the gradients as ``zero_grad(set_to_none=...)``
+    leaves them (``set_to_none=True``, torch's default, unless said). When the optimizer has
+    no state yet, its first step is traced too (it creates the state) and its peak reported as
+    ``first_step_peak_bytes``. These are real steps: gradients accumulate into ``.grad`` and
+    the optimizer steps, as in any training loop. With ``fake=True`` (or a model built inside a
+    fake-tensor mode) nothing is allocated and the user's model is not touched; the figures
+    are the same, to the byte. ``create_graph=True`` traces a backward that keeps its own graph
+    (for second derivatives) and reports what that graph saves.
     """
-    workload, mode = _in_mode(_as_workload(model, inputs, loss_fn, optimizer, targets), fake)
+    workload = to_workload(model, inputs, loss_fn=loss_fn, targets=targets,
+                           optimizer=optimizer, set_to_none=set_to_none)
+    workload, mode = _in_mode(workload, fake)
     fake = mode is not None
     device = device_of(workload)
     backend = None if fake else get_device(device)
     with mode if mode is not None else contextlib.nullcontext():
         inference, inference_hwm = _traced(trace_inference, workload, backend)
-        training, training_hwm = _traced(
-            lambda w: trace_training_step(w, create_graph=create_graph), workload, backend
-        )
-    return _assemble(workload, training, inference, device, fake, training_hwm, inference_hwm,
-                     backend)
+        training = trace_training(workload, create_graph=create_graph, device=backend)
+    return _assemble(workload, training, inference, device, fake, inference_hwm, backend)
 
 
 def trace_chain(workload: Workload, *, fake: bool = False) -> ChainCosts | None:
-    """The chain's costs from one traced training step (no inference pass): what the planner
-    needs, for less than a whole profile. None when the model is not a chain."""
+    """The chain's costs from the traced steady-state step (no inference pass): what the
+    planner needs, for less than a whole profile. None when the model is not a chain."""
     workload, mode = _in_mode(workload, fake)
     with mode if mode is not None else contextlib.nullcontext():
-        return trace_training_step(workload).chain
+        return trace_training(workload).steady.chain
 
 
 def _in_mode(workload: Workload, fake: bool) -> tuple[Workload, FakeTensorMode | None]:
@@ -221,23 +243,6 @@ def _in_mode(workload: Workload, fake: bool) -> tuple[Workload, FakeTensorMode |
         mode = new_fake_mode()
         workload = to_fake_workload(workload, mode)
     return workload, mode
-
-
-def _as_workload(
-    model: nn.Module | Workload,
-    inputs: Any,
-    loss_fn: Any,
-    optimizer: torch.optim.Optimizer | None,
-    targets: torch.Tensor | None,
-) -> Workload:
-    if isinstance(model, Workload):
-        return model
-    if inputs is None:
-        raise TypeError("profile(model, inputs): inputs is a tensor or a tuple of tensors")
-    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-    batch = inputs[0].shape[0] if inputs and inputs[0].dim() > 0 else None
-    return Workload(model=model, inputs=inputs, targets=targets, loss_fn=loss_fn,
-                    optimizer=optimizer, name=type(model).__name__, batch_size=batch)
 
 
 def _traced(step: Any, workload: Workload, backend: Any) -> tuple[StepTrace, int | None]:
@@ -253,14 +258,15 @@ def _traced(step: Any, workload: Workload, backend: Any) -> tuple[StepTrace, int
 
 def _assemble(
     workload: Workload,
-    training: StepTrace,
+    traced: TrainingTrace,
     inference: StepTrace,
     device: torch.device,
     fake: bool,
-    training_rise: int | None,
     inference_rise: int | None,
     backend: Any,
 ) -> Profile:
+    training = traced.steady
+    training_rise = traced.device_rise_bytes
     ledger = training.ledger
     peak_bytes, peak_tick = ledger.peak()
     inference_peak, _ = inference.ledger.peak()
@@ -284,6 +290,7 @@ def _assemble(
         saved_activations_bytes=sum(r.bytes for r in saved),
         second_order_saved_bytes=sum(r.bytes for r in second_order),
         training_peak_bytes=peak_bytes,
+        first_step_peak_bytes=traced.first_step_peak_bytes,
         inference_peak_bytes=inference_peak,
     )
     measured = None
@@ -306,6 +313,7 @@ def _assemble(
             "dtype": _dtype_of(workload),
             "device": str(device),
             "mode": "fake" if fake else "real",
+            "set_to_none": workload.set_to_none,
             **({"config": dict(workload.config)} if workload.config else {}),
         },
         memory=memory,
@@ -320,6 +328,7 @@ def _assemble(
         gpu_layers=gpu_layers(backend, peak_bytes),
         closed_form=closed_form_for(workload),
         trace_s=training.wall_s + inference.wall_s,
+        notes=traced.notes,
     )
 
 

@@ -57,8 +57,8 @@ class ChainCosts:
 
     stages: tuple[StageStats, ...]
     fixed_bytes: int
-    """Live before the step began: parameters, buffers, inputs, targets, existing gradients and
-    optimizer state."""
+    """Live before the steady-state step began: parameters, buffers, inputs, targets, the
+    gradients the loop keeps between steps and the optimizer's state."""
     loss_peak_bytes: int
     """Highest live total between the end of the last stage's forward and the start of its
     backward (the loss's forward and backward), over the live total at that end."""
@@ -67,10 +67,14 @@ class ChainCosts:
     the loss itself...), over the live total at the end of the last stage's forward. The
     model's output is also still held by the caller until the step ends."""
     optimizer_peak_bytes: int
-    """The highest live total during the optimizer step (0 without one): it does not depend on
-    the plan, since every activation is gone by then."""
+    """The highest live total during the optimizer step (0 without one), of the steady step or
+    of the first step, whichever is higher (the first creates the optimizer's state): it does
+    not depend on the plan, since every activation is gone by then."""
     traced_peak_bytes: int
-    """The traced training peak of the unplanned step, for calibration checks."""
+    """The traced training peak of the unplanned steady-state step, for calibration checks."""
+    first_step_peak_bytes: int | None = None
+    """The traced training peak of the loop's first step when it was traced apart from the
+    steady one (its forward and backward hold less: no optimizer state yet)."""
 
     def to_dict(self) -> dict[str, Any]:
         document = asdict(self)

@@ -8,6 +8,7 @@ and which stage is running, and the final categories (gradients, optimizer state
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,19 +17,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from memprop.blame import user_code
+from memprop.loop import compute_loss, state_signature, tensors_in, zero_gradients
 from memprop.trace.ledger import Category, StorageLedger, StorageRecord
 from memprop.trace.stages import ChainCosts, StageStats
 from memprop.workload import Workload
 
 __all__ = [
     "StepTrace",
-    "compute_loss",
+    "TrainingTrace",
     "find_chain",
     "register_step_state",
     "trace_inference",
+    "trace_training",
     "trace_training_step",
-    "training_step",
-    "zero_gradients",
 ]
 
 
@@ -68,58 +70,8 @@ def find_chain(model: nn.Module) -> nn.Sequential | None:
     return sequentials[0] if len(sequentials) == 1 else None
 
 
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-
-
 def _optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return list(_tensors(list(optimizer.state.values())))
-
-
-def compute_loss(workload: Workload, output: Any) -> tuple[torch.Tensor, str]:
-    """The step's loss, and a sentence saying how it was obtained."""
-    if workload.loss_fn is not None:
-        if workload.targets is not None:
-            return workload.loss_fn(output, workload.targets), "the workload's loss function"
-        return workload.loss_fn(output), "the workload's loss function"
-    if isinstance(output, torch.Tensor) and output.dim() == 0:
-        return output, "the model's scalar output"
-    parts = [t.float().mean() for t in _tensors(output) if t.requires_grad]
-    if not parts:
-        raise ValueError("the model's output does not require grad: there is nothing to train")
-    loss = parts[0]
-    for part in parts[1:]:
-        loss = loss + part
-    return loss, "output.float().mean() (no loss function given; memory-wise the choice hardly "\
-        "matters)"
-
-
-def training_step(workload: Workload) -> None:
-    """One plain training step, untraced: forward, loss, backward and the optimizer's step.
-
-    The output and the loss stay held until the step ends, as in the traced step and in a
-    training loop that keeps them for logging: the peaks of both are the same step's."""
-    output = workload.model(*workload.inputs)
-    loss, _ = compute_loss(workload, output)
-    loss.backward()
-    if workload.optimizer is not None:
-        workload.optimizer.step()
-    del output, loss
-
-
-def zero_gradients(workload: Workload) -> None:
-    """Gradients set to None, as a training loop leaves them between steps."""
-    if workload.optimizer is not None:
-        workload.optimizer.zero_grad(set_to_none=True)
-    else:
-        workload.model.zero_grad(set_to_none=True)
+    return list(tensors_in(list(optimizer.state.values())))
 
 
 class _ModuleTracker:
@@ -185,7 +137,7 @@ class _ModuleTracker:
             self.forward_ticks[index] = (self._start_tick, self.ledger.clock)
             self.outputs[index] = self._records(output)
             self.ledger.stage = None
-            for tensor in _tensors(output):
+            for tensor in tensors_in(output):
                 if tensor.grad_fn is not None:
                     tensor.grad_fn.register_prehook(self._backward_mark(index))
                     break
@@ -201,7 +153,7 @@ class _ModuleTracker:
 
     def _records(self, value: Any) -> list[StorageRecord]:
         found: dict[int, StorageRecord] = {}
-        for tensor in _tensors(value):
+        for tensor in tensors_in(value):
             record = self.ledger.record_of(tensor)
             if record is not None:
                 found[record.index] = record
@@ -318,8 +270,93 @@ def register_step_state(ledger: StorageLedger, workload: Workload, *, training: 
                         "optimizer")
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainingTrace:
+    """The steady-state step of the user's loop, and what its first step peaked at
+    (NOTE [ The steady state ] in ``memprop.loop``)."""
+
+    steady: StepTrace
+    """A step that starts as every step from the second on does: the optimizer's state
+    allocated, the gradients as ``zero_grad`` leaves them."""
+    first_step_peak_bytes: int | None
+    """The training peak of the loop's first step (state created inside ``optimizer.step()``);
+    equal to the steady step's when the first step changes no state; None when the workload
+    arrived with its state already made (mid-training), so its first step was not seen."""
+    device_rise_bytes: int | None
+    """With a device to measure: how far its own high-water mark rose over the steady step."""
+    notes: tuple[str, ...]
+    """What the report should say about how the step was traced."""
+
+
+def trace_training(
+    workload: Workload, *, create_graph: bool = False, device: Any = None
+) -> TrainingTrace:
+    """The steady-state training step of ``workload``, reached as the loop reaches it.
+
+    The gradients are zeroed as the loop zeroes them, and one step is traced. If that step
+    changed what the next one starts with (the optimizer made its state, or gradients that
+    the loop keeps were made), it was the first step: its peak is kept, the gradients are
+    zeroed again and the next step, the steady one, is traced. Real steps train the model, as
+    in the loop. A model left in ``eval()`` is traced in ``train()`` (and put back), since that
+    is how a training loop runs it; the notes say so. ``device`` (a memory backend) measures
+    its own high-water mark over the steady step."""
+    notes: list[str] = []
+    with _training_mode(workload.model, notes):
+        zero_gradients(workload)
+        before = state_signature(workload)
+        first = _measured(workload, create_graph, device)
+        if state_signature(workload) != before:
+            zero_gradients(workload)
+            steady = _measured(workload, create_graph, device)
+            first_peak: int | None = first[0].ledger.peak()[0]
+        else:
+            # The step made no state: it was already a steady one. It was also the loop's
+            # first unless the workload arrived with state (gradients kept, optimizer state).
+            steady = first
+            first_peak = None if any(before) else first[0].ledger.peak()[0]
+    trace, rise = steady
+    if trace.chain is not None and first is not steady:
+        first_optimizer = _optimizer_moment(first[0]) if workload.optimizer is not None else 0
+        trace = dataclasses.replace(trace, chain=dataclasses.replace(
+            trace.chain,
+            optimizer_peak_bytes=max(trace.chain.optimizer_peak_bytes, first_optimizer),
+            first_step_peak_bytes=first_peak,
+        ))
+    return TrainingTrace(steady=trace, first_step_peak_bytes=first_peak,
+                         device_rise_bytes=rise, notes=tuple(notes))
+
+
+def _measured(workload: Workload, create_graph: bool, device: Any
+              ) -> tuple[StepTrace, int | None]:
+    if device is None:
+        return trace_training_step(workload, create_graph=create_graph), None
+    before = device.current_bytes()
+    device.reset_peak()
+    trace = trace_training_step(workload, create_graph=create_graph)
+    return trace, max(0, device.peak_bytes() - before)
+
+
+def _optimizer_moment(trace: StepTrace) -> int:
+    """The highest live total of the step's optimizer phase (what backward left included)."""
+    live, after = trace.ledger._live_curves()
+    return max([after[trace.backward_end], *live[trace.backward_end + 1 : trace.end + 1]])
+
+
+@contextlib.contextmanager
+def _training_mode(model: nn.Module, notes: list[str]) -> Iterator[None]:
+    if model.training:
+        yield
+        return
+    notes.append(f"{type(model).__name__} was in eval(): the training step was traced in "
+                 "train(), as a training loop runs it (dropout and batch statistics on), and "
+                 "the model was put back in eval() after")
+    with _mode(model, training=True):
+        yield
+
+
 def trace_training_step(workload: Workload, *, create_graph: bool = False) -> StepTrace:
-    """One forward, backward and (when given) optimizer step, every storage on the ledger."""
+    """One forward, backward and (when given) optimizer step, every storage on the ledger, from
+    the state the workload is in (see :func:`trace_training` for the loop's steady state)."""
     ledger = StorageLedger()
     register_step_state(ledger, workload, training=True)
     tracker = _ModuleTracker(ledger, workload.model)
@@ -335,19 +372,22 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False) -> St
     try:
         with ledger, torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             ledger.phase = "forward"
-            output = workload.model(*workload.inputs)
+            with user_code("the model's forward"):
+                output = workload.model(*workload.inputs)
             loss, loss_note = compute_loss(workload, output)
             forward_end = ledger.clock
             ledger.phase = "backward"
             ledger.module = ""
             ledger.stage = None
-            loss.backward(create_graph=create_graph)
+            with user_code("the backward pass"):
+                loss.backward(create_graph=create_graph)
             backward_end = ledger.clock
             backward_end_s = time.perf_counter()
             ledger.stage = None
             if workload.optimizer is not None:
                 ledger.phase = "optimizer"
-                workload.optimizer.step()
+                with user_code("the optimizer's step"):
+                    workload.optimizer.step()
             ledger.phase = "end"
             end = ledger.clock
             grads = [p.grad for p in workload.model.parameters() if p.grad is not None]
@@ -357,6 +397,7 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False) -> St
             del output, loss, grads
     finally:
         tracker.remove()
+    ledger.close()
     wall_s = time.perf_counter() - started
     stages = tracker.stage_stats(backward_end, backward_end_s)
     return StepTrace(
@@ -373,9 +414,10 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False) -> St
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def _mode(model: nn.Module, *, training: bool) -> Iterator[None]:
+    """``model.train(training)`` until the block exits, then every module's own flag back."""
     flags = {m: m.training for m in model.modules()}
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
@@ -388,11 +430,13 @@ def trace_inference(workload: Workload) -> StepTrace:
     ledger = StorageLedger()
     register_step_state(ledger, workload, training=False)
     started = time.perf_counter()
-    with _eval_mode(workload.model), torch.inference_mode(), ledger:
+    with _mode(workload.model, training=False), torch.inference_mode(), ledger:
         ledger.phase = "forward"
-        output = workload.model(*workload.inputs)
+        with user_code("the model's forward (inference)"):
+            output = workload.model(*workload.inputs)
         end = ledger.clock
         del output
+    ledger.close()
     return StepTrace(
         ledger=ledger,
         forward_end=end,

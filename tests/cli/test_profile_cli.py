@@ -43,7 +43,7 @@ def test_profile_prints_the_report_and_writes_design_json(
                                           "input_bytes", "saved_bytes", "output_bytes"}
     assert document["workload"] == {
         "name": "seed-mlp", "batch_size": 8, "depth": 2, "dtype": "float32", "device": "cpu",
-        "mode": "real", "config": document["workload"]["config"]}
+        "mode": "real", "set_to_none": True, "config": document["workload"]["config"]}
     # The command reports what the library computes for the same workload.
     expected = memprop.profile(seed_workload(SeedConfig(input_dim=16, hidden=32, depth=2,
                                                         batch=8)))
@@ -116,7 +116,7 @@ def test_model_factory_from_a_file(runner: CliRunner, factory_file: Path, tmp_pa
         (["--model", "FACTORY:broken"], "the data set is not there"),
         (["--model", "FACTORY:no_batch"], "batch_size"),
         (["--model", "no_colon_here"], "package.module:func"),
-        (["--model", "surely_not_a_module_xyz:func"], "importing"),
+        (["--model", "surely_not_a_module_xyz:func"], "no module named"),
         (["--dtype", "float8"], "--dtype"),
         (["--activation", "swish"], "--activation"),
         (["--batch", "0"], "--batch"),

@@ -207,7 +207,7 @@ def test_plan_refuses_what_it_cannot_do() -> None:
     with pytest.raises(UsageError, match=r"is not one"):
         memprop.plan(zoo.tied_embeddings(), budget="1MiB")
     with pytest.raises(UsageError, match=r"on fake tensors"):
-        memprop.plan(mixed_mlp(), budget="1MiB", fake=True)
+        memprop.plan(mixed_mlp(), budget="1MiB", fake=True, cost_model="measured")
     with pytest.raises(UsageError, match=r"budget is missing"):
         memprop.plan(mixed_mlp())
 

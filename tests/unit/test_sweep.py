@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
+from memprop.blame import is_out_of_memory
 from memprop.closed_form import SeedShape, closed_form
 from memprop.errors import BudgetInfeasibleError, UsageError, WorkloadError
 from memprop.estimate import fit, fit_line, seed_builder, sweep
-from memprop.estimate.sweep import is_out_of_memory, trace_fake
+from memprop.estimate.sweep import trace_fake
 from memprop.workload import SeedConfig, Workload
 
 SMALL = SeedConfig(input_dim=16, hidden=32, classes=4)

@@ -1,0 +1,128 @@
+"""Whose fault an exception is: the user's model, or memprop.
+
+NOTE [ Blame ]
+memprop runs the user's code (a factory, the model's forward, the loss, the backward pass, the
+optimizer's step) with its own code around it and inside it: the ledger's dispatch mode sees
+every op and module hooks follow every call. An exception raised there is the user's (a
+:class:`memprop.errors.ModelError`, exit 2, one line naming the user's frame) unless memprop's
+own code raised it, which is a bug and keeps its traceback. The innermost frame of the traceback
+that belongs neither to torch nor to the standard library decides. Two memprop frames do not
+count: the ledger's passthrough of an op (an op that fails on the user's tensors fails inside
+the ledger's ``__torch_dispatch__``), and the frame that called the user's code (an error that
+torch's C++ raises, in the autograd engine say, has no other frame).
+
+Out-of-memory errors are neither: they become :class:`memprop.errors.OutOfMemoryError` (exit
+3), the CPU allocator's included, which raises a plain ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import os
+import sysconfig
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from memprop.errors import MemPropError, ModelError, OutOfMemoryError
+
+__all__ = ["is_fake_tensor_limit", "is_out_of_memory", "user_code"]
+
+_MEMPROP = str(Path(__file__).resolve().parent) + os.sep
+_TORCH = str(Path(torch.__file__).resolve().parent) + os.sep
+_STDLIB = str(Path(sysconfig.get_paths()["stdlib"]).resolve()) + os.sep
+_PASSTHROUGH = "func(*args, **kwargs)"
+"""The ledger's call of the op it records (``memprop/trace/ledger.py``)."""
+
+_FAKE_TENSOR_LIMITS = ("DataDependentOutputException", "DynamicOutputShapeException",
+                       "GuardOnDataDependentSymNode", "UnsupportedFakeTensorException",
+                       "UnsupportedOperatorException")
+"""What fake tensors raise on code that reads tensor values (``.item()``, a shape that depends
+on data, an op without a fake implementation)."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A device's out-of-memory error: CUDA's, Python's, or the CPU allocator's RuntimeError."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError, OutOfMemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def is_fake_tensor_limit(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps) is fake tensors refusing code that reads values."""
+    while error is not None:
+        if type(error).__name__ in _FAKE_TENSOR_LIMITS:
+            return True
+        error = error.__cause__  # type: ignore[assignment]
+    return False
+
+
+def _owner(filename: str) -> str:
+    path = os.path.realpath(filename) if not filename.startswith("<") else filename
+    if path.startswith(_MEMPROP):
+        return "memprop"
+    if path.startswith(_TORCH) or filename.startswith("<"):
+        return "torch"  # torch's files, and generated or frozen code
+    if path.startswith(_STDLIB) and "site-packages" not in path:
+        return "stdlib"
+    return "user"
+
+
+def culprit(error: BaseException) -> traceback.FrameSummary | None:
+    """The user's frame to blame, or None when memprop's own code raised ``error``."""
+    frames = traceback.extract_tb(error.__traceback__)
+    for position in range(len(frames) - 1, -1, -1):
+        frame = frames[position]
+        owner = _owner(frame.filename)
+        if owner == "user":
+            return frame
+        if owner != "memprop":
+            continue
+        source = frame.line or linecache.getline(frame.filename, frame.lineno or 0)
+        if _PASSTHROUGH in source:
+            continue
+        if position == 0:
+            return frame  # the call into the user's code: torch's C++ raised it
+        return None
+    return frames[0] if frames else None
+
+
+def describe(frame: traceback.FrameSummary) -> str:
+    """``model.py:12 in forward: return self.fc(x)``."""
+    where = f"{frame.filename}:{frame.lineno} in {frame.name}"
+    if _owner(frame.filename) == "memprop":
+        return ""
+    line = (frame.line or "").strip()
+    return f"{where}: {line}" if line else where
+
+
+@contextlib.contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run the user's code (``what``: "the model's forward", "the loss function"...): its
+    errors become a :class:`ModelError` naming the user's frame, out-of-memory errors an
+    :class:`OutOfMemoryError`; memprop's own errors pass unchanged."""
+    try:
+        yield
+    except MemPropError:
+        raise
+    except Exception as error:
+        if is_out_of_memory(error):
+            first = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+            raise OutOfMemoryError(f"{what} ran out of memory: {first}") from error
+        frame = culprit(error)
+        if frame is None:
+            raise  # memprop's own code: a bug, with its traceback
+        name = type(error).__name__
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        where = describe(frame)
+        message = f"{what} raised {name}" + (f": {text}" if text else "")
+        if name in _FAKE_TENSOR_LIMITS:
+            message += (" (fake tensors have shapes but no values, so code that reads values "
+                        "cannot be traced on them: trace on real tensors instead)")
+        raise ModelError(message + (f" (at {where})" if where else "")) from error

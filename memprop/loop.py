@@ -1,0 +1,145 @@
+"""One step of the user's training loop, as memprop runs it: zero the gradients as the loop does,
+forward, loss, backward, and the optimizer's step.
+
+Every traced, planned, measured or timed step in memprop goes through these functions, so that
+they all run the same step. The loop they stand for is::
+
+    for batch in data:
+        optimizer.zero_grad(set_to_none=workload.set_to_none)
+        loss = loss_fn(model(*inputs), targets)
+        loss.backward()
+        optimizer.step()
+
+NOTE [ The steady state ]
+From the second step of such a loop on, the optimizer's state (SGD's momentum, Adam's two
+moments) exists before the step starts and is live through forward and backward; on the first
+step it is created inside ``optimizer.step()``. How the loop zeroes gradients decides what else
+is live when the forward starts: ``zero_grad(set_to_none=True)`` (torch's default) frees them, so
+backward allocates them again; ``set_to_none=False`` (and gradient accumulation) keeps them,
+as zeros, through the whole step. memprop's training peak is the steady-state step's
+(:func:`memprop.trace.step.trace_training` runs the first step to reach it); the first step's
+peak is reported beside it, and a budget must cover both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from memprop.blame import user_code
+from memprop.errors import ModelError
+from memprop.workload import Workload
+
+__all__ = ["compute_loss", "state_signature", "tensors_in", "training_step", "zero_gradients"]
+
+
+def tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a (nested) tuple, list or dict, in order."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from tensors_in(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
+
+
+def zero_gradients(workload: Workload) -> None:
+    """The gradients as the loop leaves them between steps: freed (``set_to_none=True``) or
+    zeroed in place (``set_to_none=False``)."""
+    with user_code("zero_grad"):
+        if workload.optimizer is not None:
+            workload.optimizer.zero_grad(set_to_none=workload.set_to_none)
+        else:
+            workload.model.zero_grad(set_to_none=workload.set_to_none)
+
+
+def state_signature(workload: Workload) -> tuple[int, ...]:
+    """Storage bytes of what the next step starts with besides the model and its inputs: the
+    gradients the loop keeps (none with ``set_to_none``) and the optimizer's state. Two equal
+    signatures mean two steps that start from the same memory."""
+    sizes = [0 if p.grad is None or workload.set_to_none else p.grad.untyped_storage().nbytes()
+             for p in workload.model.parameters()]
+    if workload.optimizer is not None:
+        sizes += [t.untyped_storage().nbytes()
+                  for t in tensors_in(list(workload.optimizer.state.values()))]
+    return tuple(sizes)
+
+
+def compute_loss(workload: Workload, output: Any) -> tuple[torch.Tensor, str]:
+    """The step's loss, and a sentence saying how it was obtained. A loss that cannot be
+    differentiated is the workload's error, said with its cause."""
+    if workload.loss_fn is not None:
+        with user_code("the loss function"):
+            if workload.targets is not None:
+                loss = workload.loss_fn(output, workload.targets)
+            else:
+                loss = workload.loss_fn(output)
+        note = "the workload's loss function"
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ModelError(f"the loss function returned {shape}: a loss is a tensor of one "
+                             "element; reduce it (.mean(), .sum()) inside the loss function")
+    elif isinstance(output, torch.Tensor) and output.dim() == 0:
+        loss, note = output, "the model's scalar output"
+    else:
+        parts = [t.float().mean() for t in tensors_in(output) if t.requires_grad]
+        if not parts:
+            raise ModelError(_why_no_gradient(workload, output))
+        loss = parts[0]
+        for part in parts[1:]:
+            loss = loss + part
+        note = ("output.float().mean() (no loss function given; memory-wise the choice hardly "
+                "matters)")
+    if not loss.requires_grad:
+        raise ModelError(_why_no_gradient(workload, output))
+    return loss, note
+
+
+def _why_no_gradient(workload: Workload, output: Any) -> str:
+    """Why a step has nothing to differentiate, in one line that says what to do."""
+    model = workload.model
+    name = type(model).__name__
+    parameters = list(model.parameters())
+    if not torch.is_grad_enabled():
+        return (f"{name} ran with gradients disabled (torch.no_grad() or inference_mode() "
+                "around the call): a training step needs them on")
+    if output is None:
+        return f"{name}.forward returned None: return the output tensor(s)"
+    if not parameters:
+        return f"{name} has no parameters: there is nothing to train"
+    if not any(p.requires_grad for p in parameters):
+        return (f"every parameter of {name} is frozen (requires_grad=False): unfreeze the ones "
+                "to train")
+    outputs = list(tensors_in(output))
+    if not outputs:
+        return (f"{name} returned {type(output).__name__} with no tensor in it: return the "
+                "output tensor(s)")
+    integers = [t for t in outputs if not (t.is_floating_point() or t.is_complex())]
+    if len(integers) == len(outputs):
+        return (f"{name} returned {integers[0].dtype} tensors, which carry no gradient: return "
+                "floating-point outputs (integer inputs must go through an embedding or a cast "
+                "before the trained layers)")
+    return (f"{name}'s output does not depend on any trainable parameter: is it detached "
+            "(.detach(), .item(), .data) or computed only from frozen layers?")
+
+
+def training_step(workload: Workload) -> None:
+    """One plain training step, untraced: forward, loss, backward and the optimizer's step.
+
+    The gradients are as the previous step left them (call :func:`zero_gradients` first, as
+    the loop does). The output and the loss stay held until the step ends, as in the traced
+    step and in a training loop that keeps them for logging: the peaks of both are the same
+    step's."""
+    with user_code("the model's forward"):
+        output = workload.model(*workload.inputs)
+    loss, _ = compute_loss(workload, output)
+    with user_code("the backward pass"):
+        loss.backward()
+    if workload.optimizer is not None:
+        with user_code("the optimizer's step"):
+            workload.optimizer.step()
+    del output, loss

@@ -1,0 +1,64 @@
+"""A plan checked before it runs: the planned step traced on fake tensors against the prediction.
+
+The planner predicts a plan's peak from a model of the chain (``memprop.plan.chain``); the
+ledger measures what the step does. Tracing the planned step, with the plan installed exactly as
+the runtime installs it, on a fake mirror of the workload costs no memory and catches what the
+model cannot see: a chain that the step does not run as planned (a plan that never runs, stages
+called in another order), memory outside the chain that the model misses. The loop's first step
+and its steady state are both traced (``memprop.trace.step.trace_training``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from memprop.errors import PlanCheckError, PlanMismatchWarning
+from memprop.plan.solvers import Plan
+from memprop.run.execute import installed
+from memprop.run.measure import mismatch
+from memprop.trace.fake import fake_mode_of, new_fake_mode, to_fake_workload
+from memprop.trace.step import find_chain, trace_training
+from memprop.units import format_bytes
+from memprop.workload import Workload
+
+__all__ = ["traced_plan_peak", "verify_plan"]
+
+
+def traced_plan_peak(workload: Workload, plan: Plan) -> int:
+    """The training peak of ``workload`` run under ``plan``, traced on fake tensors (the larger
+    of the loop's first step and its steady state). Raises :class:`PlanCheckError` when the
+    step does not run the plan."""
+    mode = fake_mode_of(workload)
+    if mode is None:
+        mode = new_fake_mode()
+        workload = to_fake_workload(workload, mode)
+    chain = find_chain(workload.model)
+    if chain is None or len(chain) != len(plan.stage_names):
+        raise PlanCheckError(f"the plan is for {len(plan.stage_names)} stages and the model's "
+                             "chain has another shape: plan this model again")
+    with mode, installed(chain, plan.tree) as calls:
+        traced = trace_training(workload)
+    if calls.expected and calls.count == 0:
+        raise PlanCheckError(
+            f"the plan was installed on {type(workload.model).__name__}'s nn.Sequential, but "
+            "the traced training step never called it: the plan would not run. memprop plans "
+            "the nn.Sequential that the model's forward calls"
+        )
+    return max(traced.steady.ledger.peak()[0], traced.first_step_peak_bytes or 0)
+
+
+def verify_plan(workload: Workload, plan: Plan) -> int:
+    """Trace ``plan`` on ``workload`` (fake tensors) and hold it to its budget and prediction:
+    :class:`PlanCheckError` above the budget, :class:`PlanMismatchWarning` when the traced peak
+    strays from the prediction by more than the tolerance. Returns the traced peak."""
+    traced = traced_plan_peak(workload, plan)
+    if traced > plan.budget_bytes:
+        raise PlanCheckError(
+            f"the planned step traces at {format_bytes(traced)}, over the budget of "
+            f"{format_bytes(plan.budget_bytes)} (predicted {format_bytes(plan.peak_bytes)}): "
+            "memprop's model of this step is wrong, a memprop bug; the plan was not used"
+        )
+    warning = mismatch(plan.peak_bytes, traced, "traced for the planned step")
+    if warning is not None:
+        warnings.warn(warning, PlanMismatchWarning, stacklevel=2)
+    return traced
