@@ -168,7 +168,7 @@ def _kept_unit(chain: Chain, start: int, stop: int, h: int) -> tuple[int, int, i
             release(i)
         if stage.saves_output:
             release(i + 1)
-        live += chain.act_bytes(i) - chain.act_bytes(i + 1) + stage.gradient_bytes
+        live += chain.act_bytes(i) - chain.freed_grad_bytes(i) + stage.gradient_bytes
     return fk, ret, bm, lm, so
 
 
@@ -191,7 +191,7 @@ def make_units(chain: Chain, bounds: list[tuple[int, int]]) -> Units:
     # last unit's walk counts those itself).
     n = len(chain)
     after_last = (chain.storage_bytes(chain.storage_of(n))
-                  + chain.loss_left_bytes() - chain.act_bytes(n))
+                  + chain.loss_left_bytes() - chain.freed_grad_bytes(n - 1))
     later = np.array([chain.gradients_from(b) + (after_last if b < n else 0) for _, b in bounds],
                      dtype=np.int64)
     return Units(

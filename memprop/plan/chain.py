@@ -26,7 +26,9 @@ however many holders share it (the simulator keeps a reference count per activat
   whatever else the loss left) stays live through the whole backward, less ``d_n`` once the last
   stage has consumed it.
 - Gradients: stage ``i``'s backward holds ``d_{i+1}``, produces ``d_i`` (none for stage 0: the
-  model's input needs no gradient) and then frees ``d_{i+1}``, its tape and its holds; the
+  model's input needs no gradient) and then frees ``d_{i+1}`` (but for ``d_n`` when the chain's
+  output is the loss itself: ``d_n`` is then the backward's seed, which
+  ``torch.autograd.backward`` holds to the end, ``output_grad_held``), its tape and its holds; the
   parameter gradients it produced, ``gradient_bytes``, stay live until the step ends. When
   backward reaches a checkpointed segment ``[a, s)``, ``d_s`` and the parameter gradients of every
   stage from ``s`` on are live while the segment is re-run (by its own inner plan, which may hold
@@ -122,6 +124,9 @@ class Chain:
     """What the loss leaves live through the backward, ``d_n`` included; ``None``: ``d_n``."""
     optimizer_peak_bytes: int = 0
     """The optimizer step's live total, absolute (``fixed_bytes`` included); 0 without one."""
+    output_grad_held: bool = False
+    """Whether ``d_n`` outlives the last stage's backward (the chain's output is the loss, and
+    ``d_n`` the seed that ``torch.autograd.backward`` holds to the end of the backward)."""
     _roots: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _grads_from: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
@@ -191,6 +196,13 @@ class Chain:
         """The loss's moment over the live total at the end of the forward."""
         return self.act_bytes(len(self)) if self.loss_peak_bytes is None else self.loss_peak_bytes
 
+    def freed_grad_bytes(self, i: int) -> int:
+        """What stage ``i``'s backward frees of its output's gradient ``d_{i+1}``: all of it,
+        but for the last stage when ``d_n`` is held to the end (``output_grad_held``)."""
+        if i == len(self.stages) - 1 and self.output_grad_held:
+            return 0
+        return self.act_bytes(i + 1)
+
     def loss_left_bytes(self) -> int:
         """What the loss leaves live when the backward starts, ``d_n`` included (never less than
         ``d_n``, which the last stage's backward frees)."""
@@ -219,6 +231,7 @@ class Chain:
         loss_peak_bytes: int | None = None,
         loss_residual_bytes: int | None = None,
         optimizer_peak_bytes: int = 0,
+        output_grad_held: bool = False,
     ) -> Chain:
         """The chain of a traced step: ``"measured"`` prices stages in seconds, ``"flops"`` in
         counted floating-point operations (the same plan on every machine)."""
@@ -250,6 +263,7 @@ class Chain:
             loss_peak_bytes=loss_peak_bytes,
             loss_residual_bytes=loss_residual_bytes,
             optimizer_peak_bytes=optimizer_peak_bytes,
+            output_grad_held=output_grad_held,
         )
 
     @classmethod
@@ -263,6 +277,7 @@ class Chain:
             loss_peak_bytes=costs.loss_peak_bytes,
             loss_residual_bytes=costs.loss_residual_bytes,
             optimizer_peak_bytes=costs.optimizer_peak_bytes,
+            output_grad_held=costs.output_grad_held,
         )
 
 

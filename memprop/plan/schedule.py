@@ -139,7 +139,7 @@ class _Ledger:
                     self.release(child)
                 if stage.saves_output:
                     self.release(child + 1)
-                self.live += self.chain.act_bytes(child) - self.chain.act_bytes(child + 1)
+                self.live += self.chain.act_bytes(child) - self.chain.freed_grad_bytes(child)
                 self.live += stage.gradient_bytes
             else:
                 self.hold(child.start)  # the recompute's flow

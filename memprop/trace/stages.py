@@ -72,6 +72,10 @@ class ChainCosts:
     not depend on the plan, since every activation is gone by then."""
     traced_peak_bytes: int
     """The traced training peak of the unplanned steady-state step, for calibration checks."""
+    output_grad_held: bool = False
+    """Whether the gradient of the model's output outlives the last stage's backward (when the
+    chain's output is the loss itself, that gradient is the seed that
+    ``torch.autograd.backward`` holds until the backward is over)."""
     first_step_peak_bytes: int | None = None
     """The traced training peak of the loop's first step when it was traced apart from the
     steady one (its forward and backward hold less: no optimizer state yet)."""

@@ -94,6 +94,8 @@ class _ModuleTracker:
         self.saved: list[dict[int, StorageRecord]] = [{} for _ in range(n)]
         # Backward regions: (stage, tick, time) each time autograd reaches a stage's output.
         self.backward_marks: list[tuple[int, int, float]] = []
+        # The gradient of each stage's output as its backward received it.
+        self.output_grads: dict[int, list[StorageRecord]] = {}
         self._started = 0.0
         self._start_tick = 0
         for name, module in model.named_modules():
@@ -148,6 +150,7 @@ class _ModuleTracker:
         def prehook(grad_outputs: Any) -> None:
             self.ledger.stage = index
             self.backward_marks.append((index, self.ledger.clock, time.perf_counter()))
+            self.output_grads.setdefault(index, self._records(grad_outputs))
 
         return prehook
 
@@ -228,6 +231,13 @@ class _ModuleTracker:
         forward_stop = self.forward_ticks[-1][1]
         last = len(stages) - 1
         backward_start = next(tick for index, tick, _ in self.backward_marks if index == last)
+        # The last stage's backward frees the gradient of the model's output, unless someone
+        # else holds it: when the chain's output is the loss itself, that gradient is the seed
+        # that torch.autograd.backward holds until the whole backward is over.
+        backward_stop = next((tick for index, tick, _ in self.backward_marks
+                              if tick > backward_start and index != last), end)
+        output_grad_held = any(r.freed is None or r.freed > backward_stop
+                               for r in self.output_grads.get(last, []))
         # The optimizer's moment starts with what backward left live; its own temporaries and
         # new state come on top.
         optimizer_ticks = [after[backward_end], *live[backward_end + 1 : end + 1]]
@@ -238,6 +248,7 @@ class _ModuleTracker:
             loss_residual_bytes=after[backward_start] - after[forward_stop],
             optimizer_peak_bytes=max(optimizer_ticks) if has_optimizer else 0,
             traced_peak_bytes=max(live),
+            output_grad_held=output_grad_held,
         )
 
 
