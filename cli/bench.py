@@ -7,20 +7,39 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from memprop_cli.errors import exits_cleanly
+from memprop.errors import UsageError
+from memprop_cli.options import console_for, parse_list, working
 
 PARTS = ("ledger", "planner", "gpu", "runtime")
 
 
-@exits_cleanly
+def _files(part: str) -> list[str]:
+    """The files a part writes, known before it runs (the GPU's report is named after it)."""
+    if part == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            return []
+        from memprop.bench.gpu import report_name
+
+        stem = report_name(torch.cuda.get_device_name())
+    else:
+        stem = {"ledger": "ledger-overhead", "planner": "planner-solve-times",
+                "runtime": "runtime-curves"}[part]
+    return [f"{stem}.md", f"{stem}.json"] + ([f"{stem}.png"] if part == "runtime" else [])
+
+
 def bench_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the reports.")] = Path("reports"),
     only: Annotated[list[str] | None, typer.Option(
-        "--only", help=f"Run only these parts: {', '.join(PARTS)}.")] = None,
+        "--only", metavar="PART[,PART...]",
+        help=f"Run only these parts: {', '.join(PARTS)} (commas, or the flag repeated).")] = None,
     quick: Annotated[bool, typer.Option(
         "--quick", help="Few repeats and short chains: checks the machinery, not the goals.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace reports already in --out (they are kept otherwise).")
     ] = False,
 ) -> None:
     """Measure the speed and memory goals side by side and write Markdown and JSON reports."""
@@ -28,16 +47,23 @@ def bench_command(
     from memprop.bench.ledger import ledger_overhead
     from memprop.bench.planner import planner_solve_times
     from memprop.bench.runtime import runtime_curves, write_runtime_plot
-    from memprop.errors import UsageError
 
-    chosen = only or list(PARTS)
+    chosen = [part for text in only or [",".join(PARTS)] for part in parse_list(text, "--only")]
     unknown = sorted(set(chosen) - set(PARTS))
-    if unknown:
-        raise UsageError(f"--only {', '.join(unknown)}: the parts are {', '.join(PARTS)}")
-    console = Console()
+    if unknown or not chosen:
+        raise UsageError(f"--only {', '.join(unknown) or '(empty)'}: the parts are "
+                         f"{', '.join(PARTS)}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a folder for the reports")
+    taken = [str(out / name) for part in chosen for name in _files(part)
+             if (out / name).exists()]
+    if taken and not overwrite:
+        raise UsageError(f"--out {out} holds reports this run would replace ({', '.join(taken)}): "
+                         "give another --out, or --overwrite to replace them")
+    console = console_for({})
     command = "memprop bench" + (" --quick" if quick else "")
     for part in chosen:
-        with console.status(f"bench: {part}"):
+        with working(f"bench: {part}"):
             if part == "ledger":
                 report = ledger_overhead(repeats=3 if quick else 21)
             elif part == "gpu":

@@ -1,34 +1,54 @@
-"""The one place where memprop's errors become a message and an exit code."""
+"""The one place where an error becomes a message and an exit code.
+
+Every subcommand runs inside :class:`MemPropGroup`'s ``invoke``: a ``MemPropError`` is one line
+on stderr and its ``exit_code`` (2 bad input, 3 it does not fit, 1 a bug memprop caught itself);
+an out-of-memory error from torch or the CPU allocator is exit 3. Anything else is a bug and
+keeps its traceback (exit 1). ``--debug`` prints the traceback of every error, the user's model's
+included, before the line.
+"""
 
 from __future__ import annotations
 
-import functools
+import logging
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+import traceback
+from typing import Any
 
-import torch
 import typer
+from typer.core import TyperGroup
 
-from memprop.errors import EXIT_DOES_NOT_FIT, MemPropError
+from memprop.blame import is_out_of_memory
+from memprop.errors import EXIT_DOES_NOT_FIT, MemPropError, ModelError
 
-F = TypeVar("F", bound=Callable[..., Any])
+__all__ = ["DEBUG", "MemPropGroup"]
+
+DEBUG = "memprop.debug"
+"""The key of ``--debug`` in the click context's ``meta`` (shared by every subcommand)."""
 
 
-def exits_cleanly(command: F) -> F:
-    """Turn a ``MemPropError`` (and a real out-of-memory) into one line on stderr and its exit
-    code: 2 bad input, 3 it does not fit. Anything else is a bug and keeps its traceback."""
+class MemPropGroup(TyperGroup):
+    """The ``memprop`` group: runs a subcommand and turns its errors into exit codes."""
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def invoke(self, ctx: Any) -> Any:  # click's Context (typer vendors click privately)
+        # Fake tensors log every op that fails on them, with a traceback, before the error
+        # reaches memprop, which then says it in one line: the command keeps its output clean.
+        logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
         try:
-            return command(*args, **kwargs)
+            return super().invoke(ctx)
         except MemPropError as error:
-            print(f"memprop: error: {error}", file=sys.stderr)
+            _say(ctx, error, f"memprop: error: {error}", hint=isinstance(error, ModelError))
             raise typer.Exit(code=error.exit_code) from None
-        except torch.OutOfMemoryError as error:
-            first = str(error).splitlines()[0] if str(error) else "out of memory"
-            print(f"memprop: out of memory: {first}", file=sys.stderr)
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise  # a bug: its traceback is what a report needs
+            first = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+            _say(ctx, error, f"memprop: out of memory: {first}", hint=False)
             raise typer.Exit(code=EXIT_DOES_NOT_FIT) from None
 
-    return wrapper  # type: ignore[return-value]
+
+def _say(ctx: Any, error: BaseException, line: str, *, hint: bool) -> None:
+    if ctx.meta.get(DEBUG):
+        traceback.print_exception(error, file=sys.stderr)
+    elif hint and error.__cause__ is not None:
+        line += " (--debug prints the traceback)"
+    print(line, file=sys.stderr)

@@ -8,6 +8,7 @@ import typer
 
 import memprop
 from memprop_cli.bench import bench_command
+from memprop_cli.errors import DEBUG, MemPropGroup
 from memprop_cli.fit import fit_command
 from memprop_cli.plan import plan_command
 from memprop_cli.profile import profile_command
@@ -16,6 +17,7 @@ from memprop_cli.sweep import sweep_command
 
 app = typer.Typer(
     name="memprop",
+    cls=MemPropGroup,  # errors become exit codes there, in one place
     help="Where PyTorch training memory goes, and how to make a training step fit a budget.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -39,11 +41,16 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[bool, typer.Option(
         "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
     )] = False,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Print the traceback of an error (your model's included) before its "
+                        "one-line message.")] = False,
 ) -> None:
     """Where PyTorch training memory goes, and how to make a training step fit a budget."""
+    ctx.meta[DEBUG] = debug
 
 
 def main() -> None:

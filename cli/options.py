@@ -1,24 +1,46 @@
-"""The workload options every subcommand shares, and how they become a ``Workload``."""
+"""The workload options every subcommand shares, validated once, and how they become workloads.
+
+WORKLOAD is the built-in seed MLP unless ``--model`` names the user's factory. The seed MLP's
+shape flags (``--input-dim --hidden --classes --activation --bias --weight-decay``) mean nothing
+to a user's model: given with ``--model`` they are refused. ``--dtype``, ``--device`` and
+``--optimizer`` apply to both (``memprop.workload.adjust``), ``--set-to-none`` too.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.console import Console
 
+from memprop.blame import is_fake_tensor_limit
 from memprop.devices import get_device
-from memprop.errors import UsageError
-from memprop.trace.fake import new_fake_mode
-from memprop.workload import SeedConfig, Workload, call_factory, load_factory, seed_workload
+from memprop.errors import ModelError, UsageError
+from memprop.estimate import Build
+from memprop.trace.fake import new_fake_mode, to_fake_workload
+from memprop.workload import (
+    OPTIMIZERS,
+    SeedConfig,
+    Workload,
+    adjust,
+    call_factory,
+    defaults,
+    load_factory,
+    seed_workload,
+)
 
 _W = "Workload"
 SEED = SeedConfig()
 """The built-in workload's defaults: every subcommand's defaults come from here."""
+MAX_SIZE = 2**48
+"""The largest batch or depth accepted: beyond it tensor sizes overflow 64-bit integers."""
+SEED_ONLY = ("input_dim", "hidden", "classes", "activation", "bias", "weight_decay")
+"""Flags that shape the built-in MLP and mean nothing to a user's model."""
 
 Model = Annotated[str | None, typer.Option(
     "--model", metavar="SPEC", rich_help_panel=_W,
@@ -38,11 +60,20 @@ Bias = Annotated[bool, typer.Option("--bias/--no-bias", help="Seed MLP: biases o
                                     rich_help_panel=_W)]
 WeightDecay = Annotated[float, typer.Option(
     help="Seed MLP: λ of the λ/2 Σ‖W‖² term added to the objective.", rich_help_panel=_W)]
-Dtype = Annotated[str, typer.Option(help="Seed MLP: float32, float64, float16, bfloat16.",
-                                    rich_help_panel=_W)]
-Device = Annotated[str, typer.Option(help="Seed MLP: cpu, cuda or cuda:N.", rich_help_panel=_W)]
-Optimizer = Annotated[str, typer.Option(help="Seed MLP: sgd, momentum or adam.",
-                                        rich_help_panel=_W)]
+Dtype = Annotated[str, typer.Option(
+    help="float32, float64, float16, bfloat16 (with --model: the model and its floating-point "
+         "inputs are cast).", rich_help_panel=_W)]
+Device = Annotated[str, typer.Option(
+    help="cpu, cuda or cuda:N (with --model: the model and its inputs are moved).",
+    rich_help_panel=_W)]
+Optimizer = Annotated[str | None, typer.Option(
+    help=f"{', '.join(OPTIMIZERS)} (seed MLP default {SEED.optimizer}; with --model, for a "
+         "factory that returns no optimizer).", rich_help_panel=_W)]
+SetToNone = Annotated[bool, typer.Option(
+    "--set-to-none/--no-set-to-none", rich_help_panel=_W,
+    help="How your loop zeroes gradients between steps: zero_grad(set_to_none=True), torch's "
+         "default, frees them; --no-set-to-none keeps them as zeros through every step (as "
+         "gradient accumulation does).")]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -58,27 +89,41 @@ class WorkloadOptions:
     weight_decay: float
     dtype: str
     device: str
-    optimizer: str
-
-    def with_size(self, *, batch: int | None = None, depth: int | None = None) -> WorkloadOptions:
-        values = {f: getattr(self, f) for f in self.__dataclass_fields__}
-        if batch is not None:
-            values["batch"] = batch
-        if depth is not None:
-            values["depth"] = depth
-        return WorkloadOptions(**values)
+    optimizer: str | None
+    set_to_none: bool
+    given: frozenset[str] = frozenset()
+    """The options the user typed (not defaults)."""
 
     def seed_config(self) -> SeedConfig:
         return SeedConfig(
             input_dim=self.input_dim, hidden=self.hidden, classes=self.classes,
             depth=SEED.depth if self.depth is None else self.depth, batch=self.batch,
             activation=self.activation, bias=self.bias, weight_decay=self.weight_decay,
-            dtype=self.dtype, device=self.device, optimizer=self.optimizer,
+            dtype=self.dtype, device=self.device, optimizer=self.optimizer or SEED.optimizer,
         )
 
+    def validate(self) -> None:
+        """Every check of the shared options, once, before any work."""
+        check_size("--batch", self.batch)
+        if self.depth is not None:
+            check_size("--depth", self.depth)
+        if self.model is None:
+            self.seed_config().validate()
+            return
+        typed = [f"--{name.replace('_', '-')}" for name in SEED_ONLY if name in self.given]
+        if typed:
+            raise UsageError(f"{', '.join(typed)} shape{'s' if len(typed) == 1 else ''} the "
+                             f"built-in MLP, not --model {self.model}: drop "
+                             f"{'it' if len(typed) == 1 else 'them'} (set your model's sizes in "
+                             "its factory)")
+        replace(SEED, dtype=self.dtype, device=self.device,
+                optimizer=self.optimizer or SEED.optimizer).validate()
 
-def workload_options(**values: Any) -> WorkloadOptions:
-    return WorkloadOptions(**values)
+
+def check_size(flag: str, value: int) -> None:
+    if not 1 <= value <= MAX_SIZE:
+        raise UsageError(f"{flag} is {value}: it must be between 1 and 2**48 "
+                         f"({MAX_SIZE:,})")
 
 
 _SHARED: list[tuple[str, Any, Any]] = [
@@ -93,7 +138,8 @@ _SHARED: list[tuple[str, Any, Any]] = [
     ("weight_decay", WeightDecay, SEED.weight_decay),
     ("dtype", Dtype, SEED.dtype),
     ("device", Device, SEED.device),
-    ("optimizer", Optimizer, SEED.optimizer),
+    ("optimizer", Optimizer, None),
+    ("set_to_none", SetToNone, True),
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -103,12 +149,15 @@ def with_workload_options(*, exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
     """Give a command the options every subcommand shares (the seed MLP's sizes, --model...)
     in one place: the command takes ``options: WorkloadOptions`` and its own options; typer
     sees the shared ones first. A command that spells an option its own way (``sweep``'s lists
-    of batch sizes) names it in ``exclude`` and receives the default in ``options``."""
+    of batch sizes) names it in ``exclude`` and receives the default in ``options``. The
+    options are validated before the command runs."""
 
     def decorate(command: F) -> F:
         signature = inspect.signature(command, eval_str=True)
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
                for name, p in signature.parameters.items() if name != "options"]
+        context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY,
+                                    annotation=typer.Context)
         shared = [
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                               annotation=annotation)
@@ -117,33 +166,135 @@ def with_workload_options(*, exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
         defaults = {name: default for name, _, default in _SHARED}
 
         @functools.wraps(command)
-        def wrapper(**kwargs: Any) -> Any:
+        def wrapper(*, ctx: typer.Context, **kwargs: Any) -> Any:
             values = {name: default if name in exclude else kwargs.pop(name, default)
                       for name, default in defaults.items()}
-            return command(options=WorkloadOptions(**values), **kwargs)
+            given = frozenset(name for name in values if name not in exclude
+                              and _typed(ctx.get_parameter_source(name)))
+            options = WorkloadOptions(**values, given=given)
+            options.validate()
+            return command(options=options, **kwargs)
 
         wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=[*shared, *own], return_annotation=signature.return_annotation)
+            parameters=[context, *shared, *own], return_annotation=signature.return_annotation)
         return wrapper  # type: ignore[return-value]
 
     return decorate
 
 
-def build_workload(options: WorkloadOptions, *, fake: bool) -> Workload:
-    """The workload the options name; built inside a fake-tensor mode when ``fake``."""
-    if options.batch < 1:
-        raise UsageError(f"--batch is {options.batch}: it must be at least 1")
-    if options.depth is not None and options.depth < 1:
-        raise UsageError(f"--depth is {options.depth}: it must be at least 1")
-    context: Any = new_fake_mode() if fake else contextlib.nullcontext()
+def _typed(source: Any) -> bool:
+    """Whether a parameter's value came from the user (command line or environment)."""
+    return getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def builder(options: WorkloadOptions) -> Build:
+    """How the options make a workload of a given batch and depth: the seed MLP, or the user's
+    factory with ``--dtype``, ``--device`` and ``--optimizer`` applied. The one conversion of
+    options into workloads: ``build_workload``, ``sweep`` and ``fit`` all call it."""
     if options.model is None:
         config = options.seed_config()
-        config.validate()
-        if not fake:
-            get_device(config.device)  # a clear error now, not a CUDA traceback later
-        with context:
-            return seed_workload(config)
-    factory = load_factory(options.model)
-    with context:
-        return call_factory(factory, spec=options.model, batch_size=options.batch,
-                            depth=options.depth)
+
+        def build_seed(batch_size: int, depth: int | None) -> Workload:
+            workload = seed_workload(replace(config, batch=batch_size,
+                                             depth=config.depth if depth is None else depth))
+            workload.set_to_none = options.set_to_none
+            return workload
+
+        return build_seed
+    spec = options.model
+    factory = load_factory(spec)
+    applies = {name: getattr(options, name) for name in ("dtype", "device", "optimizer")
+               if name in options.given}
+
+    def build_model(batch_size: int, depth: int | None) -> Workload:
+        with defaults(dtype=applies.get("dtype"), device=applies.get("device")):
+            workload = call_factory(factory, spec=spec, batch_size=batch_size, depth=depth)
+        adjust(workload, **applies)
+        workload.set_to_none = options.set_to_none
+        return workload
+
+    return build_model
+
+
+def build_workload(options: WorkloadOptions, *, fake: bool, fallback: bool = True,
+                   say: Callable[[str], None] = lambda _: None) -> Workload:
+    """The workload the options name, built inside a fake-tensor mode when ``fake``.
+
+    A factory that reads tensor values while it builds the model (``.item()`` in a
+    constructor, as some timm models do) cannot be built on fake tensors: with ``fallback`` it
+    is then built for real and traced on a fake copy, and ``say`` is told."""
+    build = builder(options)
+    if options.model is None and not fake:
+        get_device(options.device)  # a clear error now, not a CUDA traceback later
+    if not fake:
+        return build(options.batch, options.depth)
+    mode = new_fake_mode()
+    try:
+        with mode:
+            return build(options.batch, options.depth)
+    except ModelError as error:
+        if not (fallback and is_fake_tensor_limit(error)):
+            raise
+    say(f"note: {options.model} reads tensor values while it builds (fake tensors have "
+        "none): it was built for real and is traced on a fake copy")
+    real = build(options.batch, options.depth)
+    return to_fake_workload(real, new_fake_mode())
+
+
+def console_for(outputs: dict[str, Any]) -> Console:
+    """The console for the human report: stderr when a document goes to standard output."""
+    from memprop.report.output import check_outputs, writes_to_stdout
+
+    check_outputs(outputs)
+    return Console(stderr=writes_to_stdout(outputs))
+
+
+@contextlib.contextmanager
+def working(text: str) -> Iterator[None]:
+    """A spinner with ``text`` on stderr while long work runs, on a terminal only (quiet in
+    pipes, files and CI logs)."""
+    progress = Console(stderr=True)
+    if not progress.is_terminal:
+        yield
+        return
+    with progress.status(text):
+        yield
+
+
+def preflight(options: WorkloadOptions, what: str, advice: str) -> Workload | None:
+    """Refuse (exit 3) a real run that a fake trace says the device cannot hold; return the
+    fake workload traced (None when fake tensors cannot trace this factory: no check then)."""
+    from memprop.estimate.preflight import refuse_unless_it_fits
+    from memprop.trace.fake import device_of
+    from memprop.trace.profile import profile
+
+    get_device(options.device)  # no GPU for --device cuda: a clear error now
+    try:
+        with working("checking on fake tensors that the step fits"):
+            fake = build_workload(options, fake=True, fallback=False)
+            required = profile(fake).required_bytes
+    except ModelError as error:
+        if is_fake_tensor_limit(error):
+            return None
+        raise
+    refuse_unless_it_fits(required, str(device_of(fake)), what, advice)
+    return fake
+
+
+def parse_list(text: str, flag: str) -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]``: the one list syntax of every flag that takes several."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_sizes(text: str, flag: str) -> tuple[int, ...]:
+    """``"1,64,4096"`` -> ``(1, 64, 4096)``; a clear error for anything else."""
+    try:
+        values = tuple(int(part) for part in parse_list(text, flag))
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not a list of integers: write it like "
+                         f"{flag} 1,64,4096") from None
+    if not values:
+        raise UsageError(f"{flag} {text!r} is empty: write it like {flag} 1,64,4096")
+    for value in values:
+        check_size(flag, value)
+    return tuple(dict.fromkeys(values))

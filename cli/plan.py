@@ -6,60 +6,79 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from memprop.budget import resolve_budget
 from memprop.errors import UsageError
 from memprop.report.json_report import write_json
-from memprop_cli.errors import exits_cleanly
-from memprop_cli.options import WorkloadOptions, build_workload, with_workload_options
+from memprop.units import format_bytes
+from memprop_cli.options import (
+    WorkloadOptions,
+    build_workload,
+    console_for,
+    with_workload_options,
+    working,
+)
 
 BudgetOption = Annotated[str | None, typer.Option(
     "--budget", metavar="SIZE",
-    help="Cap on the training peak: 2GiB, 512MiB, 2GB, or 90% of the device; default: what the "
-         "device has free.")]
+    help="Cap on the training peak, every step of the loop: 2GiB, 512MiB, 2GB, or 90% of the "
+         "device; default: what the device has free.")]
 Strategy = Annotated[str, typer.Option(help="optimal, uniform (checkpoint_sequential) or none.")]
-CostModel = Annotated[str | None, typer.Option(
-    "--cost-model", help="measured (stage times) or flops (the same plan on every machine); "
-                         "default: measured, or flops with --fake.")]
+CostModel = Annotated[str, typer.Option(
+    "--cost-model", help="flops (counted, so the same plan on every run and machine) or "
+                         "measured (stage times of real steps, which vary from run to run).")]
 
 
-@exits_cleanly
+def check_plan_options(strategy: str, cost_model: str, *, fake: bool) -> None:
+    from memprop.plan.api import check_cost_model, check_strategy
+
+    try:
+        check_strategy(strategy)
+        check_cost_model(cost_model)
+    except UsageError as error:
+        flag = "--strategy" if "strategy" in str(error) else "--cost-model"
+        raise UsageError(f"{flag}: {error}") from None
+    if fake and cost_model == "measured":
+        raise UsageError("--cost-model measured needs real tensors: drop --fake or use "
+                         "--cost-model flops")
+
+
 @with_workload_options()
 def plan_command(
     options: WorkloadOptions,
     budget: BudgetOption = None,
-    fake: Annotated[bool, typer.Option("--fake", help="Plan on fake tensors (FLOP costs).")] =
-    False,
+    fake: Annotated[bool, typer.Option("--fake", help="Plan on fake tensors.")] = False,
     strategy: Strategy = "optimal",
-    cost_model: CostModel = None,
+    cost_model: CostModel = "flops",
     json_path: Annotated[Path | None, typer.Option(
-        "--json", metavar="PATH", help="Write the plan document.")] = None,
+        "--json", metavar="PATH", help="Write the plan document; - is standard output.")] = None,
 ) -> None:
     """What to recompute so the training peak fits the budget, at the least extra compute.
 
-    Shows uniform (checkpoint_sequential) and no checkpointing beside the chosen strategy."""
+    Shows uniform (checkpoint_sequential) and no checkpointing beside the chosen strategy, and
+    checks the plan by tracing the planned step on fake tensors."""
     from memprop.plan.api import chain_of
     from memprop.plan.solvers import STRATEGIES, solve
     from memprop.report.terminal_plan import render_plan
+    from memprop.run.verify import verify_plan
 
+    console = console_for({"--json": json_path})
+    check_plan_options(strategy, cost_model, fake=fake)
     cap = resolve_budget(budget, options.device)
-    costs = cost_model or ("flops" if fake else "measured")
-    if strategy not in STRATEGIES:
-        raise UsageError(f"--strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-    workload = build_workload(options, fake=fake)
-    if fake and costs == "measured":
-        raise UsageError("--cost-model measured needs real tensors: drop --fake or use "
-                         "--cost-model flops")
-    chain = chain_of(workload, cost_model=costs, fake=fake)
-    chosen = solve(chain, cap.bytes, strategy)
-    others = [solve(chain, cap.bytes, s, strict=False) for s in STRATEGIES if s != strategy]
-    console = Console()
+    with working("planning"):
+        workload = build_workload(options, fake=fake, say=console.print)
+        chain = chain_of(workload, cost_model=cost_model, fake=fake)
+        chosen = solve(chain, cap.bytes, strategy)
+        others = [solve(chain, cap.bytes, s, strict=False) for s in STRATEGIES if s != strategy]
+        traced = verify_plan(workload, chosen)
     if cap.source != "given":
         console.print(f"budget: {cap.source}")
     render_plan(chosen, others, console)
+    console.print(f"checked: the planned step traced on fake tensors peaks at "
+                  f"{format_bytes(traced)} (predicted {format_bytes(chosen.peak_bytes)})")
     if json_path is not None:
         document = chosen.to_dict()
+        document["traced_peak_bytes"] = traced
         document["alternatives"] = [
             {k: p.to_dict()[k] for k in ("strategy", "feasible", "min_feasible_bytes",
                                          "predicted")} for p in others]

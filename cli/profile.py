@@ -6,26 +6,31 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 import memprop
 from memprop.devices.cpu import fix_malloc_threshold
 from memprop.report.json_report import write_json
 from memprop.report.terminal import render_profile
-from memprop_cli.errors import exits_cleanly
-from memprop_cli.options import WorkloadOptions, build_workload, with_workload_options
+from memprop_cli.options import (
+    WorkloadOptions,
+    build_workload,
+    console_for,
+    preflight,
+    with_workload_options,
+    working,
+)
 
 Fake = Annotated[bool, typer.Option(
     "--fake", help="Trace on fake tensors: nothing is allocated, any size can be estimated.")]
 
 
-@exits_cleanly
 @with_workload_options()
 def profile_command(
     options: WorkloadOptions,
     fake: Fake = False,
     json_path: Annotated[Path | None, typer.Option(
-        "--json", metavar="PATH", help="Write the profile document (schema_version 1).")] = None,
+        "--json", metavar="PATH", help="Write the profile document (schema_version 1); - is "
+                                       "standard output.")] = None,
     html_path: Annotated[Path | None, typer.Option(
         "--html", metavar="PATH", help="Write a self-contained HTML report.")] = None,
     trace_path: Annotated[Path | None, typer.Option(
@@ -34,18 +39,21 @@ def profile_command(
     create_graph: Annotated[bool, typer.Option(
         "--create-graph", help="Backward with create_graph=True (second derivatives).")] = False,
 ) -> None:
-    """Where one training step's memory goes, tensor by tensor, against inference.
+    """Where a training step's memory goes, tensor by tensor, against inference.
 
-    Traces one training step and one inference pass: every tensor saved for backward, the
-    totals by category, the stages, and the training and inference peaks."""
+    Traces the steady-state training step (the optimizer's state allocated, as from the second
+    step of your loop on; the first step too when it differs) and one inference pass: every
+    tensor saved for backward, the totals by category, the stages, and the peaks."""
+    console = console_for({"--json": json_path, "--html": html_path, "--trace": trace_path})
     if not fake:
+        preflight(options, "this training step", "estimate it with --fake, or lower --batch")
         # The measured peak reads RSS: pin glibc's mmap threshold so freed tensors go back to
         # the kernel (NOTE [ Reading a peak from RSS ] in memprop.devices.cpu). Only here: every
         # large allocation then costs page faults, which would distort timings elsewhere.
         fix_malloc_threshold()
-    workload = build_workload(options, fake=fake)
-    result = memprop.profile(workload, create_graph=create_graph)
-    console = Console()
+    with working("tracing the training step"):
+        workload = build_workload(options, fake=fake, say=console.print)
+        result = memprop.profile(workload, create_graph=create_graph)
     render_profile(result, console, top=top)
     if result.gpu_layers:
         from memprop.report.terminal_gpu import render_reconciliation

@@ -6,49 +6,80 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from memprop.budget import resolve_budget
-from memprop.errors import OutOfMemoryError
+from memprop.errors import ModelError, UsageError
 from memprop.report.json_report import write_json
 from memprop.units import format_bytes
-from memprop_cli.errors import exits_cleanly
-from memprop_cli.options import WorkloadOptions, build_workload, with_workload_options
-from memprop_cli.plan import BudgetOption, CostModel, Strategy
+from memprop_cli.options import (
+    WorkloadOptions,
+    build_workload,
+    console_for,
+    with_workload_options,
+    working,
+)
+from memprop_cli.plan import BudgetOption, CostModel, Strategy, check_plan_options
 
 
-@exits_cleanly
 @with_workload_options()
 def run_command(
     options: WorkloadOptions,
     budget: BudgetOption = None,
     steps: Annotated[int, typer.Option(help="Timed training steps, each way.")] = 5,
     strategy: Strategy = "optimal",
-    cost_model: CostModel = None,
+    cost_model: CostModel = "flops",
     json_path: Annotated[Path | None, typer.Option(
-        "--json", metavar="PATH", help="Write the run document.")] = None,
+        "--json", metavar="PATH", help="Write the run document; - is standard output.")] = None,
 ) -> None:
     """Train under the plan and measure it against the unplanned step.
 
-    Measured peak against predicted and budget, step time against the unplanned step, and
-    whether the gradients match."""
+    The first three steps are measured one by one (the loop's first step, then its steady
+    state), then --steps more are timed: measured peak against predicted and budget, step time
+    against the unplanned step, and whether the gradients match. When the unplanned step does
+    not fit the device, only the planned steps run."""
     import memprop
-    from memprop.errors import UsageError
+    from memprop.blame import is_fake_tensor_limit
+    from memprop.estimate.preflight import refuse_unless_it_fits, shortfall
     from memprop.report.terminal_plan import render_run
-    from memprop.run.measure import run_plan
+    from memprop.run.measure import check_run, run_plan
+    from memprop.run.verify import verify_plan
+    from memprop.trace.fake import device_of
 
+    console = console_for({"--json": json_path})
     if steps < 1:
         raise UsageError(f"--steps {steps}: give at least 1")
+    check_plan_options(strategy, cost_model, fake=False)
     cap = resolve_budget(budget, options.device)
-    workload = build_workload(options, fake=False)
-    plan = memprop.plan(workload, budget=cap.bytes, strategy=strategy,
-                        cost_model=cost_model or "measured")
-    result = run_plan(workload, plan, steps=steps)
-    console = Console()
+    plan, baseline = None, True
+    with working("planning on fake tensors"):
+        try:
+            fake = build_workload(options, fake=True, fallback=False)
+            device = str(device_of(fake))
+            plan = memprop.plan(fake, budget=cap.bytes, strategy=strategy, cost_model="flops")
+            traced = verify_plan(fake, plan)
+        except ModelError as error:
+            if not is_fake_tensor_limit(error):
+                raise
+    if plan is not None:
+        refuse_unless_it_fits(traced, device, "the planned step",
+                              "lower --budget to what the device has")
+        reason = shortfall(plan.baseline_peak_bytes, device)
+        if reason is not None:
+            baseline = False
+            console.print(f"the unplanned step {reason}: only the planned steps run")
+        if cost_model == "measured" and not baseline:
+            raise UsageError("--cost-model measured times real unplanned steps, which do not "
+                             "fit this device: use --cost-model flops")
+    with working("running the planned steps"):
+        workload = build_workload(options, fake=False)
+        if plan is None or cost_model == "measured":
+            plan = memprop.plan(workload, budget=cap.bytes, strategy=strategy,
+                                cost_model=cost_model)
+        result = run_plan(workload, plan, steps=steps, baseline=baseline)
     if cap.source != "given":
         console.print(f"budget: {cap.source}")
     render_run(result, console)
-    if options.device.startswith("cuda"):
+    if options.device.startswith("cuda") and result.baseline_peak_bytes is not None:
         from memprop.devices import get_device
         from memprop.report.terminal_gpu import render_reconciliation
 
@@ -58,9 +89,9 @@ def run_command(
         render_reconciliation(layers, console)
     if json_path is not None:
         console.print(f"wrote {write_json(json_path, result.to_dict())}")
-    if result.peak_bytes > plan.budget_bytes:
-        raise OutOfMemoryError(
-            f"the planned run peaked at {format_bytes(result.peak_bytes)}, over the budget of "
-            f"{format_bytes(plan.budget_bytes)} (predicted {format_bytes(plan.peak_bytes)}): "
-            "this is a planner bug; please report it with the --json document"
-        )
+    failure, mismatch = check_run(result)
+    if mismatch is not None:
+        console.print(f"warning: {mismatch}", style="yellow")
+    if failure is not None:
+        raise failure
+    console.print(f"every measured step within the budget of {format_bytes(plan.budget_bytes)}")

@@ -10,38 +10,19 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from memprop.errors import EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, UsageError
-from memprop.estimate import Build, SweepCell, factory_builder, seed_builder, sweep
+from memprop.errors import OutOfMemoryError, WorkloadError
+from memprop.estimate import SweepCell, sweep
 from memprop.report.json_report import write_json
 from memprop.report.terminal import render_sweep
-from memprop.workload import load_factory
-from memprop_cli.errors import exits_cleanly
-from memprop_cli.options import WorkloadOptions, with_workload_options
+from memprop_cli.options import (
+    WorkloadOptions,
+    builder,
+    console_for,
+    parse_sizes,
+    with_workload_options,
+)
 
 
-def parse_sizes(text: str, flag: str) -> tuple[int, ...]:
-    """``"1,64,4096"`` -> ``(1, 64, 4096)``; a clear error for anything else."""
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise UsageError(f"{flag} {text!r} is not a list of integers: write it like "
-                         f"{flag} 1,64,4096") from None
-    if not values or min(values) < 1:
-        raise UsageError(f"{flag} {text!r} needs positive integers: write it like "
-                         f"{flag} 1,64,4096")
-    return tuple(dict.fromkeys(values))
-
-
-def builder(options: WorkloadOptions) -> Build:
-    """How each cell's workload is made: the seed MLP, or the user's factory."""
-    if options.model is None:
-        config = options.seed_config()
-        config.validate()
-        return seed_builder(config)
-    return factory_builder(load_factory(options.model), spec=options.model)
-
-
-@exits_cleanly
 @with_workload_options(exclude=("batch", "depth"))
 def sweep_command(
     options: WorkloadOptions,
@@ -63,15 +44,17 @@ def sweep_command(
     """Training and inference peaks against batch size and depth.
 
     Every cell is traced on fake tensors (nothing allocated, any size) unless --real."""
+    console = console_for({"--json": json_path, "--plot": plot_path})
     batch_sizes = parse_sizes(batch, "--batch")
     if depth is not None:
         depths: tuple[int | None, ...] = parse_sizes(depth, "--depth")
     else:
         depths = (1, 8, 64) if options.model is None else (None,)
-    if plot_path is not None and plot_path.suffix.lower() not in (".png", ".svg"):
-        raise UsageError(f"--plot {plot_path}: the suffix says the format, .png or .svg")
+    if plot_path is not None:
+        from memprop.report.plot import check_plot_path
+
+        check_plot_path(plot_path)
     build = builder(options)
-    console = Console()
     progress = Progress(
         TextColumn("sweeping"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), console=Console(stderr=True), transient=True,
@@ -95,5 +78,7 @@ def sweep_command(
 
         console.print(f"wrote {write_sweep_plot(plot_path, result)}")
     if not any(cell.status == "ok" for cell in result.cells):
-        failed = any(cell.status == "oom" for cell in result.cells)
-        raise typer.Exit(code=EXIT_DOES_NOT_FIT if failed else EXIT_BAD_INPUT)
+        first = next(cell.message for cell in result.cells if cell.message)
+        if any(cell.status == "oom" for cell in result.cells):
+            raise OutOfMemoryError(f"no cell fit the device: {first}")
+        raise WorkloadError(f"every cell failed: {first}")

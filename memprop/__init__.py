@@ -1,12 +1,16 @@
-"""memprop: where PyTorch training memory goes, and how to make a training step fit a budget."""
+"""memprop: where PyTorch training memory goes, and how to make a training step fit a budget.
+
+``memprop.plan`` is the function :func:`memprop.plan.api.plan`, bound over the name of the
+package ``memprop.plan``: typed callers see the function, and the package's modules import as
+usual (``from memprop.plan.solvers import solve``).
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-# memprop.plan is the package, made callable: NOTE [ memprop.plan is a package and a function ]
-from memprop import plan
-from memprop.errors import BudgetInfeasibleError, MemPropError
+from memprop.errors import BudgetInfeasibleError, MemPropError, PlanMismatchWarning
+from memprop.plan.api import plan
 from memprop.run import checkpoint
 from memprop.trace.profile import Profile, profile
 from memprop.units import parse_size
@@ -15,6 +19,7 @@ from memprop.workload import Workload
 __all__ = [
     "BudgetInfeasibleError",
     "MemPropError",
+    "PlanMismatchWarning",
     "Profile",
     "Workload",
     "__version__",

@@ -124,7 +124,8 @@ def _why_no_gradient(workload: Workload, output: Any) -> str:
                 "floating-point outputs (integer inputs must go through an embedding or a cast "
                 "before the trained layers)")
     return (f"{name}'s output does not depend on any trainable parameter: is it detached "
-            "(.detach(), .item(), .data) or computed only from frozen layers?")
+            "(.detach(), .item(), .data), computed under torch.no_grad() inside forward, or "
+            "computed only from frozen layers?")
 
 
 def training_step(workload: Workload) -> None:

@@ -8,19 +8,21 @@ accepts it. The factory returns ``(model, inputs)``, ``(model, inputs, targets)`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from memprop.blame import user_code
 from memprop.errors import ModelError, UsageError, WorkloadError
@@ -268,6 +270,76 @@ def as_workload(
         f"factory {name} returned {type(result).__name__}: return (model, inputs), "
         "(model, inputs, targets) or a memprop.Workload"
     )
+
+
+@contextlib.contextmanager
+def defaults(*, dtype: str | None = None, device: str | None = None) -> Iterator[None]:
+    """torch's default dtype and device set to ``dtype`` and ``device`` for the block: what a
+    factory creates without naming them (its parameters, its random inputs) takes them."""
+    if dtype is not None and dtype not in _DTYPES:
+        raise UsageError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(_DTYPES[dtype])
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def adjust(
+    workload: Workload,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    optimizer: str | None = None,
+) -> Workload:
+    """A user's workload held to ``dtype`` and ``device`` and given the optimizer named
+    ``optimizer`` (``OPTIMIZERS``), in place. Build it under :func:`defaults` first: what the
+    factory made without naming a dtype or device already follows them; what it named is cast
+    or moved here (floating-point inputs and targets, the model when its tensors are real). A
+    workload that brings its own optimizer keeps it: naming another one is an error."""
+    model = workload.model
+    for wanted, current, what in ((dtype and _DTYPES[dtype], _dtype_of(model), "dtype"),
+                                  (device and torch.device(device), _device_of(model), "device")):
+        if wanted is None or current is None or current == wanted:
+            continue
+        if any(isinstance(t, FakeTensor) for t in model.parameters()):
+            raise UsageError(f"{workload.name} builds its parameters as {current} itself, which "
+                             f"fake tensors cannot convert to {wanted}: drop the {what}, or "
+                             "build the model with it in the factory")
+        with user_code(f"moving the model to {wanted}"):
+            model.to(wanted)
+    if dtype is not None:
+        workload.inputs = tuple(_cast(t, _DTYPES[dtype]) for t in workload.inputs)
+        if workload.targets is not None:
+            workload.targets = _cast(workload.targets, _DTYPES[dtype])
+    if device is not None:
+        workload.inputs = tuple(t.to(device) for t in workload.inputs)
+        if workload.targets is not None:
+            workload.targets = workload.targets.to(device)
+    if optimizer is not None:
+        if optimizer not in OPTIMIZERS:
+            raise UsageError(f"optimizer {optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if workload.optimizer is not None:
+            raise UsageError(f"{workload.name} brings its own optimizer "
+                             f"({type(workload.optimizer).__name__}), so {optimizer!r} cannot be "
+                             "applied: drop the optimizer's name, or return none from the factory")
+        workload.optimizer = OPTIMIZERS[optimizer](model.parameters())
+    return workload
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    return next((p.device for p in model.parameters()), None)
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def load_factory(spec: str) -> Callable[..., Any]:

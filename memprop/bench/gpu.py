@@ -25,7 +25,7 @@ from memprop.trace.ledger import CUDA_BLOCK_BYTES
 from memprop.units import format_bytes
 from memprop.workload import SeedConfig, Workload, seed_workload
 
-__all__ = ["gpu_report", "outside_bytes", "warm_up"]
+__all__ = ["gpu_report", "outside_bytes", "report_name", "warm_up"]
 
 LEDGER_GOAL = 0.02
 """The ledger's training peak is within 2% of ``torch.cuda.max_memory_allocated``."""
@@ -68,8 +68,9 @@ def outside_bytes(workload: Workload, device: torch.device) -> int:
     return max(0, int(torch.cuda.memory_allocated(device)) - state)
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+def report_name(gpu: str) -> str:
+    """``gpu-nvidia-h200`` for "NVIDIA H200": the report's file stem, named after the GPU."""
+    return "gpu-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
 
 
 def _case(config: SeedConfig, backend: CudaDevice, steps: int) -> tuple[dict[str, Any], list[Any]]:
@@ -89,6 +90,7 @@ def _case(config: SeedConfig, backend: CudaDevice, steps: int) -> tuple[dict[str
     workload.model.zero_grad(set_to_none=True)
     outside = outside_bytes(workload, backend.torch_device)
     run = run_plan(workload, plan, steps=steps)
+    assert run.baseline_peak_bytes is not None and run.baseline_step_s is not None  # baseline ran
     planned_peak = run.peak_bytes - outside
     row = {
         "batch": config.batch,
@@ -147,7 +149,7 @@ def gpu_report(*, quick: bool = False, device: str = "cuda") -> BenchReport | No
     ]
     summary += [f"- advice: {layer.advice}" for layer in largest if layer.advice]
     return BenchReport(
-        name=f"gpu-{_slug(name)}",
+        name=report_name(name),
         title=f"memprop on {name}: ledger, allocator and NVML, planned and unplanned",
         summary=summary,
         columns=[c for c in rows[0] if not c.endswith("_bytes")],

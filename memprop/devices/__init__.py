@@ -23,7 +23,7 @@ def get_device(name: str | torch.device) -> MemoryDevice:
         return CudaDevice(text)
     if text == "meta":
         return CpuDevice()
-    raise UsageError(f"--device {text!r} is not supported: use cpu, cuda or cuda:N")
+    raise UsageError(f"device {text!r} is not supported: use cpu, cuda or cuda:N")
 
 
 def gpu_layers(backend: object, tensor_bytes: int) -> tuple[Layer, ...] | None:

@@ -187,13 +187,13 @@ class CudaDevice:
     def __init__(self, name: str = "cuda") -> None:
         match = _CUDA_NAME.match(name.strip())
         if match is None:
-            raise UsageError(f"--device {name!r} is not a CUDA device: write cuda or cuda:N "
+            raise UsageError(f"device {name!r} is not a CUDA device: write cuda or cuda:N "
                              "(N counts from 0)")
         if not torch.cuda.is_available():
             raise DeviceUnavailableError(
-                f"--device {name}: no CUDA GPU is visible to PyTorch "
+                f"device {name}: no CUDA GPU is visible to PyTorch "
                 f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}): "
-                "run on a machine with an NVIDIA GPU or use --device cpu"
+                "run on a machine with an NVIDIA GPU or use the CPU (device cpu)"
             )
         count = torch.cuda.device_count()
         index = int(match.group(1)) if match.group(1) is not None else torch.cuda.current_device()
@@ -201,7 +201,7 @@ class CudaDevice:
             visible = os.environ.get("CUDA_VISIBLE_DEVICES")
             shown = "" if visible is None else f" (CUDA_VISIBLE_DEVICES={visible})"
             raise DeviceUnavailableError(
-                f"--device {name}: PyTorch sees {count} GPU(s){shown}, numbered 0 to "
+                f"device {name}: PyTorch sees {count} GPU(s){shown}, numbered 0 to "
                 f"{count - 1}: pick one of those"
             )
         self.index = index

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from memprop.devices import get_device
 from memprop.errors import BudgetInfeasibleError, MemPropError, OutOfMemoryError, WorkloadError
+from memprop.estimate.preflight import shortfall
 from memprop.estimate.sweep import Build, trace_fake
 from memprop.trace.profile import profile
 from memprop.units import format_bytes
@@ -111,7 +112,7 @@ def fit(
     build: Build,
     *,
     budget_bytes: int,
-    budget_source: str = "--budget",
+    budget_source: str = "given",
     depth: int | None = None,
     real: bool = False,
     available_bytes: int | None = None,
@@ -151,24 +152,17 @@ def fit(
     if first > budget_bytes:
         raise BudgetInfeasibleError(
             f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the training "
-            f"peak at batch 1, {format_bytes(first)}: raise --budget to at least {first} bytes "
-            "or make the model smaller",
+            f"peak at batch 1, {format_bytes(first)}: raise the budget to at least {first} "
+            "bytes or make the model smaller",
             budget_bytes=budget_bytes, min_feasible_bytes=first,
         )
-    low, high = 1, 2
-    while peak(high) <= budget_bytes:
-        low, high = high, high * 2
-        if high > MAX_BATCH_SIZE:
-            raise WorkloadError(
-                f"the training peak stays within {format_bytes(budget_bytes)} up to batch "
-                f"{low}: it does not grow with the batch size; does the factory use batch_size?"
-            )
-    while high - low > 1:
-        middle = (low + high) // 2
-        if peak(middle) <= budget_bytes:
-            low = middle
-        else:
-            high = middle
+    low = largest_true(lambda b: peak(b) <= budget_bytes, start=1)
+    if low is None:
+        raise WorkloadError(
+            f"the training peak stays within {format_bytes(budget_bytes)} up to batch "
+            f"{MAX_BATCH_SIZE}: it does not grow with the batch size; does the factory use "
+            "batch_size?"
+        )
     verification = _verify(build, low, depth, peaks[low], budget_bytes, described,
                            available_bytes) if real else None
     with_checkpointing, overhead, note = _with_checkpointing(build, low, depth, budget_bytes,
@@ -190,13 +184,11 @@ def _verify(
     described: dict[str, Any], available_bytes: int | None,
 ) -> Verification:
     device = str(described.get("device", "cpu"))
-    available = available_bytes if available_bytes is not None else \
-        get_device(device).available_bytes()
-    if predicted > available:
+    reason = shortfall(predicted, device, available_bytes=available_bytes)
+    if reason is not None:
         raise OutOfMemoryError(
-            f"--real asked to run batch {batch_size}, whose traced training peak "
-            f"{format_bytes(predicted)} exceeds the {format_bytes(available)} available on "
-            f"{device}: lower --budget to at most {available} bytes to verify by a real run"
+            f"the real run of batch {batch_size} {reason}: nothing was run; lower the budget to "
+            "what the device has, to verify by a real run"
         )
     try:
         result = profile(build(batch_size, depth))
@@ -210,11 +202,28 @@ def _verify(
         gc.collect()
 
 
+def largest_true(holds: Callable[[int], bool], *, start: int,
+                 limit: int = MAX_BATCH_SIZE) -> int | None:
+    """The largest ``n >= start`` for which ``holds(n)``, given that ``holds(start)`` and that
+    ``holds`` is monotone (true, then false): doubling, then bisection. None when it still
+    holds at ``limit``."""
+    low, high = start, start * 2
+    while holds(high):
+        if high >= limit:
+            return None
+        low, high = high, min(high * 2, limit)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if holds(middle) else (low, middle)
+    return low
+
+
 def _with_checkpointing(
     build: Build, low: int, depth: int | None, budget_bytes: int, max_overhead: float | None
 ) -> tuple[int | None, float | None, str]:
     """The largest batch that the planner makes fit (within ``max_overhead`` extra compute,
-    as a fraction, when given): more recomputation for a larger batch, so bisection holds."""
+    as a fraction, when given): more recomputation for a larger batch, so bisection holds.
+    A model the planner cannot plan gives no row, and the note says why."""
     from memprop.plan.api import plan
 
     overheads: dict[int, float] = {}
@@ -233,15 +242,12 @@ def _with_checkpointing(
         overheads[batch_size] = result.compute_overhead
         return True
 
-    if not feasible(low):
-        return low, 0.0, "the planner found no plan at the largest batch that fits without one"
-    high = low * 2
-    while feasible(high):
-        low, high = high, high * 2
-        if high > MAX_BATCH_SIZE:
-            break
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if feasible(middle) else (low, middle)
+    try:
+        if not feasible(low):
+            return low, 0.0, "the planner found no plan at the largest batch that fits without one"
+        found = largest_true(feasible, start=low)
+    except MemPropError as error:
+        return None, None, f"no row: the planner cannot plan this model ({error})"
+    found = MAX_BATCH_SIZE if found is None else found
     cap = "" if max_overhead is None else f", at most {max_overhead:.0%} extra compute"
-    return low, overheads.get(low), f"memprop.plan, strategy optimal, cost model flops{cap}"
+    return found, overheads.get(found), f"memprop.plan, strategy optimal, cost model flops{cap}"

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from memprop.blame import is_out_of_memory
-from memprop.devices import get_device
 from memprop.errors import MemPropError, UsageError
+from memprop.estimate.preflight import shortfall
 from memprop.trace.fake import new_fake_mode
 from memprop.trace.profile import Profile, profile
 from memprop.workload import SeedConfig, Workload, call_factory, seed_workload
@@ -265,8 +265,8 @@ def sweep(
     is recorded on the cell and the sweep goes on.
     """
     if not batch_sizes or not depths:
-        raise UsageError("a sweep needs at least one batch size and one depth: "
-                         "give --batch 1,64,4096 (and --depth 1,8,64 where it applies)")
+        raise UsageError("a sweep needs at least one batch size and one depth: give batch "
+                         "sizes such as 1,64,4096 (and depths such as 1,8,64 where they apply)")
     for value in (*batch_sizes, *(d for d in depths if d is not None)):
         if value < 1:
             raise UsageError(f"sweep size {value} is below 1: batch sizes and depths are "
@@ -312,18 +312,13 @@ def _cell(
         ), fake.workload
     predicted = fake.required_bytes
     device = str(fake.workload["device"])
-    available = available_bytes if available_bytes is not None else \
-        get_device(device).available_bytes()
     del fake
-    if predicted > available:
-        from memprop.units import format_bytes
-
+    reason = shortfall(predicted, device, available_bytes=available_bytes)
+    if reason is not None:
         return SweepCell(
             **size, status="oom", predicted_training_peak_bytes=predicted,
             closed_form_training_peak_bytes=closed, trace_s=time.perf_counter() - start,
-            message=f"predicted by a fake trace, not run: training peak "
-                    f"{format_bytes(predicted)} > {format_bytes(available)} available on "
-                    f"{device}",
+            message=f"not run: the step {reason}",
         ), {}
     try:
         result = profile(build(batch_size, depth))

@@ -261,7 +261,7 @@ def solve(
         raise BudgetInfeasibleError(
             f"budget {format_bytes(budget_bytes)} is below the smallest feasible peak, "
             f"{format_bytes(floor)}, for this {n}-stage chain with strategy {strategy!r}: "
-            f"raise --budget to at least {_cli_size(floor)} or lower --batch",
+            f"raise the budget to at least {_cli_size(floor)} or lower the batch size",
             budget_bytes=budget_bytes,
             min_feasible_bytes=floor,
         )

@@ -97,9 +97,25 @@ def check_outputs(outputs: Mapping[str, str | Path | None]) -> None:
 
 
 def writes_to_stdout(outputs: Mapping[str, str | Path | None]) -> bool:
-    """Whether any of ``outputs`` is ``-``: then standard output is taken, and the human report
-    belongs on standard error."""
-    return any(path is not None and os.fspath(path) == _STDOUT for path in outputs.values())
+    """Whether any of ``outputs`` is standard output (``-``, ``/dev/stdout``, or the file that
+    standard output is redirected to): then the human report belongs on standard error."""
+    try:
+        stdout = os.fstat(sys.stdout.fileno())
+    except (AttributeError, OSError, ValueError):  # replaced by a test, or closed
+        stdout = None
+    for path in outputs.values():
+        if path is None:
+            continue
+        if os.fspath(path) == _STDOUT:
+            return True
+        if stdout is not None:
+            try:
+                found = os.stat(path)
+            except OSError:
+                continue
+            if (found.st_dev, found.st_ino) == (stdout.st_dev, stdout.st_ino):
+                return True
+    return False
 
 
 def _name(path: str | Path) -> str:

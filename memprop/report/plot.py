@@ -12,7 +12,7 @@ from memprop.errors import UsageError
 from memprop.estimate.sweep import Sweep
 from memprop.report.output import write_output
 
-__all__ = ["write_sweep_plot"]
+__all__ = ["check_plot_path", "write_sweep_plot"]
 
 _FORMATS = {".png": "png", ".svg": "svg"}
 _GIB = 1024**3
@@ -23,18 +23,26 @@ def _figure_class() -> Any:
         from matplotlib.figure import Figure
     except ImportError as error:
         raise UsageError(
-            "--plot needs matplotlib, which is not installed: pip install 'memprop[plot]'"
+            "a plot needs matplotlib, which is not installed: pip install 'memprop[plot]'"
         ) from error
     return Figure
+
+
+def check_plot_path(path: str | Path) -> str:
+    """The format ``path``'s suffix names, once matplotlib is known to be there: called before
+    the work starts, so a plot that cannot be drawn costs a second, not the sweep."""
+    target = Path(path)
+    fmt = _FORMATS.get(target.suffix.lower())
+    if fmt is None:
+        raise UsageError(f"plot {target}: the suffix says the format; use .png or .svg")
+    _figure_class()
+    return fmt
 
 
 def write_sweep_plot(path: str | Path, sweep: Sweep) -> str:
     """Draw the sweep to ``path``; the suffix (``.png`` or ``.svg``) says the format. Return how
     to name the destination in a message (``write_output``'s rules apply)."""
-    target = Path(path)
-    fmt = _FORMATS.get(target.suffix.lower())
-    if fmt is None:
-        raise UsageError(f"--plot {target}: the suffix says the format; use .png or .svg")
+    fmt = check_plot_path(path)
     figure = _figure_class()(figsize=(12, 4.8), layout="constrained")
     by_batch, by_depth = figure.subplots(1, 2)
     ok = [c for c in sweep.cells if c.status == "ok"]

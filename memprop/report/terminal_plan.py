@@ -52,23 +52,38 @@ def _comparison(plans: list[Plan]) -> Table:
 
 def render_run(result: RunResult, console: Console) -> None:
     plan = result.plan
-    table = Table(title=f"{result.steps} training steps under plan '{plan.strategy}'",
+    measured = len(result.step_peaks_bytes)
+    table = Table(title=f"{measured} measured and {result.steps} timed training steps under "
+                        f"plan '{plan.strategy}' ({plan.cost_model} costs)",
                   title_justify="left")
     for name in ("", "planned", "unplanned", "budget / predicted"):
         table.add_column(name, justify="left" if not name else "right")
+
+    def unplanned(text: str) -> str:
+        return "not run" if result.baseline_step_peaks_bytes is None else text
+
     within = result.peak_bytes <= plan.budget_bytes
-    table.add_row("peak", Text(format_bytes(result.peak_bytes),
-                               style="green" if within else "bold red"),
-                  format_bytes(result.baseline_peak_bytes),
+    table.add_row("peak (the highest step)",
+                  Text(format_bytes(result.peak_bytes), style="green" if within else "bold red"),
+                  unplanned(format_bytes(result.baseline_peak_bytes or 0)),
                   f"{format_bytes(plan.budget_bytes)} / {format_bytes(plan.peak_bytes)}")
-    ratio = result.step_s / result.baseline_step_s if result.baseline_step_s else float("nan")
-    table.add_row("step time (median)", f"{result.step_s * 1e3:.2f} ms",
-                  f"{result.baseline_step_s * 1e3:.2f} ms",
-                  f"{ratio:.2f}x measured / {1 + plan.compute_overhead:.2f}x predicted")
-    table.add_row("gradients", "match" if result.gradients_match else Text("DIFFER",
-                                                                           style="bold red"),
-                  "", "bit for bit on the CPU")
-    table.add_row("buffers (BatchNorm)", "match" if result.buffers_match else
-                  Text("DIFFER", style="bold red"), "", "")
+    steps = " · ".join(format_bytes(p) for p in result.step_peaks_bytes)
+    baseline_steps = " · ".join(format_bytes(p) for p in result.baseline_step_peaks_bytes or ())
+    table.add_row("each measured step", steps, unplanned(baseline_steps), "first step first")
+    if result.baseline_step_s:
+        ratio = f"{result.step_s / result.baseline_step_s:.2f}x measured / "
+        baseline_ms = f"{result.baseline_step_s * 1e3:.2f} ms"
+    else:
+        ratio, baseline_ms = "", "not run"
+    table.add_row("step time (median)", f"{result.step_s * 1e3:.2f} ms", baseline_ms,
+                  f"{ratio}{1 + plan.compute_overhead:.2f}x predicted")
+    table.add_row("gradients", _verdict(result.gradients_match), "", "bit for bit on the CPU")
+    table.add_row("buffers (BatchNorm)", _verdict(result.buffers_match), "", "")
     console.print(table)
     console.print(Text(f"peaks: {result.peak_source}", style="dim"))
+
+
+def _verdict(same: bool | None) -> Text | str:
+    if same is None:
+        return "not compared"
+    return "match" if same else Text("DIFFER", style="bold red")

@@ -58,18 +58,19 @@ class RunResult:
     step_peaks_bytes: tuple[int, ...]
     """Measured training peak of each measured step under the plan, the loop's first step
     first."""
-    baseline_step_peaks_bytes: tuple[int, ...]
-    """The same without the plan."""
+    baseline_step_peaks_bytes: tuple[int, ...] | None
+    """The same without the plan; None when the unplanned steps were not run (they would not
+    fit the device)."""
     peak_source: str
     """Where the peaks come from."""
     step_s: float
     """Median seconds of a planned step."""
-    baseline_step_s: float
+    baseline_step_s: float | None
     """Median seconds of an unplanned step."""
-    gradients_match: bool
+    gradients_match: bool | None
     """Whether the planned steps' parameter gradients equal the unplanned steps' after every
     measured step (bit for bit on the CPU, within ``GPU_GRADIENT_RTOL`` on a GPU)."""
-    buffers_match: bool
+    buffers_match: bool | None
     """Whether every buffer (BatchNorm's running statistics) ends equal in both runs."""
 
     @property
@@ -78,8 +79,9 @@ class RunResult:
         return max(self.step_peaks_bytes)
 
     @property
-    def baseline_peak_bytes(self) -> int:
-        return max(self.baseline_step_peaks_bytes)
+    def baseline_peak_bytes(self) -> int | None:
+        steps = self.baseline_step_peaks_bytes
+        return None if steps is None else max(steps)
 
     def to_dict(self) -> dict[str, Any]:
         """DESIGN's run document: the plan, plus what was measured."""
@@ -91,7 +93,8 @@ class RunResult:
                 "step_s": self.step_s,
                 "baseline_step_s": self.baseline_step_s,
                 "baseline_peak_bytes": self.baseline_peak_bytes,
-                "baseline_step_peaks_bytes": list(self.baseline_step_peaks_bytes),
+                "baseline_step_peaks_bytes": (None if self.baseline_step_peaks_bytes is None
+                                              else list(self.baseline_step_peaks_bytes)),
                 "source": self.peak_source,
                 "steps": self.steps,
             },
@@ -109,10 +112,12 @@ class _Measured:
 
 
 def run_plan(workload: Workload, plan: Plan, steps: int = 5,
-             measured_steps: int = MEASURED_STEPS) -> RunResult:
+             measured_steps: int = MEASURED_STEPS, *, baseline: bool = True) -> RunResult:
     """Run ``measured_steps + steps`` training steps of ``workload`` under ``plan``, then as
     many unplanned from the same starting state, and compare. The workload ends in the state of
-    the unplanned run (which is the planned run's, when the gradients match)."""
+    the unplanned run (which is the planned run's, when the gradients match). With
+    ``baseline=False`` (the unplanned step does not fit the device) only the planned steps
+    run, and nothing is compared."""
     if steps < 1 or measured_steps < 1:
         raise UsageError(f"steps={steps}, measured_steps={measured_steps}: give at least 1 of "
                          "each")
@@ -122,7 +127,7 @@ def run_plan(workload: Workload, plan: Plan, steps: int = 5,
         raise UsageError(f"the plan is for {len(plan.stage_names)} stages and the model has "
                          f"{found}: plan this model with memprop.plan first")
     device = next((p.device for p in workload.model.parameters()), workload.inputs[0].device)
-    start = save_state(workload)
+    start = save_state(workload) if baseline else None
     with installed(chain, plan.tree) as calls:
         planned = _run(workload, steps, measured_steps, device)
     if calls.expected and calls.count == 0:
@@ -131,20 +136,24 @@ def run_plan(workload: Workload, plan: Plan, steps: int = 5,
             "but the training step never called it: the plan did not run. memprop plans the "
             "nn.Sequential that the model's forward calls"
         )
-    restore_state(workload, start)
-    baseline = _run(workload, steps, measured_steps, device)
+    unplanned = None
+    if start is not None:
+        restore_state(workload, start)
+        unplanned = _run(workload, steps, measured_steps, device)
     return RunResult(
         plan=plan,
         steps=steps,
         step_peaks_bytes=planned.peaks,
-        baseline_step_peaks_bytes=baseline.peaks,
+        baseline_step_peaks_bytes=None if unplanned is None else unplanned.peaks,
         peak_source=("torch.cuda.max_memory_allocated" if device.type == "cuda"
                      else "the storage ledger (every storage's birth and death)"),
         step_s=planned.step_s,
-        baseline_step_s=baseline.step_s,
-        gradients_match=all(_same(a, b, device)
-                            for a, b in zip(planned.gradients, baseline.gradients, strict=True)),
-        buffers_match=_same(list(planned.buffers), list(baseline.buffers), device, exact=True),
+        baseline_step_s=None if unplanned is None else unplanned.step_s,
+        gradients_match=None if unplanned is None else all(
+            _same(a, b, device) for a, b in zip(planned.gradients, unplanned.gradients,
+                                                strict=True)),
+        buffers_match=None if unplanned is None else _same(
+            list(planned.buffers), list(unplanned.buffers), device, exact=True),
     )
 
 

@@ -58,7 +58,10 @@ def test_fake_gives_the_same_figures_without_measuring(runner: CliRunner, tmp_pa
     real_doc, fake_doc = json.loads(real.read_text()), json.loads(fake.read_text())
     assert fake_doc["memory"] == real_doc["memory"]
     assert fake_doc["workload"]["mode"] == "fake" and fake_doc["measured"] is None
-    assert real_doc["measured"]["training_peak_bytes"] > 0
+    # The resident high-water mark carries page rounding and the interpreter's own churn: a
+    # cross-check within a few MiB of the ledger, not an equality.
+    gap = real_doc["measured"]["training_peak_bytes"] - real_doc["memory"]["training_peak_bytes"]
+    assert abs(gap) <= 16 * 2**20
 
 
 def test_fake_traces_a_model_far_larger_than_this_machine(runner: CliRunner,
@@ -127,7 +130,7 @@ def test_model_factory_from_a_file(runner: CliRunner, factory_file: Path, tmp_pa
 def test_bad_input_is_one_line_and_exit_2(runner: CliRunner, factory_file: Path,
                                          args: list[str], message: str) -> None:
     args = [a.replace("FACTORY", str(factory_file)) for a in args]
-    result = runner.invoke(app, ["profile", *SMALL[:2], *args])
+    result = runner.invoke(app, ["profile", "--batch", "8", *args])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert message in result.stderr
@@ -135,11 +138,11 @@ def test_bad_input_is_one_line_and_exit_2(runner: CliRunner, factory_file: Path,
     assert result.stderr.count("\n") == 1
 
 
-def test_cuda_without_a_gpu_is_a_clear_error(runner: CliRunner) -> None:
+def test_cuda_without_a_gpu_is_a_clear_error(runner: CliRunner,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # whatever this machine has
     result = runner.invoke(app, ["profile", *SMALL, "--device", "cuda"])
     assert result.exit_code == 2
     assert "no CUDA GPU" in result.stderr
@@ -160,8 +163,8 @@ def test_profile_flags_are_pinned() -> None:
     flags = {opt for p in profile.params for opt in p.opts}
     assert flags == {
         "--model", "--input-dim", "--hidden", "--classes", "--depth", "--batch", "--activation",
-        "--bias", "--weight-decay", "--dtype", "--device", "--optimizer", "--fake", "--json",
-        "--html", "--trace", "--top", "--create-graph",
+        "--bias", "--weight-decay", "--dtype", "--device", "--optimizer", "--set-to-none",
+        "--fake", "--json", "--html", "--trace", "--top", "--create-graph",
     }
 
 

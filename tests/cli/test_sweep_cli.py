@@ -47,7 +47,7 @@ def test_sweep_plot(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--batch", "1,x"], "not a list of integers"),
-    (["--batch", "0,4"], "positive integers"),
+    (["--batch", "0,4"], "must be between 1 and"),
     (["--plot", "out.pdf"], ".png or .svg"),
 ])
 def test_bad_input_exits_2(arguments: list[str], message: str) -> None:

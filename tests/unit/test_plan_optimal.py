@@ -123,7 +123,7 @@ def test_min_feasible_fits_and_one_byte_less_raises() -> None:
         solve(chain, least - 1, "optimal")
     assert info.value.min_feasible_bytes == least
     assert info.value.budget_bytes == least - 1
-    assert "12-stage chain" in str(info.value) and "raise --budget to at least" in str(info.value)
+    assert "12-stage chain" in str(info.value) and "raise the budget to at least" in str(info.value)
 
 
 def test_infeasible_message_in_house_style() -> None:

@@ -123,7 +123,9 @@ def test_plan_to_dict_matches_design() -> None:
     assert {"budget_bytes", "strategy", "cost_model", "feasible", "min_feasible_bytes", "stages",
             "schedule", "predicted", "baseline"} <= set(doc)
     assert set(doc["predicted"]) >= {"peak_bytes", "compute_overhead"}
-    assert doc["predicted"]["compute_overhead"] >= 0
+    unplanned = simulate(chain, flat(len(chain))).compute
+    assert doc["predicted"]["compute_overhead"] == pytest.approx(
+        (simulate(chain, plan.tree).compute - unplanned) / unplanned, rel=1e-12)
     assert [s["recomputes"] for s in doc["stages"]] == [r - 1 for r in plan.forward_runs]
 
 

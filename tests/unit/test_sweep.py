@@ -106,7 +106,7 @@ def test_real_sweep_skips_cells_predicted_not_to_fit() -> None:
     skipped = result.cell(4096, 1)
     assert skipped.training_peak_bytes is None
     assert skipped.predicted_training_peak_bytes == _closed_training_peak(4096, 1)
-    assert skipped.message is not None and "predicted by a fake trace" in skipped.message
+    assert skipped.message is not None and "traced on fake tensors" in skipped.message
 
 
 class _RunsOutOfMemory(nn.Module):

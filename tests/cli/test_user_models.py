@@ -1,0 +1,310 @@
+"""The command line on users' own projects: their models' mistakes are exit 2 with the cause in
+one line, what does not fit is exit 3 before anything runs, their packages and files import as
+Python would import them, and the flags that apply to their models apply."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from memprop_cli.main import app
+
+MODELS = '''
+import torch
+from torch import nn
+import torch.nn.functional as F
+from mypkg.layers import Block
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*[Block(16) for _ in range(3)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+def net(batch_size):
+    return Net(), torch.randn(batch_size, 16), torch.randint(0, 4, (batch_size,))
+
+
+class Looped(nn.Module):
+    """Blocks in an nn.Sequential that the forward calls one by one, not as a whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.Tanh())
+                                      for _ in range(6)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def looped(batch_size):
+    return Looped(), torch.randn(batch_size, 64)
+
+
+class Frozen(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(8, 8)
+        self.l.requires_grad_(False)
+
+    def forward(self, x):
+        return self.l(x)
+
+
+class Detached(Frozen):
+    def __init__(self):
+        super().__init__()
+        self.l.requires_grad_(True)
+
+    def forward(self, x):
+        return self.l(x).detach()
+
+
+class NoneOut(Detached):
+    def forward(self, x):
+        self.l(x)
+
+
+class NoParams(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+class IntOut(Detached):
+    def forward(self, x):
+        return x + 1
+
+
+class NoGrad(Detached):
+    def forward(self, x):
+        with torch.no_grad():
+            return self.l(x)
+
+
+class Shape(Detached):
+    def __init__(self):
+        super().__init__()
+        self.m = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.l(x)
+        return self.m(h)
+
+
+class MonteCarlo(Detached):
+    def forward(self, x):
+        return F.dropout(self.l(x), 0.5, training=True)
+
+
+class ReadsInConstructor(Detached):
+    def __init__(self):
+        super().__init__()
+        self.p = [r.item() for r in torch.linspace(0, 0.1, 3)][-1]
+
+    def forward(self, x):
+        return F.dropout(self.l(x), self.p)
+
+
+class ReadsInForward(Detached):
+    def forward(self, x):
+        h = self.l(x)
+        return h if h.sum().item() > 0 else -h
+
+
+def frozen(batch_size): return Frozen(), torch.randn(batch_size, 8)
+def detached(batch_size): return Detached(), torch.randn(batch_size, 8)
+def none_out(batch_size): return NoneOut(), torch.randn(batch_size, 8)
+def no_params(batch_size): return NoParams(), torch.randn(batch_size, 8)
+def int_inputs(batch_size): return IntOut(), torch.randint(0, 5, (batch_size, 8))
+def no_grad(batch_size): return NoGrad(), torch.randn(batch_size, 8)
+def shape_error(batch_size): return Shape(), torch.randn(batch_size, 8)
+def monte_carlo(batch_size): return MonteCarlo(), torch.randn(batch_size, 8)
+def reads_in_constructor(batch_size): return ReadsInConstructor(), torch.randn(batch_size, 8)
+def reads_in_forward(batch_size): return ReadsInForward(), torch.randn(batch_size, 8)
+def huge(batch_size): return nn.Linear(65536, 65536), torch.randn(batch_size, 65536)
+
+
+class NoChain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def no_chain(batch_size): return NoChain(), torch.randn(batch_size, 32)
+'''
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A user's project: a package with two modules and a script folder with a sibling, the
+    current folder set to it and nothing of it on sys.path, as with the installed command."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "models.py").write_text(MODELS)
+    (tmp_path / "mypkg" / "layers.py").write_text(textwrap.dedent('''
+        from torch import nn
+
+        class Block(nn.Sequential):
+            def __init__(self, width):
+                super().__init__(nn.Linear(width, width), nn.GELU())
+        '''))
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "sizes.py").write_text("WIDTH = 24\n")
+    (tmp_path / "scripts" / "factory.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+        from sizes import WIDTH
+
+        def make(batch_size):
+            model = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU(), nn.Linear(WIDTH, 2))
+            return model, torch.randn(batch_size, WIDTH)
+        '''))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    yield tmp_path
+    for name in [m for m in sys.modules if m == "mypkg" or m.startswith(("mypkg.", "sizes"))]:
+        del sys.modules[name]
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args))
+    assert "Traceback" not in result.output or "--debug" in args, result.output
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_a_package_in_the_current_folder_and_a_script_with_a_sibling_import(
+        project: Path) -> None:
+    code, out, err = _run("profile", "--model", "mypkg.models:net", "--batch", "8")
+    assert code == 0, err
+    assert "blocks.0" in out
+    code, out, err = _run("profile", "--model", "scripts/factory.py:make", "--batch", "8")
+    assert code == 0, err
+
+
+@pytest.mark.parametrize(("factory", "cause"), [
+    ("frozen", "every parameter of Frozen is frozen"),
+    ("detached", "does not depend on any trainable parameter"),
+    ("none_out", "NoneOut.forward returned None"),
+    ("no_params", "NoParams has no parameters"),
+    ("int_inputs", "torch.int64 tensors, which carry no gradient"),
+    ("no_grad", "torch.no_grad()"),
+])
+def test_a_model_with_nothing_to_train_is_exit_2_with_the_cause(project: Path, factory: str,
+                                                                cause: str) -> None:
+    code, _, err = _run("profile", "--model", f"mypkg.models:{factory}", "--batch", "4")
+    assert code == 2
+    assert err.startswith("memprop: error: ") and err.count("\n") == 1 and cause in err
+
+
+def test_an_error_in_the_users_forward_names_its_frame(project: Path) -> None:
+    code, _, err = _run("profile", "--model", "mypkg.models:shape_error", "--batch", "4")
+    assert code == 2 and err.count("\n") == 1
+    assert "raised RuntimeError" in err and "mypkg/models.py:" in err and "return self.m(h)" in err
+    assert "--debug" in err
+    result = CliRunner().invoke(app, ["--debug", "profile", "--model", "mypkg.models:shape_error",
+                                      "--batch", "4"])
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "return self.m(h)" in result.stderr
+
+
+def test_monte_carlo_dropout_in_the_model_is_traced(project: Path) -> None:
+    code, out, err = _run("profile", "--model", "mypkg.models:monte_carlo", "--batch", "4",
+                          "--json", "-")
+    assert code == 0, err
+    document = json.loads(out)
+    # The mask is the one activation saved (the linear layer saves the model's input); the
+    # inference pass draws one too (training=True whatever the mode).
+    assert [(t["module"], t["shape"]) for t in document["saved_tensors"]] == [("MonteCarlo",
+                                                                              [4, 8])]
+
+
+def test_a_constructor_that_reads_values_is_built_for_real_then_traced_fake(
+        project: Path) -> None:
+    code, out, err = _run("profile", "--model", "mypkg.models:reads_in_constructor",
+                          "--batch", "4", "--fake")
+    assert code == 0, err
+    assert "built for real" in out
+    code, _, err = _run("profile", "--model", "mypkg.models:reads_in_forward", "--batch", "4",
+                        "--fake")
+    assert code == 2 and "fake tensors" in err and "trace on real tensors" in err
+    code, _, err = _run("profile", "--model", "mypkg.models:reads_in_forward", "--batch", "4")
+    assert code == 0, err
+
+
+def test_what_cannot_fit_is_refused_before_it_runs(project: Path) -> None:
+    code, _, err = _run("profile", "--batch", "1000000000000")
+    assert code == 3 and "traced on fake tensors" in err and "available" in err
+    assert "nothing was run" in err
+    code, _, err = _run("profile", "--model", "mypkg.models:huge", "--batch", "4")
+    assert code == 3 and "needs 32.00 GiB" in err  # 16 GiB of weights and their gradient
+    code, _, err = _run("profile", "--batch", "99999999999999999999999", "--fake")
+    assert code == 2 and "--batch" in err
+
+
+def test_the_built_in_flags_apply_to_a_users_model_or_are_refused(project: Path) -> None:
+    code, _, err = _run("profile", "--model", "mypkg.models:net", "--hidden", "3")
+    assert code == 2 and "--hidden shapes the built-in MLP" in err
+    code, _, err = _run("profile", "--model", "mypkg.models:net", "--optimizer", "nonexistent")
+    assert code == 2 and "'nonexistent'" in err
+    code, out, err = _run("profile", "--model", "mypkg.models:net", "--batch", "8", "--fake",
+                          "--dtype", "float64", "--optimizer", "adamw", "--json", "-")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["workload"]["dtype"] == "float64"
+    parameters = document["memory"]["parameters_bytes"]
+    assert parameters == 8 * (3 * (16 * 16 + 16) + 16 * 4 + 4)  # float64
+    # AdamW's two moments, and a step counter (a float32 scalar) per parameter tensor.
+    assert document["memory"]["optimizer_state_bytes"] == 2 * parameters + 4 * 8
+
+
+def test_fit_keeps_the_plain_answer_for_a_model_it_cannot_plan(project: Path) -> None:
+    code, out, err = _run("fit", "--model", "mypkg.models:no_chain", "--budget", "1MiB",
+                          "--json", "-")
+    assert code == 0, err
+    document = json.loads(out)
+    assert document["max_batch_size"] > 1
+    assert document["max_batch_size_with_checkpointing"] is None
+    assert document["checkpointing_note"].startswith("no row: the planner cannot plan")
+
+
+def test_a_plan_the_step_never_runs_is_refused(project: Path) -> None:
+    # The least budget is 547 KiB, the unplanned peak 690 KiB: the plan must recompute.
+    code, _, err = _run("plan", "--model", "mypkg.models:looped", "--batch", "256",
+                        "--budget", "600KiB")
+    assert code == 1 and err.count("\n") == 1
+    assert "never called it" in err and "the plan would not run" in err
+
+
+def test_plan_then_run_with_the_same_arguments_run_the_same_plan(project: Path) -> None:
+    arguments = ["--hidden", "64", "--depth", "6", "--batch", "256", "--budget", "1.6MiB"]
+    code, planned, err = _run("plan", *arguments, "--json", "-")
+    assert code == 0, err
+    code, ran, err = _run("run", *arguments, "--steps", "1", "--json", "-")
+    assert code == 0, err
+    plan, run = json.loads(planned), json.loads(ran)
+    assert plan["cost_model"] == run["cost_model"] == "flops"
+    assert plan["tree"] == run["tree"] and plan["predicted"] == run["predicted"]
+    assert run["measured"]["peak_bytes"] == plan["traced_peak_bytes"]
+
+
+def test_fake_stage_times_are_not_shown_as_times(project: Path) -> None:
+    code, out, _ = _run("profile", "--hidden", "32", "--depth", "2", "--batch", "8", "--fake")
+    assert code == 0
+    stages = out[out.index("Stages"):]
+    assert " ms " not in stages and "stage times: none on fake tensors" in out
