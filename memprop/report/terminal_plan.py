@@ -63,24 +63,26 @@ def render_run(result: RunResult, console: Console) -> None:
         return "not run" if result.baseline_step_peaks_bytes is None else text
 
     within = result.peak_bytes <= plan.budget_bytes
-    table.add_row("peak (the highest step)",
+    table.add_row("peak",
                   Text(format_bytes(result.peak_bytes), style="green" if within else "bold red"),
                   unplanned(format_bytes(result.baseline_peak_bytes or 0)),
                   f"{format_bytes(plan.budget_bytes)} / {format_bytes(plan.peak_bytes)}")
-    steps = " · ".join(format_bytes(p) for p in result.step_peaks_bytes)
-    baseline_steps = " · ".join(format_bytes(p) for p in result.baseline_step_peaks_bytes or ())
-    table.add_row("each measured step", steps, unplanned(baseline_steps), "first step first")
+    steps = "\n".join(format_bytes(p) for p in result.step_peaks_bytes)
+    baseline_steps = "\n".join(format_bytes(p) for p in result.baseline_step_peaks_bytes or ())
+    table.add_row(f"steps 1-{measured}", steps, unplanned(baseline_steps), "step 1 makes the\n"
+                  "optimizer's state")
     if result.baseline_step_s:
         ratio = f"{result.step_s / result.baseline_step_s:.2f}x measured / "
         baseline_ms = f"{result.baseline_step_s * 1e3:.2f} ms"
     else:
         ratio, baseline_ms = "", "not run"
-    table.add_row("step time (median)", f"{result.step_s * 1e3:.2f} ms", baseline_ms,
+    table.add_row("step time", f"{result.step_s * 1e3:.2f} ms", baseline_ms,
                   f"{ratio}{1 + plan.compute_overhead:.2f}x predicted")
     table.add_row("gradients", _verdict(result.gradients_match), "", "bit for bit on the CPU")
-    table.add_row("buffers (BatchNorm)", _verdict(result.buffers_match), "", "")
+    table.add_row("buffers", _verdict(result.buffers_match), "", "BatchNorm statistics")
     console.print(table)
-    console.print(Text(f"peaks: {result.peak_source}", style="dim"))
+    console.print(Text(f"peaks: {result.peak_source}; step time: the median of the timed steps",
+                       style="dim"))
 
 
 def _verdict(same: bool | None) -> Text | str:
