@@ -14,7 +14,7 @@ def test_the_thirty_second_example_runs_as_written() -> None:
     code = re.search(r"```python\n(.*?)```", section, re.S)
     assert code is not None
     namespace: dict[str, object] = {}
-    exec(compile(code.group(1), str(README), "exec"), namespace)  # noqa: S102
+    exec(compile(code.group(1), str(README), "exec"), namespace)
     plan = namespace["plan"]
     # The figures the README's comments quote.
     assert round(plan.peak_bytes / 2**20) == 236  # type: ignore[attr-defined]
