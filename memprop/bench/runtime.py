@@ -37,6 +37,7 @@ from memprop.plan.schedule import Segment, flat, simulate
 from memprop.plan.solvers import min_feasible_bytes, solve, uniform_tree
 from memprop.report.output import write_output
 from memprop.run.execute import installed
+from memprop.search import largest_true
 from memprop.trace.ledger import StorageLedger
 from memprop.trace.profile import profile
 from memprop.trace.step import find_chain, register_step_state
@@ -232,14 +233,8 @@ def _goal_batch(name: str, batch: int, budget_bytes: int, *, quick: bool
         extra = overhead(b)
         return extra is not None and extra <= GOAL_BATCH_SLOWDOWN - 1
 
-    low, high = batch, 2 * batch
-    while fits(high) and high < 16 * batch:
-        low, high = high, 2 * high
-    step = max(1, batch // 16)  # resolution of the bisection: enough for a 2x question
-    while high - low > step:
-        middle = (low + high) // 2
-        low, high = (middle, high) if fits(middle) else (low, middle)
-    chosen = low
+    # A resolution of a sixteenth of the batch: enough for a 2x question.
+    chosen = largest_true(fits, start=batch, limit=16 * batch, resolution=max(1, batch // 16))
     workload = build(name, chosen, quick=quick)
     chain_module = find_chain(workload.model)
     assert chain_module is not None

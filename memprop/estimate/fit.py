@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from memprop.errors import BudgetInfeasibleError, MemPropError, OutOfMemoryError, WorkloadError
 from memprop.estimate.preflight import shortfall
 from memprop.estimate.sweep import Build, trace_fake
+from memprop.search import largest_true
 from memprop.trace.profile import profile
 from memprop.units import format_bytes
 
@@ -156,8 +156,8 @@ def fit(
             "bytes or make the model smaller",
             budget_bytes=budget_bytes, min_feasible_bytes=first,
         )
-    low = largest_true(lambda b: peak(b) <= budget_bytes, start=1)
-    if low is None:
+    low = largest_true(lambda b: peak(b) <= budget_bytes, start=1, limit=MAX_BATCH_SIZE)
+    if low == MAX_BATCH_SIZE:
         raise WorkloadError(
             f"the training peak stays within {format_bytes(budget_bytes)} up to batch "
             f"{MAX_BATCH_SIZE}: it does not grow with the batch size; does the factory use "
@@ -202,22 +202,6 @@ def _verify(
         gc.collect()
 
 
-def largest_true(holds: Callable[[int], bool], *, start: int,
-                 limit: int = MAX_BATCH_SIZE) -> int | None:
-    """The largest ``n >= start`` for which ``holds(n)``, given that ``holds(start)`` and that
-    ``holds`` is monotone (true, then false): doubling, then bisection. None when it still
-    holds at ``limit``."""
-    low, high = start, start * 2
-    while holds(high):
-        if high >= limit:
-            return None
-        low, high = high, min(high * 2, limit)
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if holds(middle) else (low, middle)
-    return low
-
-
 def _with_checkpointing(
     build: Build, low: int, depth: int | None, budget_bytes: int, max_overhead: float | None
 ) -> tuple[int | None, float | None, str]:
@@ -245,9 +229,8 @@ def _with_checkpointing(
     try:
         if not feasible(low):
             return low, 0.0, "the planner found no plan at the largest batch that fits without one"
-        found = largest_true(feasible, start=low)
+        found = largest_true(feasible, start=low, limit=MAX_BATCH_SIZE)
     except MemPropError as error:
         return None, None, f"no row: the planner cannot plan this model ({error})"
-    found = MAX_BATCH_SIZE if found is None else found
     cap = "" if max_overhead is None else f", at most {max_overhead:.0%} extra compute"
     return found, overheads.get(found), f"memprop.plan, strategy optimal, cost model flops{cap}"

@@ -17,6 +17,7 @@ from memprop.errors import BudgetInfeasibleError, UsageError
 from memprop.plan import _dp
 from memprop.plan.chain import Chain
 from memprop.plan.schedule import Segment, flat, kept_at_top, schedule_ops, simulate
+from memprop.search import last_true
 from memprop.units import format_bytes
 
 __all__ = ["Plan", "min_feasible_bytes", "solve", "uniform_tree"]
@@ -188,18 +189,12 @@ def _optimal_table(chain: Chain, budget_bytes: int, units: _dp.Units, max_slots:
 
     # Whether a column's plan fits is near enough monotone in the column to bisect: the
     # cheapest column first, then the boundary between the lowest and it.
-    lo, hi = 0, len(cols) - 1
-    if fits(hi):
-        lo = hi
-    elif not fits(lo):
+    last = len(cols) - 1
+    if fits(last):
+        return table.tree(len(chain), cols[last])
+    if not fits(0):
         return None
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    return table.tree(len(chain), cols[lo])
+    return table.tree(len(chain), cols[last_true(fits, 0, last)])
 
 
 def _uniform_net(chain: Chain, budget_bytes: int, best: Segment, bar: float) -> Segment:
