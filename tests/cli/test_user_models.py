@@ -15,10 +15,9 @@ from typer.testing import CliRunner
 
 from memprop_cli.main import app
 
-MODELS = '''
+PACKAGE = '''
 import torch
 from torch import nn
-import torch.nn.functional as F
 from mypkg.layers import Block
 
 
@@ -34,6 +33,12 @@ class Net(nn.Module):
 
 def net(batch_size):
     return Net(), torch.randn(batch_size, 16), torch.randint(0, 4, (batch_size,))
+'''
+
+CASES = '''
+import torch
+from torch import nn
+import torch.nn.functional as F
 
 
 class Looped(nn.Module):
@@ -152,11 +157,13 @@ def no_chain(batch_size): return NoChain(), torch.randn(batch_size, 32)
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A user's project: a package with two modules and a script folder with a sibling, the
-    current folder set to it and nothing of it on sys.path, as with the installed command."""
+    """A user's project: a package with two modules, a script folder with a sibling, and a file
+    of models that go wrong (named by path, so that each case stands alone); the current folder
+    is set to it and nothing of it is on sys.path, as with the installed command."""
     (tmp_path / "mypkg").mkdir()
     (tmp_path / "mypkg" / "__init__.py").write_text("")
-    (tmp_path / "mypkg" / "models.py").write_text(MODELS)
+    (tmp_path / "mypkg" / "models.py").write_text(PACKAGE)
+    (tmp_path / "cases.py").write_text(CASES)
     (tmp_path / "mypkg" / "layers.py").write_text(textwrap.dedent('''
         from torch import nn
 
@@ -207,24 +214,24 @@ def test_a_package_in_the_current_folder_and_a_script_with_a_sibling_import(
 ])
 def test_a_model_with_nothing_to_train_is_exit_2_with_the_cause(project: Path, factory: str,
                                                                 cause: str) -> None:
-    code, _, err = _run("profile", "--model", f"mypkg.models:{factory}", "--batch", "4")
+    code, _, err = _run("profile", "--model", f"cases.py:{factory}", "--batch", "4")
     assert code == 2
     assert err.startswith("memprop: error: ") and err.count("\n") == 1 and cause in err
 
 
 def test_an_error_in_the_users_forward_names_its_frame(project: Path) -> None:
-    code, _, err = _run("profile", "--model", "mypkg.models:shape_error", "--batch", "4")
+    code, _, err = _run("profile", "--model", "cases.py:shape_error", "--batch", "4")
     assert code == 2 and err.count("\n") == 1
-    assert "raised RuntimeError" in err and "mypkg/models.py:" in err and "return self.m(h)" in err
+    assert "raised RuntimeError" in err and "cases.py:" in err and "return self.m(h)" in err
     assert "--debug" in err
-    result = CliRunner().invoke(app, ["--debug", "profile", "--model", "mypkg.models:shape_error",
+    result = CliRunner().invoke(app, ["--debug", "profile", "--model", "cases.py:shape_error",
                                       "--batch", "4"])
     assert result.exit_code == 2
     assert "Traceback" in result.stderr and "return self.m(h)" in result.stderr
 
 
 def test_monte_carlo_dropout_in_the_model_is_traced(project: Path) -> None:
-    code, out, err = _run("profile", "--model", "mypkg.models:monte_carlo", "--batch", "4",
+    code, out, err = _run("profile", "--model", "cases.py:monte_carlo", "--batch", "4",
                           "--json", "-")
     assert code == 0, err
     document = json.loads(out)
@@ -236,14 +243,14 @@ def test_monte_carlo_dropout_in_the_model_is_traced(project: Path) -> None:
 
 def test_a_constructor_that_reads_values_is_built_for_real_then_traced_fake(
         project: Path) -> None:
-    code, out, err = _run("profile", "--model", "mypkg.models:reads_in_constructor",
+    code, out, err = _run("profile", "--model", "cases.py:reads_in_constructor",
                           "--batch", "4", "--fake")
     assert code == 0, err
     assert "built for real" in out
-    code, _, err = _run("profile", "--model", "mypkg.models:reads_in_forward", "--batch", "4",
+    code, _, err = _run("profile", "--model", "cases.py:reads_in_forward", "--batch", "4",
                         "--fake")
     assert code == 2 and "fake tensors" in err and "trace on real tensors" in err
-    code, _, err = _run("profile", "--model", "mypkg.models:reads_in_forward", "--batch", "4")
+    code, _, err = _run("profile", "--model", "cases.py:reads_in_forward", "--batch", "4")
     assert code == 0, err
 
 
@@ -251,30 +258,30 @@ def test_what_cannot_fit_is_refused_before_it_runs(project: Path) -> None:
     code, _, err = _run("profile", "--batch", "1000000000000")
     assert code == 3 and "traced on fake tensors" in err and "available" in err
     assert "nothing was run" in err
-    code, _, err = _run("profile", "--model", "mypkg.models:huge", "--batch", "4")
+    code, _, err = _run("profile", "--model", "cases.py:huge", "--batch", "4")
     assert code == 3 and "needs 32.00 GiB" in err  # 16 GiB of weights and their gradient
     code, _, err = _run("profile", "--batch", "99999999999999999999999", "--fake")
     assert code == 2 and "--batch" in err
 
 
 def test_the_built_in_flags_apply_to_a_users_model_or_are_refused(project: Path) -> None:
-    code, _, err = _run("profile", "--model", "mypkg.models:net", "--hidden", "3")
+    code, _, err = _run("profile", "--model", "cases.py:no_chain", "--hidden", "3")
     assert code == 2 and "--hidden shapes the built-in MLP" in err
-    code, _, err = _run("profile", "--model", "mypkg.models:net", "--optimizer", "nonexistent")
+    code, _, err = _run("profile", "--model", "cases.py:no_chain", "--optimizer", "nonexistent")
     assert code == 2 and "'nonexistent'" in err
-    code, out, err = _run("profile", "--model", "mypkg.models:net", "--batch", "8", "--fake",
+    code, out, err = _run("profile", "--model", "cases.py:no_chain", "--batch", "8", "--fake",
                           "--dtype", "float64", "--optimizer", "adamw", "--json", "-")
     assert code == 0, err
     document = json.loads(out)
     assert document["workload"]["dtype"] == "float64"
     parameters = document["memory"]["parameters_bytes"]
-    assert parameters == 8 * (3 * (16 * 16 + 16) + 16 * 4 + 4)  # float64
+    assert parameters == 8 * (32 * 32 + 32 + 32 * 2 + 2)  # float64
     # AdamW's two moments, and a step counter (a float32 scalar) per parameter tensor.
-    assert document["memory"]["optimizer_state_bytes"] == 2 * parameters + 4 * 8
+    assert document["memory"]["optimizer_state_bytes"] == 2 * parameters + 4 * 4
 
 
 def test_fit_keeps_the_plain_answer_for_a_model_it_cannot_plan(project: Path) -> None:
-    code, out, err = _run("fit", "--model", "mypkg.models:no_chain", "--budget", "1MiB",
+    code, out, err = _run("fit", "--model", "cases.py:no_chain", "--budget", "1MiB",
                           "--json", "-")
     assert code == 0, err
     document = json.loads(out)
@@ -285,7 +292,7 @@ def test_fit_keeps_the_plain_answer_for_a_model_it_cannot_plan(project: Path) ->
 
 def test_a_plan_the_step_never_runs_is_refused(project: Path) -> None:
     # The least budget is 547 KiB, the unplanned peak 690 KiB: the plan must recompute.
-    code, _, err = _run("plan", "--model", "mypkg.models:looped", "--batch", "256",
+    code, _, err = _run("plan", "--model", "cases.py:looped", "--batch", "256",
                         "--budget", "600KiB")
     assert code == 1 and err.count("\n") == 1
     assert "never called it" in err and "the plan would not run" in err
