@@ -85,6 +85,8 @@ def compute_loss(workload: Workload, output: Any) -> tuple[torch.Tensor, str]:
                              "element; reduce it (.mean(), .sum()) inside the loss function")
     elif isinstance(output, torch.Tensor) and output.dim() == 0:
         loss, note = output, "the model's scalar output"
+    elif isinstance(getattr(output, "loss", None), torch.Tensor):
+        loss, note = output.loss, "the model's output.loss (computed in its forward)"
     else:
         parts = [t.float().mean() for t in tensors_in(output) if t.requires_grad]
         if not parts:
@@ -136,7 +138,7 @@ def training_step(workload: Workload) -> None:
     step and in a training loop that keeps them for logging: the peaks of both are the same
     step's."""
     with user_code("the model's forward"):
-        output = workload.model(*workload.inputs)
+        output = workload.forward()
     loss, _ = compute_loss(workload, output)
     with user_code("the backward pass"):
         loss.backward()

@@ -15,7 +15,7 @@ import importlib.util
 import inspect
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 LossFn = Callable[..., torch.Tensor]
+Inputs = torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | dict[str, torch.Tensor]
+"""A model's inputs as the API takes them: a tensor, a tuple or list of tensors
+(``model(*inputs)``), or a dict of tensors (``model(**inputs)``, as a Hugging Face batch)."""
 
 
 @dataclass(kw_only=True)
@@ -50,7 +53,9 @@ class Workload:
     model: nn.Module
     """The model; its parameters and buffers are counted as such."""
     inputs: tuple[torch.Tensor, ...]
-    """Positional inputs of ``model(*inputs)``."""
+    """Positional inputs of ``model(*inputs, **keywords)``."""
+    keywords: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Keyword inputs (a Hugging Face batch: ``input_ids``, ``attention_mask``, ``labels``)."""
     targets: torch.Tensor | None = None
     """Passed to ``loss_fn(output, targets)`` when given."""
     loss_fn: LossFn | None = None
@@ -66,10 +71,23 @@ class Workload:
     """The depth the factory was asked for, when known."""
     config: dict[str, Any] = field(default_factory=dict)
     """Anything else worth reporting (the seed MLP's widths, for instance)."""
+
+    def forward(self) -> Any:
+        """``model(*inputs, **keywords)``: the model's forward as the step runs it."""
+        return self.model(*self.inputs, **self.keywords)
+
+    @property
+    def input_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every input tensor, positional then keyword."""
+        return (*self.inputs, *self.keywords.values())
     set_to_none: bool = True
     """How the training loop zeroes gradients between steps: ``zero_grad(set_to_none=True)``
     (torch's default) frees them; ``False`` keeps them allocated, as zeros, through the next
     step (as gradient accumulation does). See NOTE [ The steady state ] in ``memprop.loop``."""
+    blocks: str | None = None
+    """The qualified name of the ``nn.Sequential`` or ``nn.ModuleList`` whose items are the
+    blocks to plan; None: the run found in the traced step (NOTE [ What a run of blocks is ] in
+    ``memprop.blocks.find``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -200,12 +218,13 @@ def seed_workload(config: SeedConfig, *, seed: int = 0) -> Workload:
 
 def to_workload(
     model: nn.Module | Workload,
-    inputs: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor] | None = None,
+    inputs: Inputs | None = None,
     *,
     loss_fn: LossFn | None = None,
     targets: torch.Tensor | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     set_to_none: bool | None = None,
+    blocks: str | None = None,
 ) -> Workload:
     """The one conversion of what the Python API is given (a model and its inputs, or a
     ``Workload``) into a ``Workload``; every public function that takes a model calls it."""
@@ -219,30 +238,44 @@ def to_workload(
                              "or a model and its inputs")
         if set_to_none is not None:
             model.set_to_none = set_to_none
+        if blocks is not None:
+            model.blocks = blocks
         return model
+    if blocks is None:
+        named = getattr(model, "memprop_chain", None)  # the older way to name the blocks
+        blocks = named if isinstance(named, str) else None
     if not isinstance(model, nn.Module):
         raise UsageError(f"model is a {type(model).__name__}: give an nn.Module or a "
                          "memprop.Workload")
     if inputs is None:
-        raise UsageError("inputs are missing: give a tensor or a tuple of tensors for "
-                         "model(*inputs)")
-    batch = _as_inputs(inputs, what="inputs")
+        raise UsageError("inputs are missing: give a tensor, a tuple of tensors for "
+                         "model(*inputs), or a dict of tensors for model(**inputs)")
+    positional, keywords = _as_inputs(inputs, what="inputs")
     if targets is not None and loss_fn is None:
         raise UsageError("targets were given without a loss_fn, so they would reach no loss: "
                          "give loss_fn (called as loss_fn(output, targets)), or drop targets")
-    return Workload(model=model, inputs=batch, targets=targets, loss_fn=loss_fn,
-                    optimizer=optimizer, name=type(model).__name__,
-                    batch_size=batch[0].shape[0] if batch and batch[0].dim() else None,
-                    set_to_none=True if set_to_none is None else set_to_none)
+    return Workload(model=model, inputs=positional, keywords=keywords, targets=targets,
+                    loss_fn=loss_fn, optimizer=optimizer, name=type(model).__name__,
+                    batch_size=_batch_of((*positional, *keywords.values())),
+                    set_to_none=True if set_to_none is None else set_to_none, blocks=blocks)
 
 
-def _as_inputs(inputs: Any, *, what: str) -> tuple[torch.Tensor, ...]:
+def _batch_of(tensors: tuple[torch.Tensor, ...]) -> int | None:
+    return int(tensors[0].shape[0]) if tensors and tensors[0].dim() else None
+
+
+def _as_inputs(inputs: Any, *, what: str
+               ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """(positional, keyword) inputs from a tensor, a tuple or list of tensors, or a dict."""
     if isinstance(inputs, torch.Tensor):
-        return (inputs,)
+        return (inputs,), {}
     if isinstance(inputs, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in inputs):
-        return tuple(inputs)
-    raise UsageError(f"{what} is a {type(inputs).__name__}: give a tensor or a tuple of "
-                     "tensors, passed as model(*inputs)")
+        return tuple(inputs), {}
+    if isinstance(inputs, Mapping) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                           for k, t in inputs.items()):
+        return (), dict(inputs)
+    raise UsageError(f"{what} is a {type(inputs).__name__}: give a tensor, a tuple of tensors "
+                     "(model(*inputs)) or a dict of tensors (model(**inputs))")
 
 
 def as_workload(
@@ -257,15 +290,15 @@ def as_workload(
         return result
     if isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], nn.Module):
         try:
-            inputs = _as_inputs(result[1], what="the inputs")
+            inputs, keywords = _as_inputs(result[1], what="the inputs")
         except UsageError:
             raise WorkloadError(
                 f"factory {name} returned inputs of type {type(result[1]).__name__}: "
-                "return a tensor or a tuple of tensors"
+                "return a tensor, a tuple of tensors or a dict of tensors"
             ) from None
         targets = result[2] if len(result) == 3 else None
-        return Workload(model=result[0], inputs=inputs, targets=targets, name=name,
-                        batch_size=batch_size, depth=depth)
+        return Workload(model=result[0], inputs=inputs, keywords=keywords, targets=targets,
+                        name=name, batch_size=batch_size, depth=depth)
     raise WorkloadError(
         f"factory {name} returned {type(result).__name__}: return (model, inputs), "
         "(model, inputs, targets) or a memprop.Workload"
@@ -313,10 +346,12 @@ def adjust(
             model.to(wanted)
     if dtype is not None:
         workload.inputs = tuple(_cast(t, _DTYPES[dtype]) for t in workload.inputs)
+        workload.keywords = {k: _cast(t, _DTYPES[dtype]) for k, t in workload.keywords.items()}
         if workload.targets is not None:
             workload.targets = _cast(workload.targets, _DTYPES[dtype])
     if device is not None:
         workload.inputs = tuple(t.to(device) for t in workload.inputs)
+        workload.keywords = {k: t.to(device) for k, t in workload.keywords.items()}
         if workload.targets is not None:
             workload.targets = workload.targets.to(device)
     if optimizer is not None:

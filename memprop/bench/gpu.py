@@ -38,7 +38,7 @@ _QUICK_BATCHES = (256, 1024)
 def warm_up(workload: Workload) -> None:
     """One plain forward and backward, then the gradients set to None: cuBLAS's workspaces
     exist from here on, and the workload's state is as it was (no optimizer step)."""
-    output = workload.model(*workload.inputs)
+    output = workload.forward()
     loss, _ = compute_loss(workload, output)
     loss.backward()
     del output, loss

@@ -27,7 +27,7 @@ CASES = {
 def _plain(workload: Workload) -> None:
     training_step(workload)
     with torch.inference_mode():
-        workload.model(*workload.inputs)
+        workload.forward()
 
 
 def _memtracker(workload: Workload) -> None:
@@ -41,7 +41,7 @@ def _memtracker(workload: Workload) -> None:
         training_step(workload)
     tracker.reset_mod_stats()  # MemTracker refuses a second pass over the same modules without
     with tracker, torch.inference_mode():
-        workload.model(*workload.inputs)
+        workload.forward()
 
 
 def ledger_overhead(*, repeats: int = 21) -> BenchReport:

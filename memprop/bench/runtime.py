@@ -31,16 +31,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from memprop.bench._runtime_compile import compiled_points
 from memprop.bench._runtime_workloads import CASES, QUICK_CASES, build
 from memprop.bench.common import BenchReport, interleaved_medians
+from memprop.blocks.install import installed
 from memprop.loop import training_step, zero_gradients
 from memprop.plan.api import chain_of
+from memprop.plan.chain import Chain
 from memprop.plan.schedule import Segment, flat, simulate
 from memprop.plan.solvers import min_feasible_bytes, solve, uniform_tree
 from memprop.report.output import write_output
-from memprop.run.execute import installed
 from memprop.search import largest_true
 from memprop.trace.ledger import StorageLedger
 from memprop.trace.profile import profile
-from memprop.trace.step import find_chain, register_step_state
+from memprop.trace.step import register_step_state
 from memprop.units import format_bytes
 from memprop.workload import Workload
 
@@ -108,9 +109,8 @@ _REPEATS = 9
 def _case(name: str, batch: int, description: str, *, quick: bool
           ) -> tuple[list[dict[str, Any]], list[str]]:
     workload = build(name, batch, quick=quick)
-    chain_module = find_chain(workload.model)
-    assert chain_module is not None
     chain = chain_of(workload, cost_model="flops", fake=True)
+    chain_module = _Target(workload.model, chain)
     n = len(chain)
     unplanned = _Contender(contender="none", setting="no checkpointing", budget_bytes=None,
                            predicted_peak_bytes=simulate(chain, flat(n)).peak_bytes, tree=None,
@@ -236,9 +236,8 @@ def _goal_batch(name: str, batch: int, budget_bytes: int, *, quick: bool
     # A resolution of a sixteenth of the batch: enough for a 2x question.
     chosen = largest_true(fits, start=batch, limit=16 * batch, resolution=max(1, batch // 16))
     workload = build(name, chosen, quick=quick)
-    chain_module = find_chain(workload.model)
-    assert chain_module is not None
     chain = chain_of(workload, cost_model="flops", fake=True)
+    chain_module = _Target(workload.model, chain)
     plan = solve(chain, budget_bytes, "optimal", strict=False)
     planned = _Contender(contender=f"optimal, batch {chosen}",
                          setting=f"budget {format_bytes(budget_bytes)}",
@@ -313,7 +312,24 @@ _COMPILE_CAP_S = 45.0
 """Cap on the torch.compile child per model (cold compiles of these models take 10-30 s)."""
 
 
-def _measure(workload: Workload, chain: nn.Sequential, c: _Contender) -> _Point:
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where contenders are installed: the model and its chain's stage names."""
+
+    model: nn.Module
+    chain: Chain
+
+    @property
+    def sequential(self) -> nn.Sequential:
+        """The nn.Sequential whose children are the blocks, for checkpoint_sequential."""
+        names = [s.name for s in self.chain.stages]
+        parent = names[0].rpartition(".")[0]
+        found = dict(self.model.named_modules())[parent] if parent else self.model
+        assert isinstance(found, nn.Sequential) and len(found) == len(names), names
+        return found
+
+
+def _measure(workload: Workload, chain: _Target, c: _Contender) -> _Point:
     zero_gradients(workload)
     ledger = StorageLedger()
     register_step_state(ledger, workload, training=True)
@@ -328,7 +344,7 @@ def _measure(workload: Workload, chain: nn.Sequential, c: _Contender) -> _Point:
     return _Point(peak_bytes=ledger.peak()[0], flops=counter.get_total_flops())
 
 
-def _stepper(workload: Workload, chain: nn.Sequential, c: _Contender) -> Callable[[], None]:
+def _stepper(workload: Workload, chain: _Target, c: _Contender) -> Callable[[], None]:
     def run() -> None:
         zero_gradients(workload)
         with _installed(chain, c):
@@ -337,23 +353,24 @@ def _stepper(workload: Workload, chain: nn.Sequential, c: _Contender) -> Callabl
 
 
 @contextlib.contextmanager
-def _installed(chain: nn.Sequential, c: _Contender) -> Iterator[None]:
+def _installed(target: _Target, c: _Contender) -> Iterator[None]:
     if c.tree is not None:
-        with installed(chain, c.tree):
+        with installed(target.model, [s.name for s in target.chain.stages], c.tree):
             yield
     elif c.segments is not None:
-        stages = list(chain)
+        sequential = target.sequential
+        stages = list(sequential)
         segments = c.segments
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             out: torch.Tensor = checkpoint_sequential(stages, segments, x, use_reentrant=False)
             return out
 
-        chain.forward = forward  # type: ignore[method-assign]
+        sequential.forward = forward  # type: ignore[method-assign]
         try:
             yield
         finally:
-            del chain.forward
+            del sequential.forward
     else:
         yield
 

@@ -62,6 +62,8 @@ from memprop.plan.schedule import Child, Segment
 
 INF = math.inf
 _INF = INF
+_NEVER = np.iinfo(np.int64).max // 4
+"""A peak no plan reaches, for the least-peak table's forbidden choices (room to add to it)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -94,6 +96,13 @@ class Units:
     """Forward cost."""
     cost_b: np.ndarray
     """Backward cost."""
+    pinned: np.ndarray
+    """Whether the unit holds a pinned stage (it is never part of a checkpointed segment)."""
+
+    def checkpointable(self, k: int, rows: int) -> np.ndarray:
+        """Whether the ``k`` units from each start ``a < rows`` may form a checkpoint."""
+        inside = np.concatenate([[0], np.cumsum(self.pinned.astype(np.int64))])
+        return np.asarray(inside[k : k + rows] - inside[:rows] == 0)
 
     @property
     def n(self) -> int:
@@ -107,7 +116,7 @@ class Units:
             bounds=self.bounds, xin=up(self.xin), dout=up(self.dout), fk=up(self.fk),
             ret=up(self.ret), bm=up(self.bm), lm=up(self.lm), so=self.so,
             fn_first=up(self.fn_first), fn_flow=up(self.fn_flow),
-            cost_f=self.cost_f, cost_b=self.cost_b,
+            cost_f=self.cost_f, cost_b=self.cost_b, pinned=self.pinned,
         )
 
     def gcd(self) -> int:
@@ -143,9 +152,12 @@ def _kept_unit(chain: Chain, start: int, stop: int, h: int) -> tuple[int, int, i
 
     hold(start)
     fk = 0
+    # The forward's locals (NOTE in plan/chain.py), counted at every forward moment, re-runs
+    # included: the DP is safe there, the simulator exact.
+    locals_bytes = chain.forward_held_total()
     for i in range(start, stop):
         stage = chain.stages[i]
-        fk = max(fk, live + chain.forward_moment_bytes(i))
+        fk = max(fk, live + chain.forward_moment_bytes(i) + locals_bytes)
         hold(i + 1)
         live += stage.tape_bytes
         if stage.saves_input:
@@ -181,10 +193,12 @@ def make_units(chain: Chain, bounds: list[tuple[int, int]]) -> Units:
     def x(j: int) -> int:  # x_j's storage (the model's input, which weighs 0, for a view of it)
         return chain.storage_bytes(chain.storage_of(j))
 
-    flow = [max(x(i) + chain.forward_moment_bytes(i) for i in range(a, b)) for a, b in bounds]
+    locals_bytes = chain.forward_held_total()
+    flow = [max(x(i) + chain.forward_moment_bytes(i) for i in range(a, b)) + locals_bytes
+            for a, b in bounds]
     first = [max([chain.forward_moment_bytes(a)]
                  + [x(i) + chain.forward_moment_bytes(i) for i in range(a + 1, b)])
-             for a, b in bounds]
+             + locals_bytes for a, b in bounds]
     # Backward runs strictly in reverse: while a unit is differentiated, the parameter gradients
     # of every later stage are live, and so are they while a segment ending there is re-run; so
     # are the model's output, which the caller holds, and what the loss left besides d_n (the
@@ -204,6 +218,7 @@ def make_units(chain: Chain, bounds: list[tuple[int, int]]) -> Units:
         fn_flow=np.array(flow, dtype=np.int64),
         cost_f=np.array([sum(s.forward_cost for s in chain.stages[a:b]) for a, b in bounds]),
         cost_b=np.array([sum(s.backward_cost for s in chain.stages[a:b]) for a, b in bounds]),
+        pinned=np.array([not chain.checkpointable(a, b) for a, b in bounds], dtype=bool),
     )
 
 
@@ -255,6 +270,7 @@ class CostTable:
         lo0: list[Any] = [None] * n
         loC: list[Any] = [None] * n
         C[0] = D[1][0] + sumf[0][:, None]
+        C[0][~p.checkpointable(1, n)] = _INF
         lo0[0], loC[0] = _first_finite(D[0][0]), _first_finite(C[0])
         tmp = np.empty((n, slots + 1))
         for L in range(1, n):
@@ -278,6 +294,7 @@ class CostTable:
                 keep[ar[None, :] < need[:, None]] = _INF
                 D[h][L] = np.minimum(keep, ckpt)
             C[L] = D[1][L] + sumf[L][:, None]
+            C[L][~p.checkpointable(L + 1, n - L)] = _INF
             lo0[L], loC[L] = _first_finite(D[0][L]), _first_finite(C[L])
         self.D, self.C = D, C
 
@@ -331,6 +348,8 @@ def min_peak(p: Units) -> tuple[int, Segment, int]:
         starts = ks + np.arange(rows)[None, :]
         cand = np.maximum(np.maximum(P[1][:L, :rows], P[0][L - ks, starts]),
                           F[:L, :rows] + gb[None, :])
+        allowed = np.array([p.checkpointable(k, rows) for k in range(1, L + 1)])
+        cand = np.where(allowed, cand, _NEVER)
         best = cand.min(axis=0)
         src = np.where(p.so[:rows], P[1][L - 1][1 : rows + 1], P[0][L - 1][1 : rows + 1])
         for h in (0, 1):
@@ -347,6 +366,8 @@ def min_peak(p: Units) -> tuple[int, Segment, int]:
             return "keep", int(p.so[a]), 0
         xa = p.xin[a] if h == 0 else 0
         for k in range(1, L + 1):
+            if not p.checkpointable(k, a + 1)[a]:
+                continue
             if xa + max(P[1][k - 1][a], P[0][L - k][a + k], fnw[k - 1][a] + g[b]) == target:
                 return "ckpt", k, 0
         raise AssertionError(f"no choice attains the least peak at {a}..{b}, h={h}")

@@ -14,16 +14,15 @@ from memprop.errors import ModelError, UsageError
 from memprop.plan.chain import COST_MODELS, Chain
 from memprop.plan.solvers import STRATEGIES, Plan, solve
 from memprop.trace.fake import fake_mode_of
-from memprop.trace.step import find_chain
 from memprop.units import parse_size
-from memprop.workload import Workload, restore_state, save_state, to_workload
+from memprop.workload import Inputs, Workload, restore_state, save_state, to_workload
 
 __all__ = ["chain_of", "check_cost_model", "check_strategy", "plan"]
 
 
 def plan(
     model: nn.Module | Workload,
-    inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    inputs: Inputs | None = None,
     budget: int | str | None = None,
     strategy: str = "optimal",
     cost_model: str = "flops",
@@ -33,6 +32,7 @@ def plan(
     optimizer: torch.optim.Optimizer | None = None,
     fake: bool = False,
     set_to_none: bool | None = None,
+    blocks: str | None = None,
 ) -> Plan:
     """The plan of ``strategy`` that keeps every training step of ``model(*inputs)`` under
     ``budget`` (bytes, or a size such as ``"2GiB"``) at the least extra compute.
@@ -44,11 +44,14 @@ def plan(
     real steps, after which parameters, buffers, gradients and optimizer state are put back.
     With ``fake=True`` (or a model built in a fake-tensor mode) nothing is allocated.
     ``set_to_none`` says how the loop zeroes gradients (``zero_grad(set_to_none=...)``).
+    The planner's stages are the model's blocks (NOTE [ What a run of blocks is ] in
+    ``memprop.blocks.find``), found in the traced step or named by ``blocks`` (the qualified
+    name of an ``nn.Sequential`` or ``nn.ModuleList``).
     Raises :class:`memprop.BudgetInfeasibleError` when nothing fits,
     :class:`memprop.errors.UsageError` for a model that is not a chain or a bad argument.
     """
     workload = to_workload(model, inputs, loss_fn=loss_fn, targets=targets, optimizer=optimizer,
-                           set_to_none=set_to_none)
+                           set_to_none=set_to_none, blocks=blocks)
     budget_bytes = _budget(budget)
     check_strategy(strategy)
     check_cost_model(cost_model)
@@ -67,11 +70,20 @@ def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chai
 
     FLOP costs need no real step: a real workload is then traced on a fake mirror (nothing
     allocated, the model untouched), unless fake tensors cannot trace it (code that reads
-    tensor values), in which case the real step is traced and the model put back after."""
+    tensor values), in which case the real step is traced and the model put back after. A
+    Hugging Face model is traced with its key/value cache off, as its planned steps run
+    (:func:`memprop.blocks.install.without_caches`)."""
+    from memprop.blocks.install import without_caches
+
+    with without_caches(workload.model):
+        costs = _trace_chain(workload, cost_model=cost_model, fake=fake)
+    return Chain.from_chain_costs(costs, cost_model="flops" if cost_model == "flops" else
+                                  "measured")
+
+
+def _trace_chain(workload: Workload, *, cost_model: str, fake: bool) -> Any:
     from memprop.trace.profile import trace_chain
 
-    if find_chain(workload.model) is None:
-        raise UsageError(not_a_chain(workload.model))
     if not fake and cost_model == "flops":
         try:
             costs = trace_chain(workload, fake=True)
@@ -83,22 +95,7 @@ def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chai
     else:
         with contextlib.nullcontext() if fake else _restored(workload):
             costs = trace_chain(workload, fake=fake)
-    if costs is None:
-        raise UsageError(
-            f"{type(workload.model).__name__}: the traced step ran no stage of its chain: make "
-            "the model's forward call its nn.Sequential of stages"
-        )
-    return Chain.from_chain_costs(costs, cost_model="flops" if cost_model == "flops" else
-                                  "measured")
-
-
-def not_a_chain(model: nn.Module) -> str:
-    return (
-        f"memprop plans chains, and {type(model).__name__} is not one: no nn.Sequential of "
-        "stages was found (the model itself, the child named by model.memprop_chain, or its "
-        "only nn.Sequential child): put the layers in an nn.Sequential or set "
-        "model.memprop_chain = '<name of the nn.Sequential>'"
-    )
+    return costs
 
 
 def check_strategy(strategy: str) -> None:

@@ -21,6 +21,8 @@ however many holders share it (the simulator keeps a reference count per activat
   ``saves_output`` (the output is counted as ``x_{i+1}`` above), from its forward to its backward.
   A stage run inside a checkpoint keeps nothing: ``torch.utils.checkpoint(use_reentrant=False)``
   drops the saved tensors and keeps only the segment's input.
+- What a stage's first forward leaves alive without saving it (``forward_held_bytes``: the
+  model's own locals) is live from then until the forward returns, in every plan.
 - The loss: at the end of the forward the moment is the live total plus ``loss_peak_bytes``
   (the loss's forward and backward); then ``loss_residual_bytes`` (``d_n``, the loss itself, and
   whatever else the loss left) stays live through the whole backward, less ``d_n`` once the last
@@ -48,7 +50,9 @@ largest of the moments above. The same model drives the simulator
 (:mod:`memprop.plan._dp`, a recursion over the same moments); the tests hold them equal, and hold
 the unplanned schedule's peak equal to the ledger's traced peak on real models.
 
-Known limitations: stages with several inputs or outputs are outside the model; an aliasing stage
+Known limitations: stages with several inputs or outputs are outside the model (the prefix's
+other outputs, such as attention masks, count as its tape, and storages a stage leaves alive at
+the end of the step as held from the start); an aliasing stage
 is never the first stage of a checkpointed segment (:meth:`Chain.atoms` glues it to the stage
 before, so an in-place op never writes into a checkpoint's stored input); a loss whose output
 gradient is smaller than the output (``output.sum()``: an expanded scalar) is charged the full
@@ -99,6 +103,12 @@ class Stage:
     """Parameter gradients born in the stage's backward that stay live until the step ends."""
     aliases_input: bool = False
     """Whether the output is the input's storage (an in-place op, a view)."""
+    pinned: bool = False
+    """Always kept with its whole tape, never part of a checkpointed segment: the prefix and the
+    suffix around a model's blocks, which the runtime does not wrap."""
+    forward_held_bytes: int = 0
+    """What the stage's first forward leaves alive, unsaved, until the forward returns (the
+    model's own locals): the same in every plan."""
 
     @property
     def tape_bytes(self) -> int:
@@ -127,6 +137,10 @@ class Chain:
     output_grad_held: bool = False
     """Whether ``d_n`` outlives the last stage's backward (the chain's output is the loss, and
     ``d_n`` the seed that ``torch.autograd.backward`` holds to the end of the backward)."""
+    output_grad_bytes: int | None = None
+    """The size of ``d_n`` as the last stage's backward received it; ``None``: the size of
+    ``x_n``. They differ when the model's output holds more than what the loss is taken of (a
+    Hugging Face output: the loss the forward computed, beside the logits)."""
     _roots: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _grads_from: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
@@ -192,22 +206,37 @@ class Chain:
             return stage.backward_peak_bytes
         return max(stage.backward_peak_bytes, self.act_bytes(i))
 
+    def forward_held_total(self) -> int:
+        """What every stage's first forward leaves alive until the forward returns."""
+        return sum(s.forward_held_bytes for s in self.stages)
+
+    def grad_bytes(self, j: int) -> int:
+        """Size of ``d_j``: that of ``x_j``, but for ``d_n`` when it was measured apart."""
+        if j == len(self.stages) and self.output_grad_bytes is not None:
+            return self.output_grad_bytes
+        return self.act_bytes(j)
+
     def loss_moment_bytes(self) -> int:
         """The loss's moment over the live total at the end of the forward."""
-        return self.act_bytes(len(self)) if self.loss_peak_bytes is None else self.loss_peak_bytes
+        n = len(self.stages)
+        return self.grad_bytes(n) if self.loss_peak_bytes is None else self.loss_peak_bytes
 
     def freed_grad_bytes(self, i: int) -> int:
         """What stage ``i``'s backward frees of its output's gradient ``d_{i+1}``: all of it,
         but for the last stage when ``d_n`` is held to the end (``output_grad_held``)."""
         if i == len(self.stages) - 1 and self.output_grad_held:
             return 0
-        return self.act_bytes(i + 1)
+        return self.grad_bytes(i + 1)
 
     def loss_left_bytes(self) -> int:
         """What the loss leaves live when the backward starts, ``d_n`` included (never less than
         ``d_n``, which the last stage's backward frees)."""
-        d_n = self.act_bytes(len(self))
+        d_n = self.grad_bytes(len(self.stages))
         return d_n if self.loss_residual_bytes is None else max(d_n, self.loss_residual_bytes)
+
+    def checkpointable(self, start: int, stop: int) -> bool:
+        """Whether stages ``start..stop-1`` may form a checkpointed segment (none is pinned)."""
+        return not any(s.pinned for s in self.stages[start:stop])
 
     def atoms(self) -> list[tuple[int, int]]:
         """The smallest runs of stages a plan may split the chain into: each aliasing stage is
@@ -221,6 +250,14 @@ class Chain:
                 bounds.append((i, i + 1))
         return bounds
 
+    def checkpoint_atoms(self) -> list[tuple[int, int]]:
+        """The atoms ``checkpoint_sequential`` may split, from the first one that is not pinned
+        (a pinned prefix stays kept before them)."""
+        atoms = self.atoms()
+        while atoms and not self.checkpointable(*atoms[0]):
+            atoms = atoms[1:]
+        return atoms or self.atoms()[-1:]
+
     @classmethod
     def from_stage_stats(
         cls,
@@ -232,6 +269,7 @@ class Chain:
         loss_residual_bytes: int | None = None,
         optimizer_peak_bytes: int = 0,
         output_grad_held: bool = False,
+        output_grad_bytes: int | None = None,
     ) -> Chain:
         """The chain of a traced step: ``"measured"`` prices stages in seconds, ``"flops"`` in
         counted floating-point operations (the same plan on every machine)."""
@@ -252,18 +290,25 @@ class Chain:
                 forward_peak_bytes=s.forward_peak_bytes,
                 backward_peak_bytes=s.backward_peak_bytes,
                 gradient_bytes=s.gradient_bytes,
-                aliases_input=_aliases_input(s),
+                aliases_input=s.aliases_input,
+                pinned=s.pinned,
+                forward_held_bytes=s.forward_held_bytes,
             )
             for s in sorted(stats, key=lambda s: s.index)
         )
+        # Persistent storages (a cache a block returns) are held from their stage's forward to
+        # the end of the step, whatever the plan: counted as held throughout, which over-states
+        # the moments of the forward before them by their size, never under-states one.
+        persistent = sum(s.persistent_bytes for s in stats)
         return cls(
             stages=stages,
-            fixed_bytes=fixed_bytes,
+            fixed_bytes=fixed_bytes + persistent,
             cost_unit="flops" if cost_model == "flops" else "s",
             loss_peak_bytes=loss_peak_bytes,
             loss_residual_bytes=loss_residual_bytes,
             optimizer_peak_bytes=optimizer_peak_bytes,
             output_grad_held=output_grad_held,
+            output_grad_bytes=output_grad_bytes,
         )
 
     @classmethod
@@ -278,11 +323,5 @@ class Chain:
             loss_residual_bytes=costs.loss_residual_bytes,
             optimizer_peak_bytes=costs.optimizer_peak_bytes,
             output_grad_held=costs.output_grad_held,
+            output_grad_bytes=costs.output_grad_bytes,
         )
-
-
-def _aliases_input(stats: StageStats) -> bool:
-    # The live total cannot rise by less than a storage born during the forward (the stage's
-    # input is held by its caller throughout), so an output larger than the rise was not born
-    # there: it is the input's storage, written in place or viewed.
-    return stats.output_bytes > 0 and stats.forward_peak_bytes < stats.output_bytes

@@ -118,6 +118,8 @@ class _Ledger:
         self.moment(self.chain.forward_moment_bytes(i))
         self.runs[i] += 1
         self.compute += stage.forward_cost
+        if self.runs[i] == 1:
+            self.live += stage.forward_held_bytes
         self.hold(i + 1)
         if keep:
             self.live += stage.tape_bytes
@@ -159,6 +161,8 @@ def simulate(chain: Chain, tree: Segment) -> Simulation:
     ledger.hold(0)
     ledger.forward(tree)
     # The flow reference on x_n becomes the caller's: it holds the output until the step ends.
+    # The forward's own locals go as it returns.
+    ledger.live -= chain.forward_held_total()
     ledger.moment(chain.loss_moment_bytes())
     ledger.live += chain.loss_left_bytes()
     ledger.backward(tree)

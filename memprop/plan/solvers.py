@@ -102,14 +102,16 @@ class Plan:
 
 def uniform_tree(n: int, segments: int, atoms: list[tuple[int, int]] | None = None) -> Segment:
     """``checkpoint_sequential(segments=segments)`` on ``n`` stages, as a tree. With ``atoms``
-    (:meth:`Chain.atoms`) the split counts atoms instead of stages, so that no checkpoint starts
-    with an in-place op or a view."""
+    (:meth:`Chain.checkpoint_atoms`) the split counts atoms instead of stages, so that no
+    checkpoint starts with an in-place op or a view, and stages outside the atoms (a pinned
+    prefix before them) stay kept."""
     bounds = atoms if atoms is not None else [(i, i + 1) for i in range(n)]
     count = len(bounds)
     if not 1 <= segments <= count:
         raise UsageError(f"segments={segments} for {count} stages: give 1 <= segments <= {count}")
     size = count // segments
-    children: list[int | Segment] = [
+    children: list[int | Segment] = list(range(bounds[0][0]))
+    children += [
         Segment(start=bounds[s][0], stop=bounds[s + size - 1][1],
                 children=tuple(range(bounds[s][0], bounds[s + size - 1][1])))
         for s in range(0, size * (segments - 1), size)
@@ -200,7 +202,7 @@ def _optimal_table(chain: Chain, budget_bytes: int, units: _dp.Units, max_slots:
 def _uniform_net(chain: Chain, budget_bytes: int, best: Segment, bar: float) -> Segment:
     """``best`` (whose compute is ``bar``), or a ``checkpoint_sequential`` plan that fits at less
     compute. They are tried cheapest first and only while cheaper, at most ``tries`` of them."""
-    n, atoms = len(chain), chain.atoms()
+    n, atoms = len(chain), chain.checkpoint_atoms()
     ends = [0.0]
     for a, b in atoms:
         ends.append(ends[-1] + sum(s.forward_cost for s in chain.stages[a:b]))
@@ -237,7 +239,7 @@ def solve(
     if strategy == "none":
         tree, floor = flat(n), baseline.peak_bytes
     elif strategy == "uniform":
-        atoms = chain.atoms()
+        atoms = chain.checkpoint_atoms()
         trees = (uniform_tree(n, k, atoms) for k in range(1, len(atoms) + 1))
         sims = [(simulate(chain, t), t) for t in trees]
         floor = min(s.peak_bytes for s, _ in sims)

@@ -24,16 +24,16 @@ from typing import Any
 
 import torch
 
+from memprop.blocks.install import installed, without_caches
 from memprop.errors import PlanCheckError, UsageError
 from memprop.loop import training_step, zero_gradients
 from memprop.plan.solvers import Plan
-from memprop.run.execute import installed
 from memprop.trace.ledger import StorageLedger
-from memprop.trace.step import find_chain, register_step_state
+from memprop.trace.step import register_step_state
 from memprop.units import format_bytes
 from memprop.workload import Workload, restore_state, save_state
 
-__all__ = ["PREDICTION_TOLERANCE", "RunResult", "check_run", "run_plan"]
+__all__ = ["PREDICTION_TOLERANCE", "RunResult", "check_run", "not_run", "run_plan"]
 
 GPU_GRADIENT_RTOL = 1e-4
 """Relative tolerance for gradients on a GPU, where a recomputed kernel may reduce in another
@@ -121,25 +121,18 @@ def run_plan(workload: Workload, plan: Plan, steps: int = 5,
     if steps < 1 or measured_steps < 1:
         raise UsageError(f"steps={steps}, measured_steps={measured_steps}: give at least 1 of "
                          "each")
-    chain = find_chain(workload.model)
-    if chain is None or len(chain) != len(plan.stage_names):
-        found = "no chain" if chain is None else f"a chain of {len(chain)} stages"
-        raise UsageError(f"the plan is for {len(plan.stage_names)} stages and the model has "
-                         f"{found}: plan this model with memprop.plan first")
-    device = next((p.device for p in workload.model.parameters()), workload.inputs[0].device)
+    device = next((p.device for p in workload.model.parameters()),
+                  workload.input_tensors[0].device)
     start = save_state(workload) if baseline else None
-    with installed(chain, plan.tree) as calls:
+    with installed(workload.model, plan.stage_names, plan.tree) as calls:
         planned = _run(workload, steps, measured_steps, device)
     if calls.expected and calls.count == 0:
-        raise PlanCheckError(
-            f"the plan was installed on {type(chain).__name__} {_name_of(workload, chain)!r}, "
-            "but the training step never called it: the plan did not run. memprop plans the "
-            "nn.Sequential that the model's forward calls"
-        )
+        raise PlanCheckError(not_run(workload.model, plan))
     unplanned = None
     if start is not None:
         restore_state(workload, start)
-        unplanned = _run(workload, steps, measured_steps, device)
+        with without_caches(workload.model):  # the same step as the planned one, plan apart
+            unplanned = _run(workload, steps, measured_steps, device)
     return RunResult(
         plan=plan,
         steps=steps,
@@ -185,11 +178,13 @@ def mismatch(predicted: int, measured: int, what: str) -> str | None:
             "step's memory as it predicted")
 
 
-def _name_of(workload: Workload, module: torch.nn.Module) -> str:
-    for name, candidate in workload.model.named_modules():
-        if candidate is module:
-            return name or type(workload.model).__name__
-    return type(module).__name__
+def not_run(model: torch.nn.Module, plan: Plan) -> str:
+    """The message when a plan installed on a model's blocks never ran in its training step."""
+    blocks = [n for n in plan.stage_names if not n.startswith("(")]
+    where = f"{blocks[0]} .. {blocks[-1]}" if len(blocks) > 1 else ", ".join(blocks)
+    return (f"the plan was installed on {type(model).__name__}'s blocks ({where}), but the "
+            "training step never called them under it: the plan did not run. The blocks "
+            "must be called by the model's forward, in training mode, with gradients on")
 
 
 def _run(workload: Workload, steps: int, measured_steps: int, device: torch.device

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import warnings
 
+from memprop.blocks.install import installed
 from memprop.errors import PlanCheckError, PlanMismatchWarning
 from memprop.plan.solvers import Plan
-from memprop.run.execute import installed
-from memprop.run.measure import mismatch
+from memprop.run.measure import mismatch, not_run
 from memprop.trace.fake import fake_mode_of, new_fake_mode, to_fake_workload
-from memprop.trace.step import find_chain, trace_training
+from memprop.trace.step import trace_training
 from memprop.units import format_bytes
 from memprop.workload import Workload
 
@@ -32,18 +32,10 @@ def traced_plan_peak(workload: Workload, plan: Plan) -> int:
     if mode is None:
         mode = new_fake_mode()
         workload = to_fake_workload(workload, mode)
-    chain = find_chain(workload.model)
-    if chain is None or len(chain) != len(plan.stage_names):
-        raise PlanCheckError(f"the plan is for {len(plan.stage_names)} stages and the model's "
-                             "chain has another shape: plan this model again")
-    with mode, installed(chain, plan.tree) as calls:
+    with mode, installed(workload.model, plan.stage_names, plan.tree) as calls:
         traced = trace_training(workload)
     if calls.expected and calls.count == 0:
-        raise PlanCheckError(
-            f"the plan was installed on {type(workload.model).__name__}'s nn.Sequential, but "
-            "the traced training step never called it: the plan would not run. memprop plans "
-            "the nn.Sequential that the model's forward calls"
-        )
+        raise PlanCheckError(not_run(workload.model, plan))
     return max(traced.steady.ledger.peak()[0], traced.first_step_peak_bytes or 0)
 
 

@@ -3,8 +3,10 @@
 The wrapper holds the model itself (the same parameter and buffer objects, so an optimizer built
 before or after it works) and presents the model's own ``state_dict`` keys: it saves and loads
 checkpoints interchangeably with the bare model. Its forward installs the plan on the model's
-chain (:func:`memprop.run.execute.installed`) and calls the model, so the model's own forward,
-hooks and loss code run unchanged. It pickles (``torch.save(wrapped)``) as the bare model does.
+blocks (:func:`memprop.blocks.install.installed`) and calls the model, so the model's own
+forward, hooks and loss code run unchanged. It pickles (``torch.save(wrapped)``) as the bare model
+does. A model whose Hugging Face gradient checkpointing is on has it turned off while the plan
+runs (the plan replaces it; recomputing twice would cost twice), with a warning.
 
 Plans are kept by the inputs' shapes, dtypes and devices. An input never seen before reuses the
 plan of one whose every dimension is at least as large (the same plan peaks no higher on smaller
@@ -17,41 +19,46 @@ raises :class:`memprop.errors.PlanCheckError`.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from memprop.errors import PlanCheckError, UsageError
-from memprop.plan.api import check_cost_model, check_strategy, not_a_chain, plan
+from memprop.blocks.install import installed
+from memprop.errors import PlanCheckError
+from memprop.plan.api import check_cost_model, check_strategy, plan
 from memprop.plan.solvers import Plan
-from memprop.run.execute import installed
+from memprop.run.measure import not_run
 from memprop.run.verify import verify_plan
 from memprop.trace.fake import new_fake_mode, to_fake_workload
-from memprop.trace.step import find_chain
 from memprop.units import parse_size
-from memprop.workload import Workload, to_workload
+from memprop.workload import Inputs, Workload, to_workload
 
 __all__ = ["MAX_PLANS", "PlannedModule", "checkpoint"]
 
 _PREFIX = "module."
 MAX_PLANS = 16
 """Plans a wrapper keeps, one per input shape; the least recently used goes first."""
-InputKey = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
+InputKey = tuple[tuple[str, tuple[int, ...], torch.dtype, torch.device], ...]
 
 
-def _key(inputs: tuple[Any, ...]) -> InputKey:
-    return tuple((tuple(t.shape), t.dtype, t.device) for t in inputs
+def _key(inputs: tuple[Any, ...], keywords: dict[str, Any]) -> InputKey:
+    """The inputs' names (a position or a keyword), shapes, dtypes and devices."""
+    named = [*((str(i), t) for i, t in enumerate(inputs)), *sorted(keywords.items())]
+    return tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in named
                  if isinstance(t, torch.Tensor))
 
 
 def _covers(big: InputKey, small: InputKey) -> bool:
     """Whether every input of ``small`` is no larger, dimension by dimension, than ``big``'s."""
     return len(big) == len(small) and all(
-        b[1:] == s[1:] and len(b[0]) == len(s[0]) and all(x >= y for x, y in zip(b[0], s[0],
-                                                                                  strict=True))
+        (b[0], *b[2:]) == (s[0], *s[2:]) and len(b[1]) == len(s[1])
+        and all(x >= y for x, y in zip(b[1], s[1], strict=True))
         for b, s in zip(big, small, strict=True)
     )
 
@@ -66,10 +73,10 @@ class _TargetsLike:
     batch_first: bool
     """Whether the first dimension was the batch (it then follows the new inputs')."""
 
-    def fake(self, inputs: tuple[Any, ...]) -> torch.Tensor:
+    def fake(self, batch: int | None) -> torch.Tensor:
         shape = self.shape
-        if self.batch_first and inputs and isinstance(inputs[0], torch.Tensor):
-            shape = (inputs[0].shape[0], *shape[1:])
+        if self.batch_first and batch is not None:
+            shape = (batch, *shape[1:])
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
 
@@ -86,8 +93,10 @@ class _Planner:
     optimizer_groups: tuple[tuple[dict[str, Any], tuple[int, ...]], ...]
     """Each parameter group's settings and its parameters' positions in ``parameters()``."""
     set_to_none: bool
+    blocks: str | None
 
-    def __call__(self, model: nn.Module, inputs: tuple[Any, ...]) -> Plan:
+    def __call__(self, model: nn.Module, inputs: tuple[Any, ...],
+                 keywords: dict[str, Any]) -> Plan:
         mode = new_fake_mode()
         parameters = list(model.parameters())
         optimizer = None
@@ -96,13 +105,15 @@ class _Planner:
                 {**settings, "params": [parameters[i] for i in positions]}
                 for settings, positions in self.optimizer_groups
             ])
-        real = Workload(model=model, inputs=tuple(inputs), loss_fn=self.loss_fn,
-                        optimizer=optimizer, name=type(model).__name__,
-                        set_to_none=self.set_to_none)
+        real = Workload(model=model, inputs=tuple(inputs), keywords=dict(keywords),
+                        loss_fn=self.loss_fn, optimizer=optimizer, name=type(model).__name__,
+                        set_to_none=self.set_to_none, blocks=self.blocks)
         fake = to_fake_workload(real, mode)
         if self.targets is not None:
+            tensors = real.input_tensors
             with mode:
-                fake.targets = self.targets.fake(inputs)
+                fake.targets = self.targets.fake(int(tensors[0].shape[0]) if tensors and
+                                                 tensors[0].dim() else None)
         result = plan(fake, budget=self.budget_bytes, strategy=self.strategy,
                       cost_model="flops")
         verify_plan(fake, result)
@@ -114,26 +125,22 @@ class PlannedModule(nn.Module):
 
     def __init__(self, module: nn.Module, planner: _Planner) -> None:
         super().__init__()
-        chain = find_chain(module)
-        if chain is None:
-            raise UsageError(not_a_chain(module))
         self.module = module
-        self._chain = [chain]  # a list, so nn.Module does not register it a second time
         self._planner = planner
         self.plans: OrderedDict[InputKey, Plan] = OrderedDict()
         """The plans in use, by the inputs' (shape, dtype, device), most recent last."""
         self.register_state_dict_post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
 
-    def plan_for(self, *inputs: Any) -> Plan:
+    def plan_for(self, *inputs: Any, **keywords: Any) -> Plan:
         """The plan for these inputs: one already made for inputs at least as large, or a new
         one, checked before it is used."""
-        key = _key(inputs)
+        key = _key(inputs, keywords)
         found = self.plans.get(key)
         if found is None:
             found = next((p for k, p in reversed(self.plans.items()) if _covers(k, key)), None)
         if found is None:
-            found = self._planner(self.module, inputs)
+            found = self._planner(self.module, inputs, keywords)
         self.plans[key] = found
         self.plans.move_to_end(key)
         while len(self.plans) > MAX_PLANS:
@@ -143,15 +150,32 @@ class PlannedModule(nn.Module):
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         if not (self.training and torch.is_grad_enabled()):
             return self.module(*inputs, **kwargs)
-        with installed(self._chain[0], self.plan_for(*inputs).tree) as calls:
+        chosen = self.plan_for(*inputs, **kwargs)
+        with _without_hf_checkpointing(self.module), \
+                installed(self.module, chosen.stage_names, chosen.tree) as calls:
             output = self.module(*inputs, **kwargs)
         if calls.expected and calls.count == 0:
-            raise PlanCheckError(
-                f"the plan was installed on {type(self.module).__name__}'s nn.Sequential, but "
-                "its forward did not call it: the plan did not run. memprop plans the "
-                "nn.Sequential that the model's forward calls"
-            )
+            raise PlanCheckError(not_run(self.module, chosen))
         return output
+
+
+@contextlib.contextmanager
+def _without_hf_checkpointing(model: nn.Module) -> Iterator[None]:
+    """Hugging Face models checkpoint their layers themselves once
+    ``gradient_checkpointing_enable()`` was called (a ``gradient_checkpointing`` flag on the
+    layers or their container): off while memprop's plan runs, back on after."""
+    flagged = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    if flagged:
+        warnings.warn(f"{type(model).__name__} has Hugging Face gradient checkpointing on: it is "
+                      "turned off while memprop's plan runs (the plan recomputes what it must; "
+                      "both would recompute twice)", stacklevel=3)
+    for module in flagged:
+        setattr(module, "gradient_checkpointing", False)  # noqa: B010 (a plain attribute)
+    try:
+        yield
+    finally:
+        for module in flagged:
+            setattr(module, "gradient_checkpointing", True)  # noqa: B010
 
 
 def _strip_prefix(module: nn.Module, state_dict: dict[str, Any], prefix: str,
@@ -186,7 +210,7 @@ def _rename(state_dict: dict[str, Any], old: str, new: str) -> None:
 
 def checkpoint(
     model: nn.Module,
-    inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    inputs: Inputs,
     budget: int | str,
     strategy: str = "optimal",
     cost_model: str = "flops",
@@ -195,6 +219,7 @@ def checkpoint(
     targets: torch.Tensor | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     set_to_none: bool = True,
+    blocks: str | None = None,
 ) -> PlannedModule:
     """``model`` wrapped so that every step of its training loop keeps under ``budget`` (bytes
     or a size such as ``"2GiB"``), planned now for ``inputs`` and again for larger inputs.
@@ -215,7 +240,7 @@ def checkpoint(
     is checked on fake tensors before it runs (:func:`memprop.run.verify.verify_plan`).
     """
     first = to_workload(model, inputs, loss_fn=loss_fn, targets=targets, optimizer=optimizer,
-                        set_to_none=set_to_none)
+                        set_to_none=set_to_none, blocks=blocks)
     budget_bytes = parse_size(budget)
     check_strategy(strategy)
     check_cost_model(cost_model)
@@ -226,20 +251,21 @@ def checkpoint(
         loss_fn=loss_fn,
         targets=None if targets is None else _TargetsLike(
             shape=tuple(targets.shape), dtype=targets.dtype, device=targets.device,
-            batch_first=bool(targets.dim()) and bool(first.inputs[0].dim())
-            and targets.shape[0] == first.inputs[0].shape[0]),
+            batch_first=bool(targets.dim()) and first.batch_size is not None
+            and targets.shape[0] == first.batch_size),
         optimizer_class=None if optimizer is None else type(optimizer),
         optimizer_groups=() if optimizer is None else tuple(
             ({k: v for k, v in group.items() if k != "params"},
              tuple(positions[id(p)] for p in group["params"]))
             for group in optimizer.param_groups),
         set_to_none=set_to_none,
+        blocks=first.blocks,
     )
     wrapper = PlannedModule(model, planner)
     if cost_model == "measured":
         measured = plan(first, budget=budget_bytes, strategy=strategy, cost_model="measured")
         verify_plan(first, measured)
-        wrapper.plans[_key(first.inputs)] = measured
+        wrapper.plans[_key(first.inputs, first.keywords)] = measured
     else:
-        wrapper.plan_for(*first.inputs)
+        wrapper.plan_for(*first.inputs, **first.keywords)
     return wrapper

@@ -138,6 +138,15 @@ def _count_flops(formula: Any, args: tuple[Any, ...], kwargs: dict[str, Any], ou
                    **{k: _shape(v) for k, v in kwargs.items()}))
 
 
+def _moved_bytes(value: Any) -> int:
+    """Bytes of the tensors in ``value`` (one level of lists): what an op reads or writes."""
+    if isinstance(value, torch.Tensor):
+        return int(value.numel()) * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_moved_bytes(v) for v in value if isinstance(v, (torch.Tensor, list, tuple)))
+    return 0
+
+
 def _training_flag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return bool(kwargs.get("train", args[2] if len(args) > 2 else True))
 
@@ -158,7 +167,6 @@ class StorageRecord:
         "saved",
         "saved_in_phase",
         "shape",
-        "stage",
     )
 
     def __init__(
@@ -172,7 +180,6 @@ class StorageRecord:
         shape: tuple[int, ...],
         dtype: torch.dtype,
         phase: str,
-        stage: int | None,
     ) -> None:
         self.index = index
         self.bytes = nbytes
@@ -184,7 +191,6 @@ class StorageRecord:
         self.shape = shape
         self.dtype = dtype
         self.phase = phase
-        self.stage = stage
         self.saved = False
         self.saved_in_phase: str | None = None
 
@@ -218,23 +224,27 @@ def _rounded(nbytes: int, device: torch.device) -> int:
 class StorageLedger(TorchDispatchMode):
     """Records every storage born and freed while it is the active dispatch mode.
 
-    The driver (``memprop.trace.step``) sets ``phase``, ``module`` and ``stage`` as the step goes;
-    the ledger stamps them on each record. ``flops`` and ``stage_flops`` count floating-point
+    The driver (``memprop.trace.step``) sets ``phase`` and ``module`` as the step goes; the
+    ledger stamps them on each record. ``flops`` and ``tick_flops`` count floating-point
     operations with PyTorch's own formulas (``torch.utils.flop_counter``).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, count_bytes: bool = False) -> None:
         super().__init__()
         self.clock = 0
         self.records: list[StorageRecord] = []
         self._live: dict[int, _StorageRef] = {}
         self.phase = "setup"
         self.module = ""
-        self.stage: int | None = None
         self.flops = 0
         # One (op, module, phase) per tick; tick 0 is "before the first op".
         self.ticks: list[tuple[Any, str, str]] = [("(start)", "", "setup")]
-        self.stage_flops: dict[tuple[int, str], int] = {}
+        self.tick_flops: dict[int, int] = {}
+        """FLOPs of the ops run at each tick (an op that allocates nothing counts at the tick of
+        the last op that did): sums over a region's ticks are the region's FLOPs."""
+        self.tick_bytes: dict[int, int] | None = {} if count_bytes else None
+        """With ``count_bytes``: the bytes every op read and wrote (its tensors' sizes), by
+        tick, to price memory-bound work."""
         self._on_free = self._make_free_callback()
         self._kinds: dict[Any, Any] = {}
         self._curves_cache: tuple[tuple[int, int], tuple[list[int], list[int]]] | None = None
@@ -277,7 +287,6 @@ class StorageLedger(TorchDispatchMode):
             tuple(tensor.shape),
             tensor.dtype,
             self.phase,
-            self.stage,
         )
         self._track(storage, record)
         return record
@@ -351,8 +360,10 @@ class StorageLedger(TorchDispatchMode):
         if kind.__class__ is not str:  # an op with a FLOP formula (not _PLAIN or _IDENTITY)
             count = kind(args, kwargs, out)
             self.flops += count
-            key = (-1 if self.stage is None else self.stage, self.phase)
-            self.stage_flops[key] = self.stage_flops.get(key, 0) + count
+            self.tick_flops[self.clock] = self.tick_flops.get(self.clock, 0) + count
+        if self.tick_bytes is not None:
+            moved = _moved_bytes(args) + _moved_bytes(out)
+            self.tick_bytes[self.clock] = self.tick_bytes.get(self.clock, 0) + moved
         return out
 
     @classmethod
@@ -375,7 +386,6 @@ class StorageLedger(TorchDispatchMode):
             tensor.shape,
             tensor.dtype,
             self.phase,
-            self.stage,
         )
         self._track(storage, record)
 

@@ -19,6 +19,7 @@ from memprop.closed_form import closed_form_for
 from memprop.devices import get_device, gpu_layers
 from memprop.devices.cpu import CpuDevice
 from memprop.devices.reconcile import Layer
+from memprop.errors import UsageError
 from memprop.trace.fake import (
     device_of,
     fake_mode_of,
@@ -28,7 +29,7 @@ from memprop.trace.fake import (
 from memprop.trace.ledger import Category, StorageLedger, op_name
 from memprop.trace.stages import ChainCosts, StageStats
 from memprop.trace.step import StepTrace, TrainingTrace, trace_inference, trace_training
-from memprop.workload import Workload, to_workload
+from memprop.workload import Inputs, Workload, to_workload
 
 __all__ = ["Measured", "MemoryTotals", "Profile", "SavedTensor", "Timeline", "profile",
            "trace_chain"]
@@ -194,7 +195,7 @@ class Profile:
 
 def profile(
     model: nn.Module | Workload,
-    inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    inputs: Inputs | None = None,
     loss_fn: Any = None,
     optimizer: torch.optim.Optimizer | None = None,
     fake: bool = False,
@@ -227,12 +228,16 @@ def profile(
     return _assemble(workload, training, inference, device, fake, inference_hwm, backend)
 
 
-def trace_chain(workload: Workload, *, fake: bool = False) -> ChainCosts | None:
+def trace_chain(workload: Workload, *, fake: bool = False) -> ChainCosts:
     """The chain's costs from the traced steady-state step (no inference pass): what the
-    planner needs, for less than a whole profile. None when the model is not a chain."""
+    planner needs, for less than a whole profile. A model without a run of blocks is a
+    :class:`memprop.errors.UsageError` that says what was found."""
     workload, mode = _in_mode(workload, fake)
     with mode if mode is not None else contextlib.nullcontext():
-        return trace_training(workload).steady.chain
+        steady = trace_training(workload).steady
+    if steady.chain is None:
+        raise UsageError(steady.blocks_note or "the backward never reached the model's blocks")
+    return steady.chain
 
 
 def _in_mode(workload: Workload, fake: bool) -> tuple[Workload, FakeTensorMode | None]:
@@ -374,7 +379,8 @@ def _describe(device: torch.device, backend: Any) -> dict[str, Any]:
 def _dtype_of(workload: Workload) -> str:
     for parameter in workload.model.parameters():
         return str(parameter.dtype).removeprefix("torch.")
-    return str(workload.inputs[0].dtype).removeprefix("torch.") if workload.inputs else "?"
+    tensors = workload.input_tensors
+    return str(tensors[0].dtype).removeprefix("torch.") if tensors else "?"
 
 
 def _timeline(ledger: StorageLedger, training: StepTrace, peak_tick: int) -> Timeline:

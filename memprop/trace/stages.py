@@ -1,22 +1,53 @@
-"""Per-stage costs: what the planner needs to know about each link of the chain."""
+"""Per-stage costs: what the planner needs to know about each link of the chain.
+
+The stages are the blocks of the run ``memprop.blocks`` found, with what runs before the first
+block (the prefix) and after the last (the suffix) as two more stages that are always kept.
+:func:`chain_costs` measures them on a traced step, from the calls ``memprop.trace.calls``
+recorded and the ledger's records.
+
+NOTE [ Whose storage is it ]
+A storage belongs to the stage in whose forward it was born. A stage's tape is what autograd
+saved of its own storages, plus, for the prefix, whatever it made that is still alive when the
+first block starts and that the blocks read (attention masks, rotary tables, position ids:
+constants every block receives), counted as held until the prefix's backward: a checkpointed
+block keeps what it received until its own backward, and the last block to be differentiated
+is the first; this over-states by their size where no block keeps them that long. A storage
+born in a stage that outlives the backward (a key/value cache the model returns) is the
+stage's *persistent* memory, held from then on whatever the plan; one that nothing saves but
+that outlives the stage until the forward returns (the model's own locals) is *held to the
+forward's end*. The model's output is the chain's ``x_n``, held by the caller.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ChainCosts", "StageStats"]
+from memprop.trace.ledger import Category, StorageLedger, StorageRecord
+
+if TYPE_CHECKING:
+    from memprop.blocks.find import BlockRun
+    from memprop.trace.calls import Call, CallRecorder
+
+__all__ = ["PREFIX", "SUFFIX", "ChainCosts", "StageStats", "chain_costs"]
+
+PREFIX = "(prefix)"
+SUFFIX = "(suffix)"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class StageStats:
-    """One stage of the chain (a child of the model's ``nn.Sequential``), as one traced training
-    step saw it. Bytes are storage bytes, each storage counted once."""
+    """One stage of the chain (a block, or the prefix or suffix around the blocks), as one
+    traced training step saw it. Bytes are storage bytes, each storage counted once."""
 
     index: int
     """Position in the chain, from 0."""
     name: str
-    """The stage's qualified module name (``layers.3``)."""
+    """The block's qualified module name (``transformer.h.3``), or ``(prefix)`` and
+    ``(suffix)``."""
     forward_s: float
     """Wall-clock seconds of the stage's forward, measured under the tracer."""
     backward_s: float
@@ -44,8 +75,23 @@ class StageStats:
     """The same for the stage's backward, over the live total when it began (which holds the
     gradient of its output)."""
     gradient_bytes: int
-    """Parameter gradients born in the stage's backward that outlive it (its ``.grad``s on a
-    first step; 0 when they accumulate in place into existing ones)."""
+    """What the stage's backward leaves alive for later: parameter gradients born there (its
+    ``.grad``s, unless they accumulate in place into kept ones), and gradients the autograd
+    engine holds until another contribution to the same parameter arrives."""
+    persistent_bytes: int = 0
+    """Storages born in the stage's forward that outlive the backward (a cache the model
+    returns): held from the stage's forward on, whatever the plan."""
+    forward_held_bytes: int = 0
+    """Storages born in the stage's forward that nothing saves but that outlive it, until the
+    forward returns (the model's own locals, such as the embeddings before their sum)."""
+    forward_moved_bytes: int = 0
+    """Bytes the forward's ops read and wrote (0 unless counted): memory-bound work's price."""
+    backward_moved_bytes: int = 0
+    """The same for the backward."""
+    pinned: bool = False
+    """The prefix and the suffix: always kept, never recomputed."""
+    aliases_input: bool = False
+    """Whether the stage hands on its input's own storage (an in-place op, a view)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,10 +118,19 @@ class ChainCosts:
     not depend on the plan, since every activation is gone by then."""
     traced_peak_bytes: int
     """The traced training peak of the unplanned steady-state step, for calibration checks."""
+    blocks: tuple[str, ...] = ()
+    """The qualified names of the blocks, in order: where a plan is installed."""
+    blocks_found: str = ""
+    """The run of blocks, described for the report."""
+    other_runs: tuple[str, ...] = ()
+    """The other runs that were found and not chosen, described."""
     output_grad_held: bool = False
     """Whether the gradient of the model's output outlives the last stage's backward (when the
     chain's output is the loss itself, that gradient is the seed that
     ``torch.autograd.backward`` holds until the backward is over)."""
+    output_grad_bytes: int | None = None
+    """The gradient of the model's output as the last stage's backward received it (storage
+    bytes); None when it was not seen."""
     first_step_peak_bytes: int | None = None
     """The traced training peak of the loop's first step when it was traced apart from the
     steady one (its forward and backward hold less: no optimizer state yet)."""
@@ -84,3 +139,181 @@ class ChainCosts:
         document = asdict(self)
         document["stages"] = [s.to_dict() for s in self.stages]
         return document
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Region:
+    """Where a stage runs on the clock, and what flows in and out."""
+
+    name: str
+    forward: tuple[int, int]
+    forward_s: float
+    inputs: tuple[StorageRecord, ...]
+    outputs: tuple[StorageRecord, ...]
+    saved: frozenset[int]
+    """Indices of the records that the stage's own ops saved."""
+    mark: Any
+    """When the backward reached the node that made the stage's output (None: never)."""
+    pinned: bool
+
+
+def _regions(run: BlockRun, recorder: CallRecorder, root: Call, forward_started_s: float
+             ) -> list[_Region]:
+    calls = run.calls
+    first, last = calls[0], calls[-1]
+
+    def saved_between(low: int, high: int) -> frozenset[int]:
+        return frozenset(r.index for event, r in recorder.saves if low < event < high)
+
+    regions = []
+    if first.start > 0:
+        regions.append(_Region(
+            name=PREFIX, forward=(0, first.start), forward_s=first.started_s - forward_started_s,
+            inputs=(), outputs=tuple(first.inputs[:1]), saved=saved_between(0, first.first_event),
+            mark=first.input_mark, pinned=True))
+    for call in calls:
+        regions.append(_Region(
+            name=call.name, forward=(call.start, call.stop),
+            forward_s=call.stopped_s - call.started_s, inputs=tuple(call.inputs[:1]),
+            outputs=tuple(call.outputs[:1]), saved=saved_between(call.first_event, call.last_event),
+            mark=call.output_mark, pinned=False))
+    if root.stop > last.stop:
+        outputs = tuple(r for r in root.outputs if r.born > last.stop)
+        regions.append(_Region(
+            name=SUFFIX, forward=(last.stop, root.stop), forward_s=root.stopped_s - last.stopped_s,
+            inputs=tuple(last.outputs[:1]), outputs=outputs,
+            saved=saved_between(last.last_event, root.last_event), mark=root.output_mark,
+            pinned=True))
+    else:  # the last block's output is the model's: all of it is the chain's x_n
+        regions[-1] = dataclasses.replace(regions[-1], outputs=tuple(root.outputs))
+    return regions
+
+
+def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *, root: Call,
+                forward_started_s: float, forward_end: int, backward_end: int,
+                backward_end_s: float, end: int, has_optimizer: bool,
+                ) -> ChainCosts | None:
+    """The stages of ``run`` and the memory around them, from one traced step (NOTE [ Whose
+    storage is it ]). None when the backward never reached the blocks."""
+    regions = _regions(run, recorder, root, forward_started_s)
+    if any(r.mark is None for r in regions if not r.pinned):
+        return None
+    live, after = ledger._live_curves()
+    marks = sorted((r.mark.tick, r.mark.time_s, i) for i, r in enumerate(regions)
+                   if r.mark is not None)
+    backward: dict[int, tuple[int, int, float]] = {}
+    for position, (tick, started, i) in enumerate(marks):
+        stop, stopped = ((marks[position + 1][0], marks[position + 1][1])
+                         if position + 1 < len(marks) else (backward_end, backward_end_s))
+        backward[i] = (tick, stop, stopped - started)
+    outputs = {r.index for r in regions[-1].outputs}
+    read_by_blocks = {r.index for call in run.calls for r in call.inputs}
+    held = (Category.SAVED_ACTIVATIONS, Category.TEMPORARIES)
+    flops, moved = ledger.tick_flops, ledger.tick_bytes or {}
+    stats = []
+    for index, region in enumerate(regions):
+        start, stop = region.forward
+        flow = {r.index for r in region.outputs}
+        born = [r for r in ledger.records
+                if start < r.born <= stop and r.category in held and r.index not in outputs]
+        # NOTE [ Whose storage is it ]: what outlives the backward is persistent (a cache the
+        # model returns); what the stage's own ops saved, or a later stage saves (but for the
+        # activation it hands on, the next stage's saves_input), is its tape; what nothing
+        # saved but outlives the stage dies with the forward's locals (or, for the prefix's
+        # constants that blocks save, with the prefix's backward).
+        persistent = [r for r in born if _death(r) > backward_end]
+        mortal = [r for r in born if _death(r) <= backward_end]
+        own = {r.index: r for r in mortal
+               if r.index in region.saved or (r.saved and r.index not in flow)}
+        lasting = [r for r in mortal if r.index not in flow and r.index not in own
+                   and _death(r) > stop]
+        if region.name == PREFIX:
+            # Constants the blocks read (attention masks, rotary tables, position ids): a
+            # checkpointed block keeps what it received until its backward, so they count as
+            # held to the prefix's backward (NOTE [ Whose storage is it ]).
+            own.update((r.index, r) for r in lasting
+                       if r.index in read_by_blocks or _death(r) > forward_end)
+        held_to_forward_end = [r for r in lasting if r.index not in own
+                               and _death(r) <= forward_end]
+        back_start, back_stop, back_s = backward.get(index, (0, -1, 0.0))
+        stats.append(StageStats(
+            index=index,
+            name=region.name,
+            forward_s=region.forward_s,
+            backward_s=back_s,
+            flops=_sum(flops, start, stop),
+            backward_flops=_sum(flops, back_start, back_stop),
+            input_bytes=sum(r.bytes for r in region.inputs),
+            output_bytes=sum(r.bytes for r in region.outputs),
+            saved_bytes=sum(r.bytes for r in own.values()),
+            saves_input=any(r.index in region.saved for r in region.inputs),
+            saves_output=any(r.index in own for r in region.outputs),
+            forward_peak_bytes=_rise(live, after, start, stop),
+            backward_peak_bytes=_rise(live, after, back_start, back_stop),
+            gradient_bytes=sum(r.bytes for r in _left_by_backward(
+                ledger.records, back_start, back_stop,
+                regions[index - 1].mark if index > 0 else None)),
+            persistent_bytes=sum(r.bytes for r in persistent),
+            forward_held_bytes=sum(r.bytes for r in held_to_forward_end),
+            forward_moved_bytes=_sum(moved, start, stop),
+            backward_moved_bytes=_sum(moved, back_start, back_stop),
+            pinned=region.pinned,
+            aliases_input=bool(region.inputs) and bool(region.outputs)
+            and region.inputs[0].index == region.outputs[0].index,
+        ))
+    forward_stop = regions[-1].forward[1]
+    backward_start = marks[0][0]
+    last_mark = regions[-1].mark
+    # The last stage's backward frees the gradient of the model's output, unless someone else
+    # holds it: when the model's output is the loss itself, that gradient is the seed that
+    # torch.autograd.backward holds until the whole backward is over.
+    last_stop = backward[len(regions) - 1][1] if len(regions) - 1 in backward else end
+    output_grad_held = last_mark is not None and any(
+        r.freed is None or r.freed > last_stop for r in last_mark.grads)
+    optimizer_ticks = [after[backward_end], *live[backward_end + 1 : end + 1]]
+    return ChainCosts(
+        stages=tuple(stats),
+        fixed_bytes=after[0],
+        loss_peak_bytes=_rise(live, after, forward_stop, backward_start),
+        loss_residual_bytes=after[backward_start] - after[forward_stop],
+        optimizer_peak_bytes=max(optimizer_ticks) if has_optimizer else 0,
+        traced_peak_bytes=max(live),
+        output_grad_held=output_grad_held,
+        output_grad_bytes=None if last_mark is None else sum(r.bytes for r in last_mark.grads),
+        blocks=run.names,
+        blocks_found=run.describe(),
+        other_runs=run.others,
+    )
+
+
+def _death(record: StorageRecord) -> float:
+    """The tick after which ``record`` died; infinite when it outlived the ledger."""
+    return math.inf if record.freed is None else record.freed
+
+
+def _left_by_backward(records: Sequence[StorageRecord], start: int, stop: int,
+                      handed_on: Any) -> list[StorageRecord]:
+    """What a stage's backward (ticks ``start+1..stop``) leaves alive for later: its parameters'
+    gradients, and a gradient the engine holds until another contribution to the same
+    parameter arrives (tied weights, a penalty on the weights) — but not the gradient of its
+    input, which it hands on to the stage before (``handed_on``: that stage's mark)."""
+    passed = {r.index for r in handed_on.grads} if handed_on is not None else set()
+    return [r for r in records if start < r.born <= stop and r.index not in passed
+            and (r.category is Category.GRADIENTS or _death(r) > stop)]
+
+
+def _sum(by_tick: dict[int, int], start: int, stop: int) -> int:
+    """The sum over ticks ``start+1..stop`` (a region's own ticks)."""
+    if stop <= start:
+        return 0
+    if stop - start < len(by_tick):
+        return sum(by_tick.get(t, 0) for t in range(start + 1, stop + 1))
+    return sum(v for t, v in by_tick.items() if start < t <= stop)
+
+
+def _rise(live: Sequence[int], after: Sequence[int], start: int, stop: int) -> int:
+    """How far the live total rose above where it stood at ``start``, over ``start+1..stop``."""
+    if stop <= start:
+        return 0
+    return max(0, max(live[start + 1 : stop + 1]) - after[start])
+

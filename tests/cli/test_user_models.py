@@ -290,12 +290,16 @@ def test_fit_keeps_the_plain_answer_for_a_model_it_cannot_plan(project: Path) ->
     assert document["checkpointing_note"].startswith("no row: the planner cannot plan")
 
 
-def test_a_plan_the_step_never_runs_is_refused(project: Path) -> None:
+def test_blocks_called_in_a_loop_are_planned_and_run(project: Path) -> None:
     # The least budget is 547 KiB, the unplanned peak 690 KiB: the plan must recompute.
-    code, _, err = _run("plan", "--model", "cases.py:looped", "--batch", "256",
-                        "--budget", "600KiB")
-    assert code == 1 and err.count("\n") == 1
-    assert "never called it" in err and "the plan would not run" in err
+    code, out, err = _run("run", "--model", "cases.py:looped", "--batch", "256",
+                          "--budget", "600KiB", "--steps", "1", "--json", "-")
+    assert code == 0, err
+    document = json.loads(out)
+    assert [s["name"] for s in document["stages"]] == [f"layers.{i}.{j}" for i in range(6)
+                                                       for j in range(2)]
+    assert document["measured"]["peak_bytes"] <= 600 * 1024
+    assert document["gradients_match"] is True
 
 
 def test_plan_then_run_with_the_same_arguments_run_the_same_plan(project: Path) -> None:

@@ -12,12 +12,12 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import memprop
+from memprop.blocks import installed
 from memprop.errors import UsageError
 from memprop.plan import Segment, min_feasible_bytes, simulate, solve
 from memprop.plan.api import chain_of
 from memprop.plan.schedule import flat
 from memprop.run import PlannedModule, run_plan
-from memprop.run.execute import installed
 from memprop.workload import Workload
 from tests import zoo
 
@@ -129,7 +129,7 @@ def test_recomputed_flops_are_exactly_the_plans() -> None:
         return int(counter.get_total_flops())
 
     unplanned = counted()
-    with installed(model, tree):
+    with installed(model, [s.name for s in chain.stages], tree):
         planned = counted()
     # One recomputed matmul of 4x8 by 8x8: 2 * 4 * 8 * 8 FLOPs, and the plan says the same.
     assert planned - unplanned == 2 * 4 * 8 * 8
@@ -206,7 +206,7 @@ def test_plan_does_not_train_the_callers_model() -> None:
 
 
 def test_plan_refuses_what_it_cannot_do() -> None:
-    with pytest.raises(UsageError, match=r"is not one"):
+    with pytest.raises(UsageError, match=r"TiedLM has none"):
         memprop.plan(zoo.tied_embeddings(), budget="1MiB")
     with pytest.raises(UsageError, match=r"on fake tensors"):
         memprop.plan(mixed_mlp(), budget="1MiB", fake=True, cost_model="measured")

@@ -11,7 +11,7 @@ import pytest
 from memprop.bench._runtime_workloads import QUICK_CASES, build
 from memprop.bench.common import BenchReport
 from memprop.bench.runtime import COLUMNS, runtime_curves, write_runtime_plot
-from memprop.trace.step import find_chain
+from memprop.plan.api import chain_of
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,7 @@ def test_every_model_has_every_curve(report: BenchReport) -> None:
     assert report.name == "runtime-curves"
     assert report.columns == COLUMNS
     for name, (_, batch, _) in QUICK_CASES.items():
-        chain = find_chain(build(name, batch, quick=True).model)
-        assert chain is not None
+        chain = chain_of(build(name, batch, quick=True), cost_model="flops", fake=True)
         rows = [r for r in report.rows if r["model"] == name]
         assert [r["setting"] for r in rows if r["contender"] == "checkpoint_sequential"] == [
             f"segments={k}" for k in range(1, len(chain) + 1)]

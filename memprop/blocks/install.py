@@ -1,0 +1,304 @@
+"""A plan installed on the model's own blocks, in place, for as long as a ``with`` block lasts.
+
+Each block the plan recomputes gets an instance attribute ``forward`` that shadows its class's
+(the same parameter objects, the same ``state_dict`` keys, hooks still fire since ``__call__`` is
+untouched), so the model's own forward, whether an ``nn.Sequential`` or a Python loop over an
+``nn.ModuleList``, runs the plan without knowing it.
+
+NOTE [ Spans ]
+A checkpointed segment of several blocks is one ``torch.utils.checkpoint`` (non-reentrant) that
+spans several calls the model's forward makes: the first block's call opens it (the checkpoint's
+own generator, ``_checkpoint_without_reentrant_generator``, run up to its ``yield``), the blocks
+run plainly under its saved-tensor hooks, and the last block's call closes it. Only the first
+block's input is kept; when backward reaches the segment, the checkpoint re-runs it with the
+arguments each block received (the previous block's output in place of its first), under the
+segment's own inner plan, as nested ordinary checkpoints (:func:`_run_tree`): multi-level
+recomputation, as the planner's trees say.
+
+NOTE [ What a recomputation must not change ]
+- Random state: the checkpoint stashes the RNG state before the first run and restores it for
+  the re-run (``preserve_rng_state``), so dropout draws the same mask and the gradients are bit
+  for bit those of the unplanned step.
+- BatchNorm's running statistics: a training-mode BatchNorm updates ``running_mean``,
+  ``running_var`` and ``num_batches_tracked`` every time it runs, so a plain re-run updates
+  them twice (``checkpoint_sequential``'s silent bug). During a re-run memprop sets the
+  segment's BatchNorms' momentum to 0 and hides their batch counter: the op and its output are
+  the same, and the buffers keep their values bit for bit.
+- Early stop: checkpoint may stop a re-run as soon as the saved tensors it needs exist,
+  skipping the segment's last ops. memprop turns that off so that the re-run is the one the
+  planner priced (every op, then its output dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils import checkpoint as torch_checkpoint
+
+from memprop.errors import UsageError
+from memprop.plan.schedule import Segment
+from memprop.trace.stages import PREFIX, SUFFIX
+
+__all__ = ["Calls", "installed", "without_caches"]
+
+
+@dataclass(kw_only=True, slots=True)
+class Calls:
+    """How often an installed plan ran: a plan that never runs keeps nothing it promised."""
+
+    expected: bool
+    """Whether the plan changes the step (it recomputes something), so that it must run."""
+    count: int = 0
+    """Training forwards that ran a recomputed block under the plan so far."""
+
+
+@dataclass(kw_only=True, slots=True)
+class _Block:
+    """One block as the plan runs it."""
+
+    module: nn.Module
+    run: Any
+    """The class's forward, bound to the module: what the plan runs."""
+
+
+@dataclass(kw_only=True, slots=True, eq=False)
+class _Span:
+    """A top-level checkpointed segment in flight (NOTE [ Spans ])."""
+
+    segment: Segment
+    generator: Any = None
+    arguments: list[tuple[tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+    """Each block's arguments as the model's forward passed them."""
+
+
+def _blocks(model: nn.Module, stage_names: Sequence[str]) -> list[_Block | None]:
+    modules = dict(model.named_modules())
+    blocks: list[_Block | None] = []
+    for name in stage_names:
+        if name in (PREFIX, SUFFIX):
+            blocks.append(None)
+            continue
+        module = modules.get(name)
+        if module is None:
+            raise UsageError(f"the plan names block {name!r}, which {type(model).__name__} does "
+                             "not have: plan this model again")
+        blocks.append(_Block(module=module, run=type(module).forward.__get__(module)))
+    return blocks
+
+
+@contextlib.contextmanager
+def without_caches(model: nn.Module) -> Iterator[None]:
+    """A Hugging Face model's key/value cache off (``config.use_cache = False``) for the
+    block: a recomputed block would append its keys and values to the cache a second time, so
+    a planned step runs without one, as the library's own gradient checkpointing does; and the
+    plan is made on the step as it will run."""
+    configs: list[Any] = [getattr(m, "config", None) for m in model.modules()]
+    configs = [c for c in configs if getattr(c, "use_cache", None) is True]
+    for config in configs:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs:
+            config.use_cache = True
+
+
+@contextlib.contextmanager
+def installed(model: nn.Module, stage_names: Sequence[str], tree: Segment) -> Iterator[Calls]:
+    """Make the model's forward run ``tree`` (a plan over the stages ``stage_names``: blocks by
+    qualified name, and the prefix and suffix, which stay as they are) until the block exits.
+    The block receives a :class:`Calls` that counts the training forwards that ran the plan."""
+    if tree.start != 0 or tree.stop != len(stage_names):
+        raise ValueError(f"the plan covers stages {tree.start}..{tree.stop}, the chain has "
+                         f"{len(stage_names)}")
+    blocks = _blocks(model, stage_names)
+    paths = _paths(tree)
+    calls = Calls(expected=bool(paths))
+    if not paths:
+        yield calls  # nothing to recompute: the model's own forward is the plan, at no cost
+        return
+    spans: dict[Segment, _Span] = {}
+    for index, path in paths.items():
+        block = blocks[index]
+        if block is None:
+            raise ValueError(f"the plan recomputes {stage_names[index]}, which stays kept")
+        block.module.forward = functools.partial(_spanned, blocks, index, path, spans, calls)
+    try:
+        with without_caches(model):
+            yield calls
+    finally:
+        for span in spans.values():
+            if span.generator is not None:
+                span.generator.close()
+        for index in paths:
+            block = blocks[index]
+            assert block is not None
+            del block.module.forward
+
+
+def _paths(tree: Segment) -> dict[int, tuple[Segment, ...]]:
+    """For each stage inside a checkpointed segment, the segments that hold it, outermost
+    first: the checkpoints its call opens, runs in, and closes (NOTE [ Spans ])."""
+    paths: dict[int, tuple[Segment, ...]] = {}
+
+    def walk(segment: Segment, outer: tuple[Segment, ...]) -> None:
+        for child in segment.children:
+            if isinstance(child, int):
+                if outer:
+                    paths[child] = outer
+            else:
+                walk(child, (*outer, child))
+
+    walk(tree, ())
+    return paths
+
+
+def _spanned(blocks: list[_Block | None], index: int, path: tuple[Segment, ...],
+             spans: dict[Segment, _Span], calls: Calls, *args: Any, **kwargs: Any) -> Any:
+    """The forward of block ``index``, inside the checkpointed segments ``path``: it opens the
+    ones that start with it, runs under all of them, and closes the ones it ends."""
+    block = blocks[index]
+    assert block is not None
+    if not torch.is_grad_enabled():
+        return block.run(*args, **kwargs)  # prediction: the plan is for training steps
+    for segment in path:
+        if segment.start == index:
+            span = spans[segment] = _Span(segment=segment)
+            span.generator = _open(_SpanRun(blocks, span), args, kwargs)
+            if segment is path[0]:
+                calls.count += 1
+        # Not the activation itself: holding it would keep what the checkpoint drops (the
+        # re-run hands each block the previous block's recomputed output instead).
+        spans[segment].arguments.append(((None, *args[1:]), kwargs))
+    try:
+        output = block.run(*args, **kwargs)
+    except BaseException as error:
+        for segment in reversed(path):
+            _close(spans.pop(segment), error)
+        raise
+    for segment in reversed(path):
+        if segment.stop - 1 == index:
+            _close(spans.pop(segment), None)
+    return output
+
+
+def _close(span: _Span, error: BaseException | None) -> None:
+    generator, span.generator = span.generator, None
+    with contextlib.suppress(StopIteration):
+        if error is None:
+            next(generator)
+        else:
+            generator.throw(error)
+
+
+_GENERATOR_TAKES_EARLY_STOP = "early_stop" in inspect.signature(
+    torch_checkpoint._checkpoint_without_reentrant_generator).parameters
+
+
+def _open(run: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A non-reentrant checkpoint of ``run`` opened on the first block's arguments, its
+    saved-tensor hooks pushed until the generator is resumed (NOTE [ Spans ])."""
+    settings: list[Any] = [True, torch_checkpoint.noop_context_fn, "default", False]
+    if _GENERATOR_TAKES_EARLY_STOP:
+        settings.append(False)
+    with torch_checkpoint.set_checkpoint_early_stop(False):
+        generator = torch_checkpoint._checkpoint_without_reentrant_generator(
+            run, *settings, *args, **kwargs)
+        next(generator)
+    return generator
+
+
+class _SpanRun:
+    """The recomputation of a span: its blocks re-run under the segment's inner plan, each with
+    the arguments the model's forward gave it, the previous block's output first."""
+
+    def __init__(self, blocks: list[_Block | None], span: _Span) -> None:
+        self.blocks = blocks
+        self.span = span
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        segment = self.span.segment
+        arguments = list(self.span.arguments)
+        arguments[0] = (args, kwargs)
+        modules = [b.module for b in self.blocks[segment.start:segment.stop] if b is not None]
+        with _frozen_norm_stats(modules):
+            return _run_tree(self.blocks, segment, arguments)
+
+
+def _run_tree(blocks: list[_Block | None], tree: Segment,
+              arguments: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> Any:
+    """Run stages ``tree.start..tree.stop-1`` as the tree says, each with its recorded
+    arguments (``arguments[i]`` for stage ``tree.start + i``), the previous output first."""
+    output: Any = None
+    for child in tree.children:
+        first = child if isinstance(child, int) else child.start
+        args, kwargs = arguments[first - tree.start]
+        if output is not None:
+            args = (_main(output), *args[1:])
+        if isinstance(child, int):
+            block = blocks[child]
+            assert block is not None
+            output = block.run(*args, **kwargs)
+        else:
+            inner = arguments[child.start - tree.start : child.stop - tree.start]
+            output = torch_checkpoint.checkpoint(
+                _Rerun(blocks, child, inner), *args, use_reentrant=False,
+                preserve_rng_state=True, early_stop=False, **kwargs)
+    return output
+
+
+class _Rerun:
+    """A nested checkpoint inside a recomputation; its own re-run freezes BatchNorm."""
+
+    def __init__(self, blocks: list[_Block | None], segment: Segment,
+                 arguments: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> None:
+        self.blocks, self.segment, self.arguments = blocks, segment, arguments
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        recompute = self.calls > 0
+        self.calls += 1
+        arguments = [(args, kwargs), *self.arguments[1:]]
+        modules = [b.module for b in self.blocks[self.segment.start:self.segment.stop]
+                   if b is not None]
+        with _frozen_norm_stats(modules) if recompute else contextlib.nullcontext():
+            return _run_tree(self.blocks, self.segment, arguments)
+
+
+def _main(output: Any) -> Any:
+    """The activation a block hands on: its output, or the first tensor of a tuple output."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise UsageError(f"a block returned {type(output).__name__}: memprop plans blocks that return "
+                     "their activation, alone or first in a tuple")
+
+
+@contextlib.contextmanager
+def _frozen_norm_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
+    # Momentum 0 makes the update ``(1 - 0) * running + 0 * batch``, the running value itself,
+    # bit for bit (batch statistics are finite); without its counter buffer BatchNorm does not
+    # count the batch. The op itself is unchanged, so it saves the same tensors for backward as
+    # in the first run (checkpoint matches recomputed tensors to saved ones by position).
+    switched = [
+        (m, m.momentum, m.num_batches_tracked) for block in modules for m in block.modules()
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+    ]
+    for module, _, _ in switched:
+        module.momentum = 0.0
+        module.num_batches_tracked = None
+    try:
+        yield
+    finally:
+        for module, momentum, counter in switched:
+            module.momentum = momentum
+            module.num_batches_tracked = counter
