@@ -24,26 +24,35 @@ from memprop.plan import (
 from memprop.plan.schedule import flat
 
 
-def _plans(atoms: list[tuple[int, int]], a: int, b: int) -> Iterator[tuple[int | Segment, ...]]:
+def _plans(atoms: list[tuple[int, int]], a: int, b: int, chain: Chain | None = None
+           ) -> Iterator[tuple[int | Segment, ...]]:
     """Every child sequence for atoms [a, b) whose last atom is kept: the search space. An atom
-    is a run of stages that a plan never splits (an aliasing stage glued to the one before)."""
+    is a run of stages that a plan never splits (an aliasing stage glued to the one before); a
+    pinned stage (a model's prefix or suffix) is never inside a checkpointed segment."""
     kept = tuple(range(*atoms[a]))
     if b - a == 1:
         yield kept
         return
-    for rest in _plans(atoms, a + 1, b):
+    for rest in _plans(atoms, a + 1, b, chain):
         yield (*kept, *rest)
     for s in range(a + 1, b):
-        for inner in _plans(atoms, a, s):
-            for rest in _plans(atoms, s, b):
+        if chain is not None and not chain.checkpointable(atoms[a][0], atoms[s - 1][1]):
+            continue
+        for inner in _plans(atoms, a, s, chain):
+            for rest in _plans(atoms, s, b, chain):
                 segment = Segment(start=atoms[a][0], stop=atoms[s - 1][1], children=inner)
                 yield (segment, *rest)
 
 
-def _random_chain(rng: random.Random, n: int) -> Chain:
+def _random_chain(rng: random.Random, n: int, *, locals_: bool = False) -> Chain:
     """Heterogeneous stages with every feature of the model: tapes that hold the output,
-    in-place or view stages, parameter gradients, the loss's and the optimizer's moments."""
+    in-place or view stages, parameter gradients, a pinned prefix and suffix, the loss's and
+    the optimizer's moments; with ``locals_``, the forward's locals too (which the DP counts at
+    every forward moment, re-runs included: safe, not exact)."""
     stages: list[Stage] = []
+    pinned = {0} if n > 1 and rng.random() < 0.3 else set()
+    if n > 2 and rng.random() < 0.3:
+        pinned.add(n - 1)
     for i in range(n):
         aliases = i > 0 and rng.random() < 0.2
         out = stages[-1].output_bytes if aliases else rng.randint(1, 9)
@@ -54,7 +63,8 @@ def _random_chain(rng: random.Random, n: int) -> Chain:
             saved_bytes=tape + (out if so else 0), saves_input=rng.random() < 0.6,
             saves_output=so, forward_peak_bytes=rng.randint(0, 25),
             backward_peak_bytes=rng.randint(0, 25), gradient_bytes=rng.choice((0, 0, 1, 4, 9)),
-            aliases_input=aliases,
+            aliases_input=aliases, pinned=i in pinned,
+            forward_held_bytes=rng.choice((0, 0, 0, rng.randint(1, 6))) if locals_ else 0,
         ))
     return Chain(stages=tuple(stages), fixed_bytes=rng.randint(0, 5),
                  loss_peak_bytes=rng.choice((None, rng.randint(0, 30))),
@@ -65,7 +75,7 @@ def _random_chain(rng: random.Random, n: int) -> Chain:
 def _exhaustive(chain: Chain) -> list[tuple[int, float]]:
     n, atoms = len(chain), chain.atoms()
     sims = [simulate(chain, Segment(start=0, stop=n, children=c))
-            for c in _plans(atoms, 0, len(atoms))]
+            for c in _plans(atoms, 0, len(atoms), chain)]
     return [(s.peak_bytes, s.compute) for s in sims]
 
 
@@ -85,6 +95,21 @@ def test_optimal_equals_exhaustive_search(seed: int, n: int) -> None:
         assert sim.compute == best and sim.peak_bytes <= budget
         plan = solve(chain, budget, "optimal")
         assert plan.compute == best and plan.peak_bytes <= budget
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 7))
+def test_with_the_forwards_locals_optimal_is_safe_and_never_beats_exhaustive(seed: int,
+                                                                              n: int) -> None:
+    chain = _random_chain(random.Random(seed), n, locals_=True)
+    front = _exhaustive(chain)
+    least = min(p for p, _ in front)
+    floor = min_feasible_bytes(chain)[0]
+    assert floor >= least
+    for budget in range(floor, max(p for p, _ in front) + 2, 3):
+        plan = solve(chain, budget, "optimal")
+        assert plan.peak_bytes <= budget
+        assert plan.compute >= min(c for p, c in front if p <= budget)
 
 
 @pytest.mark.parametrize("n", [8, 9, 10])
