@@ -25,8 +25,11 @@ BudgetOption = Annotated[str | None, typer.Option(
          "device; default: what the device has free.")]
 Strategy = Annotated[str, typer.Option(help="optimal, uniform (checkpoint_sequential) or none.")]
 CostModel = Annotated[str, typer.Option(
-    "--cost-model", help="flops (counted, so the same plan on every run and machine) or "
-                         "measured (stage times of real steps, which vary from run to run).")]
+    "--cost-model",
+    help="How recomputation is priced: roofline (FLOPs and bytes moved at this machine's "
+         "measured rates, the same plan on every run here), flops (counted FLOPs, the same plan "
+         "on every machine, blind to memory-bound work) or measured (stage times of real steps, "
+         "which vary from run to run).")]
 
 
 def check_plan_options(strategy: str, cost_model: str, *, fake: bool) -> None:
@@ -40,7 +43,7 @@ def check_plan_options(strategy: str, cost_model: str, *, fake: bool) -> None:
         raise UsageError(f"{flag}: {error}") from None
     if fake and cost_model == "measured":
         raise UsageError("--cost-model measured needs real tensors: drop --fake or use "
-                         "--cost-model flops")
+                         "--cost-model roofline")
 
 
 @with_workload_options()
@@ -49,7 +52,7 @@ def plan_command(
     budget: BudgetOption = None,
     fake: Annotated[bool, typer.Option("--fake", help="Plan on fake tensors.")] = False,
     strategy: Strategy = "optimal",
-    cost_model: CostModel = "flops",
+    cost_model: CostModel = "roofline",
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", help="Write the plan document; - is standard output.")] = None,
 ) -> None:

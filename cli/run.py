@@ -27,7 +27,7 @@ def run_command(
     budget: BudgetOption = None,
     steps: Annotated[int, typer.Option(help="Timed training steps, each way.")] = 5,
     strategy: Strategy = "optimal",
-    cost_model: CostModel = "flops",
+    cost_model: CostModel = "roofline",
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", help="Write the run document; - is standard output.")] = None,
 ) -> None:
@@ -55,7 +55,8 @@ def run_command(
         try:
             fake = build_workload(options, fake=True, fallback=False)
             device = str(device_of(fake))
-            plan = memprop.plan(fake, budget=cap.bytes, strategy=strategy, cost_model="flops")
+            plan = memprop.plan(fake, budget=cap.bytes, strategy=strategy,
+                                cost_model="roofline" if cost_model == "measured" else cost_model)
             traced = verify_plan(fake, plan)
         except ModelError as error:
             if not is_fake_tensor_limit(error):
@@ -69,7 +70,7 @@ def run_command(
             console.print(f"the unplanned step {reason}: only the planned steps run")
         if cost_model == "measured" and not baseline:
             raise UsageError("--cost-model measured times real unplanned steps, which do not "
-                             "fit this device: use --cost-model flops")
+                             "fit this device: use --cost-model roofline")
     with working("running the planned steps"):
         workload = build_workload(options, fake=False)
         if plan is None or cost_model == "measured":

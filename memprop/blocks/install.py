@@ -27,6 +27,15 @@ NOTE [ What a recomputation must not change ]
 - Early stop: checkpoint may stop a re-run as soon as the saved tensors it needs exist,
   skipping the segment's last ops. memprop turns that off so that the re-run is the one the
   planner priced (every op, then its output dropped).
+
+NOTE [ Selective options ]
+A block checkpointed alone at the top level may keep some of its op outputs (``Plan.selective``,
+``memprop.plan.selective``): its checkpoint runs under torch's selective policy
+(``create_selective_checkpoint_contexts``), which saves the outputs of the ops the plan names,
+by op and by which call of it in the block's forward, and hands them back at the re-run instead
+of running those ops again. Only top-level checkpoints take options: a selective checkpoint
+nested in another keeps its cache alive for as long as the outer one's first run holds it, which
+the planner does not model.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +54,7 @@ from torch.utils import checkpoint as torch_checkpoint
 
 from memprop.errors import UsageError
 from memprop.plan.schedule import Segment
+from memprop.plan.selective import Option
 from memprop.trace.stages import PREFIX, SUFFIX
 
 __all__ = ["Calls", "installed", "without_caches"]
@@ -112,10 +122,13 @@ def without_caches(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def installed(model: nn.Module, stage_names: Sequence[str], tree: Segment) -> Iterator[Calls]:
+def installed(model: nn.Module, stage_names: Sequence[str], tree: Segment,
+              selective: Mapping[int, Option] | None = None) -> Iterator[Calls]:
     """Make the model's forward run ``tree`` (a plan over the stages ``stage_names``: blocks by
-    qualified name, and the prefix and suffix, which stay as they are) until the block exits.
-    The block receives a :class:`Calls` that counts the training forwards that ran the plan."""
+    qualified name, and the prefix and suffix, which stay as they are) until the block exits,
+    the stages in ``selective`` (``Plan.selective``) keeping their options' op outputs (NOTE
+    [ Selective options ]). The block receives a :class:`Calls` that counts the training
+    forwards that ran the plan."""
     if tree.start != 0 or tree.stop != len(stage_names):
         raise ValueError(f"the plan covers stages {tree.start}..{tree.stop}, the chain has "
                          f"{len(stage_names)}")
@@ -126,11 +139,14 @@ def installed(model: nn.Module, stage_names: Sequence[str], tree: Segment) -> It
         yield calls  # nothing to recompute: the model's own forward is the plan, at no cost
         return
     spans: dict[Segment, _Span] = {}
+    contexts = {index: _selective_contexts(frozenset(option.keep))
+                for index, option in (selective or {}).items()}
     for index, path in paths.items():
         block = blocks[index]
         if block is None:
             raise ValueError(f"the plan recomputes {stage_names[index]}, which stays kept")
-        block.module.forward = functools.partial(_spanned, blocks, index, path, spans, calls)
+        block.module.forward = functools.partial(_spanned, blocks, index, path, spans, calls,
+                                                 contexts)
     try:
         with without_caches(model):
             yield calls
@@ -162,7 +178,8 @@ def _paths(tree: Segment) -> dict[int, tuple[Segment, ...]]:
 
 
 def _spanned(blocks: list[_Block | None], index: int, path: tuple[Segment, ...],
-             spans: dict[Segment, _Span], calls: Calls, *args: Any, **kwargs: Any) -> Any:
+             spans: dict[Segment, _Span], calls: Calls, contexts: dict[int, Any], *args: Any,
+             **kwargs: Any) -> Any:
     """The forward of block ``index``, inside the checkpointed segments ``path``: it opens the
     ones that start with it, runs under all of them, and closes the ones it ends."""
     block = blocks[index]
@@ -172,7 +189,8 @@ def _spanned(blocks: list[_Block | None], index: int, path: tuple[Segment, ...],
     for segment in path:
         if segment.start == index:
             span = spans[segment] = _Span(segment=segment)
-            span.generator = _open(_SpanRun(blocks, span), args, kwargs)
+            context = contexts.get(index) if segment is path[0] else None
+            span.generator = _open(_SpanRun(blocks, span), args, kwargs, context)
             if segment is path[0]:
                 calls.count += 1
         # Not the activation itself: holding it would keep what the checkpoint drops (the
@@ -203,10 +221,13 @@ _GENERATOR_TAKES_EARLY_STOP = "early_stop" in inspect.signature(
     torch_checkpoint._checkpoint_without_reentrant_generator).parameters
 
 
-def _open(run: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _open(run: Any, args: tuple[Any, ...], kwargs: dict[str, Any], context_fn: Any = None
+          ) -> Any:
     """A non-reentrant checkpoint of ``run`` opened on the first block's arguments, its
-    saved-tensor hooks pushed until the generator is resumed (NOTE [ Spans ])."""
-    settings: list[Any] = [True, torch_checkpoint.noop_context_fn, "default", False]
+    saved-tensor hooks pushed until the generator is resumed (NOTE [ Spans ]); ``context_fn``
+    is checkpoint's own (a selective policy, NOTE [ Selective options ])."""
+    settings: list[Any] = [True, context_fn or torch_checkpoint.noop_context_fn, "default",
+                           False]
     if _GENERATOR_TAKES_EARLY_STOP:
         settings.append(False)
     with torch_checkpoint.set_checkpoint_early_stop(False):
@@ -214,6 +235,27 @@ def _open(run: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             run, *settings, *args, **kwargs)
         next(generator)
     return generator
+
+
+def _selective_contexts(keep: frozenset[tuple[str, int]]) -> Any:
+    """Checkpoint's ``context_fn`` for a block that keeps the outputs of the op calls ``keep``
+    ((aten op, which call of it), counted as the policy sees them, which is how the planner
+    counted them: ``memprop.trace.stages.BlockOp``)."""
+    save, recompute = (torch_checkpoint.CheckpointPolicy.MUST_SAVE,
+                       torch_checkpoint.CheckpointPolicy.PREFER_RECOMPUTE)
+
+    def context_fn() -> Any:
+        seen: dict[str, int] = {}
+
+        def policy(context: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+            name = str(op)
+            occurrence = seen.get(name, 0)
+            seen[name] = occurrence + 1
+            return save if (name, occurrence) in keep else recompute
+
+        return torch_checkpoint.create_selective_checkpoint_contexts(policy)
+
+    return context_fn
 
 
 class _SpanRun:

@@ -59,6 +59,7 @@ import numpy as np
 
 from memprop.plan.chain import Chain
 from memprop.plan.schedule import Child, Segment
+from memprop.plan.selective import Option
 
 INF = math.inf
 _INF = INF
@@ -98,6 +99,13 @@ class Units:
     """Backward cost."""
     pinned: np.ndarray
     """Whether the unit holds a pinned stage (it is never part of a checkpointed segment)."""
+    opt_cache: tuple[np.ndarray, ...] = ()
+    """Per unit, its selective options' kept bytes (``Stage.options``; single-stage units only,
+    empty elsewhere)."""
+    opt_fk: tuple[np.ndarray, ...] = ()
+    """Per unit, each option's re-run forward moment (``fk[1]`` with the option's transient)."""
+    opt_saved: tuple[np.ndarray, ...] = ()
+    """Per unit, the recomputation each option saves."""
 
     def checkpointable(self, k: int, rows: int) -> np.ndarray:
         """Whether the ``k`` units from each start ``a < rows`` may form a checkpoint."""
@@ -117,17 +125,21 @@ class Units:
             ret=up(self.ret), bm=up(self.bm), lm=up(self.lm), so=self.so,
             fn_first=up(self.fn_first), fn_flow=up(self.fn_flow),
             cost_f=self.cost_f, cost_b=self.cost_b, pinned=self.pinned,
+            opt_cache=tuple(up(c) for c in self.opt_cache),
+            opt_fk=tuple(up(f) for f in self.opt_fk), opt_saved=self.opt_saved,
         )
 
     def gcd(self) -> int:
         parts = [self.xin, self.dout, self.fk, self.ret, self.bm, self.lm, self.fn_first,
-                 self.fn_flow]
+                 self.fn_flow, *self.opt_cache, *self.opt_fk]
         return int(np.gcd.reduce(np.concatenate([np.ravel(p) for p in parts])))
 
 
-def _kept_unit(chain: Chain, start: int, stop: int, h: int) -> tuple[int, int, int, int, bool]:
+def _kept_unit(chain: Chain, start: int, stop: int, h: int, option: Option | None = None
+               ) -> tuple[int, int, int, int, bool]:
     """Walk stages ``[start, stop)`` run normally: (forward moment, retained, backward moment,
-    loss moment, output held). With ``h = 1`` the context holds ``x_start``, so it weighs 0. The
+    loss moment, output held). With ``h = 1`` the context holds ``x_start``, so it weighs 0;
+    with an ``option``, the stage is the re-run of that selective option. The
     backward moment counts the parameter gradients born inside the unit, not those of later
     stages (:func:`make_units` adds them). The last unit keeps ``x_n`` (the caller's) and
     starts its backward with what the loss left."""
@@ -157,7 +169,7 @@ def _kept_unit(chain: Chain, start: int, stop: int, h: int) -> tuple[int, int, i
     locals_bytes = chain.forward_held_total()
     for i in range(start, stop):
         stage = chain.stages[i]
-        fk = max(fk, live + chain.forward_moment_bytes(i) + locals_bytes)
+        fk = max(fk, live + chain.forward_moment_bytes(i, option) + locals_bytes)
         hold(i + 1)
         live += stage.tape_bytes
         if stage.saves_input:
@@ -219,7 +231,21 @@ def make_units(chain: Chain, bounds: list[tuple[int, int]]) -> Units:
         cost_f=np.array([sum(s.forward_cost for s in chain.stages[a:b]) for a, b in bounds]),
         cost_b=np.array([sum(s.backward_cost for s in chain.stages[a:b]) for a, b in bounds]),
         pinned=np.array([not chain.checkpointable(a, b) for a, b in bounds], dtype=bool),
+        **_options(chain, bounds),
     )
+
+
+def _options(chain: Chain, bounds: list[tuple[int, int]]) -> dict[str, tuple[np.ndarray, ...]]:
+    """The units' selective options, for single-stage units that may be checkpointed."""
+    found: list[tuple[Option, ...]] = [
+        chain.stages[a].options if b - a == 1 and chain.checkpointable(a, b) else ()
+        for a, b in bounds]
+    return {
+        "opt_cache": tuple(np.array([o.cache_bytes for o in f], dtype=np.int64) for f in found),
+        "opt_fk": tuple(np.array([_kept_unit(chain, a, b, 1, o)[0] for o in f], dtype=np.int64)
+                        for f, (a, b) in zip(found, bounds, strict=True)),
+        "opt_saved": tuple(np.array([o.saved_cost for o in f], dtype=np.float64) for f in found),
+    }
 
 
 def _windows(p: Units) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
@@ -293,10 +319,32 @@ class CostTable:
                 need = np.maximum(p.fk[h][:rows] + gb, p.bm[h][:rows])
                 keep[ar[None, :] < need[:, None]] = _INF
                 D[h][L] = np.minimum(keep, ckpt)
+            # The top-level segment's row (it ends with the last unit): its first unit may be
+            # checkpointed alone under a selective option.
+            a = rows - 1
+            for o in range(len(p.opt_cache[a])):
+                t = self.option_cost(a, o, D[0][L - 1][a + 1])
+                D[1][L][a] = np.minimum(D[1][L][a], t)
+                D[0][L][a] = np.minimum(D[0][L][a], _shift(t[None, :], p.xin[a:a + 1], ar)[0])
             C[L] = D[1][L] + sumf[L][:, None]
             C[L][~p.checkpointable(L + 1, n - L)] = _INF
             lo0[L], loC[L] = _first_finite(D[0][L]), _first_finite(C[L])
         self.D, self.C = D, C
+
+    def option_cost(self, a: int, o: int, rest: np.ndarray) -> np.ndarray:
+        """The least compute, at every ``m`` (the context holding ``x_a``), of top-level units
+        ``a..`` when ``a`` is checkpointed alone under its option ``o``: its first forward, the
+        rest (``rest``: their least compute at each ``m``) beside the kept outputs, then its
+        re-run, which the kept outputs make cheaper, and its backward."""
+        p, ar = self.p, np.arange(self.slots + 1)
+        cache = int(p.opt_cache[a][o])
+        t = np.full(self.slots + 1, _INF)
+        if cache <= self.slots:
+            t[cache:] = rest[: self.slots + 1 - cache]
+        t += self.fb[a] + self.sumf[0][a] - p.opt_saved[a][o]
+        need = max(p.opt_fk[a][o] + self.g[a], p.bm[1][a], self.fnw[0][a])
+        t[ar < need] = _INF
+        return t
 
     def best(self, m: int | None = None) -> float:
         """The least compute of the whole chain with ``m`` slots (default: all of them)."""
@@ -323,6 +371,10 @@ class CostTable:
                 val = self.C[k - 1][a, mp] + D[0][L - k][a + k, mp]
                 if val == target:
                     return "ckpt", k, mp
+            if b == p.n - 1:
+                for o in range(len(p.opt_cache[a])):
+                    if self.option_cost(a, o, D[0][L - 1][a + 1])[mp] == target:
+                        return "option", o + 1, int(mp - p.opt_cache[a][o])
             raise AssertionError(f"no choice attains the table at {a}..{b}, h={h}, m={m}")
 
         return _rebuild(p, chain_len, self.slots if m is None else m, choose)
@@ -380,19 +432,24 @@ def min_peak(p: Units) -> tuple[int, Segment, int]:
 def _rebuild(p: Units, chain_len: int, m0: int, choose: Any) -> Segment:
     """Follow the choices from the top, without recursion (chains can be deeper than Python's
     stack), then build the Segments children-first."""
-    tasks: list[tuple[int, int, int, int]] = [(0, p.n - 1, 1, m0)]
+    # A task: units a..b, h, m, and the selective option of a one-unit checkpoint (0: none).
+    tasks: list[tuple[int, int, int, int, int]] = [(0, p.n - 1, 1, m0, 0)]
     items: list[list[tuple[str, int, int]]] = []  # per task: ("keep", unit) or ("sub", task, k)
     i = 0
     while i < len(tasks):
-        a, b, h, m = tasks[i]
+        a, b, h, m, _ = tasks[i]
         out: list[tuple[str, int, int]] = []
         while a < b:
             kind, x, m_next = choose(a, b, h, m)
             if kind == "keep":
                 out.append(("keep", a, 1))
                 a, h, m = a + 1, x, m_next
+            elif kind == "option":
+                tasks.append((a, a, 1, 0, x))
+                out.append(("sub", len(tasks) - 1, 1))
+                a, h, m = a + 1, 0, m_next
             else:
-                tasks.append((a, a + x - 1, 1, m_next))
+                tasks.append((a, a + x - 1, 1, m_next, 0))
                 out.append(("sub", len(tasks) - 1, x))
                 a, h, m = a + x, 0, m_next
         out.append(("keep", b, 1))
@@ -406,8 +463,9 @@ def _rebuild(p: Units, chain_len: int, m0: int, choose: Any) -> Segment:
                 children.extend(range(*p.bounds[x]))
             else:
                 children.append(built.pop(x))
-        a, b = tasks[t][0], tasks[t][1]
-        built[t] = Segment(start=p.bounds[a][0], stop=p.bounds[b][1], children=tuple(children))
+        a, b, option = tasks[t][0], tasks[t][1], tasks[t][4]
+        built[t] = Segment(start=p.bounds[a][0], stop=p.bounds[b][1], children=tuple(children),
+                           option=option)
     top = built[0]
     assert top.start == 0 and top.stop == chain_len
     return top

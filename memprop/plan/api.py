@@ -11,9 +11,10 @@ from torch import nn
 
 from memprop.blame import is_fake_tensor_limit
 from memprop.errors import ModelError, UsageError
-from memprop.plan.chain import COST_MODELS, Chain
+from memprop.plan.chain import Chain
+from memprop.plan.costs import DEFAULT_COST_MODEL, check_cost_model, machine_rates
 from memprop.plan.solvers import STRATEGIES, Plan, solve
-from memprop.trace.fake import fake_mode_of
+from memprop.trace.fake import device_of, fake_mode_of
 from memprop.units import parse_size
 from memprop.workload import Inputs, Workload, restore_state, save_state, to_workload
 
@@ -25,7 +26,7 @@ def plan(
     inputs: Inputs | None = None,
     budget: int | str | None = None,
     strategy: str = "optimal",
-    cost_model: str = "flops",
+    cost_model: str = DEFAULT_COST_MODEL,
     *,
     loss_fn: Any = None,
     targets: torch.Tensor | None = None,
@@ -38,15 +39,17 @@ def plan(
     ``budget`` (bytes, or a size such as ``"2GiB"``) at the least extra compute.
 
     The steady-state step is traced to find the chain's costs (and the loop's first step, when
-    its optimizer makes its state then: the plan covers both). ``cost_model="flops"`` (the
-    default) prices recomputation in counted floating-point operations, so the same arguments
-    give the same plan on every machine and every run; ``"measured"`` times the stages of
-    real steps, after which parameters, buffers, gradients and optimizer state are put back.
-    With ``fake=True`` (or a model built in a fake-tensor mode) nothing is allocated.
-    ``set_to_none`` says how the loop zeroes gradients (``zero_grad(set_to_none=...)``).
-    The planner's stages are the model's blocks (NOTE [ What a run of blocks is ] in
-    ``memprop.blocks.find``), found in the traced step or named by ``blocks`` (the qualified
-    name of an ``nn.Sequential`` or ``nn.ModuleList``).
+    its optimizer makes its state then: the plan covers both). ``cost_model`` prices
+    recomputation (``memprop.plan.costs``): ``"roofline"`` (the default) by FLOPs and bytes
+    moved at this machine's measured rates, the same plan on every run of a machine;
+    ``"flops"`` by counted FLOPs alone, the same plan on every machine; ``"measured"`` by the
+    stages' times on real steps, after which parameters, buffers, gradients and optimizer state
+    are put back. With ``fake=True`` (or a model built in a fake-tensor mode) nothing is
+    allocated. ``set_to_none`` says how the loop zeroes gradients
+    (``zero_grad(set_to_none=...)``). The planner's stages are the model's blocks
+    (NOTE [ What a run of blocks is ] in ``memprop.blocks.find``), found in the traced step or
+    named by ``blocks`` (the qualified name of an ``nn.Sequential`` or ``nn.ModuleList``); a
+    block checkpointed alone may keep some of its op outputs (``memprop.plan.selective``).
     Raises :class:`memprop.BudgetInfeasibleError` when nothing fits,
     :class:`memprop.errors.UsageError` for a model that is not a chain or a bad argument.
     """
@@ -68,8 +71,8 @@ def plan(
 def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chain:
     """The calibrated chain of the traced steady-state step of ``workload``.
 
-    FLOP costs need no real step: a real workload is then traced on a fake mirror (nothing
-    allocated, the model untouched), unless fake tensors cannot trace it (code that reads
+    Only measured costs need a real step: otherwise a real workload is traced on a fake mirror
+    (nothing allocated, the model untouched), unless fake tensors cannot trace it (code that reads
     tensor values), in which case the real step is traced and the model put back after. A
     Hugging Face model is traced with its key/value cache off, as its planned steps run
     (:func:`memprop.blocks.install.without_caches`)."""
@@ -77,14 +80,14 @@ def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chai
 
     with without_caches(workload.model):
         costs = _trace_chain(workload, cost_model=cost_model, fake=fake)
-    return Chain.from_chain_costs(costs, cost_model="flops" if cost_model == "flops" else
-                                  "measured")
+    rates = machine_rates(str(device_of(workload))) if cost_model == "roofline" else None
+    return Chain.from_chain_costs(costs, cost_model=cost_model, rates=rates)
 
 
 def _trace_chain(workload: Workload, *, cost_model: str, fake: bool) -> Any:
     from memprop.trace.profile import trace_chain
 
-    if not fake and cost_model == "flops":
+    if not fake and cost_model != "measured":
         try:
             costs = trace_chain(workload, fake=True)
         except ModelError as error:
@@ -102,12 +105,6 @@ def check_strategy(strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise UsageError(f"strategy {strategy!r} does not exist: use one of "
                          f"{', '.join(STRATEGIES)}")
-
-
-def check_cost_model(cost_model: str) -> None:
-    if cost_model not in COST_MODELS:
-        raise UsageError(f"cost model {cost_model!r} does not exist: use one of "
-                         f"{', '.join(COST_MODELS)}")
 
 
 def _budget(budget: int | str | None) -> int:

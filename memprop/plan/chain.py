@@ -35,6 +35,10 @@ however many holders share it (the simulator keeps a reference count per activat
   backward reaches a checkpointed segment ``[a, s)``, ``d_s`` and the parameter gradients of every
   stage from ``s`` on are live while the segment is re-run (by its own inner plan, which may hold
   further checkpoints) and then differentiated.
+- Selective options: a checkpoint of one stage at the top level may keep some of the stage's
+  op outputs (``Stage.options``): they are live from its first run to the end of its re-run's
+  forward (where they become part of the re-run's tape), and the re-run costs less by what they
+  save.
 - Transients: the moment of a stage's forward is the live total when it began plus
   ``max(forward_peak_bytes, output + tape)`` (no output term when it aliases its input); of its
   backward, the live total when it began (which holds ``d_{i+1}``) plus
@@ -61,17 +65,22 @@ gradient is smaller than the output (``output.sum()``: an expanded scalar) is ch
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from memprop.errors import UsageError
-from memprop.trace.stages import ChainCosts, StageStats
+from memprop.plan.costs import Rates, check_cost_model
+from memprop.plan.selective import Option, options
+from memprop.trace.stages import BlockOp, ChainCosts, StageStats
+
+if TYPE_CHECKING:
+    from memprop.plan.schedule import Segment
 
 __all__ = ["Chain", "CostModel", "Stage"]
 
-CostModel = Literal["measured", "flops"]
-COST_MODELS: tuple[str, ...] = ("measured", "flops")
+CostModel = Literal["roofline", "flops", "measured"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -81,7 +90,7 @@ class Stage:
     name: str
     """The stage's qualified module name (``layers.3``)."""
     forward_cost: float
-    """Cost of one forward run (seconds or FLOPs, per ``Chain.cost_unit``)."""
+    """Cost of one forward run (seconds, or FLOPs under ``Chain.cost_model`` ``flops``)."""
     backward_cost: float
     """Cost of the backward."""
     input_bytes: int
@@ -109,6 +118,9 @@ class Stage:
     forward_held_bytes: int = 0
     """What the stage's first forward leaves alive, unsaved, until the forward returns (the
     model's own locals): the same in every plan."""
+    options: tuple[Option, ...] = ()
+    """Selective recomputations of the stage when it is checkpointed alone at the top level
+    (``memprop.plan.selective``): op outputs kept until its re-run, which then costs less."""
 
     @property
     def tape_bytes(self) -> int:
@@ -125,8 +137,11 @@ class Chain:
     fixed_bytes: int = 0
     """Bytes live at every moment: parameters, buffers, inputs, gradients and optimizer state
     that existed before the step."""
-    cost_unit: Literal["s", "flops"] = "s"
-    """What ``forward_cost`` and ``backward_cost`` count."""
+    cost_model: str = "measured"
+    """How ``forward_cost`` and ``backward_cost`` were priced (``memprop.plan.costs``): in
+    counted FLOPs for ``flops``, in seconds otherwise."""
+    cost_note: str = ""
+    """How the costs were priced, for the report (the roofline's rates)."""
     loss_peak_bytes: int | None = None
     """The loss's moment over the live total at the end of the forward; ``None``: ``d_n`` alone
     (a loss that makes nothing but the output's gradient)."""
@@ -193,11 +208,13 @@ class Chain:
         """Parameter gradients born in the backward of stages ``i..n-1``."""
         return self._grads_from[i]
 
-    def forward_moment_bytes(self, i: int) -> int:
-        """What stage ``i``'s forward adds, at its worst, to the live total when it began."""
+    def forward_moment_bytes(self, i: int, option: Option | None = None) -> int:
+        """What stage ``i``'s forward adds, at its worst, to the live total when it began; for
+        the re-run of a selective ``option``, the live total without its kept outputs."""
         stage = self.stages[i]
         made = 0 if stage.aliases_input else stage.output_bytes
-        return max(stage.forward_peak_bytes, made + stage.tape_bytes)
+        transient = stage.forward_peak_bytes if option is None else option.rerun_peak_bytes
+        return max(transient, made + stage.tape_bytes)
 
     def backward_moment_bytes(self, i: int) -> int:
         """What stage ``i``'s backward adds, at its worst, to the live total when it began."""
@@ -234,6 +251,13 @@ class Chain:
         d_n = self.grad_bytes(len(self.stages))
         return d_n if self.loss_residual_bytes is None else max(d_n, self.loss_residual_bytes)
 
+    def option_of(self, segment: Segment) -> Option | None:
+        """The selective option a checkpointed ``segment`` runs (``Segment.option``), if any:
+        the op outputs it keeps from its first run to its re-run, its input apart."""
+        if not segment.option:
+            return None
+        return self.stages[segment.start].options[segment.option - 1]
+
     def checkpointable(self, start: int, stop: int) -> bool:
         """Whether stages ``start..stop-1`` may form a checkpointed segment (none is pinned)."""
         return not any(s.pinned for s in self.stages[start:stop])
@@ -264,24 +288,27 @@ class Chain:
         stats: Sequence[StageStats],
         *,
         fixed_bytes: int,
-        cost_model: CostModel = "measured",
+        cost_model: str = "flops",
+        rates: Rates | None = None,
         loss_peak_bytes: int | None = None,
         loss_residual_bytes: int | None = None,
         optimizer_peak_bytes: int = 0,
         output_grad_held: bool = False,
         output_grad_bytes: int | None = None,
     ) -> Chain:
-        """The chain of a traced step: ``"measured"`` prices stages in seconds, ``"flops"`` in
-        counted floating-point operations (the same plan on every machine)."""
-        if cost_model not in COST_MODELS:
-            raise UsageError(
-                f"cost model {cost_model!r} does not exist: use 'measured' or 'flops'"
-            )
+        """The chain of a traced step, priced by ``cost_model`` (``memprop.plan.costs``):
+        ``roofline`` in seconds at ``rates``, ``flops`` in counted floating-point operations,
+        ``measured`` in the stages' timed seconds. Blocks whose ops were logged get their
+        selective options (``memprop.plan.selective``)."""
+        check_cost_model(cost_model)
+        if cost_model == "roofline" and rates is None:
+            raise UsageError("the roofline cost model needs the machine's rates")
+        price = _Pricing(cost_model, rates)
         stages = tuple(
             Stage(
                 name=s.name,
-                forward_cost=float(s.flops if cost_model == "flops" else s.forward_s),
-                backward_cost=float(s.backward_flops if cost_model == "flops" else s.backward_s),
+                forward_cost=price.forward(s),
+                backward_cost=price.backward(s),
                 input_bytes=s.input_bytes,
                 output_bytes=s.output_bytes,
                 saved_bytes=s.saved_bytes,
@@ -293,6 +320,10 @@ class Chain:
                 aliases_input=s.aliases_input,
                 pinned=s.pinned,
                 forward_held_bytes=s.forward_held_bytes,
+                options=() if s.pinned else options(
+                    s.ops, functools.partial(price.op, s),
+                    tape_bytes=_tape_bytes(s), forward_peak_bytes=s.forward_peak_bytes,
+                    forward_cost=price.forward(s)),
             )
             for s in sorted(stats, key=lambda s: s.index)
         )
@@ -303,7 +334,8 @@ class Chain:
         return cls(
             stages=stages,
             fixed_bytes=fixed_bytes + persistent,
-            cost_unit="flops" if cost_model == "flops" else "s",
+            cost_model=cost_model,
+            cost_note=price.note(),
             loss_peak_bytes=loss_peak_bytes,
             loss_residual_bytes=loss_residual_bytes,
             optimizer_peak_bytes=optimizer_peak_bytes,
@@ -312,16 +344,65 @@ class Chain:
         )
 
     @classmethod
-    def from_chain_costs(cls, costs: ChainCosts, cost_model: CostModel = "measured") -> Chain:
+    def from_chain_costs(cls, costs: ChainCosts, cost_model: str = "flops",
+                         rates: Rates | None = None) -> Chain:
         """The chain of a profile (``profile.chain``), with the loss's and the optimizer's
         moments: its unplanned peak is the ledger's traced peak."""
         return cls.from_stage_stats(
             costs.stages,
             fixed_bytes=costs.fixed_bytes,
             cost_model=cost_model,
+            rates=rates,
             loss_peak_bytes=costs.loss_peak_bytes,
             loss_residual_bytes=costs.loss_residual_bytes,
             optimizer_peak_bytes=costs.optimizer_peak_bytes,
             output_grad_held=costs.output_grad_held,
             output_grad_bytes=costs.output_grad_bytes,
         )
+
+
+def _tape_bytes(s: StageStats) -> int:
+    return max(0, s.saved_bytes - (s.output_bytes if s.saves_output else 0))
+
+
+class _Pricing:
+    """Stage and op costs under one cost model (``memprop.plan.costs``)."""
+
+    def __init__(self, cost_model: str, rates: Rates | None) -> None:
+        self.cost_model, self.rates = cost_model, rates
+
+    def forward(self, s: StageStats) -> float:
+        if self.cost_model == "flops":
+            return float(s.flops)
+        if self.cost_model == "measured" or self.rates is None:
+            return float(s.forward_s)
+        return self.rates.seconds(s.flops, s.forward_moved_bytes)
+
+    def backward(self, s: StageStats) -> float:
+        if self.cost_model == "flops":
+            return float(s.backward_flops)
+        if self.cost_model == "measured" or self.rates is None:
+            return float(s.backward_s)
+        return self.rates.seconds(s.backward_flops, s.backward_moved_bytes)
+
+    def op(self, s: StageStats, op: BlockOp) -> float:
+        """An op of stage ``s``'s forward, in the stage's unit. Measured stage times are shared
+        among their ops in proportion to the ops' roofline prices."""
+        if self.cost_model == "flops":
+            return float(op.flops)
+        rates = self.rates or _UNIT_RATES
+        if self.cost_model == "roofline":
+            return rates.seconds(op.flops, op.moved_bytes)
+        total = sum(rates.seconds(o.flops, o.moved_bytes) for o in s.ops)
+        return s.forward_s * rates.seconds(op.flops, op.moved_bytes) / total if total else 0.0
+
+    def note(self) -> str:
+        if self.cost_model == "flops":
+            return "recomputation priced in counted FLOPs"
+        if self.cost_model == "measured":
+            return "recomputation priced in the stages' measured times"
+        assert self.rates is not None
+        return f"recomputation priced by FLOPs and bytes moved at {self.rates.describe()}"
+
+
+_UNIT_RATES = Rates(flops_per_s=1e11, bytes_per_s=1e10, source="a proportion only")

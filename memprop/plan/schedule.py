@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from memprop.plan.chain import Chain
+from memprop.plan.selective import Option
 
 __all__ = ["Segment", "Simulation", "schedule_ops", "simulate"]
 
@@ -37,6 +38,10 @@ class Segment:
     """One past the last stage."""
     children: tuple[Child, ...]
     """Kept stages (``int``) and checkpointed sub-segments, partitioning ``[start, stop)``."""
+    option: int = 0
+    """For a checkpoint of one stage at the top level: which of the stage's selective options
+    (``Stage.options``, from 1) it runs, keeping those op outputs until its re-run; 0 keeps
+    nothing (a plain checkpoint)."""
 
     def __post_init__(self) -> None:
         at = self.start
@@ -48,13 +53,19 @@ class Segment:
             at = stop
         if at != self.stop:
             raise ValueError(f"children of {self.start}..{self.stop} stop at {at}")
+        if self.option and self.stop - self.start != 1:
+            raise ValueError(f"a selective option on {self.start}..{self.stop}: options are "
+                             f"per stage")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        document: dict[str, Any] = {
             "start": self.start,
             "stop": self.stop,
             "children": [c if isinstance(c, int) else c.to_dict() for c in self.children],
         }
+        if self.option:
+            document["option"] = self.option
+        return document
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -87,6 +98,8 @@ class _Ledger:
         self.peak = 0
         self.runs = [0] * len(chain)
         self.compute = 0.0
+        self.rerun: Option | None = None
+        """The selective option whose re-run is under way: its kept outputs are its tape."""
 
     def moment(self, extra: int) -> None:
         self.peak = max(self.peak, self.live + extra)
@@ -112,10 +125,12 @@ class _Ledger:
                 self.hold(child.start)  # the checkpoint's stored input
                 for i in range(child.start, child.stop):
                     self._run(i, keep=False)
+                option = self.chain.option_of(child)
+                self.live += 0 if option is None else option.cache_bytes
 
     def _run(self, i: int, *, keep: bool) -> None:
         stage = self.chain.stages[i]
-        self.moment(self.chain.forward_moment_bytes(i))
+        self.moment(self.chain.forward_moment_bytes(i, self.rerun))
         self.runs[i] += 1
         self.compute += stage.forward_cost
         if self.runs[i] == 1:
@@ -145,7 +160,12 @@ class _Ledger:
                 self.live += stage.gradient_bytes
             else:
                 self.hold(child.start)  # the recompute's flow
+                self.rerun = self.chain.option_of(child)
+                if self.rerun is not None:  # the kept outputs become the re-run's tape
+                    self.live -= self.rerun.cache_bytes
+                    self.compute -= self.rerun.saved_cost
                 self.forward(child)
+                self.rerun = None
                 self.release(child.stop)  # the recomputed output is dropped
                 self.backward(child)
                 self.release(child.start)  # the checkpoint lets go of its input

@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from memprop.errors import BudgetInfeasibleError, UsageError
 from memprop.plan import _dp
 from memprop.plan.chain import Chain
 from memprop.plan.schedule import Segment, flat, kept_at_top, schedule_ops, simulate
+from memprop.plan.selective import Option
 from memprop.search import last_true
 from memprop.units import format_bytes
 
@@ -42,7 +43,10 @@ class Plan:
     strategy: str
     """``optimal``, ``uniform`` or ``none``."""
     cost_model: str
-    """``measured`` (seconds) or ``flops``."""
+    """How recomputation was priced: ``roofline``, ``flops`` or ``measured``
+    (``memprop.plan.costs``)."""
+    cost_note: str
+    """The same in words, with the machine's rates for ``roofline``."""
     feasible: bool
     """Whether the predicted peak is within the budget."""
     min_feasible_bytes: int
@@ -61,6 +65,9 @@ class Plan:
     """The unplanned step's peak."""
     baseline_compute: float
     """The unplanned step's compute."""
+    selective: dict[int, Option] = field(default_factory=dict)
+    """The stages checkpointed under a selective option (``Segment.option``), by index: the op
+    outputs each keeps from its first run to its re-run."""
 
     @property
     def compute_overhead(self) -> float:
@@ -74,12 +81,20 @@ class Plan:
         return schedule_ops(self.tree)
 
     def stages(self) -> list[dict[str, Any]]:
+        """One row per stage: its tape ``kept``, ``dropped``, or ``selective`` (dropped but for
+        some op outputs: ``keeps``, as ``op#occurrence``, holding ``keeps_bytes``)."""
         kept = kept_at_top(self.tree)
-        return [
-            {"index": i, "name": name, "tape": "kept" if i in kept else "dropped",
-             "recomputes": self.forward_runs[i] - 1}
-            for i, name in enumerate(self.stage_names)
-        ]
+        rows = []
+        for i, name in enumerate(self.stage_names):
+            row: dict[str, Any] = {"index": i, "name": name,
+                                   "tape": "kept" if i in kept else "dropped",
+                                   "recomputes": self.forward_runs[i] - 1}
+            option = self.selective.get(i)
+            if option is not None:
+                row.update(tape="selective", keeps_bytes=option.cache_bytes,
+                           keeps=[f"{op}#{occurrence}" for op, occurrence in option.keep])
+            rows.append(row)
+        return rows
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +102,7 @@ class Plan:
             "budget_bytes": self.budget_bytes,
             "strategy": self.strategy,
             "cost_model": self.cost_model,
+            "cost_note": self.cost_note,
             "feasible": self.feasible,
             "min_feasible_bytes": self.min_feasible_bytes,
             "stages": self.stages(),
@@ -265,7 +281,8 @@ def solve(
     return Plan(
         budget_bytes=budget_bytes,
         strategy=strategy,
-        cost_model="flops" if chain.cost_unit == "flops" else "measured",
+        cost_model=chain.cost_model,
+        cost_note=chain.cost_note,
         feasible=feasible,
         min_feasible_bytes=floor,
         tree=tree,
@@ -275,6 +292,8 @@ def solve(
         compute=sim.compute,
         baseline_peak_bytes=baseline.peak_bytes,
         baseline_compute=baseline.compute,
+        selective={c.start: option for c in tree.children if isinstance(c, Segment)
+                   and (option := chain.option_of(c)) is not None},
     )
 
 

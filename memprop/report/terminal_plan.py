@@ -21,10 +21,17 @@ def render_plan(plan: Plan, alternatives: list[Plan], console: Console) -> None:
     for name in ("stage", "tape", "forward runs"):
         stages.add_column(name, justify="left" if name != "forward runs" else "right")
     for row in plan.stages():
-        tape = Text("kept", style="green") if row["tape"] == "kept" else Text("dropped",
-                                                                               style="yellow")
+        if row["tape"] == "kept":
+            tape = Text("kept", style="green")
+        elif row["tape"] == "selective":
+            tape = Text(f"dropped but {len(row['keeps'])} op outputs "
+                        f"({format_bytes(row['keeps_bytes'])})", style="cyan")
+        else:
+            tape = Text("dropped", style="yellow")
         stages.add_row(row["name"], tape, str(row["recomputes"] + 1))
     console.print(stages)
+    if plan.cost_note:
+        console.print(plan.cost_note)
     console.print(_comparison([plan, *alternatives]))
     headroom = plan.budget_bytes - plan.peak_bytes
     console.print(

@@ -32,7 +32,7 @@ def traced_plan_peak(workload: Workload, plan: Plan) -> int:
     if mode is None:
         mode = new_fake_mode()
         workload = to_fake_workload(workload, mode)
-    with mode, installed(workload.model, plan.stage_names, plan.tree) as calls:
+    with mode, installed(workload.model, plan.stage_names, plan.tree, plan.selective) as calls:
         traced = trace_training(workload)
     if calls.expected and calls.count == 0:
         raise PlanCheckError(not_run(workload.model, plan))

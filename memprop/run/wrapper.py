@@ -32,6 +32,7 @@ from torch import nn
 from memprop.blocks.install import installed
 from memprop.errors import PlanCheckError
 from memprop.plan.api import check_cost_model, check_strategy, plan
+from memprop.plan.costs import DEFAULT_COST_MODEL
 from memprop.plan.solvers import Plan
 from memprop.run.measure import not_run
 from memprop.run.verify import verify_plan
@@ -87,6 +88,9 @@ class _Planner:
 
     budget_bytes: int
     strategy: str
+    cost_model: str
+    """``roofline`` or ``flops``: later shapes are planned on fake tensors, which ``measured``
+    cannot price."""
     loss_fn: Any
     targets: _TargetsLike | None
     optimizer_class: type[torch.optim.Optimizer] | None
@@ -115,7 +119,7 @@ class _Planner:
                 fake.targets = self.targets.fake(int(tensors[0].shape[0]) if tensors and
                                                  tensors[0].dim() else None)
         result = plan(fake, budget=self.budget_bytes, strategy=self.strategy,
-                      cost_model="flops")
+                      cost_model=self.cost_model)
         verify_plan(fake, result)
         return result
 
@@ -152,7 +156,7 @@ class PlannedModule(nn.Module):
             return self.module(*inputs, **kwargs)
         chosen = self.plan_for(*inputs, **kwargs)
         with _without_hf_checkpointing(self.module), \
-                installed(self.module, chosen.stage_names, chosen.tree) as calls:
+                installed(self.module, chosen.stage_names, chosen.tree, chosen.selective) as calls:
             output = self.module(*inputs, **kwargs)
         if calls.expected and calls.count == 0:
             raise PlanCheckError(not_run(self.module, chosen))
@@ -213,7 +217,7 @@ def checkpoint(
     inputs: Inputs,
     budget: int | str,
     strategy: str = "optimal",
-    cost_model: str = "flops",
+    cost_model: str = DEFAULT_COST_MODEL,
     *,
     loss_fn: Any = None,
     targets: torch.Tensor | None = None,
@@ -234,10 +238,11 @@ def checkpoint(
       from the second on, and the plan keeps room for it; only its class and settings are kept.
     - ``set_to_none``: how the loop zeroes gradients, ``zero_grad(set_to_none=...)``.
 
-    ``cost_model="flops"`` (the default) plans on fake tensors: nothing is allocated, which
-    matters when the unplanned step does not fit. ``"measured"`` traces real steps for the first
-    plan (the model is put back as it was); later shapes are always planned in FLOPs. Every plan
-    is checked on fake tensors before it runs (:func:`memprop.run.verify.verify_plan`).
+    ``cost_model`` prices recomputation (``memprop.plan.costs``). ``"roofline"`` (the default)
+    and ``"flops"`` plan on fake tensors: nothing is allocated, which matters when the unplanned
+    step does not fit. ``"measured"`` traces real steps for the first plan (the model is put
+    back as it was); later shapes are then planned by the roofline. Every plan is checked on
+    fake tensors before it runs (:func:`memprop.run.verify.verify_plan`).
     """
     first = to_workload(model, inputs, loss_fn=loss_fn, targets=targets, optimizer=optimizer,
                         set_to_none=set_to_none, blocks=blocks)
@@ -248,6 +253,7 @@ def checkpoint(
     planner = _Planner(
         budget_bytes=budget_bytes,
         strategy=strategy,
+        cost_model=DEFAULT_COST_MODEL if cost_model == "measured" else cost_model,
         loss_fn=loss_fn,
         targets=None if targets is None else _TargetsLike(
             shape=tuple(targets.shape), dtype=targets.dtype, device=targets.device,

@@ -46,6 +46,9 @@ class Call:
     """The recorder's event count at the call's start: a tensor saved while the event count is
     in ``(first_event, last_event)`` was saved by an op of this call."""
     last_event: int = 0
+    first_op: int = 0
+    """With the ledger's ops logged: the call's ops are ``ledger.ops[first_op:last_op]``."""
+    last_op: int = 0
     started_s: float = 0.0
     stopped_s: float = 0.0
     inputs: list[StorageRecord] = field(default_factory=list, repr=False)
@@ -126,6 +129,7 @@ class CallRecorder:
                 call = Call(index=len(self.calls), name=name, module=module,
                             container=container, depth=len(self._stack), start=ledger.clock,
                             first_event=self.event, started_s=time.perf_counter(),
+                            first_op=len(ledger.ops) if ledger.ops is not None else 0,
                             inputs=self._records((args, kwargs)))
                 self.calls.append(call)
                 if container is not None or not self._stack:
@@ -142,6 +146,7 @@ class CallRecorder:
                 self.event += 1
                 call.last_event = self.event
                 call.stop = self.ledger.clock
+                call.last_op = len(self.ledger.ops) if self.ledger.ops is not None else 0
                 call.stopped_s = time.perf_counter()
                 call.outputs = self._records(output)
                 if call.container is not None or not self._stack:

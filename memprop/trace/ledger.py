@@ -35,13 +35,13 @@ import itertools
 import weakref
 from collections.abc import Iterable
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-__all__ = ["Category", "StorageLedger", "StorageRecord"]
+__all__ = ["Category", "OpEntry", "StorageLedger", "StorageRecord"]
 
 
 class Category(str, Enum):
@@ -147,6 +147,18 @@ def _moved_bytes(value: Any) -> int:
     return 0
 
 
+def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors an in-place or out= op writes, by its schema."""
+    found = []
+    for position, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[position] if position < len(args) else kwargs.get(argument.name)
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+    return found
+
+
 def _training_flag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return bool(kwargs.get("train", args[2] if len(args) > 2 else True))
 
@@ -209,6 +221,21 @@ def op_name(op: Any) -> str:
     return str(op.overloadpacket.__name__) if hasattr(op, "overloadpacket") else str(op)
 
 
+class OpEntry(NamedTuple):
+    """One op of a step whose ops are logged (``StorageLedger(log_ops=True)``)."""
+
+    func: Any
+    tick: int
+    """The clock after the op: the tick of its outputs when it made new ones."""
+    born: tuple[StorageRecord, ...]
+    """The storages it made."""
+    flops: int
+    moved: int
+    """Bytes of the tensors it read and wrote (0 for a view, which moves nothing)."""
+    written: tuple[int, ...] = ()
+    """The records (by index) of the storages it wrote in place."""
+
+
 class _StorageRef(weakref.ref):  # type: ignore[type-arg]
     __slots__ = ("key", "record")
     key: int
@@ -229,7 +256,7 @@ class StorageLedger(TorchDispatchMode):
     operations with PyTorch's own formulas (``torch.utils.flop_counter``).
     """
 
-    def __init__(self, *, count_bytes: bool = False) -> None:
+    def __init__(self, *, log_ops: bool = False) -> None:
         super().__init__()
         self.clock = 0
         self.records: list[StorageRecord] = []
@@ -242,9 +269,9 @@ class StorageLedger(TorchDispatchMode):
         self.tick_flops: dict[int, int] = {}
         """FLOPs of the ops run at each tick (an op that allocates nothing counts at the tick of
         the last op that did): sums over a region's ticks are the region's FLOPs."""
-        self.tick_bytes: dict[int, int] | None = {} if count_bytes else None
-        """With ``count_bytes``: the bytes every op read and wrote (its tensors' sizes), by
-        tick, to price memory-bound work."""
+        self.ops: list[OpEntry] | None = [] if log_ops else None
+        """With ``log_ops``: every op in order, its FLOPs and the bytes it read and wrote (to
+        price memory-bound work, and to choose which op outputs a block keeps)."""
         self._on_free = self._make_free_callback()
         self._kinds: dict[Any, Any] = {}
         self._curves_cache: tuple[tuple[int, int], tuple[list[int], list[int]]] | None = None
@@ -340,30 +367,37 @@ class StorageLedger(TorchDispatchMode):
         if kind is _ALIAS:
             return out
         live = self._live
+        born = 0
         if isinstance(out, torch.Tensor):
             storage = out.untyped_storage()
             if id(storage) not in live:
                 self.clock += 1
                 self.ticks.append((func, self.module, self.phase))
                 self._born(out, storage, func)
+                born = 1
         elif isinstance(out, (tuple, list)):
-            ticked = False
             for item in out:
                 if isinstance(item, torch.Tensor):
                     storage = item.untyped_storage()
                     if id(storage) not in live:
-                        if not ticked:
+                        if not born:
                             self.clock += 1
                             self.ticks.append((func, self.module, self.phase))
-                            ticked = True
                         self._born(item, storage, func)
+                        born += 1
+        count = 0
         if kind.__class__ is not str:  # an op with a FLOP formula (not _PLAIN or _IDENTITY)
             count = kind(args, kwargs, out)
             self.flops += count
             self.tick_flops[self.clock] = self.tick_flops.get(self.clock, 0) + count
-        if self.tick_bytes is not None:
-            moved = _moved_bytes(args) + _moved_bytes(out)
-            self.tick_bytes[self.clock] = self.tick_bytes.get(self.clock, 0) + moved
+        if self.ops is not None:
+            moved = 0 if func.is_view else _moved_bytes(args) + _moved_bytes(out)
+            written: tuple[int, ...] = ()
+            if func._schema.is_mutable:
+                written = tuple(r.index for r in map(self.record_of, _written(func, args, kwargs))
+                                if r is not None)
+            self.ops.append(OpEntry(func, self.clock, tuple(self.records[-born:]) if born else (),
+                                    count, moved, written))
         return out
 
     @classmethod

@@ -234,7 +234,7 @@ def trace_chain(workload: Workload, *, fake: bool = False) -> ChainCosts:
     :class:`memprop.errors.UsageError` that says what was found."""
     workload, mode = _in_mode(workload, fake)
     with mode if mode is not None else contextlib.nullcontext():
-        steady = trace_training(workload).steady
+        steady = trace_training(workload, log_ops=True).steady
     if steady.chain is None:
         raise UsageError(steady.blocks_note or "the backward never reached the model's blocks")
     return steady.chain

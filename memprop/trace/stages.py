@@ -21,21 +21,46 @@ forward's end*. The model's output is the chain's ``x_n``, held by the caller.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from memprop.trace.ledger import Category, StorageLedger, StorageRecord
+from memprop.trace.ledger import Category, OpEntry, StorageLedger, StorageRecord
 
 if TYPE_CHECKING:
     from memprop.blocks.find import BlockRun
     from memprop.trace.calls import Call, CallRecorder
 
-__all__ = ["PREFIX", "SUFFIX", "ChainCosts", "StageStats", "chain_costs"]
+__all__ = ["PREFIX", "SUFFIX", "BlockOp", "ChainCosts", "StageStats", "chain_costs"]
 
 PREFIX = "(prefix)"
 SUFFIX = "(suffix)"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BlockOp:
+    """One op of a block's forward, as a selective recomputation sees it (``memprop.plan.
+    selective``): which call of which op it is, what keeping its output would hold, and what
+    recomputing it costs."""
+
+    op: str
+    """The aten op, ``aten.mm.default``."""
+    occurrence: int
+    """Which call of that op within the block's forward, from 0."""
+    cache_bytes: int
+    """The storages it makes, which keeping its output holds until the block's backward (its
+    output that is the block's own output is held anyway, and weighs 0 here)."""
+    allocates: bool
+    """Whether it makes a storage that may be kept: views and in-place ops make none, and an
+    output that a later op of the block writes in place cannot be handed back unchanged."""
+    flops: int
+    moved_bytes: int
+    rise_bytes: int
+    """The highest live total while it ran (ops that selective recomputation ignores, run just
+    before it, included), less the live total when the block began: with the outputs kept for
+    later ops added, the block's re-run peak under a selective option."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -92,9 +117,14 @@ class StageStats:
     """The prefix and the suffix: always kept, never recomputed."""
     aliases_input: bool = False
     """Whether the stage hands on its input's own storage (an in-place op, a view)."""
+    ops: tuple[BlockOp, ...] = ()
+    """A block's forward ops, in order (logged steps only): what selective recomputation
+    chooses from."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        document = asdict(self)
+        del document["ops"]  # the planner's working data, not the report's
+        return document
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -209,7 +239,7 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
     outputs = {r.index for r in regions[-1].outputs}
     read_by_blocks = {r.index for call in run.calls for r in call.inputs}
     held = (Category.SAVED_ACTIVATIONS, Category.TEMPORARIES)
-    flops, moved = ledger.tick_flops, ledger.tick_bytes or {}
+    flops, ops = ledger.tick_flops, ledger.ops or []
     stats = []
     for index, region in enumerate(regions):
         start, stop = region.forward
@@ -236,6 +266,9 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
         held_to_forward_end = [r for r in lasting if r.index not in own
                                and _death(r) <= forward_end]
         back_start, back_stop, back_s = backward.get(index, (0, -1, 0.0))
+        call = run.calls[index - (regions[0].name == PREFIX)] if not region.pinned else None
+        forward_ops = (ops[call.first_op:call.last_op] if call is not None
+                       else [o for o in ops if start < o.tick <= stop])
         stats.append(StageStats(
             index=index,
             name=region.name,
@@ -255,11 +288,13 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
                 regions[index - 1].mark if index > 0 else None)),
             persistent_bytes=sum(r.bytes for r in persistent),
             forward_held_bytes=sum(r.bytes for r in held_to_forward_end),
-            forward_moved_bytes=_sum(moved, start, stop),
-            backward_moved_bytes=_sum(moved, back_start, back_stop),
+            forward_moved_bytes=sum(o.moved for o in forward_ops),
+            backward_moved_bytes=sum(o.moved for o in ops if back_start < o.tick <= back_stop),
             pinned=region.pinned,
             aliases_input=bool(region.inputs) and bool(region.outputs)
             and region.inputs[0].index == region.outputs[0].index,
+            ops=() if call is None else _block_ops(
+                forward_ops, flow, start, functools.partial(_rise_from, live, after[start])),
         ))
     forward_stop = regions[-1].forward[1]
     backward_start = marks[0][0]
@@ -284,6 +319,38 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
         blocks_found=run.describe(),
         other_runs=run.others,
     )
+
+
+def _block_ops(entries: Sequence[OpEntry], flow: set[int], start: int,
+               rise: Callable[[int, int], int]) -> tuple[BlockOp, ...]:
+    """The block's ops as selective recomputation keys them: by op and call count, as
+    ``torch.utils.checkpoint``'s selective policy sees them (it skips the ops it ignores).
+    ``rise(low, high)``: the live total's highest rise over ticks ``low+1..high``."""
+    from torch.utils.checkpoint import SAC_IGNORED_OPS
+
+    counts: dict[str, int] = {}
+    found = []
+    since = start
+    overwritten = {index for entry in entries for index in entry.written}
+    for entry in entries:
+        if entry.func in SAC_IGNORED_OPS:
+            continue
+        name = str(entry.func)
+        occurrence = counts.get(name, 0)
+        counts[name] = occurrence + 1
+        found.append(BlockOp(op=name, occurrence=occurrence,
+                             cache_bytes=sum(r.bytes for r in entry.born if r.index not in flow),
+                             allocates=bool(entry.born) and not any(
+                                 r.index in overwritten for r in entry.born),
+                             flops=entry.flops,
+                             moved_bytes=entry.moved, rise_bytes=rise(since, entry.tick)))
+        since = entry.tick
+    return tuple(found)
+
+
+def _rise_from(live: Sequence[int], base: int, low: int, high: int) -> int:
+    """How far the live total rose above ``base`` over ticks ``low+1..high``."""
+    return max(0, max(live[low + 1 : high + 1]) - base) if high > low else 0
 
 
 def _death(record: StorageRecord) -> float:

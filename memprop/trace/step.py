@@ -104,7 +104,7 @@ class TrainingTrace:
 
 def trace_training(
     workload: Workload, *, create_graph: bool = False, device: Any = None,
-    count_bytes: bool = False,
+    log_ops: bool = False,
 ) -> TrainingTrace:
     """The steady-state training step of ``workload``, reached as the loop reaches it.
 
@@ -119,10 +119,10 @@ def trace_training(
     with _training_mode(workload.model, notes):
         zero_gradients(workload)
         before = state_signature(workload)
-        first = _measured(workload, create_graph, device, count_bytes)
+        first = _measured(workload, create_graph, device, log_ops)
         if state_signature(workload) != before:
             zero_gradients(workload)
-            steady = _measured(workload, create_graph, device, count_bytes)
+            steady = _measured(workload, create_graph, device, log_ops)
             first_peak: int | None = first[0].ledger.peak()[0]
         else:
             # The step made no state: it was already a steady one. It was also the loop's
@@ -141,14 +141,14 @@ def trace_training(
                          device_rise_bytes=rise, notes=tuple(notes))
 
 
-def _measured(workload: Workload, create_graph: bool, device: Any, count_bytes: bool
+def _measured(workload: Workload, create_graph: bool, device: Any, log_ops: bool
               ) -> tuple[StepTrace, int | None]:
     if device is None:
         return trace_training_step(workload, create_graph=create_graph,
-                                   count_bytes=count_bytes), None
+                                   log_ops=log_ops), None
     before = device.current_bytes()
     device.reset_peak()
-    trace = trace_training_step(workload, create_graph=create_graph, count_bytes=count_bytes)
+    trace = trace_training_step(workload, create_graph=create_graph, log_ops=log_ops)
     return trace, max(0, device.peak_bytes() - before)
 
 
@@ -171,13 +171,14 @@ def _training_mode(model: nn.Module, notes: list[str]) -> Iterator[None]:
 
 
 def trace_training_step(workload: Workload, *, create_graph: bool = False,
-                        count_bytes: bool = False) -> StepTrace:
+                        log_ops: bool = False) -> StepTrace:
     """One forward, backward and (when given) optimizer step, every storage on the ledger, from
     the state the workload is in (see :func:`trace_training` for the loop's steady state).
-    ``count_bytes`` also counts the bytes each op moves (for a cost model that prices them)."""
+    ``log_ops`` also logs every op with its FLOPs and the bytes it moves (for a cost model
+    that prices memory-bound work, and for the ops a block may keep)."""
     from memprop.blocks.find import find_run, why_none
 
-    ledger = StorageLedger(count_bytes=count_bytes)
+    ledger = StorageLedger(log_ops=log_ops)
     register_step_state(ledger, workload, training=True)
     recorder = CallRecorder(ledger, workload.model)
 

@@ -45,11 +45,12 @@ def test_plan_fits_a_budget_below_the_unplanned_peak(runner: CliRunner, tmp_path
                           "min_feasible_bytes", "stages", "schedule", "predicted", "baseline"}
 
 
-def test_fake_plans_in_flops_and_equal_the_real_flops_plan(runner: CliRunner,
-                                                          tmp_path: Path) -> None:
-    real = _plan(runner, tmp_path, "1GiB", "--cost-model", "flops")
+def test_fake_plans_equal_real_plans_priced_by_the_roofline(runner: CliRunner,
+                                                           tmp_path: Path) -> None:
+    real = _plan(runner, tmp_path, "1GiB")
     fake = _plan(runner, tmp_path, "1GiB", "--fake")
-    assert fake["cost_model"] == "flops"
+    assert fake["cost_model"] == real["cost_model"] == "roofline"
+    assert "GFLOP/s" in str(fake["cost_note"])
     assert fake["baseline"] == real["baseline"]
     assert fake["min_feasible_bytes"] == real["min_feasible_bytes"]
 

@@ -22,33 +22,40 @@ from memprop.plan import (
     uniform_tree,
 )
 from memprop.plan.schedule import flat
+from memprop.plan.selective import Option
 
 
-def _plans(atoms: list[tuple[int, int]], a: int, b: int, chain: Chain | None = None
-           ) -> Iterator[tuple[int | Segment, ...]]:
+def _plans(atoms: list[tuple[int, int]], a: int, b: int, chain: Chain | None = None,
+           *, top: bool = False) -> Iterator[tuple[int | Segment, ...]]:
     """Every child sequence for atoms [a, b) whose last atom is kept: the search space. An atom
     is a run of stages that a plan never splits (an aliasing stage glued to the one before); a
-    pinned stage (a model's prefix or suffix) is never inside a checkpointed segment."""
+    pinned stage (a model's prefix or suffix) is never inside a checkpointed segment. At the
+    top level, a checkpoint of one stage may run any of its selective options."""
     kept = tuple(range(*atoms[a]))
     if b - a == 1:
         yield kept
         return
-    for rest in _plans(atoms, a + 1, b, chain):
+    for rest in _plans(atoms, a + 1, b, chain, top=top):
         yield (*kept, *rest)
     for s in range(a + 1, b):
         if chain is not None and not chain.checkpointable(atoms[a][0], atoms[s - 1][1]):
             continue
+        start, stop = atoms[a][0], atoms[s - 1][1]
+        single = top and chain is not None and stop - start == 1
+        choices = range(len(chain.stages[start].options) + 1) if single else (0,)  # type: ignore[union-attr]
         for inner in _plans(atoms, a, s, chain):
-            for rest in _plans(atoms, s, b, chain):
-                segment = Segment(start=atoms[a][0], stop=atoms[s - 1][1], children=inner)
-                yield (segment, *rest)
+            for rest in _plans(atoms, s, b, chain, top=top):
+                for option in choices:
+                    segment = Segment(start=start, stop=stop, children=inner, option=option)
+                    yield (segment, *rest)
 
 
 def _random_chain(rng: random.Random, n: int, *, locals_: bool = False) -> Chain:
     """Heterogeneous stages with every feature of the model: tapes that hold the output,
     in-place or view stages, parameter gradients, a pinned prefix and suffix, the loss's and
-    the optimizer's moments; with ``locals_``, the forward's locals too (which the DP counts at
-    every forward moment, re-runs included: safe, not exact)."""
+    the optimizer's moments, selective options (kept bytes, saved cost, the re-run's
+    transient); with ``locals_``, the forward's locals too (which the DP counts at every forward
+    moment, re-runs included: safe, not exact)."""
     stages: list[Stage] = []
     pinned = {0} if n > 1 and rng.random() < 0.3 else set()
     if n > 2 and rng.random() < 0.3:
@@ -57,14 +64,19 @@ def _random_chain(rng: random.Random, n: int, *, locals_: bool = False) -> Chain
         aliases = i > 0 and rng.random() < 0.2
         out = stages[-1].output_bytes if aliases else rng.randint(1, 9)
         tape, so = rng.randint(0, 9), rng.random() < 0.4
+        forward_cost, forward_peak = rng.randint(1, 9), rng.randint(0, 25)
         stages.append(Stage(
-            name=f"s{i}", forward_cost=float(rng.randint(1, 9)),
+            name=f"s{i}", forward_cost=float(forward_cost),
             backward_cost=float(rng.randint(1, 9)), input_bytes=0, output_bytes=out,
             saved_bytes=tape + (out if so else 0), saves_input=rng.random() < 0.6,
-            saves_output=so, forward_peak_bytes=rng.randint(0, 25),
+            saves_output=so, forward_peak_bytes=forward_peak,
             backward_peak_bytes=rng.randint(0, 25), gradient_bytes=rng.choice((0, 0, 1, 4, 9)),
             aliases_input=aliases, pinned=i in pinned,
             forward_held_bytes=rng.choice((0, 0, 0, rng.randint(1, 6))) if locals_ else 0,
+            options=tuple(Option(cache_bytes=rng.randint(1, max(1, tape)),
+                                 saved_cost=float(rng.randint(1, forward_cost)),
+                                 rerun_peak_bytes=forward_peak + rng.randint(0, 6), keep=())
+                          for _ in range(rng.choice((0, 0, 1, 2, 3)))),
         ))
     return Chain(stages=tuple(stages), fixed_bytes=rng.randint(0, 5),
                  loss_peak_bytes=rng.choice((None, rng.randint(0, 30))),
@@ -75,7 +87,7 @@ def _random_chain(rng: random.Random, n: int, *, locals_: bool = False) -> Chain
 def _exhaustive(chain: Chain) -> list[tuple[int, float]]:
     n, atoms = len(chain), chain.atoms()
     sims = [simulate(chain, Segment(start=0, stop=n, children=c))
-            for c in _plans(atoms, 0, len(atoms), chain)]
+            for c in _plans(atoms, 0, len(atoms), chain, top=True)]
     return [(s.peak_bytes, s.compute) for s in sims]
 
 
@@ -241,3 +253,16 @@ def test_cost_table_alone_finds_the_boundary_plans() -> None:
             sims = [simulate(chain, t) for t in (floor_tree, tree) if t is not None]
             assert all(s.peak_bytes <= uniform.peak_bytes for s in sims)
             assert min(s.compute for s in sims) <= uniform.compute * (1 + _ULPS), (n, k)
+
+
+def test_selective_options_are_chosen_where_they_pay() -> None:
+    # The search above includes options; this checks that it is not vacuous: on random chains,
+    # some budgets are met cheapest by a top-level checkpoint that keeps some op outputs.
+    chosen = 0
+    for seed in range(30):
+        chain = _random_chain(random.Random(seed), 5)
+        front = _exhaustive(chain)
+        for budget in range(min(p for p, _ in front), max(p for p, _ in front) + 1, 3):
+            plan = solve(chain, budget, "optimal")
+            chosen += any(isinstance(c, Segment) and c.option for c in plan.tree.children)
+    assert chosen >= 10

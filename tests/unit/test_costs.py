@@ -1,0 +1,47 @@
+"""The cost models: the roofline prices memory-bound work that FLOPs call free, from rates
+measured once per machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from memprop.errors import UsageError
+from memprop.plan import costs
+from memprop.plan.api import chain_of
+from memprop.workload import Workload
+
+
+def test_rates_are_measured_once_then_read_from_the_cache(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = costs.machine_rates("cpu")
+    assert first.flops_per_s > 1e8 and first.bytes_per_s > 1e8
+    cached = json.loads((tmp_path / "memprop" / "rates.json").read_text())
+    assert len(cached) == 1
+    monkeypatch.setattr(costs, "_measure", lambda kind: pytest.fail("measured again"))
+    assert costs.machine_rates("cpu") == first
+
+
+def test_an_unknown_cost_model_is_refused() -> None:
+    with pytest.raises(UsageError, match="roofline, flops, measured"):
+        costs.check_cost_model("wallclock")
+
+
+def test_the_roofline_prices_what_flops_call_free() -> None:
+    # Linear, ReLU, BatchNorm: FLOPs price the pointwise stages at 0, the roofline by their bytes.
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.BatchNorm1d(64), nn.Linear(64, 8))
+    workload = Workload(model=model, inputs=(torch.randn(128, 64),))
+    flops = chain_of(workload, cost_model="flops", fake=True)
+    roofline = chain_of(workload, cost_model="roofline", fake=True)
+    rates = costs.machine_rates("cpu")
+    assert [s.forward_cost == 0 for s in flops.stages] == [False, True, True, False]
+    assert all(s.forward_cost > 0 for s in roofline.stages)
+    relu = roofline.stages[1]
+    moved = 2 * 128 * 64 * 4  # reads its input, writes its output
+    assert relu.forward_cost == pytest.approx(moved / rates.bytes_per_s)
+    assert rates.describe() in roofline.cost_note
