@@ -7,7 +7,6 @@ model."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from memprop.workload import Workload
+from memprop.zoo import BasicBlock, Bottleneck, ResNet, VisionTransformer
 
 __all__ = [
     "HF_MODELS",
@@ -81,91 +81,6 @@ def bert(batch_size: int = 4, *, layers: int = 4, width: int = 64, tokens: int =
 
 # -- torchvision-style ResNets ------------------------------------------------------------------
 
-class BasicBlock(nn.Module):
-    """torchvision's ResNet BasicBlock: two 3x3 convolutions and a shortcut."""
-
-    expansion = 1
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += identity
-        return self.relu(out)
-
-
-class Bottleneck(nn.Module):
-    """torchvision's ResNet Bottleneck: 1x1, 3x3, 1x1 convolutions and a shortcut."""
-
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += identity
-        return self.relu(out)
-
-
-class ResNet(nn.Module):
-    """torchvision's ResNet: a stem, four nn.Sequential layers of blocks, pooling and a head."""
-
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], *,
-                 width: int = 8, classes: int = 10) -> None:
-        super().__init__()
-        self.inplanes = width
-        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = self._layer(block, width, layers[0])
-        self.layer2 = self._layer(block, 2 * width, layers[1], stride=2)
-        self.layer3 = self._layer(block, 4 * width, layers[2], stride=2)
-        self.layer4 = self._layer(block, 8 * width, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8 * width * block.expansion, classes)
-
-    def _layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int,
-               stride: int = 1) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes * block.expansion:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion))
-        layers: list[nn.Module] = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
 def _images(batch_size: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return (torch.randn(batch_size, 3, size, size, generator=generator),
@@ -186,60 +101,6 @@ def resnet50(batch_size: int = 4, *, width: int = 8, size: int = 32) -> Workload
     images, labels = _images(batch_size, size)
     return Workload(model=model, inputs=(images,), targets=labels, loss_fn=F.cross_entropy,
                     optimizer=_adamw(model), name="resnet50", batch_size=batch_size)
-
-
-# -- a torchvision-style ViT --------------------------------------------------------------------
-
-class EncoderBlock(nn.Module):
-    """torchvision's ViT EncoderBlock: pre-norm attention and MLP, each with a residual."""
-
-    def __init__(self, width: int, heads: int, mlp: int, dropout: float) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.self_attention = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.dropout = nn.Dropout(dropout)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, mlp), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(mlp, width), nn.Dropout(dropout))
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        x = self.ln_1(inputs)
-        x, _ = self.self_attention(x, x, x, need_weights=False)
-        x = self.dropout(x) + inputs
-        return x + self.mlp(self.ln_2(x))
-
-
-class Encoder(nn.Module):
-    def __init__(self, tokens: int, layers: int, width: int, heads: int, mlp: int,
-                 dropout: float) -> None:
-        super().__init__()
-        self.pos_embedding = nn.Parameter(torch.empty(1, tokens, width).normal_(std=0.02))
-        self.dropout = nn.Dropout(dropout)
-        self.layers = nn.Sequential(OrderedDict(
-            (f"encoder_layer_{i}", EncoderBlock(width, heads, mlp, dropout))
-            for i in range(layers)))
-        self.ln = nn.LayerNorm(width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln(self.layers(self.dropout(x + self.pos_embedding)))
-
-
-class VisionTransformer(nn.Module):
-    """torchvision's VisionTransformer: patch projection, a class token, an Encoder, a head."""
-
-    def __init__(self, *, size: int = 32, patch: int = 8, layers: int = 4, width: int = 64,
-                 heads: int = 4, mlp: int = 128, dropout: float = 0.1, classes: int = 10) -> None:
-        super().__init__()
-        self.patch = patch
-        self.conv_proj = nn.Conv2d(3, width, patch, patch)
-        self.class_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.encoder = Encoder((size // patch) ** 2 + 1, layers, width, heads, mlp, dropout)
-        self.heads = nn.Sequential(OrderedDict(head=nn.Linear(width, classes)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_proj(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.heads(self.encoder(x)[:, 0])
 
 
 def vit(batch_size: int = 4, *, layers: int = 4, width: int = 64, size: int = 32) -> Workload:
