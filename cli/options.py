@@ -69,6 +69,11 @@ Device = Annotated[str, typer.Option(
 Optimizer = Annotated[str | None, typer.Option(
     help=f"{', '.join(OPTIMIZERS)} (seed MLP default {SEED.optimizer}; with --model, for a "
          "factory that returns no optimizer).", rich_help_panel=_W)]
+Blocks = Annotated[str | None, typer.Option(
+    "--blocks", metavar="NAME", rich_help_panel=_W,
+    help="The nn.Sequential or nn.ModuleList whose items the planner takes as the chain's "
+         "blocks, by qualified name (transformer.h); default: the run of blocks that saves "
+         "the most for backward (profile names it and the others).")]
 SetToNone = Annotated[bool, typer.Option(
     "--set-to-none/--no-set-to-none", rich_help_panel=_W,
     help="How your loop zeroes gradients between steps: zero_grad(set_to_none=True), torch's "
@@ -91,6 +96,7 @@ class WorkloadOptions:
     device: str
     optimizer: str | None
     set_to_none: bool
+    blocks: str | None = None
     given: frozenset[str] = frozenset()
     """The options the user typed (not defaults)."""
 
@@ -105,6 +111,8 @@ class WorkloadOptions:
     def validate(self) -> None:
         """Every check of the shared options, once, before any work."""
         check_size("--batch", self.batch)
+        if self.blocks is not None and not self.blocks.strip():
+            raise UsageError("--blocks is empty: name a container, such as transformer.h")
         if self.depth is not None:
             check_size("--depth", self.depth)
         if self.model is None:
@@ -140,6 +148,7 @@ _SHARED: list[tuple[str, Any, Any]] = [
     ("device", Device, SEED.device),
     ("optimizer", Optimizer, None),
     ("set_to_none", SetToNone, True),
+    ("blocks", Blocks, None),
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -198,6 +207,7 @@ def builder(options: WorkloadOptions) -> Build:
             workload = seed_workload(replace(config, batch=batch_size,
                                              depth=config.depth if depth is None else depth))
             workload.set_to_none = options.set_to_none
+            workload.blocks = options.blocks or workload.blocks
             return workload
 
         return build_seed
@@ -211,6 +221,7 @@ def builder(options: WorkloadOptions) -> Build:
             workload = call_factory(factory, spec=spec, batch_size=batch_size, depth=depth)
         adjust(workload, **applies)
         workload.set_to_none = options.set_to_none
+        workload.blocks = options.blocks or workload.blocks
         return workload
 
     return build_model

@@ -126,7 +126,8 @@ def _named(found: list[list[Call]], calls: Sequence[Call], model: nn.Module, nam
     container = dict(model.named_modules()).get(named)
     if not isinstance(container, CONTAINERS):
         containers = [n for n, m in model.named_modules() if isinstance(m, CONTAINERS) and n]
-        raise UsageError(f"blocks={named!r} is not an nn.Sequential or nn.ModuleList of "
+        raise UsageError(f"the blocks' container {named!r} is not an nn.Sequential or "
+                         f"nn.ModuleList of "
                          f"{type(model).__name__}: its containers are "
                          f"{', '.join(containers[:12]) or 'none'}")
     members = {id(m) for m in container.modules() if m is not container}
@@ -153,4 +154,4 @@ def why_none(calls: Sequence[Call], model: nn.Module) -> str:
             f"(nn.Sequential children, or nn.ModuleList items called in a loop), and "
             f"{type(model).__name__} has none: its containers are "
             f"{', '.join(containers[:8]) or 'none'}; {seen}. Put the blocks in an "
-            "nn.Sequential or nn.ModuleList, or name the container (blocks=...)")
+            "nn.Sequential or nn.ModuleList, or name the container (--blocks NAME, blocks=...)")

@@ -44,12 +44,13 @@ def render_profile(profile: Profile, console: Console, *, top: int = 12) -> None
         "saved activations: what forward keeps for backward; gradients: every .grad; "
         "temporaries: outputs and gradients in flight",
         f"loss: {profile.loss_note}",
+        profile.blocks_note,
         _steady_state_note(profile),
         *profile.notes,
     ]
     if profile.stages and profile.workload.get("mode") == "fake":
         notes.append("stage times: none on fake tensors (nothing is computed); the planner "
-                     "prices stages in FLOPs")
+                     "prices stages by their FLOPs and bytes moved")
     if profile.measured is not None:
         notes.append(f"measured: {profile.measured.source}")
     notes.append(

@@ -124,6 +124,8 @@ class Profile:
     chain: ChainCosts | None
     """The stages and the memory outside them, as the planner needs them (None if the model
     is not a chain)."""
+    blocks_note: str
+    """Which run of blocks the planner sees and which others qualified, or why there is none."""
     loss_note: str
     timeline: Timeline
     closed_form: dict[str, int] | None
@@ -181,6 +183,7 @@ class Profile:
             },
             "loss": self.loss_note,
             "notes": list(self.notes),
+            "blocks_note": self.blocks_note,
             "closed_form": self.closed_form,
         }
         if self.gpu_layers is not None:
@@ -328,6 +331,7 @@ def _assemble(
         saved_tensors=saved_tensors,
         stages=training.stages,
         chain=training.chain,
+        blocks_note=_blocks_note(training),
         loss_note=training.loss_note,
         timeline=timeline,
         gpu_layers=gpu_layers(backend, peak_bytes),
@@ -335,6 +339,17 @@ def _assemble(
         trace_s=training.wall_s + inference.wall_s,
         notes=traced.notes,
     )
+
+
+def _blocks_note(training: StepTrace) -> str:
+    chain = training.chain
+    if chain is None:
+        return training.blocks_note
+    note = f"blocks: {chain.blocks_found}"
+    if chain.other_runs:
+        note += (f"; other runs: {'; '.join(chain.other_runs)} (--blocks NAME, or blocks=, "
+                 "plans another)")
+    return note
 
 
 _NOT_ACTIVATIONS = (Category.PARAMETERS, Category.BUFFERS, Category.INPUTS, Category.GRADIENTS)

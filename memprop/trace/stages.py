@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from memprop.trace.ledger import Category, OpEntry, StorageLedger, StorageRecord
+from memprop.units import format_bytes
 
 if TYPE_CHECKING:
     from memprop.blocks.find import BlockRun
@@ -316,7 +317,7 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
         output_grad_held=output_grad_held,
         output_grad_bytes=None if last_mark is None else sum(r.bytes for r in last_mark.grads),
         blocks=run.names,
-        blocks_found=run.describe(),
+        blocks_found=f"{run.describe()}, saving {format_bytes(run.saved_bytes)} for backward",
         other_runs=run.others,
     )
 

@@ -164,7 +164,7 @@ def test_profile_flags_are_pinned() -> None:
     assert flags == {
         "--model", "--input-dim", "--hidden", "--classes", "--depth", "--batch", "--activation",
         "--bias", "--weight-decay", "--dtype", "--device", "--optimizer", "--set-to-none",
-        "--fake", "--json", "--html", "--trace", "--top", "--create-graph",
+        "--blocks", "--fake", "--json", "--html", "--trace", "--top", "--create-graph",
     }
 
 

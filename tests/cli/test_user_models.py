@@ -152,6 +152,29 @@ class NoChain(nn.Module):
 
 
 def no_chain(batch_size): return NoChain(), torch.randn(batch_size, 32)
+
+
+class TwoRuns(nn.Module):
+    """An encoder and a decoder, each a ModuleList called in a loop; the decoder is wider."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+                                     for _ in range(3))
+        self.up = nn.Linear(16, 64)
+        self.decoder = nn.ModuleList(nn.Sequential(nn.Linear(64, 64), nn.Tanh())
+                                     for _ in range(3))
+
+    def forward(self, x):
+        for block in self.encoder:
+            x = block(x)
+        x = self.up(x)
+        for block in self.decoder:
+            x = block(x)
+        return x
+
+
+def two_runs(batch_size): return TwoRuns(), torch.randn(batch_size, 16)
 '''
 
 
@@ -312,6 +335,25 @@ def test_plan_then_run_with_the_same_arguments_run_the_same_plan(project: Path) 
     assert plan["cost_model"] == run["cost_model"] == "roofline"  # same rates: one cache
     assert plan["tree"] == run["tree"] and plan["predicted"] == run["predicted"]
     assert run["measured"]["peak_bytes"] == plan["traced_peak_bytes"]
+
+
+def test_the_report_names_the_runs_and_blocks_picks_another(project: Path) -> None:
+    code, out, err = _run("profile", "--model", "cases.py:two_runs", "--batch", "64", "--fake")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "blocks: decoder.0.0 .. decoder.2.1 (6 " in text  # the run that saves the most
+    assert "other runs: encoder.0.0 .. encoder.2.1 (6 " in text and "--blocks NAME" in text
+    code, out, err = _run("plan", "--model", "cases.py:two_runs", "--batch", "64",
+                          "--blocks", "encoder", "--budget", "1GiB", "--json", "-")
+    assert code == 0, err
+    names = [s["name"] for s in json.loads(out)["stages"]]
+    blocks = [n for n in names if n not in ("(prefix)", "(suffix)")]
+    assert blocks == [f"encoder.{i}.{j}" for i in range(3) for j in range(2)]
+    code, _, err = _run("plan", "--model", "cases.py:two_runs", "--blocks", "encoders",
+                        "--budget", "1GiB")
+    assert code == 2
+    assert "'encoders' is not an nn.Sequential or nn.ModuleList" in err
+    assert "encoder, " in err and "decoder" in err  # what there is to name
 
 
 def test_fake_stage_times_are_not_shown_as_times(project: Path) -> None:
