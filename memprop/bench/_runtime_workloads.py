@@ -1,5 +1,7 @@
-"""The runtime benchmark's two workloads, built by name so that a subprocess (the torch.compile
-contender) builds the very same model."""
+"""The runtime benchmark's workloads, built by name so that a subprocess (the torch.compile
+contender) builds the very same model: the seed MLP (an ``nn.Sequential``, where torch's
+``checkpoint_sequential`` applies), a GPT-2-shaped decoder and a ResNet-50-shaped network
+(``memprop.zoo``), each with AdamW, at sizes a CPU steps in a few hundred milliseconds."""
 
 from __future__ import annotations
 
@@ -7,47 +9,62 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from memprop.workload import SeedConfig, Workload, seed_workload
+from memprop.zoo import GPT, Bottleneck, ResNet, next_token_loss
 
 __all__ = ["CASES", "QUICK_CASES", "build"]
 
 
+def _adamw(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
 def _mlp(batch: int, *, width: int, depth: int) -> Workload:
     return seed_workload(SeedConfig(input_dim=width, hidden=width, classes=10, depth=depth,
-                                    batch=batch))
+                                    batch=batch, optimizer="adamw"))
 
 
-def _transformer(batch: int, *, width: int, layers: int, tokens: int) -> Workload:
-    generator = torch.Generator().manual_seed(0)
+def _gpt(batch: int, *, layers: int, width: int, tokens: int, vocab: int) -> Workload:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        # dropout=0.0: a plan's recomputation replays the RNG anyway, but torch.compile's
-        # partitioner would then be comparing another graph.
-        model = nn.Sequential(*[
-            nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True)
-            for _ in range(layers)
-        ])
-    inputs = torch.randn(batch, tokens, width, generator=generator)
-    return Workload(model=model, inputs=(inputs,),
-                    optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
-                    name="transformer-stack", batch_size=batch, depth=layers)
+        model = GPT(layers=layers, width=width, heads=4, vocab=vocab, positions=tokens)
+        ids = torch.randint(0, vocab, (batch, tokens))
+    return Workload(model=model, inputs=(ids,), targets=ids, loss_fn=next_token_loss,
+                    optimizer=_adamw(model), name="gpt2-shaped", batch_size=batch,
+                    depth=layers)
+
+
+def _resnet50(batch: int, *, width: int, size: int) -> Workload:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = ResNet(Bottleneck, [3, 4, 6, 3], width=width)
+        images = torch.randn(batch, 3, size, size)
+        labels = torch.randint(0, 10, (batch,))
+    return Workload(model=model, inputs=(images,), targets=labels, loss_fn=F.cross_entropy,
+                    optimizer=_adamw(model), name="resnet50-shaped", batch_size=batch)
 
 
 # name -> (builder of batch, default batch, description). Sized so that an unplanned step takes
-# about 50-150 ms on one core of this kind of machine (the benchmark runs on one thread).
+# about 100-200 ms on one core of this kind of machine (the benchmark runs on one thread).
 CASES: dict[str, tuple[Callable[[int], Workload], int, str]] = {
     "mlp": (lambda b: _mlp(b, width=128, depth=16), 2048,
-            "seed MLP, 16 hidden layers of width 128, batch 2048, SGD"),
-    "transformer": (lambda b: _transformer(b, width=64, layers=8, tokens=64), 8,
-                    "8 TransformerEncoderLayers, d_model 64, 4 heads, ffn 256, 64 tokens, "
-                    "batch 8, SGD"),
+            "seed MLP, 16 hidden layers of width 128, batch 2048, AdamW"),
+    "gpt2": (lambda b: _gpt(b, layers=12, width=128, tokens=64, vocab=2048), 8,
+             "GPT-2-shaped, 12 blocks in an nn.ModuleList, width 128, 4 heads, 64 tokens, "
+             "vocabulary 2048, batch 8, AdamW"),
+    "resnet50": (lambda b: _resnet50(b, width=32, size=64), 8,
+                 "ResNet-50-shaped (torchvision's layout, 16 bottlenecks in four "
+                 "nn.Sequentials), base width 32, 64x64 images, batch 8, AdamW"),
 }
 QUICK_CASES: dict[str, tuple[Callable[[int], Workload], int, str]] = {
     "mlp": (lambda b: _mlp(b, width=32, depth=4), 16,
-            "seed MLP, 4 hidden layers of width 32, batch 16, SGD"),
-    "transformer": (lambda b: _transformer(b, width=16, layers=2, tokens=8), 4,
-                    "2 TransformerEncoderLayers, d_model 16, 8 tokens, batch 4, SGD"),
+            "seed MLP, 4 hidden layers of width 32, batch 16, AdamW"),
+    "gpt2": (lambda b: _gpt(b, layers=3, width=16, tokens=8, vocab=32), 2,
+             "GPT-2-shaped, 3 blocks, width 16, 8 tokens, batch 2, AdamW"),
+    "resnet50": (lambda b: _resnet50(b, width=4, size=16), 2,
+                 "ResNet-50-shaped, base width 4, 16x16 images, batch 2, AdamW"),
 }
 
 

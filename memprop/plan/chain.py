@@ -323,7 +323,7 @@ class Chain:
                 options=() if s.pinned else options(
                     s.ops, functools.partial(price.op, s),
                     tape_bytes=_tape_bytes(s), forward_peak_bytes=s.forward_peak_bytes,
-                    forward_cost=price.forward(s)),
+                    forward_cost=price.forward(s), overhead=price.selective_overhead(s)),
             )
             for s in sorted(stats, key=lambda s: s.index)
         )
@@ -396,6 +396,13 @@ class _Pricing:
         total = sum(rates.seconds(o.flops, o.moved_bytes) for o in s.ops)
         return s.forward_s * rates.seconds(op.flops, op.moved_bytes) / total if total else 0.0
 
+    def selective_overhead(self, s: StageStats) -> float:
+        """What running stage ``s`` under a selective policy adds (its dispatch modes, per op,
+        first run and re-run), in the stage's unit; FLOPs do not see it."""
+        if self.cost_model != "roofline" or self.rates is None:
+            return 0.0
+        return self.rates.selective_op_s * len(s.ops)
+
     def note(self) -> str:
         if self.cost_model == "flops":
             return "recomputation priced in counted FLOPs"
@@ -405,4 +412,5 @@ class _Pricing:
         return f"recomputation priced by FLOPs and bytes moved at {self.rates.describe()}"
 
 
-_UNIT_RATES = Rates(flops_per_s=1e11, bytes_per_s=1e10, source="a proportion only")
+_UNIT_RATES = Rates(flops_per_s=1e11, bytes_per_s=1e10, selective_op_s=0.0,
+                    source="a proportion only")

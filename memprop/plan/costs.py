@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -45,6 +46,9 @@ class Rates:
     """Floating-point operations per second of a large float32 matrix product."""
     bytes_per_s: float
     """Bytes read and written per second by a large copy."""
+    selective_op_s: float
+    """What torch's selective checkpoint policy adds per op of a block it runs under (its
+    Python dispatch modes, in the first run and in the re-run together)."""
     source: str
     """Where the figures come from: measured here (when), or nominal."""
 
@@ -52,11 +56,12 @@ class Rates:
         return flops / self.flops_per_s + moved_bytes / self.bytes_per_s
 
     def describe(self) -> str:
-        return (f"{self.flops_per_s / 1e9:.1f} GFLOP/s and {self.bytes_per_s / 1e9:.1f} GB/s "
+        return (f"{self.flops_per_s / 1e9:.1f} GFLOP/s and {self.bytes_per_s / 1e9:.1f} GB/s, "
+                f"{self.selective_op_s * 1e6:.0f} us per op under a selective policy "
                 f"({self.source})")
 
 
-NOMINAL_CUDA = Rates(flops_per_s=50e12, bytes_per_s=1.5e12,
+NOMINAL_CUDA = Rates(flops_per_s=50e12, bytes_per_s=1.5e12, selective_op_s=40e-6,
                      source="nominal for a data-centre GPU: no CUDA device to measure here")
 """For plans made on fake CUDA tensors on a machine without a GPU."""
 
@@ -84,8 +89,10 @@ def machine_rates(device: str = "cpu") -> Rates:
     path = _cache_file()
     key = _machine_key(kind)
     cached = _read(path)
-    if key in cached:
+    try:
         return Rates(**cached[key])
+    except (KeyError, TypeError):
+        pass  # not measured yet here, or by a memprop that measured other things
     rates = _measure(kind)
     cached[key] = asdict(rates)
     try:
@@ -131,4 +138,47 @@ def _measure(kind: str) -> Rates:
     bandwidth = moved / best_of(lambda: target.copy_(source), 5)
     when = time.strftime("%Y-%m-%d")
     return Rates(flops_per_s=float(f"{flops:.3g}"), bytes_per_s=float(f"{bandwidth:.3g}"),
+                 selective_op_s=float(f"{_selective_overhead(device, best_of):.3g}"),
                  source=f"measured on this {kind} on {when}, cached in {_cache_file()}")
+
+
+def _selective_overhead(device: torch.device, best_of: Any) -> float:
+    """Seconds per op that a selective policy adds to a checkpoint's first run and re-run,
+    from tiny blocks of a transformer's ops (views, a linear layer, a norm, an activation, a
+    residual add) checkpointed with and without one, forward and backward."""
+    from torch.nn import functional
+    from torch.utils import checkpoint as torch_checkpoint
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x = torch.ones(2, 4, device=device, requires_grad=True)
+    weight = torch.ones(4, 4, device=device, requires_grad=True)
+
+    def blocks(t: torch.Tensor) -> torch.Tensor:
+        for _ in range(25):
+            h = functional.layer_norm(t, (4,))
+            h = functional.gelu(functional.linear(h.view(1, 2, 4), weight)).view(2, 4)
+            t = t + h
+        return t
+
+    class Counter(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            Counter.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Counter():
+        blocks(x)
+
+    def recompute_all(context: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+        return torch_checkpoint.CheckpointPolicy.PREFER_RECOMPUTE
+
+    def step(context_fn: Any) -> None:
+        torch_checkpoint.checkpoint(blocks, x, use_reentrant=False,
+                                    context_fn=context_fn).sum().backward()
+
+    plain = best_of(lambda: step(torch_checkpoint.noop_context_fn), 7)
+    selective = best_of(lambda: step(functools.partial(
+        torch_checkpoint.create_selective_checkpoint_contexts, recompute_all)), 7)
+    return max(0.0, float(selective - plain) / Counter.ops)

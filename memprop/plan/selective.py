@@ -78,13 +78,15 @@ def _pareto(points: list[tuple[int, float, frozenset[tuple[str, int]]]]
 
 
 def options(ops: Sequence[BlockOp], cost: Callable[[BlockOp], float], *, tape_bytes: int,
-            forward_peak_bytes: int, forward_cost: float, limit: int = MAX_OPTIONS
-            ) -> tuple[Option, ...]:
+            forward_peak_bytes: int, forward_cost: float, overhead: float = 0.0,
+            limit: int = MAX_OPTIONS) -> tuple[Option, ...]:
     """Up to ``limit`` points of the front, spread over its memory, as a block's options:
-    those that save something and hold less than the block's whole tape (keeping the tape
-    saves everything for no more). No option saves more than the block's ``forward_cost``
-    (its ops' prices, summed in another order, may exceed it by a rounding)."""
-    points = [p for p in front(ops, cost) if p[1] > 0 and p[0] < tape_bytes]
+    those that save something net of the policy's ``overhead`` and hold less than the block's
+    whole tape (keeping the tape saves everything for no more). No option saves more than the
+    block's ``forward_cost`` (its ops' prices, summed in another order, may exceed it by a
+    rounding)."""
+    points = [(b, v - overhead, k) for b, v, k in front(ops, cost)
+              if v > overhead and b < tape_bytes]
     if len(points) > limit:
         step = (len(points) - 1) / (limit - 1)
         points = [points[round(i * step)] for i in range(limit)]
