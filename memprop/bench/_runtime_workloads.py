@@ -54,9 +54,9 @@ CASES: dict[str, tuple[Callable[[int], Workload], int, str]] = {
     "gpt2": (lambda b: _gpt(b, layers=12, width=128, tokens=64, vocab=2048), 8,
              "GPT-2-shaped, 12 blocks in an nn.ModuleList, width 128, 4 heads, 64 tokens, "
              "vocabulary 2048, batch 8, AdamW"),
-    "resnet50": (lambda b: _resnet50(b, width=32, size=64), 8,
+    "resnet50": (lambda b: _resnet50(b, width=16, size=64), 16,
                  "ResNet-50-shaped (torchvision's layout, 16 bottlenecks in four "
-                 "nn.Sequentials), base width 32, 64x64 images, batch 8, AdamW"),
+                 "nn.Sequentials), base width 16, 64x64 images, batch 16, AdamW"),
 }
 QUICK_CASES: dict[str, tuple[Callable[[int], Workload], int, str]] = {
     "mlp": (lambda b: _mlp(b, width=32, depth=4), 16,

@@ -51,6 +51,7 @@ from memprop.bench._runtime_workloads import CASES, QUICK_CASES, build
 from memprop.bench.common import BenchReport, interleaved_medians
 from memprop.blocks.install import installed
 from memprop.loop import training_step, zero_gradients
+from memprop.plan.api import priced
 from memprop.plan.chain import Chain
 from memprop.plan.costs import machine_rates
 from memprop.plan.schedule import Segment, flat, simulate
@@ -111,9 +112,8 @@ class _Model:
     @classmethod
     def of(cls, workload: Workload) -> _Model:
         costs = trace_chain(workload, fake=True)
-        rates = machine_rates("cpu")
         return cls(workload=workload, costs=costs,
-                   chain=Chain.from_chain_costs(costs, cost_model="roofline", rates=rates))
+                   chain=priced(costs, cost_model="roofline", device="cpu"))
 
     @property
     def names(self) -> list[str]:

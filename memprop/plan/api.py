@@ -12,13 +12,19 @@ from torch import nn
 from memprop.blame import is_fake_tensor_limit
 from memprop.errors import ModelError, UsageError
 from memprop.plan.chain import Chain
-from memprop.plan.costs import DEFAULT_COST_MODEL, check_cost_model, machine_rates
+from memprop.plan.costs import (
+    DEFAULT_COST_MODEL,
+    check_cost_model,
+    machine_rates,
+    pointwise_seconds,
+)
 from memprop.plan.solvers import STRATEGIES, Plan, solve
 from memprop.trace.fake import device_of, fake_mode_of
+from memprop.trace.stages import ChainCosts
 from memprop.units import parse_size
 from memprop.workload import Inputs, Workload, restore_state, save_state, to_workload
 
-__all__ = ["chain_of", "check_cost_model", "check_strategy", "plan"]
+__all__ = ["chain_of", "check_cost_model", "check_strategy", "plan", "priced"]
 
 
 def plan(
@@ -80,8 +86,20 @@ def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chai
 
     with without_caches(workload.model):
         costs = _trace_chain(workload, cost_model=cost_model, fake=fake)
-    rates = machine_rates(str(device_of(workload))) if cost_model == "roofline" else None
-    return Chain.from_chain_costs(costs, cost_model=cost_model, rates=rates)
+    return priced(costs, cost_model=cost_model, device=str(device_of(workload)))
+
+
+def priced(costs: ChainCosts, *, cost_model: str, device: str) -> Chain:
+    """The chain of a traced step (``trace_chain``), its costs priced by ``cost_model`` on
+    ``device``: for the roofline, at this machine's rates and its pointwise calls' times
+    (``memprop.plan.costs``), measured once and cached."""
+    if cost_model != "roofline":
+        return Chain.from_chain_costs(costs, cost_model=cost_model)
+    rates = machine_rates(device)
+    probes = {probe for stage in costs.stages
+              for probe, _ in (*stage.forward_pointwise, *stage.backward_pointwise)}
+    return Chain.from_chain_costs(costs, cost_model=cost_model, rates=rates,
+                                  pointwise=pointwise_seconds(device, probes, rates))
 
 
 def _trace_chain(workload: Workload, *, cost_model: str, fake: bool) -> Any:

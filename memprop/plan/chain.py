@@ -66,13 +66,14 @@ gradient is smaller than the output (``output.sum()``: an expanded scalar) is ch
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from memprop.errors import UsageError
 from memprop.plan.costs import Rates, check_cost_model
 from memprop.plan.selective import Option, options
+from memprop.trace.ledger import Probe
 from memprop.trace.stages import BlockOp, ChainCosts, StageStats
 
 if TYPE_CHECKING:
@@ -290,6 +291,7 @@ class Chain:
         fixed_bytes: int,
         cost_model: str = "flops",
         rates: Rates | None = None,
+        pointwise: Mapping[Probe, float] | None = None,
         loss_peak_bytes: int | None = None,
         loss_residual_bytes: int | None = None,
         optimizer_peak_bytes: int = 0,
@@ -297,13 +299,14 @@ class Chain:
         output_grad_bytes: int | None = None,
     ) -> Chain:
         """The chain of a traced step, priced by ``cost_model`` (``memprop.plan.costs``):
-        ``roofline`` in seconds at ``rates``, ``flops`` in counted floating-point operations,
+        ``roofline`` in seconds at ``rates`` (pointwise calls at their ``pointwise`` seconds
+        per element beyond their bytes), ``flops`` in counted floating-point operations,
         ``measured`` in the stages' timed seconds. Blocks whose ops were logged get their
         selective options (``memprop.plan.selective``)."""
         check_cost_model(cost_model)
         if cost_model == "roofline" and rates is None:
             raise UsageError("the roofline cost model needs the machine's rates")
-        price = _Pricing(cost_model, rates)
+        price = _Pricing(cost_model, rates, pointwise or {})
         stages = tuple(
             Stage(
                 name=s.name,
@@ -345,7 +348,8 @@ class Chain:
 
     @classmethod
     def from_chain_costs(cls, costs: ChainCosts, cost_model: str = "flops",
-                         rates: Rates | None = None) -> Chain:
+                         rates: Rates | None = None,
+                         pointwise: Mapping[Probe, float] | None = None) -> Chain:
         """The chain of a profile (``profile.chain``), with the loss's and the optimizer's
         moments: its unplanned peak is the ledger's traced peak."""
         return cls.from_stage_stats(
@@ -353,6 +357,7 @@ class Chain:
             fixed_bytes=costs.fixed_bytes,
             cost_model=cost_model,
             rates=rates,
+            pointwise=pointwise,
             loss_peak_bytes=costs.loss_peak_bytes,
             loss_residual_bytes=costs.loss_residual_bytes,
             optimizer_peak_bytes=costs.optimizer_peak_bytes,
@@ -368,22 +373,28 @@ def _tape_bytes(s: StageStats) -> int:
 class _Pricing:
     """Stage and op costs under one cost model (``memprop.plan.costs``)."""
 
-    def __init__(self, cost_model: str, rates: Rates | None) -> None:
-        self.cost_model, self.rates = cost_model, rates
+    def __init__(self, cost_model: str, rates: Rates | None,
+                 pointwise: Mapping[Probe, float]) -> None:
+        self.cost_model, self.rates, self.pointwise = cost_model, rates, pointwise
+
+    def _beyond_bytes(self, made: Sequence[tuple[Probe, int]]) -> float:
+        return sum(self.pointwise.get(probe, 0.0) * elements for probe, elements in made)
 
     def forward(self, s: StageStats) -> float:
         if self.cost_model == "flops":
             return float(s.flops)
         if self.cost_model == "measured" or self.rates is None:
             return float(s.forward_s)
-        return self.rates.seconds(s.flops, s.forward_moved_bytes)
+        return (self.rates.seconds(s.flops, s.forward_moved_bytes)
+                + self._beyond_bytes(s.forward_pointwise))
 
     def backward(self, s: StageStats) -> float:
         if self.cost_model == "flops":
             return float(s.backward_flops)
         if self.cost_model == "measured" or self.rates is None:
             return float(s.backward_s)
-        return self.rates.seconds(s.backward_flops, s.backward_moved_bytes)
+        return (self.rates.seconds(s.backward_flops, s.backward_moved_bytes)
+                + self._beyond_bytes(s.backward_pointwise))
 
     def op(self, s: StageStats, op: BlockOp) -> float:
         """An op of stage ``s``'s forward, in the stage's unit. Measured stage times are shared
@@ -392,7 +403,8 @@ class _Pricing:
             return float(op.flops)
         rates = self.rates or _UNIT_RATES
         if self.cost_model == "roofline":
-            return rates.seconds(op.flops, op.moved_bytes)
+            made = () if op.probe is None else ((op.probe, op.elements),)
+            return rates.seconds(op.flops, op.moved_bytes) + self._beyond_bytes(made)
         total = sum(rates.seconds(o.flops, o.moved_bytes) for o in s.ops)
         return s.forward_s * rates.seconds(op.flops, op.moved_bytes) / total if total else 0.0
 
@@ -409,7 +421,11 @@ class _Pricing:
         if self.cost_model == "measured":
             return "recomputation priced in the stages' measured times"
         assert self.rates is not None
-        return f"recomputation priced by FLOPs and bytes moved at {self.rates.describe()}"
+        timed = sum(1 for v in self.pointwise.values() if v > 0)
+        extra = (f"; {timed} pointwise calls that cost more than their bytes timed here"
+                 if timed else "")
+        return (f"recomputation priced by FLOPs and bytes moved at {self.rates.describe()}"
+                f"{extra}")
 
 
 _UNIT_RATES = Rates(flops_per_s=1e11, bytes_per_s=1e10, selective_op_s=0.0,

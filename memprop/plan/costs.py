@@ -4,7 +4,11 @@
   the bytes it reads and writes at its measured copy rate, ``t = flops / F + bytes / B``. It
   prices what FLOPs alone call free (ReLU, BatchNorm, pooling, softmax: memory-bound work that
   takes most of a recomputation's time on a CPU), and it is the same on every run of one
-  machine: the rates are measured once and kept in a cache file.
+  machine: the rates are measured once and kept in a cache file. On a CPU, a pointwise op may
+  cost far more than its bytes (tanh 30x a copy of the same bytes on one core here, erf 16x,
+  exp 13x): each pointwise call the model makes is timed once on this machine
+  (:func:`pointwise_seconds`, cached too), and what it takes beyond its bytes is added per
+  element.
 - ``flops``: counted floating-point operations (``torch.utils.flop_counter``'s formulas): the
   same plan on every machine, blind to memory-bound work.
 - ``measured``: the stages' own times on real steps (a real trace; timings vary from run to
@@ -18,6 +22,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +30,9 @@ from typing import Any
 import torch
 
 from memprop.errors import UsageError
+from memprop.trace.ledger import Probe
 
-__all__ = ["COST_MODELS", "Rates", "check_cost_model", "machine_rates"]
+__all__ = ["COST_MODELS", "Rates", "check_cost_model", "machine_rates", "pointwise_seconds"]
 
 COST_MODELS: tuple[str, ...] = ("roofline", "flops", "measured")
 DEFAULT_COST_MODEL = "roofline"
@@ -93,7 +99,8 @@ def machine_rates(device: str = "cpu") -> Rates:
         return Rates(**cached[key])
     except (KeyError, TypeError):
         pass  # not measured yet here, or by a memprop that measured other things
-    rates = _measure(kind)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on untouched
+        rates = _measure(kind)
     cached[key] = asdict(rates)
     try:
         from memprop.report.output import write_output
@@ -102,6 +109,86 @@ def machine_rates(device: str = "cpu") -> Rates:
     except UsageError:
         pass  # an unwritable cache costs a measurement per process, nothing else
     return rates
+
+
+POINTWISE_ELEMENTS = 1 << 16
+"""Elements of the tensors a pointwise call is timed on: enough to leave the call's overhead
+behind, small enough to time dozens of calls in a blink."""
+
+
+def pointwise_seconds(device: str, probes: Iterable[Probe], rates: Rates) -> dict[Probe, float]:
+    """For each pointwise call (``memprop.trace.ledger.Probe``), the seconds per element it
+    takes on this machine beyond what its bytes cost at ``rates``: read from the cache file,
+    or timed (tensors of ``POINTWISE_ELEMENTS`` elements in (0.05, 0.95), where every such op is
+    defined) and written there. Only on the CPU: on a GPU pointwise work is bound by memory,
+    which the roofline's bytes price already."""
+    wanted = set(probes)
+    if torch.device(device).type != "cpu" or not wanted:
+        return dict.fromkeys(wanted, 0.0)
+    path = _cache_file()
+    cached = _read(path)
+    table = cached.setdefault(_machine_key("cpu") + "|pointwise", {})
+    found, missing = {}, []
+    for probe in wanted:
+        key = json.dumps(probe)
+        if isinstance(table.get(key), (int, float)):
+            found[probe] = float(table[key])
+        else:
+            missing.append(probe)
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on untouched
+        for probe in missing:
+            found[probe] = table[json.dumps(probe)] = _excess(probe, rates)
+    if missing:
+        try:
+            from memprop.report.output import write_output
+
+            write_output(path, json.dumps(cached, indent=2) + "\n")
+        except UsageError:
+            pass
+    return found
+
+
+def _excess(probe: Probe, rates: Rates) -> float:
+    """Seconds per element of ``probe``'s call beyond its bytes at ``rates`` (0 when it cannot
+    be called here)."""
+    name, arguments = probe
+    try:
+        namespace, op, overload = name.split(".")
+        func = getattr(getattr(getattr(torch.ops, namespace), op), overload)
+        args: list[Any] = []
+        kwargs: dict[str, Any] = {}
+        moved = 0
+        for argument in arguments:
+            key, value = argument if (isinstance(argument, (list, tuple)) and len(argument) == 2
+                                      and isinstance(argument[0], str)
+                                      and argument[0] != "tensor") else (None, argument)
+            if isinstance(value, (list, tuple)) and value and value[0] == "tensor":
+                _, dtype_name, whole = value
+                dtype = getattr(torch, dtype_name)
+                size = POINTWISE_ELEMENTS if whole else 1
+                value = (torch.rand(size) * 0.9 + 0.05).to(dtype)
+                moved += value.numel() * value.element_size()
+            if key is None:
+                args.append(value)
+            else:
+                kwargs[key] = value
+
+        def call() -> Any:
+            return func(*args, **kwargs)
+
+        out = call()
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        moved += first.numel() * first.element_size()
+        seconds = min(_timed(call) for _ in range(5))
+    except Exception:  # an op this recipe cannot call: the roofline's bytes alone price it
+        return 0.0
+    return max(0.0, float(seconds - moved / rates.bytes_per_s) / POINTWISE_ELEMENTS)
+
+
+def _timed(run: Any) -> float:
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
 
 
 def _read(path: Path) -> dict[str, Any]:

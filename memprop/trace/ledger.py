@@ -147,6 +147,40 @@ def _moved_bytes(value: Any) -> int:
     return 0
 
 
+Probe = tuple[str, tuple[Any, ...]]
+"""A pointwise op's call, as ``memprop.plan.costs`` times it: the op's name, then its arguments
+in order (positional, then keyword ``(name, value)`` pairs), each tensor as ``("tensor", dtype,
+whole)`` (``whole``: as many elements as the output; else broadcast from one), anything else as
+its value."""
+
+
+def _probe(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+           ) -> tuple[Probe | None, int]:
+    first = out if isinstance(out, torch.Tensor) else (
+        out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor)
+        else None)
+    if first is None:
+        return None, 0
+    elements = int(first.numel())
+    if torch.Tag.pointwise not in func.tags or func.is_view:
+        return None, elements
+
+    def described(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", str(value.dtype).removeprefix("torch."),
+                    int(value.numel()) == elements)
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError  # a list, a device, a dtype...: not timed, priced by the roofline
+
+    try:
+        arguments = tuple(described(a) for a in args) + tuple(
+            (k, described(v)) for k, v in sorted(kwargs.items()))
+    except TypeError:
+        return None, elements
+    return (str(func), arguments), elements
+
+
 def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
     """The tensors an in-place or out= op writes, by its schema."""
     found = []
@@ -234,6 +268,11 @@ class OpEntry(NamedTuple):
     """Bytes of the tensors it read and wrote (0 for a view, which moves nothing)."""
     written: tuple[int, ...] = ()
     """The records (by index) of the storages it wrote in place."""
+    probe: Probe | None = None
+    """For a pointwise op, its call with tensors replaced by their dtype (how
+    ``memprop.plan.costs`` times such an op on this machine); None for other ops."""
+    elements: int = 0
+    """Elements of its (first) output."""
 
 
 class _StorageRef(weakref.ref):  # type: ignore[type-arg]
@@ -396,8 +435,9 @@ class StorageLedger(TorchDispatchMode):
             if func._schema.is_mutable:
                 written = tuple(r.index for r in map(self.record_of, _written(func, args, kwargs))
                                 if r is not None)
+            probe, elements = _probe(func, args, kwargs, out)
             self.ops.append(OpEntry(func, self.clock, tuple(self.records[-born:]) if born else (),
-                                    count, moved, written))
+                                    count, moved, written, probe, elements))
         return out
 
     @classmethod

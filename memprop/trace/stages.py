@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from memprop.trace.ledger import Category, OpEntry, StorageLedger, StorageRecord
+from memprop.trace.ledger import Category, OpEntry, Probe, StorageLedger, StorageRecord
 from memprop.units import format_bytes
 
 if TYPE_CHECKING:
@@ -58,7 +58,11 @@ class BlockOp:
     output that a later op of the block writes in place cannot be handed back unchanged."""
     flops: int
     moved_bytes: int
-    rise_bytes: int
+    probe: Probe | None = None
+    """Its call, when it is a pointwise op (``memprop.trace.ledger.Probe``)."""
+    elements: int = 0
+    """Elements of its output."""
+    rise_bytes: int = 0
     """The highest live total while it ran (ops that selective recomputation ignores, run just
     before it, included), less the live total when the block began: with the outputs kept for
     later ops added, the block's re-run peak under a selective option."""
@@ -114,6 +118,11 @@ class StageStats:
     """Bytes the forward's ops read and wrote (0 unless counted): memory-bound work's price."""
     backward_moved_bytes: int = 0
     """The same for the backward."""
+    forward_pointwise: tuple[tuple[Probe, int], ...] = ()
+    """The forward's pointwise calls (``memprop.trace.ledger.Probe``) and the elements each
+    made, summed by call: what the roofline times on this machine (0 unless logged)."""
+    backward_pointwise: tuple[tuple[Probe, int], ...] = ()
+    """The same for the backward."""
     pinned: bool = False
     """The prefix and the suffix: always kept, never recomputed."""
     aliases_input: bool = False
@@ -124,7 +133,8 @@ class StageStats:
 
     def to_dict(self) -> dict[str, Any]:
         document = asdict(self)
-        del document["ops"]  # the planner's working data, not the report's
+        for working in ("ops", "forward_pointwise", "backward_pointwise"):
+            del document[working]  # the planner's working data, not the report's
         return document
 
 
@@ -270,6 +280,7 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
         call = run.calls[index - (regions[0].name == PREFIX)] if not region.pinned else None
         forward_ops = (ops[call.first_op:call.last_op] if call is not None
                        else [o for o in ops if start < o.tick <= stop])
+        backward_ops = [o for o in ops if back_start < o.tick <= back_stop]
         stats.append(StageStats(
             index=index,
             name=region.name,
@@ -290,7 +301,9 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
             persistent_bytes=sum(r.bytes for r in persistent),
             forward_held_bytes=sum(r.bytes for r in held_to_forward_end),
             forward_moved_bytes=sum(o.moved for o in forward_ops),
-            backward_moved_bytes=sum(o.moved for o in ops if back_start < o.tick <= back_stop),
+            backward_moved_bytes=sum(o.moved for o in backward_ops),
+            forward_pointwise=_pointwise(forward_ops),
+            backward_pointwise=_pointwise(backward_ops),
             pinned=region.pinned,
             aliases_input=bool(region.inputs) and bool(region.outputs)
             and region.inputs[0].index == region.outputs[0].index,
@@ -344,9 +357,18 @@ def _block_ops(entries: Sequence[OpEntry], flow: set[int], start: int,
                              allocates=bool(entry.born) and not any(
                                  r.index in overwritten for r in entry.born),
                              flops=entry.flops,
-                             moved_bytes=entry.moved, rise_bytes=rise(since, entry.tick)))
+                             moved_bytes=entry.moved, probe=entry.probe,
+                             elements=entry.elements, rise_bytes=rise(since, entry.tick)))
         since = entry.tick
     return tuple(found)
+
+
+def _pointwise(entries: Sequence[OpEntry]) -> tuple[tuple[Probe, int], ...]:
+    made: dict[Probe, int] = {}
+    for entry in entries:
+        if entry.probe is not None:
+            made[entry.probe] = made.get(entry.probe, 0) + entry.elements
+    return tuple(made.items())
 
 
 def _rise_from(live: Sequence[int], base: int, low: int, high: int) -> int:

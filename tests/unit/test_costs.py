@@ -45,3 +45,20 @@ def test_the_roofline_prices_what_flops_call_free() -> None:
     moved = 2 * 128 * 64 * 4  # reads its input, writes its output
     assert relu.forward_cost == pytest.approx(moved / rates.bytes_per_s)
     assert rates.describe() in roofline.cost_note
+
+
+def test_pointwise_calls_that_cost_more_than_their_bytes_are_timed_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    rates = costs.machine_rates("cpu")
+    tanh = ("aten.tanh.default", (("tensor", "float32", True),))
+    add = ("aten.add.Tensor", (("tensor", "float32", True), ("tensor", "float32", True)))
+    unknown = ("aten.no_such_op.default", (("tensor", "float32", True),))
+    found = costs.pointwise_seconds("cpu", [tanh, add, unknown], rates)
+    # On one CPU core tanh takes many times what its bytes cost; an add costs its bytes.
+    assert found[tanh] > 0.5 / rates.bytes_per_s
+    assert found[tanh] > found[add] and found[unknown] == 0.0
+    monkeypatch.setattr(costs, "_excess", lambda probe, rates: pytest.fail("timed again"))
+    assert costs.pointwise_seconds("cpu", [tanh, add], rates) == {tanh: found[tanh],
+                                                                   add: found[add]}
+    assert costs.pointwise_seconds("cuda", [tanh], rates) == {tanh: 0.0}  # bytes bound there
