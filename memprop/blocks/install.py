@@ -57,7 +57,7 @@ from memprop.plan.schedule import Segment
 from memprop.plan.selective import Option
 from memprop.trace.stages import PREFIX, SUFFIX
 
-__all__ = ["Calls", "installed", "without_caches"]
+__all__ = ["Calls", "caching_configs", "installed", "without_caches"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -104,14 +104,20 @@ def _blocks(model: nn.Module, stage_names: Sequence[str]) -> list[_Block | None]
     return blocks
 
 
+def caching_configs(model: nn.Module) -> list[Any]:
+    """The configs of a Hugging Face model's modules that keep a key/value cache
+    (``use_cache=True``)."""
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    return [c for c in configs if getattr(c, "use_cache", None) is True]
+
+
 @contextlib.contextmanager
 def without_caches(model: nn.Module) -> Iterator[None]:
     """A Hugging Face model's key/value cache off (``config.use_cache = False``) for the
     block: a recomputed block would append its keys and values to the cache a second time, so
     a planned step runs without one, as the library's own gradient checkpointing does; and the
     plan is made on the step as it will run."""
-    configs: list[Any] = [getattr(m, "config", None) for m in model.modules()]
-    configs = [c for c in configs if getattr(c, "use_cache", None) is True]
+    configs = caching_configs(model)
     for config in configs:
         config.use_cache = False
     try:
@@ -135,8 +141,9 @@ def installed(model: nn.Module, stage_names: Sequence[str], tree: Segment,
     blocks = _blocks(model, stage_names)
     paths = _paths(tree)
     calls = Calls(expected=bool(paths))
-    if not paths:
-        yield calls  # nothing to recompute: the model's own forward is the plan, at no cost
+    if not paths:  # nothing to recompute: the model's own forward is the plan, at no cost
+        with without_caches(model):  # but the step runs as planned, with no key/value cache
+            yield calls
         return
     spans: dict[Segment, _Span] = {}
     contexts = {index: _selective_contexts(frozenset(option.keep))

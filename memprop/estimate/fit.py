@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,10 @@ class FitResult:
     checkpointing_note: str
     verification: Verification | None
     wall_s: float
+    smallest_batch_size: int = 1
+    """The smallest batch the model trains with (BatchNorm refuses one sample per channel)."""
+    smallest_batch_note: str = ""
+    """Why smaller batches do not run, when they do not."""
 
     def to_dict(self) -> dict[str, Any]:
         """DESIGN's fit document (``schema_version: 1``)."""
@@ -91,6 +96,8 @@ class FitResult:
             "max_batch_size_with_checkpointing": self.max_batch_size_with_checkpointing,
             "checkpointing_compute_overhead": self.checkpointing_compute_overhead,
             "checkpointing_note": self.checkpointing_note,
+            "smallest_batch_size": self.smallest_batch_size,
+            "smallest_batch_note": self.smallest_batch_note,
             "training_peak_bytes": self.training_peak_bytes,
             "headroom_bytes": self.headroom_bytes,
             "next_batch_size": self.max_batch_size + 1,
@@ -148,15 +155,16 @@ def fit(
                                    fits=peaks[batch_size] <= budget_bytes))
         return peaks[batch_size]
 
-    first = peak(1)
+    smallest, smallest_note = _smallest_batch(peak)
+    first = peak(smallest)
     if first > budget_bytes:
         raise BudgetInfeasibleError(
             f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the training "
-            f"peak at batch 1, {format_bytes(first)}: raise the budget to at least {first} "
-            "bytes or make the model smaller",
+            f"peak at batch {smallest}, {format_bytes(first)}: raise the budget to at least "
+            f"{first} bytes or make the model smaller",
             budget_bytes=budget_bytes, min_feasible_bytes=first,
         )
-    low = largest_true(lambda b: peak(b) <= budget_bytes, start=1, limit=MAX_BATCH_SIZE)
+    low = largest_true(lambda b: peak(b) <= budget_bytes, start=smallest, limit=MAX_BATCH_SIZE)
     if low == MAX_BATCH_SIZE:
         raise WorkloadError(
             f"the training peak stays within {format_bytes(budget_bytes)} up to batch "
@@ -176,7 +184,22 @@ def fit(
         probes=tuple(probes), max_batch_size_with_checkpointing=with_checkpointing,
         checkpointing_compute_overhead=overhead, checkpointing_note=note,
         verification=verification, wall_s=time.perf_counter() - start,
+        smallest_batch_size=smallest, smallest_batch_note=smallest_note,
     )
+
+
+def _smallest_batch(peak: Callable[[int], int]) -> tuple[int, str]:
+    """The smallest batch that traces, 1 or 2 (BatchNorm refuses one value per channel in
+    training), and why batch 1 does not when it does not. A model that fails at 2 as well
+    raises that failure."""
+    try:
+        peak(1)
+        return 1, ""
+    except WorkloadError as error:
+        reason = str(error).split(": ", 1)[-1].removesuffix(
+            ": fit needs a workload that fake tensors can trace")
+    peak(2)
+    return 2, f"batch 1 does not run in training: {reason}"
 
 
 def _verify(
@@ -218,7 +241,7 @@ def _with_checkpointing(
         with new_fake_mode():
             workload = build(batch_size, depth)
         try:
-            result = plan(workload, budget=budget_bytes, strategy="optimal", cost_model="flops")
+            result = plan(workload, budget=budget_bytes, strategy="optimal")
         except BudgetInfeasibleError:
             return False
         if max_overhead is not None and result.compute_overhead > max_overhead:
@@ -233,4 +256,4 @@ def _with_checkpointing(
     except MemPropError as error:
         return None, None, f"no row: the planner cannot plan this model ({error})"
     cap = "" if max_overhead is None else f", at most {max_overhead:.0%} extra compute"
-    return found, overheads.get(found), f"memprop.plan, strategy optimal, cost model flops{cap}"
+    return found, overheads.get(found), f"memprop.plan, strategy optimal{cap}"

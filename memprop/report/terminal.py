@@ -280,6 +280,8 @@ def render_fit(result: FitResult, console: Console) -> None:
                   + ("" if result.checkpointing_compute_overhead is None else
                      f"; extra compute {result.checkpointing_compute_overhead:.0%}"))
     console.print(table)
+    if result.smallest_batch_note:
+        console.print(Text(result.smallest_batch_note, style="dim"))
     verification = result.verification
     if verification is not None:
         verdict = "fits" if verification.fits else "DOES NOT FIT"

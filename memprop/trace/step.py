@@ -24,6 +24,7 @@ from memprop.loop import compute_loss, state_signature, tensors_in, zero_gradien
 from memprop.trace.calls import CallRecorder
 from memprop.trace.ledger import Category, StorageLedger
 from memprop.trace.stages import ChainCosts, StageStats, chain_costs
+from memprop.units import format_bytes
 from memprop.workload import Workload
 
 __all__ = [
@@ -130,6 +131,7 @@ def trace_training(
             steady = first
             first_peak = None if any(before) else first[0].ledger.peak()[0]
     trace, rise = steady
+    _note_caches(workload, trace, notes)
     if trace.chain is not None and first is not steady:
         first_optimizer = _optimizer_moment(first[0]) if workload.optimizer is not None else 0
         trace = dataclasses.replace(trace, chain=dataclasses.replace(
@@ -156,6 +158,19 @@ def _optimizer_moment(trace: StepTrace) -> int:
     """The highest live total of the step's optimizer phase (what backward left included)."""
     live, after = trace.ledger._live_curves()
     return max([after[trace.backward_end], *live[trace.backward_end + 1 : trace.end + 1]])
+
+
+def _note_caches(workload: Workload, trace: StepTrace, notes: list[str]) -> None:
+    from memprop.blocks.install import caching_configs
+
+    if not caching_configs(workload.model):
+        return
+    kept = sum(s.persistent_bytes for s in trace.chain.stages) if trace.chain else 0
+    held = f" ({format_bytes(kept)} here)" if kept else ""
+    notes.append(f"{type(workload.model).__name__}'s config has use_cache=True: its forward "
+                 f"keeps every layer's keys and values{held}, which a training step never "
+                 "reads; set model.config.use_cache = False in your loop to save them. Plans "
+                 "run with it off, and plan's unplanned peak is without it")
 
 
 @contextlib.contextmanager
