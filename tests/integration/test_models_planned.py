@@ -108,3 +108,29 @@ def test_checkpoint_keeps_the_models_own_parameters_and_keys(name: str) -> None:
     assert all("forward" not in vars(m) for m in model.modules())  # uninstalled after each step
     torch.testing.assert_close(sum(p.sum() for p in model.parameters()),
                                sum(p.sum() for p in wrapped.parameters()))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "resnet18"])
+def test_selective_plans_run_the_flops_they_were_priced_at(name: str) -> None:
+    # Priced in FLOPs, a plan's compute is the step's FLOPs, recomputation included and the
+    # kept op outputs' ops not run again: FlopCounterMode over the planned step counts the same.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from memprop.blocks.install import installed, without_caches
+    from memprop.loop import training_step, zero_gradients
+
+    chain = chain_of(MODELS[name](), cost_model="flops", fake=True)
+    least = min_feasible_bytes(chain)[0]
+    unplanned = simulate(chain, flat(len(chain))).peak_bytes
+    selective = 0
+    for fraction in (0.0, 0.3):
+        plan = solve(chain, least + int(fraction * (unplanned - least)), "optimal")
+        selective += len(plan.selective)
+        workload = MODELS[name]()
+        zero_gradients(workload)
+        counter = FlopCounterMode(display=False)
+        with without_caches(workload.model), counter, installed(
+                workload.model, plan.stage_names, plan.tree, plan.selective):
+            training_step(workload)
+        assert counter.get_total_flops() == plan.compute
+    assert selective > 0

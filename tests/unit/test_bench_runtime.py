@@ -55,6 +55,14 @@ def test_optimal_points_stay_within_their_budgets(report: BenchReport) -> None:
         assert row["peak_bytes"] <= row["budget_bytes"], row
 
 
+def test_optimal_peaks_never_rise_as_the_budget_shrinks(report: BenchReport) -> None:
+    for name in QUICK_CASES:
+        rows = sorted((r for r in report.rows if r["model"] == name
+                       and r["contender"] == "optimal"), key=lambda r: r["budget_bytes"])
+        peaks = [r["peak_bytes"] for r in rows]
+        assert peaks == sorted(peaks)
+
+
 def test_recomputation_shows_in_the_flops(report: BenchReport) -> None:
     for row in report.rows:
         if row["contender"] in ("every block", "every 2nd block", "checkpoint_sequential"):

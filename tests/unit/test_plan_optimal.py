@@ -141,14 +141,17 @@ def test_optimal_never_worse_than_uniform_and_monotone(seed: int, n: int) -> Non
     chain = _random_chain(random.Random(seed), n)
     least = min_feasible_bytes(chain)[0]
     top = simulate(chain, flat(n)).peak_bytes
-    previous = float("inf")
+    previous, lowest = float("inf"), 0
     for budget in range(least, top + 1):
         plan = solve(chain, budget, "optimal")
         uniform = solve(chain, budget, "uniform", strict=False)
         if uniform.feasible:
             assert plan.compute <= uniform.compute
         assert plan.compute <= previous  # more memory never costs more compute
-        previous = plan.compute
+        # and a smaller budget never gives a higher peak (torch's activation_memory_budget
+        # does not promise this: pytorch#197838)
+        assert plan.peak_bytes >= lowest
+        previous, lowest = plan.compute, plan.peak_bytes
     assert solve(chain, top, "optimal").compute == simulate(chain, flat(n)).compute
 
 
