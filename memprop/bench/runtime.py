@@ -317,10 +317,10 @@ def _goal_half(c: _Contender, point: _Point, ratio: float, activation_bytes: int
         verdict = "met"
     elif 1 + predicted > GOAL_HALF_MEMORY_SLOWDOWN:
         verdict = (f"missed by {ratio / GOAL_HALF_MEMORY_SLOWDOWN - 1:.0%}: the cheapest plan "
-                   f"at this budget is priced at {1 + predicted:.2f}x already; on a CPU core "
-                   "the pointwise work a block recomputes (norms, GELU, softmax, BatchNorm) "
-                   "costs a large share of its forward, and keeping it costs the memory the "
-                   "budget does not have")
+                   f"at this budget is priced at {1 + predicted:.2f}x already: what it must "
+                   f"recompute to keep half of the activations costs {predicted:.0%} of the "
+                   "step on this machine (selective options included), and the measured step "
+                   "adds the checkpoints' own bookkeeping")
     else:
         verdict = (f"missed by {ratio / GOAL_HALF_MEMORY_SLOWDOWN - 1:.0%}: the plan was "
                    f"priced at {1 + predicted:.2f}x; the rest is what the cost model does not "
