@@ -8,6 +8,7 @@ import typer
 
 import memprop
 from memprop_cli.bench import bench_command
+from memprop_cli.distribute import distribute_command
 from memprop_cli.errors import DEBUG, MemPropGroup
 from memprop_cli.fit import fit_command
 from memprop_cli.plan import plan_command
@@ -30,6 +31,7 @@ app.command("sweep")(sweep_command)
 app.command("fit")(fit_command)
 app.command("plan")(plan_command)
 app.command("run")(run_command)
+app.command("distribute")(distribute_command)
 app.command("bench")(bench_command)
 
 

@@ -196,6 +196,17 @@ def _typed(source: Any) -> bool:
     return getattr(source, "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")
 
 
+@dataclass(frozen=True, slots=True)
+class OptionsFactory:
+    """``factory(batch_size)``: the options' workload at that batch, as a picklable object (the
+    ranks of ``memprop distribute --run`` each build their own in a new process)."""
+
+    options: WorkloadOptions
+
+    def __call__(self, batch_size: int) -> Workload:
+        return builder(self.options)(batch_size, self.options.depth)
+
+
 def builder(options: WorkloadOptions) -> Build:
     """How the options make a workload of a given batch and depth: the seed MLP, or the user's
     factory with ``--dtype``, ``--device`` and ``--optimizer`` applied. The one conversion of

@@ -1,14 +1,16 @@
 """memprop: where PyTorch training memory goes, and how to make a training step fit a budget.
 
 ``memprop.plan`` is the function :func:`memprop.plan.api.plan`, bound over the name of the
-package ``memprop.plan``: typed callers see the function, and the package's modules import as
-usual (``from memprop.plan.solvers import solve``).
+package ``memprop.plan``, and ``memprop.distribute`` the function
+:func:`memprop.distribute.api.distribute` over its package: typed callers see the functions,
+and the packages' modules import as usual (``from memprop.plan.solvers import solve``).
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from memprop.distribute.api import distribute
 from memprop.errors import BudgetInfeasibleError, MemPropError, PlanMismatchWarning
 from memprop.plan.api import plan
 from memprop.run import checkpoint
@@ -24,6 +26,7 @@ __all__ = [
     "Workload",
     "__version__",
     "checkpoint",
+    "distribute",
     "parse_size",
     "plan",
     "profile",

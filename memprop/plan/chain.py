@@ -385,7 +385,7 @@ class _Pricing:
             return float(s.flops)
         if self.cost_model == "measured" or self.rates is None:
             return float(s.forward_s)
-        return (self.rates.seconds(s.flops, s.forward_moved_bytes)
+        return (self.rates.seconds(s.flops, s.forward_moved_bytes, s.forward_ops)
                 + self._beyond_bytes(s.forward_pointwise))
 
     def backward(self, s: StageStats) -> float:
@@ -393,7 +393,7 @@ class _Pricing:
             return float(s.backward_flops)
         if self.cost_model == "measured" or self.rates is None:
             return float(s.backward_s)
-        return (self.rates.seconds(s.backward_flops, s.backward_moved_bytes)
+        return (self.rates.seconds(s.backward_flops, s.backward_moved_bytes, s.backward_ops)
                 + self._beyond_bytes(s.backward_pointwise))
 
     def op(self, s: StageStats, op: BlockOp) -> float:
@@ -404,7 +404,7 @@ class _Pricing:
         rates = self.rates or _UNIT_RATES
         if self.cost_model == "roofline":
             made = () if op.probe is None else ((op.probe, op.elements),)
-            return rates.seconds(op.flops, op.moved_bytes) + self._beyond_bytes(made)
+            return rates.seconds(op.flops, op.moved_bytes, 1) + self._beyond_bytes(made)
         total = sum(rates.seconds(o.flops, o.moved_bytes) for o in s.ops)
         return s.forward_s * rates.seconds(op.flops, op.moved_bytes) / total if total else 0.0
 
@@ -428,5 +428,5 @@ class _Pricing:
                 f"{extra}")
 
 
-_UNIT_RATES = Rates(flops_per_s=1e11, bytes_per_s=1e10, selective_op_s=0.0,
+_UNIT_RATES = Rates(flops_per_s=1e11, bytes_per_s=1e10, op_s=0.0, selective_op_s=0.0,
                     source="a proportion only")

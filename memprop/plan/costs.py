@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -52,22 +53,25 @@ class Rates:
     """Floating-point operations per second of a large float32 matrix product."""
     bytes_per_s: float
     """Bytes read and written per second by a large copy."""
+    op_s: float
+    """What launching an op costs, whatever its size (the dispatcher, Python, a kernel
+    launch): what small steps are made of."""
     selective_op_s: float
     """What torch's selective checkpoint policy adds per op of a block it runs under (its
     Python dispatch modes, in the first run and in the re-run together)."""
     source: str
     """Where the figures come from: measured here (when), or nominal."""
 
-    def seconds(self, flops: float, moved_bytes: float) -> float:
-        return flops / self.flops_per_s + moved_bytes / self.bytes_per_s
+    def seconds(self, flops: float, moved_bytes: float, ops: int = 0) -> float:
+        return flops / self.flops_per_s + moved_bytes / self.bytes_per_s + ops * self.op_s
 
     def describe(self) -> str:
         return (f"{self.flops_per_s / 1e9:.1f} GFLOP/s and {self.bytes_per_s / 1e9:.1f} GB/s, "
-                f"{self.selective_op_s * 1e6:.0f} us per op under a selective policy "
-                f"({self.source})")
+                f"{self.op_s * 1e6:.1f} us to launch an op, {self.selective_op_s * 1e6:.0f} us "
+                f"per op under a selective policy ({self.source})")
 
 
-NOMINAL_CUDA = Rates(flops_per_s=50e12, bytes_per_s=1.5e12, selective_op_s=40e-6,
+NOMINAL_CUDA = Rates(flops_per_s=50e12, bytes_per_s=1.5e12, op_s=10e-6, selective_op_s=40e-6,
                      source="nominal for a data-centre GPU: no CUDA device to measure here")
 """For plans made on fake CUDA tensors on a machine without a GPU."""
 
@@ -75,6 +79,11 @@ NOMINAL_CUDA = Rates(flops_per_s=50e12, bytes_per_s=1.5e12, selective_op_s=40e-6
 def _cache_file() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "memprop" / "rates.json"
+
+
+def machine_key(device: str) -> str:
+    """What identifies this machine's measurements of ``device``: its name, threads, torch."""
+    return _machine_key(device)
 
 
 def _machine_key(device: str) -> str:
@@ -92,9 +101,8 @@ def machine_rates(device: str = "cpu") -> Rates:
     kind = torch.device(device).type
     if kind == "cuda" and not torch.cuda.is_available():
         return NOMINAL_CUDA
-    path = _cache_file()
     key = _machine_key(kind)
-    cached = _read(path)
+    cached = read_cache()
     try:
         return Rates(**cached[key])
     except (KeyError, TypeError):
@@ -102,12 +110,7 @@ def machine_rates(device: str = "cpu") -> Rates:
     with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on untouched
         rates = _measure(kind)
     cached[key] = asdict(rates)
-    try:
-        from memprop.report.output import write_output
-
-        write_output(path, json.dumps(cached, indent=2) + "\n")
-    except UsageError:
-        pass  # an unwritable cache costs a measurement per process, nothing else
+    write_cache(cached)
     return rates
 
 
@@ -125,8 +128,7 @@ def pointwise_seconds(device: str, probes: Iterable[Probe], rates: Rates) -> dic
     wanted = set(probes)
     if torch.device(device).type != "cpu" or not wanted:
         return dict.fromkeys(wanted, 0.0)
-    path = _cache_file()
-    cached = _read(path)
+    cached = read_cache()
     table = cached.setdefault(_machine_key("cpu") + "|pointwise", {})
     found, missing = {}, []
     for probe in wanted:
@@ -139,12 +141,7 @@ def pointwise_seconds(device: str, probes: Iterable[Probe], rates: Rates) -> dic
         for probe in missing:
             found[probe] = table[json.dumps(probe)] = _excess(probe, rates)
     if missing:
-        try:
-            from memprop.report.output import write_output
-
-            write_output(path, json.dumps(cached, indent=2) + "\n")
-        except UsageError:
-            pass
+        write_cache(cached)
     return found
 
 
@@ -191,6 +188,19 @@ def _timed(run: Any) -> float:
     return time.perf_counter() - started
 
 
+def read_cache() -> dict[str, Any]:
+    """Everything measured on this machine so far, by key (``machine_key``)."""
+    return _read(_cache_file())
+
+
+def write_cache(cached: dict[str, Any]) -> None:
+    """Write the cache back; an unwritable one costs a measurement per process, no more."""
+    from memprop.report.output import write_output
+
+    with contextlib.suppress(UsageError, OSError):
+        write_output(_cache_file(), json.dumps(cached, indent=2) + "\n")
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         found = json.loads(path.read_text())
@@ -224,7 +234,16 @@ def _measure(kind: str) -> Rates:
     moved = 2 * source.numel() * source.element_size()
     bandwidth = moved / best_of(lambda: target.copy_(source), 5)
     when = time.strftime("%Y-%m-%d")
+    tiny = torch.ones(4, device=device)
+    launches = 200
+
+    def launched() -> None:
+        for _ in range(launches):
+            torch.add(tiny, 1.0)
+
+    op_s = best_of(launched, 5) / launches
     return Rates(flops_per_s=float(f"{flops:.3g}"), bytes_per_s=float(f"{bandwidth:.3g}"),
+                 op_s=float(f"{op_s:.3g}"),
                  selective_op_s=float(f"{_selective_overhead(device, best_of):.3g}"),
                  source=f"measured on this {kind} on {when}, cached in {_cache_file()}")
 

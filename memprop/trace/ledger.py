@@ -41,7 +41,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-__all__ = ["Category", "OpEntry", "StorageLedger", "StorageRecord"]
+__all__ = ["Category", "OpEntry", "StorageLedger", "StorageRecord", "rounded_bytes"]
 
 
 class Category(str, Enum):
@@ -281,7 +281,9 @@ class _StorageRef(weakref.ref):  # type: ignore[type-arg]
     record: StorageRecord
 
 
-def _rounded(nbytes: int, device: torch.device) -> int:
+def rounded_bytes(nbytes: int, device: torch.device) -> int:
+    """What the device's allocator gives ``nbytes``: CUDA's caching allocator rounds up to
+    whole blocks; the CPU's gives what is asked."""
     if device.type == "cuda" and nbytes > 0:
         return -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
     return nbytes
@@ -345,7 +347,7 @@ class StorageLedger(TorchDispatchMode):
             return found
         record = StorageRecord(
             len(self.records),
-            _rounded(storage.nbytes(), tensor.device),
+            rounded_bytes(storage.nbytes(), tensor.device),
             0,
             category,
             "(existing)",
@@ -449,7 +451,7 @@ class StorageLedger(TorchDispatchMode):
     def _born(self, tensor: torch.Tensor, storage: torch.UntypedStorage, func: Any) -> None:
         nbytes = storage.nbytes()
         if tensor.is_cuda:
-            nbytes = _rounded(nbytes, tensor.device)
+            nbytes = rounded_bytes(nbytes, tensor.device)
         record = StorageRecord(
             len(self.records),
             nbytes,

@@ -118,6 +118,10 @@ class StageStats:
     """Bytes the forward's ops read and wrote (0 unless counted): memory-bound work's price."""
     backward_moved_bytes: int = 0
     """The same for the backward."""
+    forward_ops: int = 0
+    """Ops the forward dispatched (0 unless logged): each costs a launch, whatever its size."""
+    backward_ops: int = 0
+    """The same for the backward."""
     forward_pointwise: tuple[tuple[Probe, int], ...] = ()
     """The forward's pointwise calls (``memprop.trace.ledger.Probe``) and the elements each
     made, summed by call: what the roofline times on this machine (0 unless logged)."""
@@ -302,6 +306,8 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
             forward_held_bytes=sum(r.bytes for r in held_to_forward_end),
             forward_moved_bytes=sum(o.moved for o in forward_ops),
             backward_moved_bytes=sum(o.moved for o in backward_ops),
+            forward_ops=len(forward_ops),
+            backward_ops=len(backward_ops),
             forward_pointwise=_pointwise(forward_ops),
             backward_pointwise=_pointwise(backward_ops),
             pinned=region.pinned,

@@ -24,6 +24,12 @@ def test_memprop_plan_type_checks_for_a_typed_caller(tmp_path: Path) -> None:
         "profile = memprop.profile(model, x, fake=True)\n"
         "required: int = profile.required_bytes\n"
         "size: int = memprop.parse_size('1.5GiB')\n"
+        "\n"
+        "def make(batch_size: int) -> memprop.Workload:\n"
+        "    return memprop.Workload(model=model, inputs=(torch.randn(batch_size, 8),))\n"
+        "\n"
+        "split = memprop.distribute(make, batch_size=8, devices=2, budget='1GiB')\n"
+        "chosen: int = split.chosen\n"
     )
     # Errors inside memprop are its own test's (mypy on the package); an installed package's
     # are not reported to its users either.

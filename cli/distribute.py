@@ -1,0 +1,69 @@
+"""``memprop distribute``: split the step across devices, or accumulate microbatches on one?"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memprop.errors import UsageError
+from memprop_cli.options import (
+    OptionsFactory,
+    WorkloadOptions,
+    console_for,
+    parse_sizes,
+    with_workload_options,
+    working,
+)
+from memprop_cli.plan import BudgetOption
+
+
+@with_workload_options()
+def distribute_command(
+    options: WorkloadOptions,
+    devices: Annotated[int, typer.Option(
+        "--devices", metavar="N", help="Devices (ranks) available; 1 compares microbatch "
+                                       "counts on one device.")] = 2,
+    budget: BudgetOption = None,
+    microbatches: Annotated[str, typer.Option(
+        "--microbatches", metavar="M,...",
+        help="Microbatch counts to try (gradients accumulated across them).")] = "1,2,4,8",
+    run: Annotated[bool, typer.Option(
+        "--run", help="Launch the ranks (torch.distributed) and measure every candidate.")
+    ] = False,
+    steps: Annotated[int, typer.Option(help="Steps each candidate runs with --run; the last "
+                                            "is measured.")] = 3,
+    backend: Annotated[str, typer.Option(help="torch.distributed backend: gloo (CPU) or "
+                                              "nccl (GPU).")] = "gloo",
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", metavar="PATH", help="Write the distribution document; - is standard "
+                                       "output.")] = None,
+) -> None:
+    """Split the step across devices, or accumulate smaller microbatches on one?
+
+    Every candidate (one device with M microbatches; DDP on --devices ranks with M microbatches
+    each), with memprop's recomputation plan where the budget needs one, is predicted per rank
+    from the ledger; the fastest predicted step that fits the budget is chosen. --batch is the
+    global batch. With --run every candidate runs and every rank's steady-state peak is
+    measured."""
+    from memprop.budget import resolve_budget
+    from memprop.distribute import distribute
+    from memprop.report.output import write_output
+    from memprop.report.terminal_distribute import render_distribution
+
+    console = console_for({"--json": json_path})
+    if devices < 1:
+        raise UsageError(f"--devices {devices}: give at least 1")
+    counts = parse_sizes(microbatches, "--microbatches")
+    cap = resolve_budget(budget, options.device)
+    with working("predicting every candidate" + (" and running them" if run else "")):
+        result = distribute(OptionsFactory(options), batch_size=options.batch, devices=devices,
+                            budget=cap.bytes, microbatches=counts, run=run, steps=steps,
+                            backend=backend)
+    if cap.source != "given":
+        console.print(f"budget: {cap.source}")
+    render_distribution(result, console)
+    if json_path is not None:
+        write_output(json_path, json.dumps(result.to_dict(), indent=2) + "\n")

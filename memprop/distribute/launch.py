@@ -1,0 +1,174 @@
+"""Run the candidates on ``torch.distributed`` and measure every rank: one launch of the
+largest number of ranks any candidate uses, every candidate run in turn (a launch costs
+seconds; a candidate on fewer ranks runs on the first ones while the others wait).
+
+Each rank builds its own workload from the factory (seeded alike), runs ``steps`` steps of
+the candidate (``M`` microbatches, DDP's ``no_sync`` until the last, one optimizer step, the
+recomputation plan installed when there is one) and measures its last step with the ledger:
+the steady state. DDP's gradient buckets exist before the step and are touched only in the
+backward, so a communication hook notes them during the first steps and they are put on the
+ledger with what else exists before the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from memprop.errors import UsageError
+from memprop.workload import Workload
+
+__all__ = ["measure"]
+
+LAUNCH_TIMEOUT_S = 900.0
+
+
+def measure(factory: Any, candidates: list[Any], *, devices: int, steps: int, backend: str
+            ) -> list[Any]:
+    """``candidates`` with every rank's measured peak and rank 0's median step time."""
+    import torch.multiprocessing as mp
+
+    world = max(c.devices for c in candidates)
+    context = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as folder:
+        port = _free_port()
+        processes = [context.Process(target=_rank_main, args=(
+            rank, world, port, backend, factory, candidates, steps, folder))
+            for rank in range(world)]
+        for process in processes:
+            process.start()
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        for process in processes:
+            process.join(max(1.0, deadline - time.monotonic()))
+        failed = [r for r, p in enumerate(processes) if p.exitcode != 0]
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        results = [_read(Path(folder) / f"rank{r}.json") for r in range(world)]
+    if failed:
+        reason = next((r["error"] for r in results if r and r.get("error")), "no message")
+        raise UsageError(f"rank {failed[0]} of the launch failed: {reason}")
+    measured = []
+    for index, candidate in enumerate(candidates):
+        ranks = tuple(dataclasses.replace(rank, measured_peak_bytes=results[rank.rank][
+            str(index)]["peak_bytes"]) for rank in candidate.ranks)
+        measured.append(dataclasses.replace(candidate, ranks=ranks,
+                                            measured_step_s=results[0][str(index)]["step_s"]))
+    return measured
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        found: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _rank_main(rank: int, world: int, port: int, backend: str, factory: Any,
+               candidates: list[Any], steps: int, folder: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # The ranks share this machine's cores: one thread each keeps them from contending.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    out = Path(folder) / f"rank{rank}.json"
+    results: dict[str, Any] = {}
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world)
+        for index, candidate in enumerate(candidates):
+            if rank < candidate.devices:
+                results[str(index)] = _run(factory, candidate, steps)
+            dist.barrier()
+        dist.destroy_process_group()
+    except Exception as error:
+        results["error"] = f"{type(error).__name__}: {error}"
+        out.write_text(json.dumps(results))
+        raise
+    out.write_text(json.dumps(results))
+
+
+def _run(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
+    from memprop.blocks.install import installed, without_caches
+    from memprop.loop import compute_loss
+    from memprop.trace.ledger import Category, StorageLedger
+    from memprop.trace.step import register_step_state
+
+    torch.manual_seed(0)
+    workload: Workload = factory(candidate.microbatch_size)
+    model = workload.model
+    buckets: list[torch.Tensor] = []
+    stepped = workload
+    ddp = None
+    if candidate.devices > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model)
+        # A lambda: DDP checks a hook's annotations, which this module's are strings.
+        ddp.register_comm_hook(buckets, lambda state, bucket: _noting_allreduce(state, bucket))
+        stepped = dataclasses.replace(workload, model=ddp)
+    plan = candidate.plan
+
+    def step() -> None:
+        buckets.clear()  # DDP rebuilds its buckets after the first step: note this step's
+        for parameter in model.parameters():
+            parameter.grad = None  # zero_grad(set_to_none=True), then accumulate
+        last = candidate.microbatches - 1
+        for m in range(candidate.microbatches):
+            quiet = ddp.no_sync() if ddp is not None and m < last else contextlib.nullcontext()
+            with quiet:
+                output = stepped.forward()
+                loss, _ = compute_loss(stepped, output)
+                loss.backward()
+            if m < last:
+                del output, loss
+        # The last microbatch's output and loss are held through the optimizer's step, as in
+        # memprop's training step (a loop that logs them).
+        if workload.optimizer is not None:
+            workload.optimizer.step()
+        del output, loss
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(without_caches(model))
+        if plan is not None:
+            stack.enter_context(installed(model, plan.stage_names, plan.tree, plan.selective))
+        times = []
+        for _ in range(max(steps, 2)):
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        ledger = StorageLedger()
+        register_step_state(ledger, stepped, training=True)
+        ledger.register(buckets, Category.GRADIENTS, "DDP's gradient buckets")
+        for parameter in model.parameters():
+            parameter.grad = None
+        with ledger:
+            step()
+    return {"peak_bytes": ledger.peak()[0], "step_s": statistics.median(times[1:])}
+
+
+def _noting_allreduce(buckets: list[torch.Tensor], bucket: Any) -> Any:
+    """DDP's own all-reduce (torch's ``allreduce_hook``), noting each bucket's buffer."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    buffer = bucket.buffer()
+    if not any(b.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+               for b in buckets):
+        buckets.append(buffer)
+    return allreduce_hook(cast(Any, None), bucket)  # None: the default process group

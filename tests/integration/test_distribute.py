@@ -1,0 +1,94 @@
+"""``memprop.distribute`` against measurement: every candidate predicted per rank, then run on
+torch.distributed (gloo, one launch per call) with the ledger on every rank."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from memprop.bench._runtime_workloads import _gpt
+from memprop.distribute import distribute
+from memprop.errors import BudgetInfeasibleError, UsageError
+from memprop.workload import SeedConfig, Workload, seed_workload
+from memprop_cli.main import app
+
+
+def mlp(batch_size: int) -> Workload:
+    return seed_workload(SeedConfig(input_dim=64, hidden=256, classes=10, depth=4,
+                                    batch=batch_size, optimizer="adamw"))
+
+
+def gpt(batch_size: int) -> Workload:
+    return _gpt(batch_size, layers=4, width=64, tokens=32, vocab=256)
+
+
+def _check_measured(result: object) -> None:
+    for candidate in result.candidates:  # type: ignore[attr-defined]
+        for rank in candidate.ranks:
+            assert rank.measured_peak_bytes is not None
+            # Exact but for a few hundred bytes on recomputing candidates (safe side).
+            assert 0 <= rank.predicted_peak_bytes - rank.measured_peak_bytes \
+                <= 0.01 * rank.measured_peak_bytes, candidate
+
+
+def test_accumulation_and_ddp_on_two_ranks_with_recomputation() -> None:
+    # The budget is below some candidates' unplanned peaks: those recompute, and the others
+    # that cannot fit say so.
+    result = distribute(mlp, batch_size=256, devices=2, microbatches=(1, 2), budget=4_350_000,
+                        run=True)
+    _check_measured(result)
+    kinds = {(c.strategy, c.microbatches) for c in result.candidates}
+    assert kinds == {("accumulate", 1), ("accumulate", 2), ("ddp", 1), ("ddp", 2)}
+    assert any(c.plan is not None for c in result.candidates)
+    chosen = result.candidates[result.chosen]
+    assert chosen.fits and not chosen.why
+    assert all(c.why for i, c in enumerate(result.candidates) if i != result.chosen)
+    exact = [c for c in result.candidates if c.plan is None]
+    assert exact and all(r.predicted_peak_bytes == r.measured_peak_bytes
+                         for c in exact for r in c.ranks)
+
+
+def test_a_transformer_on_four_ranks() -> None:
+    result = distribute(gpt, batch_size=16, devices=4, microbatches=(1, 2), run=True)
+    _check_measured(result)
+    ddp = [c for c in result.candidates if c.strategy == "ddp"]
+    assert [len(c.ranks) for c in ddp] == [4, 4]
+    # Each rank holds its quarter of the batch's activations plus DDP's gradient buckets.
+    one = next(c for c in result.candidates if c.strategy == "accumulate" and c.microbatches == 1)
+    assert ddp[0].peak_bytes < one.peak_bytes
+
+
+def test_bad_input_is_one_clear_error() -> None:
+    with pytest.raises(UsageError, match="devices is 0"):
+        distribute(mlp, batch_size=8, devices=0)
+    with pytest.raises(UsageError, match="splits into none"):
+        distribute(mlp, batch_size=3, devices=2, microbatches=(2,))
+    with pytest.raises(UsageError, match="backend 'nccl' is not available"):
+        distribute(mlp, batch_size=8, devices=2, backend="nccl")
+    with pytest.raises(BudgetInfeasibleError) as raised:
+        distribute(mlp, batch_size=8, devices=1, microbatches=(1, 2), budget="1KiB")
+    least = min(c.least_budget_bytes for c in distribute(
+        mlp, batch_size=8, devices=1, microbatches=(1, 2)).candidates)
+    assert raised.value.min_feasible_bytes == least
+
+
+def test_the_command_writes_its_document_and_exits_3_when_nothing_fits() -> None:
+    runner = CliRunner()
+    small = ["--input-dim", "16", "--hidden", "32", "--depth", "2", "--batch", "8"]
+    result = runner.invoke(app, ["distribute", *small, "--devices", "1", "--microbatches",
+                                 "1,2", "--budget", "1GiB", "--json", "-"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["schema_version"] == 1 and document["devices"] == 1
+    assert document["budget_bytes"] == 2**30
+    first = document["candidates"][document["chosen"]]
+    assert {"strategy", "schedule", "microbatches", "split", "fits", "predicted_step_s",
+            "ranks"} <= set(first)
+    assert first["ranks"][0]["measured_peak_bytes"] is None  # not run
+    result = runner.invoke(app, ["distribute", *small, "--devices", "1", "--budget", "1KiB"])
+    assert result.exit_code == 3
+    assert "least per-rank budget" in result.stderr
+    result = runner.invoke(app, ["distribute", *small, "--devices", "0"])
+    assert result.exit_code == 2 and "--devices 0" in result.stderr
