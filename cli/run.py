@@ -40,6 +40,7 @@ def run_command(
     import memprop
     from memprop.blame import is_fake_tensor_limit
     from memprop.estimate.preflight import refuse_unless_it_fits, shortfall
+    from memprop.plan.costs import on_fake_tensors
     from memprop.report.terminal_plan import render_run
     from memprop.run.measure import check_run, run_plan
     from memprop.run.verify import verify_plan
@@ -56,7 +57,7 @@ def run_command(
             fake = build_workload(options, fake=True, fallback=False)
             device = str(device_of(fake))
             plan = memprop.plan(fake, budget=cap.bytes, strategy=strategy,
-                                cost_model="roofline" if cost_model == "measured" else cost_model)
+                                cost_model=on_fake_tensors(cost_model))
             traced = verify_plan(fake, plan)
         except ModelError as error:
             if not is_fake_tensor_limit(error):

@@ -103,40 +103,40 @@ class _Point:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _Model:
-    """A workload and its chain, as the contenders see it."""
+    """A workload and its chain, as the contenders see it (found once: the timed steps only
+    install and run)."""
 
     workload: Workload
     costs: ChainCosts
     chain: Chain
+    names: list[str]
+    """The chain's stage names, where plans are installed."""
+    blocks: list[int]
+    """The stages a recipe may checkpoint: single-stage atoms that are not pinned, the chain's
+    last stage apart (checkpointing it would re-run it at once)."""
+    sequential: nn.Sequential | None
+    """The nn.Sequential whose children are the blocks, where there is one."""
 
     @classmethod
     def of(cls, workload: Workload) -> _Model:
         costs = trace_chain(workload, fake=True)
-        return cls(workload=workload, costs=costs,
-                   chain=priced(costs, cost_model="roofline", device="cpu"))
+        chain = priced(costs, cost_model="roofline", device="cpu")
+        n = len(chain)
+        blocks = [a for a, b in chain.atoms() if b == a + 1 and b < n
+                  and chain.checkpointable(a, b)]
+        return cls(workload=workload, costs=costs, chain=chain,
+                   names=[s.name for s in chain.stages], blocks=blocks,
+                   sequential=_sequential(workload.model, chain))
 
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.chain.stages]
 
-    @property
-    def blocks(self) -> list[int]:
-        """The stages a recipe may checkpoint: single-stage atoms that are not pinned, the
-        chain's last stage apart (checkpointing it would re-run it at once)."""
-        n = len(self.chain)
-        return [a for a, b in self.chain.atoms()
-                if b == a + 1 and b < n and self.chain.checkpointable(a, b)]
-
-    @property
-    def sequential(self) -> nn.Sequential | None:
-        """The nn.Sequential whose children are the blocks, where there is one."""
-        names = [s.name for s in self.chain.stages if not s.pinned]
-        parent = names[0].rpartition(".")[0] if names else ""
-        found = dict(self.workload.model.named_modules()).get(parent) if parent else None
-        if isinstance(found, nn.Sequential) and [f"{parent}.{k}" for k, _ in
-                                                 found.named_children()] == names:
-            return found
-        return None
+def _sequential(model: nn.Module, chain: Chain) -> nn.Sequential | None:
+    names = [s.name for s in chain.stages if not s.pinned]
+    parent = names[0].rpartition(".")[0] if names else ""
+    found = dict(model.named_modules()).get(parent) if parent else None
+    if isinstance(found, nn.Sequential) and [f"{parent}.{k}" for k, _ in
+                                             found.named_children()] == names:
+        return found
+    return None
 
 
 def runtime_curves(*, quick: bool = False) -> BenchReport:
@@ -246,15 +246,15 @@ def _baselines(model: _Model) -> list[_Contender]:
                              segments=k)
                   for k in (2, 4, 8, 16) if k <= len(blocks) + 1]
     predicted = []
+    base = simulate(chain, flat(n)).compute
     for c in found:
         if c.tree is None:
             predicted.append(c)
             continue
         options = {i: (o,) for i, o in c.selective.items()}
-        priced = dataclasses.replace(chain, stages=tuple(
+        with_options = dataclasses.replace(chain, stages=tuple(
             dataclasses.replace(s, options=options.get(i, ())) for i, s in enumerate(chain.stages)))
-        sim = simulate(priced, c.tree)
-        base = simulate(chain, flat(n)).compute
+        sim = simulate(with_options, c.tree)
         predicted.append(dataclasses.replace(c, predicted_peak_bytes=sim.peak_bytes,
                                              predicted_overhead=sim.compute / base - 1))
     return predicted

@@ -140,11 +140,9 @@ def installed(model: nn.Module, stage_names: Sequence[str], tree: Segment,
                          f"{len(stage_names)}")
     blocks = _blocks(model, stage_names)
     paths = _paths(tree)
+    # With nothing to recompute the model's own forward is the plan, at no cost: no block is
+    # wrapped, but the step still runs as planned, without a key/value cache.
     calls = Calls(expected=bool(paths))
-    if not paths:  # nothing to recompute: the model's own forward is the plan, at no cost
-        with without_caches(model):  # but the step runs as planned, with no key/value cache
-            yield calls
-        return
     spans: dict[Segment, _Span] = {}
     contexts = {index: _selective_contexts(frozenset(option.keep))
                 for index, option in (selective or {}).items()}

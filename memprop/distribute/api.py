@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -215,8 +216,6 @@ def _bucket_bytes(workload: Workload) -> int:
 
 
 def _why_not(c: Candidate, best: Candidate, budget_bytes: int | None) -> Candidate:
-    import dataclasses
-
     if not c.fits:
         assert budget_bytes is not None
         why = (f"does not fit: {format_bytes(c.peak_bytes)} per rank against "

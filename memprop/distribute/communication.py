@@ -4,14 +4,9 @@ the roofline's rates."""
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -41,36 +36,16 @@ class AllReduce:
 def allreduce_model(backend: str, ranks: int) -> AllReduce:
     """The all-reduce's cost on ``backend`` across ``ranks`` ranks of this machine: read from
     the cache, or timed by a launch and written there."""
-    from memprop.plan.costs import machine_key, read_cache, write_cache
+    from memprop.plan.costs import machine_key, remembered
 
-    cached = read_cache()
-    key = f"{machine_key('cpu')}|allreduce {backend} x{ranks}"
-    try:
-        return AllReduce(**cached[key])
-    except (KeyError, TypeError):
-        pass  # not timed yet on this machine
-    model = _timed(backend, ranks)
-    cached[key] = asdict(model)
-    write_cache(cached)
-    return model
+    return remembered(f"{machine_key('cpu')}|allreduce {backend} x{ranks}",
+                      lambda: asdict(_timed(backend, ranks)), lambda found: AllReduce(**found))
 
 
 def _timed(backend: str, ranks: int) -> AllReduce:
-    import torch.multiprocessing as mp
+    from memprop.distribute.launch import spawn
 
-    from memprop.distribute.launch import _free_port
-
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "allreduce.json"
-        context = mp.get_context("spawn")
-        port = _free_port()
-        processes = [context.Process(target=_rank, args=(r, ranks, port, backend, str(out)))
-                     for r in range(ranks)]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join(120)
-        times = json.loads(out.read_text())
+    times = spawn(_timed_allreduces, ranks, backend, ())[0]
     # Least squares of t = alpha + bytes / beta over the sizes timed.
     xs, ys = [float(s) for s in _SIZES], [times[str(s)] for s in _SIZES]
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
@@ -81,13 +56,11 @@ def _timed(backend: str, ranks: int) -> AllReduce:
                      alpha_s=max(0.0, mean_y - slope * mean_x), bytes_per_s=1.0 / slope)
 
 
-def _rank(rank: int, ranks: int, port: int, backend: str, out: str) -> None:
+def _timed_allreduces(rank: int, world: int) -> dict[str, float]:
+    """The median time of an all-reduce of each size, from this rank."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group(backend, rank=rank, world_size=ranks)
-    found: dict[str, Any] = {}
+    found: dict[str, float] = {}
     for size in _SIZES:
         tensor = torch.ones(size // 4)
         samples = []
@@ -97,7 +70,4 @@ def _rank(rank: int, ranks: int, port: int, backend: str, out: str) -> None:
             dist.all_reduce(tensor)
             samples.append(time.perf_counter() - started)
         found[str(size)] = statistics.median(samples[1:])
-    if rank == 0:
-        Path(out).write_text(json.dumps(found))
-    dist.barrier()
-    dist.destroy_process_group()
+    return found

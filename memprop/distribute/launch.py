@@ -20,6 +20,7 @@ import socket
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,7 +29,7 @@ import torch
 from memprop.errors import UsageError
 from memprop.workload import Workload
 
-__all__ = ["measure"]
+__all__ = ["measure", "spawn"]
 
 LAUNCH_TIMEOUT_S = 900.0
 
@@ -36,15 +37,30 @@ LAUNCH_TIMEOUT_S = 900.0
 def measure(factory: Any, candidates: list[Any], *, devices: int, steps: int, backend: str
             ) -> list[Any]:
     """``candidates`` with every rank's measured peak and rank 0's median step time."""
-    import torch.multiprocessing as mp
 
     world = max(c.devices for c in candidates)
+    results = spawn(_run_candidates, world, backend, (factory, candidates, steps))
+    measured = []
+    for index, candidate in enumerate(candidates):
+        ranks = tuple(dataclasses.replace(rank, measured_peak_bytes=results[rank.rank][
+            str(index)]["peak_bytes"]) for rank in candidate.ranks)
+        measured.append(dataclasses.replace(candidate, ranks=ranks,
+                                            measured_step_s=results[0][str(index)]["step_s"]))
+    return measured
+
+
+def spawn(target: Callable[..., dict[str, Any]], world: int, backend: str,
+          args: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """``target(rank, world, *args)`` in ``world`` spawned processes joined in one process
+    group on ``backend`` (one thread each per share of this machine's cores): what each
+    returned, by rank. A rank that fails is a one-line error with its exception."""
+    import torch.multiprocessing as mp
+
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as folder:
         port = _free_port()
-        processes = [context.Process(target=_rank_main, args=(
-            rank, world, port, backend, factory, candidates, steps, folder))
-            for rank in range(world)]
+        processes = [context.Process(target=_in_group, args=(
+            target, rank, world, port, backend, folder, args)) for rank in range(world)]
         for process in processes:
             process.start()
         deadline = time.monotonic() + LAUNCH_TIMEOUT_S
@@ -58,13 +74,7 @@ def measure(factory: Any, candidates: list[Any], *, devices: int, steps: int, ba
     if failed:
         reason = next((r["error"] for r in results if r and r.get("error")), "no message")
         raise UsageError(f"rank {failed[0]} of the launch failed: {reason}")
-    measured = []
-    for index, candidate in enumerate(candidates):
-        ranks = tuple(dataclasses.replace(rank, measured_peak_bytes=results[rank.rank][
-            str(index)]["peak_bytes"]) for rank in candidate.ranks)
-        measured.append(dataclasses.replace(candidate, ranks=ranks,
-                                            measured_step_s=results[0][str(index)]["step_s"]))
-    return measured
+    return results
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -81,27 +91,35 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _rank_main(rank: int, world: int, port: int, backend: str, factory: Any,
-               candidates: list[Any], steps: int, folder: str) -> None:
+def _in_group(target: Callable[..., dict[str, Any]], rank: int, world: int, port: int,
+              backend: str, folder: str, args: tuple[Any, ...]) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # The ranks share this machine's cores: one thread each keeps them from contending.
+    # The ranks share this machine's cores: one share each keeps them from contending.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     out = Path(folder) / f"rank{rank}.json"
-    results: dict[str, Any] = {}
     try:
         dist.init_process_group(backend, rank=rank, world_size=world)
-        for index, candidate in enumerate(candidates):
-            if rank < candidate.devices:
-                results[str(index)] = _run(factory, candidate, steps)
-            dist.barrier()
+        results = target(rank, world, *args)
         dist.destroy_process_group()
     except Exception as error:
-        results["error"] = f"{type(error).__name__}: {error}"
-        out.write_text(json.dumps(results))
+        out.write_text(json.dumps({"error": f"{type(error).__name__}: {error}"}))
         raise
     out.write_text(json.dumps(results))
+
+
+def _run_candidates(rank: int, world: int, factory: Any, candidates: list[Any], steps: int
+                    ) -> dict[str, Any]:
+    """Every candidate in turn, on the ranks it uses; the others wait at the barrier."""
+    import torch.distributed as dist
+
+    results: dict[str, Any] = {}
+    for index, candidate in enumerate(candidates):
+        if rank < candidate.devices:
+            results[str(index)] = _run(factory, candidate, steps)
+        dist.barrier()
+    return results
 
 
 def _run(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:

@@ -52,7 +52,7 @@ implies it. ``min_peak`` takes each diagonal as one expression over every split.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -107,9 +107,16 @@ class Units:
     opt_saved: tuple[np.ndarray, ...] = ()
     """Per unit, the recomputation each option saves."""
 
+    _pinned_before: np.ndarray = field(init=False, repr=False, compare=False)
+    """``_pinned_before[a]``: pinned units among the first ``a`` (for ``checkpointable``)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_pinned_before",
+                           np.concatenate([[0], np.cumsum(self.pinned.astype(np.int64))]))
+
     def checkpointable(self, k: int, rows: int) -> np.ndarray:
         """Whether the ``k`` units from each start ``a < rows`` may form a checkpoint."""
-        inside = np.concatenate([[0], np.cumsum(self.pinned.astype(np.int64))])
+        inside = self._pinned_before
         return np.asarray(inside[k : k + rows] - inside[:rows] == 0)
 
     @property

@@ -65,8 +65,8 @@ gradient is smaller than the output (``output.sum()``: an expanded scalar) is ch
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -307,29 +307,7 @@ class Chain:
         if cost_model == "roofline" and rates is None:
             raise UsageError("the roofline cost model needs the machine's rates")
         price = _Pricing(cost_model, rates, pointwise or {})
-        stages = tuple(
-            Stage(
-                name=s.name,
-                forward_cost=price.forward(s),
-                backward_cost=price.backward(s),
-                input_bytes=s.input_bytes,
-                output_bytes=s.output_bytes,
-                saved_bytes=s.saved_bytes,
-                saves_input=s.saves_input,
-                saves_output=s.saves_output,
-                forward_peak_bytes=s.forward_peak_bytes,
-                backward_peak_bytes=s.backward_peak_bytes,
-                gradient_bytes=s.gradient_bytes,
-                aliases_input=s.aliases_input,
-                pinned=s.pinned,
-                forward_held_bytes=s.forward_held_bytes,
-                options=() if s.pinned else options(
-                    s.ops, functools.partial(price.op, s),
-                    tape_bytes=_tape_bytes(s), forward_peak_bytes=s.forward_peak_bytes,
-                    forward_cost=price.forward(s), overhead=price.selective_overhead(s)),
-            )
-            for s in sorted(stats, key=lambda s: s.index)
-        )
+        stages = tuple(price.stage(s) for s in sorted(stats, key=lambda s: s.index))
         # Persistent storages (a cache a block returns) are held from their stage's forward to
         # the end of the step, whatever the plan: counted as held throughout, which over-states
         # the moments of the forward before them by their size, never under-states one.
@@ -366,10 +344,6 @@ class Chain:
         )
 
 
-def _tape_bytes(s: StageStats) -> int:
-    return max(0, s.saved_bytes - (s.output_bytes if s.saves_output else 0))
-
-
 class _Pricing:
     """Stage and op costs under one cost model (``memprop.plan.costs``)."""
 
@@ -377,36 +351,57 @@ class _Pricing:
                  pointwise: Mapping[Probe, float]) -> None:
         self.cost_model, self.rates, self.pointwise = cost_model, rates, pointwise
 
+    def stage(self, s: StageStats) -> Stage:
+        """The chain's stage for ``s``, priced, with its selective options."""
+        stage = Stage(
+            name=s.name,
+            forward_cost=self._phase(s.flops, s.forward_s, s.forward_moved_bytes,
+                                     s.forward_ops, s.forward_pointwise),
+            backward_cost=self._phase(s.backward_flops, s.backward_s, s.backward_moved_bytes,
+                                      s.backward_ops, s.backward_pointwise),
+            input_bytes=s.input_bytes,
+            output_bytes=s.output_bytes,
+            saved_bytes=s.saved_bytes,
+            saves_input=s.saves_input,
+            saves_output=s.saves_output,
+            forward_peak_bytes=s.forward_peak_bytes,
+            backward_peak_bytes=s.backward_peak_bytes,
+            gradient_bytes=s.gradient_bytes,
+            aliases_input=s.aliases_input,
+            pinned=s.pinned,
+            forward_held_bytes=s.forward_held_bytes,
+        )
+        if s.pinned:
+            return stage
+        return dataclasses.replace(stage, options=options(
+            s.ops, self._op_costs(s), tape_bytes=stage.tape_bytes,
+            forward_peak_bytes=s.forward_peak_bytes, forward_cost=stage.forward_cost,
+            overhead=self.selective_overhead(s)))
+
+    def _phase(self, flops: int, seconds: float, moved: int, ops: int,
+               pointwise: Sequence[tuple[Probe, int]]) -> float:
+        """A forward or a backward: its FLOPs, its timed seconds, or its roofline price."""
+        if self.cost_model == "flops":
+            return float(flops)
+        if self.cost_model == "measured" or self.rates is None:
+            return float(seconds)
+        return self.rates.seconds(flops, moved, ops) + self._beyond_bytes(pointwise)
+
     def _beyond_bytes(self, made: Sequence[tuple[Probe, int]]) -> float:
         return sum(self.pointwise.get(probe, 0.0) * elements for probe, elements in made)
 
-    def forward(self, s: StageStats) -> float:
+    def _op_costs(self, s: StageStats) -> Callable[[BlockOp], float]:
+        """The price of an op of stage ``s``'s forward, in the stage's unit. Measured stage
+        times are shared among their ops in proportion to the ops' roofline prices."""
         if self.cost_model == "flops":
-            return float(s.flops)
-        if self.cost_model == "measured" or self.rates is None:
-            return float(s.forward_s)
-        return (self.rates.seconds(s.flops, s.forward_moved_bytes, s.forward_ops)
-                + self._beyond_bytes(s.forward_pointwise))
-
-    def backward(self, s: StageStats) -> float:
-        if self.cost_model == "flops":
-            return float(s.backward_flops)
-        if self.cost_model == "measured" or self.rates is None:
-            return float(s.backward_s)
-        return (self.rates.seconds(s.backward_flops, s.backward_moved_bytes, s.backward_ops)
-                + self._beyond_bytes(s.backward_pointwise))
-
-    def op(self, s: StageStats, op: BlockOp) -> float:
-        """An op of stage ``s``'s forward, in the stage's unit. Measured stage times are shared
-        among their ops in proportion to the ops' roofline prices."""
-        if self.cost_model == "flops":
-            return float(op.flops)
+            return lambda op: float(op.flops)
         rates = self.rates or _UNIT_RATES
         if self.cost_model == "roofline":
-            made = () if op.probe is None else ((op.probe, op.elements),)
-            return rates.seconds(op.flops, op.moved_bytes, 1) + self._beyond_bytes(made)
+            return lambda op: rates.seconds(op.flops, op.moved_bytes, 1) + self._beyond_bytes(
+                () if op.probe is None else ((op.probe, op.elements),))
         total = sum(rates.seconds(o.flops, o.moved_bytes) for o in s.ops)
-        return s.forward_s * rates.seconds(op.flops, op.moved_bytes) / total if total else 0.0
+        share = s.forward_s / total if total else 0.0
+        return lambda op: share * rates.seconds(op.flops, op.moved_bytes)
 
     def selective_overhead(self, s: StageStats) -> float:
         """What running stage ``s`` under a selective policy adds (its dispatch modes, per op,

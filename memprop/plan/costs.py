@@ -23,10 +23,10 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -37,6 +37,13 @@ __all__ = ["COST_MODELS", "Rates", "check_cost_model", "machine_rates", "pointwi
 
 COST_MODELS: tuple[str, ...] = ("roofline", "flops", "measured")
 DEFAULT_COST_MODEL = "roofline"
+T = TypeVar("T")
+
+
+def on_fake_tensors(cost_model: str) -> str:
+    """The cost model a fake trace prices by in place of ``cost_model``: ``measured`` needs
+    real steps' times, which later shapes (planned on fake tensors) do not have."""
+    return DEFAULT_COST_MODEL if cost_model == "measured" else cost_model
 
 
 def check_cost_model(cost_model: str) -> None:
@@ -83,10 +90,6 @@ def _cache_file() -> Path:
 
 def machine_key(device: str) -> str:
     """What identifies this machine's measurements of ``device``: its name, threads, torch."""
-    return _machine_key(device)
-
-
-def _machine_key(device: str) -> str:
     if device == "cuda":
         name = torch.cuda.get_device_name()
     else:
@@ -101,17 +104,8 @@ def machine_rates(device: str = "cpu") -> Rates:
     kind = torch.device(device).type
     if kind == "cuda" and not torch.cuda.is_available():
         return NOMINAL_CUDA
-    key = _machine_key(kind)
-    cached = read_cache()
-    try:
-        return Rates(**cached[key])
-    except (KeyError, TypeError):
-        pass  # not measured yet here, or by a memprop that measured other things
-    with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on untouched
-        rates = _measure(kind)
-    cached[key] = asdict(rates)
-    write_cache(cached)
-    return rates
+    return remembered(machine_key(kind), lambda: asdict(_measure(kind)),
+                      lambda found: Rates(**found))
 
 
 POINTWISE_ELEMENTS = 1 << 16
@@ -129,7 +123,7 @@ def pointwise_seconds(device: str, probes: Iterable[Probe], rates: Rates) -> dic
     if torch.device(device).type != "cpu" or not wanted:
         return dict.fromkeys(wanted, 0.0)
     cached = read_cache()
-    table = cached.setdefault(_machine_key("cpu") + "|pointwise", {})
+    table = cached.setdefault(machine_key("cpu") + "|pointwise", {})
     found, missing = {}, []
     for probe in wanted:
         key = json.dumps(probe)
@@ -137,9 +131,8 @@ def pointwise_seconds(device: str, probes: Iterable[Probe], rates: Rates) -> dic
             found[probe] = float(table[key])
         else:
             missing.append(probe)
-    with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on untouched
-        for probe in missing:
-            found[probe] = table[json.dumps(probe)] = _excess(probe, rates)
+    for probe in missing:
+        found[probe] = table[json.dumps(probe)] = _excess(probe, rates)
     if missing:
         write_cache(cached)
     return found
@@ -148,44 +141,45 @@ def pointwise_seconds(device: str, probes: Iterable[Probe], rates: Rates) -> dic
 def _excess(probe: Probe, rates: Rates) -> float:
     """Seconds per element of ``probe``'s call beyond its bytes at ``rates`` (0 when it cannot
     be called here)."""
-    name, arguments = probe
+    name, positional, keyword = probe
+    moved = 0
+
+    def made(value: Any) -> Any:
+        nonlocal moved
+        if not (isinstance(value, (list, tuple)) and value and value[0] == "tensor"):
+            return value
+        _, dtype, whole = value
+        tensor = (torch.rand(POINTWISE_ELEMENTS if whole else 1) * 0.9 + 0.05).to(
+            getattr(torch, dtype))
+        moved += tensor.numel() * tensor.element_size()
+        return tensor
+
     try:
         namespace, op, overload = name.split(".")
         func = getattr(getattr(getattr(torch.ops, namespace), op), overload)
-        args: list[Any] = []
-        kwargs: dict[str, Any] = {}
-        moved = 0
-        for argument in arguments:
-            key, value = argument if (isinstance(argument, (list, tuple)) and len(argument) == 2
-                                      and isinstance(argument[0], str)
-                                      and argument[0] != "tensor") else (None, argument)
-            if isinstance(value, (list, tuple)) and value and value[0] == "tensor":
-                _, dtype_name, whole = value
-                dtype = getattr(torch, dtype_name)
-                size = POINTWISE_ELEMENTS if whole else 1
-                value = (torch.rand(size) * 0.9 + 0.05).to(dtype)
-                moved += value.numel() * value.element_size()
-            if key is None:
-                args.append(value)
-            else:
-                kwargs[key] = value
-
-        def call() -> Any:
-            return func(*args, **kwargs)
-
-        out = call()
-        first = out[0] if isinstance(out, (tuple, list)) else out
-        moved += first.numel() * first.element_size()
-        seconds = min(_timed(call) for _ in range(5))
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on untouched
+            args = [made(a) for a in positional]
+            kwargs = {key: made(value) for key, value in keyword}
+            out = func(*args, **kwargs)
+            seconds = _best_of(lambda: func(*args, **kwargs), 5)
     except Exception:  # an op this recipe cannot call: the roofline's bytes alone price it
         return 0.0
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    moved += first.numel() * first.element_size()
     return max(0.0, float(seconds - moved / rates.bytes_per_s) / POINTWISE_ELEMENTS)
 
 
-def _timed(run: Any) -> float:
-    started = time.perf_counter()
-    run()
-    return time.perf_counter() - started
+def remembered(key: str, measure: Callable[[], Any], load: Callable[[Any], T]) -> T:
+    """What ``measure()`` found on this machine under ``key``, kept in the cache file: loaded
+    from there when it is (``load`` refuses, with a TypeError, KeyError or ValueError, what an
+    older memprop measured differently), else measured and written."""
+    cached = read_cache()
+    if key in cached:
+        with contextlib.suppress(TypeError, KeyError, ValueError):
+            return load(cached[key])
+    cached[key] = measure()
+    write_cache(cached)
+    return load(cached[key])
 
 
 def read_cache() -> dict[str, Any]:
@@ -209,22 +203,29 @@ def _read(path: Path) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
+def _best_of(run: Callable[[], Any], repeats: int, kind: str = "cpu") -> float:
+    """The fastest of ``repeats`` runs, after one to warm up, in seconds."""
+    run()
+    times = []
+    for _ in range(repeats):
+        if kind == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        run()
+        if kind == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
 def _measure(kind: str) -> Rates:
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream goes on untouched
+        return _measured_rates(kind)
+
+
+def _measured_rates(kind: str) -> Rates:
     device = torch.device(kind)
-
-    def best_of(run: Any, repeats: int) -> float:
-        run()  # warm up
-        times = []
-        for _ in range(repeats):
-            if kind == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            run()
-            if kind == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
-        return min(times)
-
+    best_of = functools.partial(_best_of, kind=kind)
     size = 1024 if kind == "cpu" else 8192
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)

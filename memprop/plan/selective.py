@@ -53,14 +53,15 @@ def front(ops: Sequence[BlockOp], cost: Callable[[BlockOp], float]
     """The exact Pareto front of (bytes kept, cost saved, ops kept), fewest bytes first, each
     point saving strictly more than the one before. Outputs that hold nothing extra (the
     block's own output) are kept in every point."""
-    free = frozenset((o.op, o.occurrence) for o in ops if o.cache_bytes == 0 and o.allocates)
-    free_saving = sum(cost(o) for o in ops if (o.op, o.occurrence) in free)
+    keepable = [(op, cost(op)) for op in ops if op.allocates]
+    free = frozenset((o.op, o.occurrence) for o, _ in keepable if o.cache_bytes == 0)
+    free_saving = sum(c for o, c in keepable if o.cache_bytes == 0)
     points: list[tuple[int, float, frozenset[tuple[str, int]]]] = [(0, free_saving, free)]
-    for op in ops:
-        if not op.allocates or op.cache_bytes <= 0 or cost(op) <= 0:
+    for op, saving in keepable:
+        if op.cache_bytes <= 0 or saving <= 0:
             continue
         key = (op.op, op.occurrence)
-        grown = [(b + op.cache_bytes, v + cost(op), k | {key}) for b, v, k in points]
+        grown = [(b + op.cache_bytes, v + saving, k | {key}) for b, v, k in points]
         points = _pareto([*points, *grown])
         if len(points) > MAX_FRONT:
             points = points[:: len(points) // MAX_FRONT + 1]

@@ -32,7 +32,7 @@ from torch import nn
 from memprop.blocks.install import installed
 from memprop.errors import PlanCheckError
 from memprop.plan.api import check_cost_model, check_strategy, plan
-from memprop.plan.costs import DEFAULT_COST_MODEL
+from memprop.plan.costs import DEFAULT_COST_MODEL, on_fake_tensors
 from memprop.plan.solvers import Plan
 from memprop.run.measure import not_run
 from memprop.run.verify import verify_plan
@@ -253,7 +253,7 @@ def checkpoint(
     planner = _Planner(
         budget_bytes=budget_bytes,
         strategy=strategy,
-        cost_model=DEFAULT_COST_MODEL if cost_model == "measured" else cost_model,
+        cost_model=on_fake_tensors(cost_model),
         loss_fn=loss_fn,
         targets=None if targets is None else _TargetsLike(
             shape=tuple(targets.shape), dtype=targets.dtype, device=targets.device,

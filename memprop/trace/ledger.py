@@ -147,23 +147,24 @@ def _moved_bytes(value: Any) -> int:
     return 0
 
 
-Probe = tuple[str, tuple[Any, ...]]
-"""A pointwise op's call, as ``memprop.plan.costs`` times it: the op's name, then its arguments
-in order (positional, then keyword ``(name, value)`` pairs), each tensor as ``("tensor", dtype,
-whole)`` (``whole``: as many elements as the output; else broadcast from one), anything else as
-its value."""
+Probe = tuple[str, tuple[Any, ...], tuple[tuple[str, Any], ...]]
+"""A pointwise op's call, as ``memprop.plan.costs`` times it: the op's name, its positional
+arguments and its keyword ones (``(name, value)`` pairs, sorted), each tensor as ``("tensor",
+dtype, whole)`` (``whole``: as many elements as the output; else broadcast from one), anything
+else as its value."""
 
 
 def _probe(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
            ) -> tuple[Probe | None, int]:
+    """A pointwise op's call and the elements of its (first) output; ``(None, 0)`` when the
+    call cannot be described (an argument that is a list, a device, a dtype...): the roofline
+    then prices it by its bytes alone."""
     first = out if isinstance(out, torch.Tensor) else (
         out[0] if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor)
         else None)
     if first is None:
         return None, 0
     elements = int(first.numel())
-    if torch.Tag.pointwise not in func.tags or func.is_view:
-        return None, elements
 
     def described(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
@@ -171,14 +172,14 @@ def _probe(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
                     int(value.numel()) == elements)
         if value is None or isinstance(value, (bool, int, float, str)):
             return value
-        raise TypeError  # a list, a device, a dtype...: not timed, priced by the roofline
+        raise TypeError
 
     try:
-        arguments = tuple(described(a) for a in args) + tuple(
-            (k, described(v)) for k, v in sorted(kwargs.items()))
+        positional = tuple(described(a) for a in args)
+        keyword = tuple((k, described(v)) for k, v in sorted(kwargs.items()))
     except TypeError:
-        return None, elements
-    return (str(func), arguments), elements
+        return None, 0
+    return (str(func), positional, keyword), elements
 
 
 def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
@@ -272,7 +273,7 @@ class OpEntry(NamedTuple):
     """For a pointwise op, its call with tensors replaced by their dtype (how
     ``memprop.plan.costs`` times such an op on this machine); None for other ops."""
     elements: int = 0
-    """Elements of its (first) output."""
+    """Elements of a pointwise op's (first) output (0 for other ops)."""
 
 
 class _StorageRef(weakref.ref):  # type: ignore[type-arg]
@@ -315,6 +316,8 @@ class StorageLedger(TorchDispatchMode):
         price memory-bound work, and to choose which op outputs a block keeps)."""
         self._on_free = self._make_free_callback()
         self._kinds: dict[Any, Any] = {}
+        self._pointwise: dict[Any, bool] = {}
+        """Per op, whether it is pointwise (logged steps only): looked up once."""
         self._curves_cache: tuple[tuple[int, int], tuple[list[int], list[int]]] | None = None
 
     def _make_free_callback(self) -> Any:
@@ -432,15 +435,26 @@ class StorageLedger(TorchDispatchMode):
             self.flops += count
             self.tick_flops[self.clock] = self.tick_flops.get(self.clock, 0) + count
         if self.ops is not None:
-            moved = 0 if func.is_view else _moved_bytes(args) + _moved_bytes(out)
-            written: tuple[int, ...] = ()
-            if func._schema.is_mutable:
-                written = tuple(r.index for r in map(self.record_of, _written(func, args, kwargs))
-                                if r is not None)
-            probe, elements = _probe(func, args, kwargs, out)
-            self.ops.append(OpEntry(func, self.clock, tuple(self.records[-born:]) if born else (),
-                                    count, moved, written, probe, elements))
+            self._log(func, args, kwargs, out, born, count)
         return out
+
+    def _log(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
+             born: int, flops: int) -> None:
+        """The op's entry in the op log (``log_ops``: planning traces, not the hot path of a
+        profile): what it made, read and wrote, and its call when it is pointwise."""
+        moved = 0 if func.is_view else _moved_bytes(args) + _moved_bytes(out)
+        written: tuple[int, ...] = ()
+        if func._schema.is_mutable:
+            written = tuple(r.index for r in map(self.record_of, _written(func, args, kwargs))
+                            if r is not None)
+        pointwise = self._pointwise.get(func)
+        if pointwise is None:
+            pointwise = self._pointwise[func] = (torch.Tag.pointwise in func.tags
+                                                 and not func.is_view)
+        probe, elements = _probe(func, args, kwargs, out) if pointwise else (None, 0)
+        assert self.ops is not None
+        self.ops.append(OpEntry(func, self.clock, tuple(self.records[-born:]) if born else (),
+                                flops, moved, written, probe, elements))
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:

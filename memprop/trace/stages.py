@@ -20,9 +20,11 @@ forward's end*. The model's output is the chain's ``x_n``, held by the caller.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -61,7 +63,7 @@ class BlockOp:
     probe: Probe | None = None
     """Its call, when it is a pointwise op (``memprop.trace.ledger.Probe``)."""
     elements: int = 0
-    """Elements of its output."""
+    """Elements of its output, when it is a pointwise op."""
     rise_bytes: int = 0
     """The highest live total while it ran (ops that selective recomputation ignores, run just
     before it, included), less the live total when the block began: with the outputs kept for
@@ -283,8 +285,8 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
         back_start, back_stop, back_s = backward.get(index, (0, -1, 0.0))
         call = run.calls[index - (regions[0].name == PREFIX)] if not region.pinned else None
         forward_ops = (ops[call.first_op:call.last_op] if call is not None
-                       else [o for o in ops if start < o.tick <= stop])
-        backward_ops = [o for o in ops if back_start < o.tick <= back_stop]
+                       else _between(ops, start, stop))
+        backward_ops = _between(ops, back_start, back_stop)
         stats.append(StageStats(
             index=index,
             name=region.name,
@@ -369,6 +371,14 @@ def _block_ops(entries: Sequence[OpEntry], flow: set[int], start: int,
     return tuple(found)
 
 
+def _between(ops: Sequence[OpEntry], start: int, stop: int) -> Sequence[OpEntry]:
+    """The ops at ticks ``start+1..stop`` (the log is in tick order)."""
+    if stop <= start:
+        return ()
+    tick = operator.attrgetter("tick")
+    return ops[bisect.bisect_right(ops, start, key=tick):bisect.bisect_right(ops, stop, key=tick)]
+
+
 def _pointwise(entries: Sequence[OpEntry]) -> tuple[tuple[Probe, int], ...]:
     made: dict[Probe, int] = {}
     for entry in entries:
@@ -409,7 +419,5 @@ def _sum(by_tick: dict[int, int], start: int, stop: int) -> int:
 
 def _rise(live: Sequence[int], after: Sequence[int], start: int, stop: int) -> int:
     """How far the live total rose above where it stood at ``start``, over ``start+1..stop``."""
-    if stop <= start:
-        return 0
-    return max(0, max(live[start + 1 : stop + 1]) - after[start])
+    return _rise_from(live, after[start], start, stop)
 

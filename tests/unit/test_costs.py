@@ -53,9 +53,9 @@ def test_pointwise_calls_that_cost_more_than_their_bytes_are_timed_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     rates = costs.machine_rates("cpu")
-    tanh = ("aten.tanh.default", (("tensor", "float32", True),))
-    add = ("aten.add.Tensor", (("tensor", "float32", True), ("tensor", "float32", True)))
-    unknown = ("aten.no_such_op.default", (("tensor", "float32", True),))
+    tanh = ("aten.tanh.default", (("tensor", "float32", True),), ())
+    add = ("aten.add.Tensor", (("tensor", "float32", True), ("tensor", "float32", True)), ())
+    unknown = ("aten.no_such_op.default", (("tensor", "float32", True),), ())
     found = costs.pointwise_seconds("cpu", [tanh, add, unknown], rates)
     # On one CPU core tanh takes many times what its bytes cost; an add costs its bytes.
     assert found[tanh] > 0.5 / rates.bytes_per_s
