@@ -37,6 +37,10 @@ def distribute_command(
                                             "is measured.")] = 3,
     backend: Annotated[str, typer.Option(help="torch.distributed backend: gloo (CPU) or "
                                               "nccl (GPU).")] = "gloo",
+    strategy: Annotated[str, typer.Option(
+        "--strategy", metavar="S,...",
+        help="Strategies to consider: accumulate, ddp, pipeline (the model an nn.Sequential)."
+    )] = "accumulate,ddp,pipeline",
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", help="Write the distribution document; - is standard "
                                        "output.")] = None,
@@ -44,12 +48,15 @@ def distribute_command(
     """Split the step across devices, or accumulate smaller microbatches on one?
 
     Every candidate (one device with M microbatches; DDP on --devices ranks with M microbatches
-    each), with memprop's recomputation plan where the budget needs one, is predicted per rank
-    from the ledger; the fastest predicted step that fits the budget is chosen. --batch is the
+    each; a pipeline over --devices ranks for each of torch's GPipe, 1F1B, Interleaved1F1B and
+    LoopedBFS schedules, cut between the items of an nn.Sequential), with memprop's
+    recomputation plan where the budget needs one, is predicted per rank from the ledger; the
+    fastest predicted step that fits the budget is chosen. --batch is the
     global batch. With --run every candidate runs and every rank's steady-state peak is
     measured."""
     from memprop.budget import resolve_budget
     from memprop.distribute import distribute
+    from memprop.distribute.api import STRATEGIES
     from memprop.report.output import write_output
     from memprop.report.terminal_distribute import render_distribution
 
@@ -57,11 +64,14 @@ def distribute_command(
     if devices < 1:
         raise UsageError(f"--devices {devices}: give at least 1")
     counts = parse_sizes(microbatches, "--microbatches")
+    strategies = [s.strip() for s in strategy.split(",") if s.strip()]
+    if not strategies or set(strategies) - set(STRATEGIES):
+        raise UsageError(f"--strategy {strategy}: choose among {', '.join(STRATEGIES)}")
     cap = resolve_budget(budget, options.device)
     with working("predicting every candidate" + (" and running them" if run else "")):
         result = distribute(OptionsFactory(options), batch_size=options.batch, devices=devices,
                             budget=cap.bytes, microbatches=counts, run=run, steps=steps,
-                            backend=backend)
+                            backend=backend, strategies=strategies)
     if cap.source != "given":
         console.print(f"budget: {cap.source}")
     render_distribution(result, console)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = ["GPT", "BasicBlock", "Bottleneck", "GPTBlock", "ResNet", "VisionTransformer",
-           "next_token_loss"]
+           "next_token_loss", "pipeline_gpt"]
 
 
 # -- torchvision's ResNet -----------------------------------------------------------------------
@@ -206,6 +206,26 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, vocab: int, positions: int, width: int) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Embedding(positions, width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.wte(ids) + self.wpe(torch.arange(ids.shape[1], device=ids.device))
+
+
+def pipeline_gpt(*, layers: int = 4, width: int = 64, heads: int = 4, vocab: int = 256,
+                 positions: int = 32) -> nn.Sequential:
+    """The GPT-2-shaped decoder as pipelines take it (torchtitan's layout): an
+    ``nn.Sequential`` of the embeddings, the blocks and the head, one tensor between them, the
+    head not tied to the embedding (a tie would span the first and last stages)."""
+    return nn.Sequential(_Embeddings(vocab, positions, width),
+                         *(GPTBlock(width, heads, 0.0) for _ in range(layers)),
+                         nn.Sequential(nn.LayerNorm(width), nn.Linear(width, vocab, bias=False)))
 
 
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,16 @@
 candidate predicted per rank from the ledger, the fastest that fits chosen, and, with
 ``run=True``, run on ``torch.distributed`` and measured per rank.
 
-The candidates (this module's first ones; pipeline and sharded ones come later):
+The candidates (sharded ones, FSDP2, come later):
 
 - ``accumulate``: one device, the batch in ``M`` microbatches, gradients accumulated in place
   across them, one optimizer step; with memprop's recomputation plan when the microbatch step
   does not fit the budget alone.
 - ``ddp``: ``N`` ranks, each with ``batch / N`` (in ``M`` microbatches, ``no_sync`` until the
   last), ``DistributedDataParallel`` over them.
+- ``pipeline``: ``N`` ranks running one of ``torch.distributed.pipelining``'s schedules over
+  ``M`` microbatches, the model's ``nn.Sequential`` cut between its items
+  (``memprop.distribute.pipeline``; NOTE [ Replaying a pipeline schedule ]).
 
 NOTE [ What each rank holds ]
 A rank's step is the single-device step of its microbatch, traced by the ledger at its steady

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from memprop.distribute.pipeline import PipelineShape
 from memprop.errors import BudgetInfeasibleError, UsageError
 from memprop.plan.api import chain_of
 from memprop.plan.schedule import flat, simulate
@@ -18,10 +20,12 @@ from memprop.trace.ledger import rounded_bytes
 from memprop.units import format_bytes, parse_size
 from memprop.workload import Workload
 
-__all__ = ["DEFAULT_MICROBATCHES", "Candidate", "Distribution", "Rank", "distribute"]
+__all__ = ["DEFAULT_MICROBATCHES", "STRATEGIES", "Candidate", "Distribution", "Rank",
+           "distribute"]
 
 SCHEMA_VERSION = 1
 DEFAULT_MICROBATCHES = (1, 2, 4, 8)
+STRATEGIES = ("accumulate", "ddp", "pipeline")
 Factory = Callable[[int], Workload]
 """Builds a rank's workload for a batch size (each rank builds its own)."""
 
@@ -38,7 +42,7 @@ class Candidate:
     """One way to run the step, predicted per rank."""
 
     strategy: str
-    """``accumulate`` (one device) or ``ddp``."""
+    """``accumulate`` (one device), ``ddp`` or ``pipeline``."""
     devices: int
     microbatches: int
     microbatch_size: int
@@ -56,6 +60,8 @@ class Candidate:
     measured_step_s: float | None = None
     why: str = ""
     """Why it was not chosen (empty for the chosen one)."""
+    pipeline: PipelineShape | None = None
+    """The schedule and split points of a pipeline candidate."""
 
     @property
     def peak_bytes(self) -> int:
@@ -64,6 +70,11 @@ class Candidate:
     def describe(self) -> str:
         """``DDP 2 ranks, 4x256 +8% recompute``: where, microbatches x their size, and the
         recomputation plan's extra compute."""
+        if self.pipeline is not None:
+            cuts = "|".join(f"{a}-{b - 1}" if b - a > 1 else f"{a}"
+                            for a, b in itertools.pairwise(self.pipeline.bounds))
+            return (f"{self.pipeline.schedule} {self.devices} ranks, "
+                    f"{self.microbatches}x{self.microbatch_size}, blocks {cuts}")
         way = "1 device" if self.devices == 1 else f"DDP {self.devices} ranks"
         parts = f"{way}, {self.microbatches}x{self.microbatch_size}"
         if self.plan is not None:
@@ -73,10 +84,10 @@ class Candidate:
     def to_dict(self) -> dict[str, Any]:
         return {
             "strategy": self.strategy,
-            "schedule": None,
+            "schedule": None if self.pipeline is None else self.pipeline.schedule,
             "microbatches": self.microbatches,
             "microbatch_size": self.microbatch_size,
-            "split": None,
+            "split": None if self.pipeline is None else list(self.pipeline.bounds),
             "devices": self.devices,
             "fits": self.fits,
             "predicted_step_s": self.predicted_step_s,
@@ -99,6 +110,8 @@ class Distribution:
     """Index of the chosen candidate: the fastest predicted step that fits."""
     communication: str
     """How the all-reduce was priced."""
+    notes: tuple[str, ...] = ()
+    """Why a strategy has no candidates (a model that cannot be pipelined, say)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +122,7 @@ class Distribution:
             "communication": self.communication,
             "candidates": [c.to_dict() for c in self.candidates],
             "chosen": self.chosen,
+            "notes": list(self.notes),
         }
 
 
@@ -122,6 +136,7 @@ def distribute(
     run: bool = False,
     steps: int = 3,
     backend: str = "gloo",
+    strategies: Sequence[str] = STRATEGIES,
 ) -> Distribution:
     """Candidates for a training step of ``batch_size`` samples on up to ``devices`` ranks,
     each predicted per rank (NOTE [ What each rank holds ] in ``memprop.distribute``), and the
@@ -130,7 +145,9 @@ def distribute(
     ``factory(batch_size)`` builds a rank's ``Workload`` (model, inputs, loss, optimizer); it
     must be picklable (a module-level function) for ``run=True``, which launches the ranks
     with ``torch.distributed`` (``backend``), runs every candidate for ``steps`` steps and
-    measures each rank's steady-state peak with the ledger. Raises
+    measures each rank's steady-state peak with the ledger. ``strategies`` keeps some of
+    ``accumulate``, ``ddp`` and ``pipeline`` (NOTE [ Replaying a pipeline schedule ] in
+    ``memprop.distribute.pipeline``: models that are an ``nn.Sequential``). Raises
     :class:`memprop.BudgetInfeasibleError` (with the least per-rank budget) when nothing fits.
     """
     if devices < 1:
@@ -141,17 +158,36 @@ def distribute(
         raise UsageError(f"microbatches {list(microbatches)}: give counts of at least 1")
     if steps < 1:
         raise UsageError(f"steps is {steps}: give at least 1")
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown or not strategies:
+        raise UsageError(f"strategies {list(strategies)}: choose among {', '.join(STRATEGIES)}")
     budget_bytes = None if budget is None else parse_size(budget)
     if devices > 1:
         _check_backend(backend)
     from memprop.distribute.communication import allreduce_model
 
     comm = allreduce_model(backend, devices) if devices > 1 else None
-    shapes = [(1, m) for m in sorted(set(microbatches))]
-    if devices > 1:
-        shapes += [(devices, m) for m in sorted(set(microbatches))]
+    counts = sorted(set(microbatches))
+    shapes = [(1, m) for m in counts] if "accumulate" in strategies else []
+    if devices > 1 and "ddp" in strategies:
+        shapes += [(devices, m) for m in counts]
     candidates = [c for n, m in shapes
                   if (c := _candidate(factory, batch_size, n, m, budget_bytes, comm)) is not None]
+    notes: list[str] = []
+    if "pipeline" in strategies:
+        if devices < 2:
+            if list(strategies) == ["pipeline"]:
+                raise UsageError("a pipeline needs at least 2 devices")
+        else:
+            assert comm is not None
+            found, why = _pipeline_candidates(factory, batch_size, devices, counts,
+                                              budget_bytes, comm)
+            candidates += found
+            if why and not found and list(strategies) == ["pipeline"]:
+                raise UsageError(f"no pipeline: {why}")
+            if why:
+                notes.append(f"no pipeline {'of some schedules' if found else 'candidates'}: "
+                             f"{why}")
     if not candidates:
         raise UsageError(f"batch {batch_size} splits into none of the microbatch counts "
                          f"{sorted(set(microbatches))} on 1 or {devices} devices: give a batch "
@@ -177,6 +213,7 @@ def distribute(
         devices=devices, budget_bytes=budget_bytes, batch_size=batch_size,
         candidates=tuple(candidates), chosen=chosen,
         communication="none (one device)" if comm is None else comm.describe(),
+        notes=tuple(notes),
     )
 
 
@@ -207,6 +244,105 @@ def _candidate(factory: Factory, batch_size: int, devices: int, microbatches: in
         predicted_step_s=microbatches * compute + allreduce,
         ranks=tuple(Rank(rank=r, predicted_peak_bytes=peak) for r in range(devices)),
         least_budget_bytes=least, plan=plan)
+
+
+def _pipeline_candidates(factory: Factory, batch_size: int, devices: int, counts: list[int],
+                         budget_bytes: int | None, comm: Any) -> tuple[list[Candidate], str]:
+    """One candidate per schedule and microbatch count: of the splits tried (every one when
+    few, else the one balancing the stages' compute), the fastest that fits, or the one with
+    the least peak when none does. Empty, with the reason, when the model cannot be cut."""
+    from memprop.distribute import pipeline as pp
+
+    with new_fake_mode():  # one fake workload replayed for every shape and rank
+        whole = factory(batch_size)
+        items = pp.sequential_items(whole)
+        if isinstance(items, str):
+            return [], items
+        found: list[Candidate] = []
+        skipped = []
+        for schedule, per_rank in pp.SCHEDULES.items():
+            stages = devices * per_rank
+            if stages > len(items):
+                skipped.append(f"{schedule} needs {stages} blocks, the model has {len(items)}")
+                continue
+            for m_count in counts:
+                if batch_size % m_count or m_count < devices or (per_rank > 1
+                                                                 and m_count % devices):
+                    # Fewer microbatches than ranks leave ranks idle (and Schedule1F1B
+                    # refuses them); the looped schedules take them in rounds of the ranks.
+                    continue
+                found.append(_pipeline_candidate(factory, whole, items, schedule, devices,
+                                                 batch_size, m_count, budget_bytes, comm))
+    why = "; ".join(skipped)
+    return found, (f"{why} (a stage per block at least)" if why else "")
+
+
+def _pipeline_candidate(factory: Factory, whole: Workload, items: list[Any], schedule: str,
+                        devices: int, batch_size: int, m_count: int,
+                        budget_bytes: int | None, comm: Any) -> Candidate:
+    """The splits tried in order of their predicted step, replayed until one fits: the
+    fastest that fits, or the one with the least peak when none does."""
+    from memprop.distribute import pipeline as pp
+
+    micro = batch_size // m_count
+    forward, backward, boundary = _item_costs(factory, micro, len(items))
+    stages = devices * pp.SCHEDULES[schedule]
+    timed = []
+    for bounds in pp.splits_tried(len(items), stages, [f + b for f, b in
+                                                    zip(forward, backward, strict=True)]):
+        shape = pp.PipelineShape(schedule=schedule, ranks=devices, microbatches=m_count,
+                                 bounds=bounds)
+        timed.append((pp.simulated_seconds(shape, _per_stage(forward, bounds),
+                                           _per_stage(backward, bounds), comm.seconds,
+                                           [boundary[b] for b in bounds]), shape))
+    best: tuple[int, float, pp.PipelineShape, list[int]] | None = None
+    for seconds, shape in sorted(timed, key=lambda t: t[0]):
+        peaks = [pp.rank_peak_bytes(whole, items, shape, r) for r in range(devices)]
+        if best is None or max(peaks) < best[0]:
+            best = (max(peaks), seconds, shape, peaks)
+        if budget_bytes is None or max(peaks) <= budget_bytes:
+            best = (max(peaks), seconds, shape, peaks)
+            break
+    assert best is not None
+    peak, seconds, shape, peaks = best
+    return Candidate(
+        strategy="pipeline", devices=devices, microbatches=m_count, microbatch_size=micro,
+        pipeline=shape, fits=budget_bytes is None or peak <= budget_bytes,
+        predicted_step_s=seconds,
+        ranks=tuple(Rank(rank=r, predicted_peak_bytes=p) for r, p in enumerate(peaks)),
+        least_budget_bytes=peak)
+
+
+def _item_costs(factory: Factory, micro: int, items: int
+                ) -> tuple[list[float], list[float], list[int]]:
+    """Each item's forward and backward seconds on a microbatch (the roofline's), and the
+    bytes crossing each cut (index ``i``: item ``i``'s input; ``items``: the output)."""
+    with new_fake_mode():
+        workload = factory(micro)
+    chain = chain_of(workload, cost_model="roofline", fake=True)
+    stages = list(chain.stages)
+    if len(stages) < items:  # blocks not found as the items: spread the step evenly
+        total_f = sum(s.forward_cost for s in stages) / items
+        total_b = sum(s.backward_cost for s in stages) / items
+        size = max(s.output_bytes for s in stages)
+        return [total_f] * items, [total_b] * items, [size] * (items + 1)
+    # The chain's stages are the items, perhaps with a pinned prefix and suffix around them.
+    start = next(i for i, s in enumerate(stages) if not s.pinned)
+    core = stages[start:start + items]
+    forward = [s.forward_cost for s in core]
+    backward = [s.backward_cost for s in core]
+    for extra in stages[:start]:
+        forward[0] += extra.forward_cost
+        backward[0] += extra.backward_cost
+    for extra in stages[start + items:]:
+        forward[-1] += extra.forward_cost
+        backward[-1] += extra.backward_cost
+    boundary = [core[0].input_bytes] + [s.output_bytes for s in core]
+    return forward, backward, boundary
+
+
+def _per_stage(costs: list[float], bounds: tuple[int, ...]) -> list[float]:
+    return [sum(costs[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 def _bucket_bytes(workload: Workload) -> int:

@@ -116,10 +116,78 @@ def _run_candidates(rank: int, world: int, factory: Any, candidates: list[Any], 
 
     results: dict[str, Any] = {}
     for index, candidate in enumerate(candidates):
-        if rank < candidate.devices:
+        if candidate.strategy == "pipeline":
+            results[str(index)] = _run_pipeline(factory, candidate, steps, rank)
+        elif rank < candidate.devices:
             results[str(index)] = _run(factory, candidate, steps)
         dist.barrier()
     return results
+
+
+def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[str, Any]:
+    """This rank's stages of ``candidate.pipeline`` run by torch's schedule; the last step
+    measured with the ledger (what exists before it: the rank's parameters, optimizer state,
+    the inputs or targets its stages use, the schedule's receive buffers)."""
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import get_schedule_class
+
+    from memprop.distribute.pipeline import (
+        _optimizer_for,
+        placement,
+        sequential_items,
+        stage_modules,
+    )
+    from memprop.trace.ledger import Category, StorageLedger
+    from memprop.trace.step import _optimizer_state
+
+    shape = candidate.pipeline
+    torch.manual_seed(0)
+    workload: Workload = factory(candidate.microbatch_size * shape.microbatches)
+    items = sequential_items(workload)
+    assert not isinstance(items, str), items
+    modules = stage_modules(items, shape.bounds)
+    mine = placement(shape.schedule, shape.ranks)[rank]
+    device = workload.inputs[0].device
+    stages = [PipelineStage(modules[s], s, shape.stages, device) for s in mine]
+    parameters = [p for s in mine for p in modules[s].parameters()]
+    optimizer = _optimizer_for(workload, parameters)
+    kind = get_schedule_class(shape.schedule)
+    schedule = kind(stages[0] if len(stages) == 1 else stages,
+                    n_microbatches=shape.microbatches, loss_fn=workload.loss_fn)
+    first, last = 0 in mine, shape.stages - 1 in mine
+
+    def step() -> None:
+        for parameter in parameters:
+            parameter.grad = None
+        arguments = workload.inputs if first else ()
+        if last:
+            schedule.step(*arguments, target=workload.targets, losses=[])
+        else:
+            schedule.step(*arguments)
+        if optimizer is not None:
+            optimizer.step()
+
+    times = []
+    for _ in range(max(steps, 2)):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    ledger = StorageLedger()
+    ledger.register(parameters, Category.PARAMETERS, "parameters")
+    if optimizer is not None:
+        ledger.register(_optimizer_state(optimizer), Category.OPTIMIZER_STATE, "optimizer")
+    if first:
+        ledger.register(workload.inputs, Category.INPUTS, "inputs")
+    if last and workload.targets is not None:
+        ledger.register([workload.targets], Category.INPUTS, "targets")
+    ledger.register([info.buffer for stage in stages
+                     for kept in (*stage.args_recv_info.values(),
+                                  *stage.grad_recv_info.values())
+                     for info in kept if info.buffer is not None],
+                    Category.TEMPORARIES, "receive buffers")
+    with ledger:
+        step()
+    return {"peak_bytes": ledger.peak()[0], "step_s": statistics.median(times[1:])}
 
 
 def _run(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:

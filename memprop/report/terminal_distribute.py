@@ -23,8 +23,9 @@ def render_distribution(result: Distribution, console: Console) -> None:
     names = ["candidate", "rank peak", "step"] + (["measured peak", "measured step"]
                                                   if ran else []) + ["fits"]
     for name in names:
+        # The description wraps; the figures never do.
         table.add_column(name, justify="left" if name in ("candidate", "fits") else "right",
-                         no_wrap=True)
+                         no_wrap=name != "candidate")
     for index, c in enumerate(result.candidates):
         measured = [r.measured_peak_bytes for r in c.ranks if r.measured_peak_bytes is not None]
         cells: list[str | Text] = [
@@ -36,9 +37,12 @@ def render_distribution(result: Distribution, console: Console) -> None:
         cells.append(Text("yes", style="green") if c.fits else Text("no", style="red"))
         table.add_row(*cells)
     console.print(table)
-    console.print(Text("rank peak and step: predicted (the highest rank's steady-state peak)"
+    console.print(Text("rank peak and step: predicted (the highest rank's steady-state peak; "
+                       "a pipeline's replayed from its schedule, its step simulated)"
                        + ("; measured: every rank run with the ledger" if ran else ""),
                        style="dim"))
+    for note in result.notes:
+        console.print(Text(note, style="dim"))
     chosen = result.candidates[result.chosen]
     console.print(Text(f"chosen: {chosen.describe()}", style="bold"))
     for c in result.candidates:

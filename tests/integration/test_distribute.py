@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from memprop.bench._runtime_workloads import _gpt
 from memprop.distribute import distribute
 from memprop.errors import BudgetInfeasibleError, UsageError
 from memprop.workload import SeedConfig, Workload, seed_workload
+from memprop.zoo import next_token_loss, pipeline_gpt
 from memprop_cli.main import app
 
 
@@ -20,8 +22,34 @@ def mlp(batch_size: int) -> Workload:
                                     batch=batch_size, optimizer="adamw"))
 
 
+def mlp3(batch_size: int) -> Workload:
+    return seed_workload(SeedConfig(input_dim=64, hidden=256, classes=10, depth=3,
+                                    batch=batch_size, optimizer="momentum"))
+
+
 def gpt(batch_size: int) -> Workload:
     return _gpt(batch_size, layers=4, width=64, tokens=32, vocab=256)
+
+
+def sequential_gpt(batch_size: int) -> Workload:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = pipeline_gpt(layers=6, width=32, vocab=128, positions=16)
+        ids = torch.randint(0, 128, (batch_size, 16))
+    return Workload(model=model, inputs=(ids,), targets=ids, loss_fn=next_token_loss,
+                    optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def _check_pipelines(result: object, schedules: set[str]) -> None:
+    pipelines = [c for c in result.candidates  # type: ignore[attr-defined]
+                 if c.strategy == "pipeline"]
+    assert {c.pipeline.schedule for c in pipelines} == schedules
+    for candidate in pipelines:
+        for rank in candidate.ranks:
+            assert rank.measured_peak_bytes is not None
+            # The replay holds what torch's runtime holds: equal but for a few bytes.
+            assert abs(rank.predicted_peak_bytes - rank.measured_peak_bytes) <= 16, \
+                (candidate.describe(), rank)
 
 
 def _check_measured(result: object) -> None:
@@ -37,7 +65,7 @@ def test_accumulation_and_ddp_on_two_ranks_with_recomputation() -> None:
     # The budget is below some candidates' unplanned peaks: those recompute, and the others
     # that cannot fit say so.
     result = distribute(mlp, batch_size=256, devices=2, microbatches=(1, 2), budget=4_350_000,
-                        run=True)
+                        run=True, strategies=("accumulate", "ddp"))
     _check_measured(result)
     kinds = {(c.strategy, c.microbatches) for c in result.candidates}
     assert kinds == {("accumulate", 1), ("accumulate", 2), ("ddp", 1), ("ddp", 2)}
@@ -92,3 +120,49 @@ def test_the_command_writes_its_document_and_exits_3_when_nothing_fits() -> None
     assert "least per-rank budget" in result.stderr
     result = runner.invoke(app, ["distribute", *small, "--devices", "0"])
     assert result.exit_code == 2 and "--devices 0" in result.stderr
+
+
+def test_pipeline_schedules_replayed_on_two_ranks() -> None:
+    # The seed MLP (four items), every schedule, 2 and 4 microbatches, one launch.
+    result = distribute(mlp3, batch_size=64, devices=2, microbatches=(2, 4),
+                        strategies=("pipeline",), run=True)
+    _check_pipelines(result, {"GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS"})
+    assert len(result.candidates) == 8
+
+
+def test_pipeline_schedules_replayed_on_four_ranks() -> None:
+    result = distribute(sequential_gpt, batch_size=8, devices=4, microbatches=(4,),
+                        strategies=("pipeline",), run=True)
+    _check_pipelines(result, {"GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS"})
+    # 1F1B's first rank holds a microbatch in flight per stage after it; GPipe's hold all.
+    by = {c.pipeline.schedule: c for c in result.candidates}
+    assert by["1F1B"].ranks[-1].predicted_peak_bytes <= by["GPipe"].ranks[-1].predicted_peak_bytes
+
+
+def test_what_cannot_be_pipelined_says_why() -> None:
+    with pytest.raises(UsageError, match=r"not an nn\.Sequential"):
+        distribute(gpt, batch_size=8, devices=2, strategies=("pipeline",))
+    with pytest.raises(UsageError, match="GPipe needs 4 blocks, the model has 3"):
+        distribute(lambda b: seed_workload(SeedConfig(depth=2, batch=b)), batch_size=64,
+                   devices=4, microbatches=(4,), strategies=("pipeline",))
+    mixed = distribute(mlp, batch_size=64, devices=4, microbatches=(4,))
+    assert any("Interleaved1F1B needs 8 blocks" in note for note in mixed.notes)
+    with pytest.raises(UsageError, match="L2 penalty"):
+        distribute(lambda b: seed_workload(SeedConfig(batch=b, weight_decay=1e-4)),
+                   batch_size=8, devices=2, strategies=("pipeline",))
+
+
+def test_the_command_takes_strategies_and_refuses_unknown_ones() -> None:
+    runner = CliRunner()
+    small = ["--input-dim", "16", "--hidden", "32", "--depth", "3", "--batch", "8"]
+    result = runner.invoke(app, ["distribute", *small, "--devices", "2", "--microbatches",
+                                 "2", "--strategy", "pipeline", "--json", "-"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    schedules = {c["schedule"] for c in document["candidates"]}
+    assert schedules == {"GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS"}
+    for candidate in document["candidates"]:
+        split = candidate["split"]
+        assert split[0] == 0 and split[-1] == 4 and len(candidate["ranks"]) == 2
+    result = runner.invoke(app, ["distribute", *small, "--strategy", "zero"])
+    assert result.exit_code == 2 and "--strategy zero" in result.stderr
