@@ -39,8 +39,8 @@ def distribute_command(
                                               "nccl (GPU).")] = "gloo",
     strategy: Annotated[str, typer.Option(
         "--strategy", metavar="S,...",
-        help="Strategies to consider: accumulate, ddp, pipeline (the model an nn.Sequential)."
-    )] = "accumulate,ddp,pipeline",
+        help="Strategies to consider: accumulate, ddp, fsdp (FSDP2), pipeline (the model an "
+             "nn.Sequential).")] = "accumulate,ddp,fsdp,pipeline",
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", help="Write the distribution document; - is standard "
                                        "output.")] = None,
@@ -48,12 +48,12 @@ def distribute_command(
     """Split the step across devices, or accumulate smaller microbatches on one?
 
     Every candidate (one device with M microbatches; DDP on --devices ranks with M microbatches
-    each; a pipeline over --devices ranks for each of torch's GPipe, 1F1B, Interleaved1F1B and
-    LoopedBFS schedules, cut between the items of an nn.Sequential), with memprop's
-    recomputation plan where the budget needs one, is predicted per rank from the ledger; the
-    fastest predicted step that fits the budget is chosen. --batch is the
-    global batch. With --run every candidate runs and every rank's steady-state peak is
-    measured."""
+    each; FSDP2 over --devices ranks; a pipeline over --devices ranks for each of torch's
+    GPipe, 1F1B, Interleaved1F1B and LoopedBFS schedules, cut between the items of an
+    nn.Sequential), with memprop's recomputation plan where the budget needs one, is predicted
+    per rank from the ledger; the fastest predicted step that fits the budget is chosen.
+    --batch is the global batch. With --run every candidate runs and every rank's steady-state
+    peak is measured."""
     from memprop.budget import resolve_budget
     from memprop.distribute import distribute
     from memprop.distribute.api import STRATEGIES

@@ -2,13 +2,15 @@
 candidate predicted per rank from the ledger, the fastest that fits chosen, and, with
 ``run=True``, run on ``torch.distributed`` and measured per rank.
 
-The candidates (sharded ones, FSDP2, come later):
+The candidates:
 
 - ``accumulate``: one device, the batch in ``M`` microbatches, gradients accumulated in place
   across them, one optimizer step; with memprop's recomputation plan when the microbatch step
   does not fit the budget alone.
 - ``ddp``: ``N`` ranks, each with ``batch / N`` (in ``M`` microbatches, ``no_sync`` until the
   last), ``DistributedDataParallel`` over them.
+- ``fsdp``: ``N`` ranks under FSDP2, each block a unit (``memprop.distribute.fsdp``; NOTE
+  [ Predicting FSDP2 with a fake process group ]).
 - ``pipeline``: ``N`` ranks running one of ``torch.distributed.pipelining``'s schedules over
   ``M`` microbatches, the model's ``nn.Sequential`` cut between its items
   (``memprop.distribute.pipeline``; NOTE [ Replaying a pipeline schedule ]).

@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_MICROBATCHES", "STRATEGIES", "Candidate", "Distribution", "R
 
 SCHEMA_VERSION = 1
 DEFAULT_MICROBATCHES = (1, 2, 4, 8)
-STRATEGIES = ("accumulate", "ddp", "pipeline")
+STRATEGIES = ("accumulate", "ddp", "fsdp", "pipeline")
 Factory = Callable[[int], Workload]
 """Builds a rank's workload for a batch size (each rank builds its own)."""
 
@@ -42,7 +42,7 @@ class Candidate:
     """One way to run the step, predicted per rank."""
 
     strategy: str
-    """``accumulate`` (one device), ``ddp`` or ``pipeline``."""
+    """``accumulate`` (one device), ``ddp``, ``fsdp`` (FSDP2) or ``pipeline``."""
     devices: int
     microbatches: int
     microbatch_size: int
@@ -62,6 +62,8 @@ class Candidate:
     """Why it was not chosen (empty for the chosen one)."""
     pipeline: PipelineShape | None = None
     """The schedule and split points of a pipeline candidate."""
+    sharded: tuple[str, ...] = ()
+    """FSDP2's units besides the root: the blocks' qualified names."""
 
     @property
     def peak_bytes(self) -> int:
@@ -75,7 +77,8 @@ class Candidate:
                             for a, b in itertools.pairwise(self.pipeline.bounds))
             return (f"{self.pipeline.schedule} {self.devices} ranks, "
                     f"{self.microbatches}x{self.microbatch_size}, blocks {cuts}")
-        way = "1 device" if self.devices == 1 else f"DDP {self.devices} ranks"
+        way = ("1 device" if self.devices == 1 else
+               f"{'FSDP2' if self.strategy == 'fsdp' else 'DDP'} {self.devices} ranks")
         parts = f"{way}, {self.microbatches}x{self.microbatch_size}"
         if self.plan is not None:
             parts += f" +{self.plan.compute_overhead:.0%} recompute"
@@ -174,6 +177,14 @@ def distribute(
     candidates = [c for n, m in shapes
                   if (c := _candidate(factory, batch_size, n, m, budget_bytes, comm)) is not None]
     notes: list[str] = []
+    if devices > 1 and "fsdp" in strategies:
+        from memprop.distribute import fsdp
+
+        if why := fsdp.why_not():
+            notes.append(f"no FSDP2 candidates: {why}")
+        else:
+            candidates += [c for m in counts if (c := _fsdp_candidate(
+                factory, batch_size, devices, m, budget_bytes, comm)) is not None]
     if "pipeline" in strategies:
         if devices < 2:
             if list(strategies) == ["pipeline"]:
@@ -244,6 +255,33 @@ def _candidate(factory: Factory, batch_size: int, devices: int, microbatches: in
         predicted_step_s=microbatches * compute + allreduce,
         ranks=tuple(Rank(rank=r, predicted_peak_bytes=peak) for r in range(devices)),
         least_budget_bytes=least, plan=plan)
+
+
+def _fsdp_candidate(factory: Factory, batch_size: int, devices: int, microbatches: int,
+                    budget_bytes: int | None, comm: Any) -> Candidate | None:
+    """FSDP2 over every block (NOTE [ Predicting FSDP2 with a fake process group ]); its step:
+    the microbatches' compute, plus for each unit and microbatch an all-gather in the forward,
+    another in the backward and a reduce-scatter, priced as one and a half all-reduces of its
+    parameters (a ring all-reduce is a reduce-scatter and an all-gather), not overlapped."""
+    from memprop.distribute import fsdp
+
+    if batch_size % (devices * microbatches):
+        return None
+    micro = batch_size // (devices * microbatches)
+    with new_fake_mode():
+        workload = factory(micro)
+    chain = chain_of(workload, cost_model="roofline", fake=True)
+    blocks = tuple(s.name for s in chain.stages if not s.pinned)
+    peaks = [fsdp.rank_peak_bytes(factory, micro, microbatches, devices, r, blocks)
+             for r in range(devices)]
+    gathers = sum(1.5 * comm.seconds(size) for size in fsdp.unit_bytes(workload.model, blocks))
+    compute = simulate(chain, flat(len(chain))).compute
+    return Candidate(
+        strategy="fsdp", devices=devices, microbatches=microbatches, microbatch_size=micro,
+        fits=budget_bytes is None or max(peaks) <= budget_bytes,
+        predicted_step_s=microbatches * (compute + gathers),
+        ranks=tuple(Rank(rank=r, predicted_peak_bytes=p) for r, p in enumerate(peaks)),
+        least_budget_bytes=max(peaks), sharded=blocks)
 
 
 def _pipeline_candidates(factory: Factory, batch_size: int, devices: int, counts: list[int],

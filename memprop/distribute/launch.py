@@ -118,10 +118,30 @@ def _run_candidates(rank: int, world: int, factory: Any, candidates: list[Any], 
     for index, candidate in enumerate(candidates):
         if candidate.strategy == "pipeline":
             results[str(index)] = _run_pipeline(factory, candidate, steps, rank)
+        elif candidate.strategy == "fsdp":
+            results[str(index)] = _run_fsdp(factory, candidate, steps)
         elif rank < candidate.devices:
             results[str(index)] = _run(factory, candidate, steps)
         dist.barrier()
     return results
+
+
+def _run_fsdp(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
+    """FSDP2 over the candidate's blocks on the launch's group, the last step measured with the
+    ledger (the rank's shards, optimizer state and inputs registered before it)."""
+    from memprop.distribute import fsdp
+
+    torch.manual_seed(0)
+    workload: Workload = factory(candidate.microbatch_size)
+    fsdp.shard(workload, candidate.sharded)
+    step = fsdp.sharded_step(workload, candidate.microbatches)
+    times = []
+    for _ in range(max(steps, 2)):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return {"peak_bytes": fsdp.measured_peak(workload, step),
+            "step_s": statistics.median(times[1:])}
 
 
 def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[str, Any]:

@@ -1,0 +1,146 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): each of the model's blocks a unit, then the
+root, as torchtitan and torch's own recipe shard a model; parameters, gradients and optimizer
+state sharded across the ranks.
+
+NOTE [ Predicting FSDP2 with a fake process group ]
+What FSDP2 holds at a rank's peak (the unsharded parameters of the units in flight, the
+all-gather and reduce-scatter buffers, prefetching, the sharded gradients and optimizer state)
+is FSDP2's own bookkeeping, not a formula worth rewriting. So the prediction runs FSDP2 itself:
+torch's ``fake`` process group (collectives that move nothing) with the rank's index and the
+world's size, the model built on fake tensors (nothing allocated), a step to make the optimizer's
+state, then the steady step under the ledger. Only the data of the collectives differ from a
+real rank, and the storages they fill are allocated as on a real one. Measured on gloo: every
+rank equal to the prediction to the byte (the seed MLP and a GPT-shaped model, 2 and 4 ranks).
+FSDPMemTracker, torch's own estimator, also runs with a fake process group; it is compared in
+``reports/distribute.md``.
+
+The fake group is the process's default group while a prediction runs, so a process already in
+a distributed job (a default group initialised) cannot predict FSDP2; it says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from memprop.workload import Workload
+
+__all__ = ["fake_group", "local_state", "measured_peak", "rank_peak_bytes", "shard",
+           "sharded_step", "unit_bytes", "why_not"]
+
+
+def why_not() -> str:
+    """Why FSDP2 cannot be predicted in this process, or empty."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return "torch.distributed is not available in this build of torch"
+    if dist.is_initialized():
+        return ("this process is already in a process group; FSDP2 is predicted with a fake "
+                "one")
+    return ""
+
+
+@contextlib.contextmanager
+def fake_group(rank: int, world: int) -> Iterator[Any]:
+    """torch's fake process group as the default one, and a 1-D CPU device mesh over it."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        yield init_device_mesh("cpu", (world,))
+    finally:
+        dist.destroy_process_group()
+
+
+def shard(workload: Workload, blocks: Sequence[str], mesh: Any = None) -> None:
+    """``fully_shard`` each block (qualified names), then the root; the workload's optimizer
+    remade over the sharded parameters (FSDP2 replaces them with DTensors)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from memprop.distribute.pipeline import _optimizer_for
+
+    model = workload.model
+    for name in blocks:
+        fully_shard(model.get_submodule(name), mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    workload.optimizer = _optimizer_for(workload, list(model.parameters()))
+
+
+def sharded_step(workload: Workload, microbatches: int) -> Callable[[], None]:
+    """A training step of ``microbatches`` forward and backward passes of the rank's
+    microbatch, the gradients reduce-scattered after each (FSDP2's default) and accumulated in
+    their shards, one optimizer step; gradients freed at the start (as DDP's candidates run)."""
+    from memprop.loop import compute_loss
+
+    def step() -> None:
+        if workload.optimizer is not None:
+            workload.optimizer.zero_grad(set_to_none=True)
+        for _ in range(microbatches):
+            loss, _ = compute_loss(workload, workload.forward())
+            loss.backward()
+            del loss
+        if workload.optimizer is not None:
+            workload.optimizer.step()
+
+    return step
+
+
+def local_state(workload: Workload) -> dict[str, list[torch.Tensor]]:
+    """What a rank holds before the step, by ledger category: its shards of the parameters and
+    of the optimizer's state, and its inputs."""
+    from memprop.loop import tensors_in
+
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    optimizer = workload.optimizer
+    state = [] if optimizer is None else [
+        local(t) for t in tensors_in(list(optimizer.state.values()))]
+    inputs = list(workload.input_tensors)
+    if workload.targets is not None:
+        inputs.append(workload.targets)
+    return {"parameters": [local(p) for p in workload.model.parameters()],
+            "buffers": list(workload.model.buffers()), "optimizer_state": state,
+            "inputs": inputs}
+
+
+def measured_peak(workload: Workload, step: Callable[[], None]) -> int:
+    """The ledger's peak over ``step``, with what the rank holds before it registered."""
+    from memprop.trace.ledger import Category, StorageLedger
+
+    ledger = StorageLedger()
+    for category, tensors in local_state(workload).items():
+        ledger.register(tensors, Category(category), category)
+    with ledger:
+        step()
+    return ledger.peak()[0]
+
+
+def rank_peak_bytes(factory: Callable[[int], Workload], microbatch_size: int, microbatches: int,
+                    ranks: int, rank: int, blocks: Sequence[str]) -> int:
+    """Rank ``rank``'s steady-state peak under FSDP2 (NOTE [ Predicting FSDP2 with a fake
+    process group ])."""
+    from memprop.trace.fake import new_fake_mode
+
+    with fake_group(rank, ranks) as mesh, new_fake_mode():
+        torch.manual_seed(0)
+        workload = factory(microbatch_size)
+        shard(workload, blocks, mesh)
+        step = sharded_step(workload, microbatches)
+        step()  # the optimizer's state
+        return measured_peak(workload, step)
+
+
+def unit_bytes(model: nn.Module, blocks: Sequence[str]) -> list[int]:
+    """Bytes of each FSDP2 unit's parameters, unsharded: the blocks, then the root's rest."""
+    sizes = [sum(p.numel() * p.element_size() for p in model.get_submodule(name).parameters())
+             for name in blocks]
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return [*sizes, total - sum(sizes)]
