@@ -11,10 +11,10 @@ import typer
 from memprop.errors import UsageError
 from memprop_cli.options import console_for, parse_list, working
 
-PARTS = ("ledger", "planner", "gpu", "runtime")
+PARTS = ("ledger", "planner", "gpu", "runtime", "distribute")
 
 
-def _files(part: str) -> list[str]:
+def _files(part: str, quick: bool) -> list[str]:
     """The files a part writes, known before it runs (the GPU's report is named after it)."""
     if part == "gpu":
         import torch
@@ -26,8 +26,9 @@ def _files(part: str) -> list[str]:
         stem = report_name(torch.cuda.get_device_name())
     else:
         stem = {"ledger": "ledger-overhead", "planner": "planner-solve-times",
-                "runtime": "runtime-curves"}[part]
-    return [f"{stem}.md", f"{stem}.json"] + ([f"{stem}.png"] if part == "runtime" else [])
+                "runtime": "runtime-curves", "distribute": "split-or-accumulate"}[part]
+    plotted = part == "runtime" or (part == "distribute" and not quick)
+    return [f"{stem}.md", f"{stem}.json"] + ([f"{stem}.png"] if plotted else [])
 
 
 def bench_command(
@@ -43,6 +44,7 @@ def bench_command(
     ] = False,
 ) -> None:
     """Measure the speed and memory goals side by side and write Markdown and JSON reports."""
+    from memprop.bench.distribute import split_or_accumulate, write_distribute_plot
     from memprop.bench.gpu import gpu_report
     from memprop.bench.ledger import ledger_overhead
     from memprop.bench.planner import planner_solve_times
@@ -55,7 +57,7 @@ def bench_command(
                          f"{', '.join(PARTS)}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: give a folder for the reports")
-    taken = [str(out / name) for part in chosen for name in _files(part)
+    taken = [str(out / name) for part in chosen for name in _files(part, quick)
              if (out / name).exists()]
     if taken and not overwrite:
         raise UsageError(f"--out {out} holds reports this run would replace ({', '.join(taken)}): "
@@ -74,6 +76,8 @@ def bench_command(
                 report = gpu
             elif part == "runtime":
                 report = runtime_curves(quick=quick)
+            elif part == "distribute":
+                report = split_or_accumulate(quick=quick)
             else:
                 report = planner_solve_times((10, 30) if quick else (10, 30, 100, 300, 1000))
         report = dataclasses.replace(report, command=command)
@@ -82,5 +86,7 @@ def bench_command(
         written = report.write(out)
         if part == "runtime":
             written.append(write_runtime_plot(report, out / f"{report.name}.png"))
+        if part == "distribute" and not quick:
+            written.append(write_distribute_plot(report, out / f"{report.name}.png"))
         for path in written:
             console.print(f"wrote {path}")

@@ -112,7 +112,7 @@ class Distribution:
     chosen: int
     """Index of the chosen candidate: the fastest predicted step that fits."""
     communication: str
-    """How the all-reduce was priced."""
+    """How the all-reduce and the send were priced."""
     notes: tuple[str, ...] = ()
     """Why a strategy has no candidates (a model that cannot be pipelined, say)."""
 
@@ -149,8 +149,8 @@ def distribute(
     must be picklable (a module-level function) for ``run=True``, which launches the ranks
     with ``torch.distributed`` (``backend``), runs every candidate for ``steps`` steps and
     measures each rank's steady-state peak with the ledger. ``strategies`` keeps some of
-    ``accumulate``, ``ddp`` and ``pipeline`` (NOTE [ Replaying a pipeline schedule ] in
-    ``memprop.distribute.pipeline``: models that are an ``nn.Sequential``). Raises
+    ``accumulate``, ``ddp``, ``fsdp`` (FSDP2) and ``pipeline`` (NOTE [ Replaying a pipeline
+    schedule ] in ``memprop.distribute.pipeline``: models that are an ``nn.Sequential``). Raises
     :class:`memprop.BudgetInfeasibleError` (with the least per-rank budget) when nothing fits.
     """
     if devices < 1:
@@ -167,38 +167,11 @@ def distribute(
     budget_bytes = None if budget is None else parse_size(budget)
     if devices > 1:
         _check_backend(backend)
-    from memprop.distribute.communication import allreduce_model
+    from memprop.distribute.communication import communication
 
-    comm = allreduce_model(backend, devices) if devices > 1 else None
-    counts = sorted(set(microbatches))
-    shapes = [(1, m) for m in counts] if "accumulate" in strategies else []
-    if devices > 1 and "ddp" in strategies:
-        shapes += [(devices, m) for m in counts]
-    candidates = [c for n, m in shapes
-                  if (c := _candidate(factory, batch_size, n, m, budget_bytes, comm)) is not None]
-    notes: list[str] = []
-    if devices > 1 and "fsdp" in strategies:
-        from memprop.distribute import fsdp
-
-        if why := fsdp.why_not():
-            notes.append(f"no FSDP2 candidates: {why}")
-        else:
-            candidates += [c for m in counts if (c := _fsdp_candidate(
-                factory, batch_size, devices, m, budget_bytes, comm)) is not None]
-    if "pipeline" in strategies:
-        if devices < 2:
-            if list(strategies) == ["pipeline"]:
-                raise UsageError("a pipeline needs at least 2 devices")
-        else:
-            assert comm is not None
-            found, why = _pipeline_candidates(factory, batch_size, devices, counts,
-                                              budget_bytes, comm)
-            candidates += found
-            if why and not found and list(strategies) == ["pipeline"]:
-                raise UsageError(f"no pipeline: {why}")
-            if why:
-                notes.append(f"no pipeline {'of some schedules' if found else 'candidates'}: "
-                             f"{why}")
+    comm = communication(backend, devices) if devices > 1 else None
+    candidates, notes = _candidates(factory, batch_size, devices, sorted(set(microbatches)),
+                                    budget_bytes, comm, strategies)
     if not candidates:
         raise UsageError(f"batch {batch_size} splits into none of the microbatch counts "
                          f"{sorted(set(microbatches))} on 1 or {devices} devices: give a batch "
@@ -216,7 +189,11 @@ def distribute(
             f"no candidate fits {format_bytes(budget_bytes)} per rank: the least per-rank "
             f"budget any of them meets is {format_bytes(least)} ({least} bytes); raise the "
             "budget or use more devices", budget_bytes=budget_bytes, min_feasible_bytes=least)
-    chosen = min(fitting, key=lambda i: (candidates[i].predicted_step_s, candidates[i].devices))
+    # Of equally fast candidates (GPipe and 1F1B often simulate alike), the one that holds
+    # least, then the one on fewer devices.
+    chosen = min(fitting, key=lambda i: (
+        candidates[i].predicted_step_s, candidates[i].peak_bytes,
+        sum(r.predicted_peak_bytes for r in candidates[i].ranks), candidates[i].devices))
     best = candidates[chosen]
     candidates = [c if i == chosen else _why_not(c, best, budget_bytes)
                   for i, c in enumerate(candidates)]
@@ -226,6 +203,38 @@ def distribute(
         communication="none (one device)" if comm is None else comm.describe(),
         notes=tuple(notes),
     )
+
+
+def _candidates(factory: Factory, batch_size: int, devices: int, counts: list[int],
+                budget_bytes: int | None, comm: Any, strategies: Sequence[str]
+                ) -> tuple[list[Candidate], list[str]]:
+    """Every candidate of the strategies asked for, and why a strategy has none."""
+    shapes = [(1, m) for m in counts] if "accumulate" in strategies else []
+    if devices > 1 and "ddp" in strategies:
+        shapes += [(devices, m) for m in counts]
+    candidates = [c for n, m in shapes
+                  if (c := _candidate(factory, batch_size, n, m, budget_bytes, comm)) is not None]
+    notes: list[str] = []
+    only = list(strategies)
+    if devices > 1 and "fsdp" in strategies:
+        from memprop.distribute import fsdp
+
+        if why := fsdp.why_not():
+            notes.append(f"no FSDP2 candidates: {why}")
+        else:
+            candidates += [c for m in counts if (c := _fsdp_candidate(
+                factory, batch_size, devices, m, budget_bytes, comm)) is not None]
+    if "pipeline" in strategies and devices < 2 and only == ["pipeline"]:
+        raise UsageError("a pipeline needs at least 2 devices")
+    if "pipeline" in strategies and devices > 1:
+        found, why = _pipeline_candidates(factory, batch_size, devices, counts, budget_bytes,
+                                          comm)
+        if why and not found and only == ["pipeline"]:
+            raise UsageError(f"no pipeline: {why}")
+        if why:
+            notes.append(f"no pipeline {'of some schedules' if found else 'candidates'}: {why}")
+        candidates += found
+    return candidates, notes
 
 
 def _candidate(factory: Factory, batch_size: int, devices: int, microbatches: int,
@@ -247,7 +256,7 @@ def _candidate(factory: Factory, batch_size: int, devices: int, microbatches: in
     if budget_bytes is not None and peak > budget_bytes and least <= budget_bytes:
         plan = solve(chain, budget_bytes - extra, "optimal")
         peak, compute = plan.peak_bytes + extra, plan.compute
-    allreduce = comm.seconds(extra) if devices > 1 else 0.0
+    allreduce = comm.allreduce.seconds(extra) if devices > 1 else 0.0
     return Candidate(
         strategy="accumulate" if devices == 1 else "ddp", devices=devices,
         microbatches=microbatches, microbatch_size=micro,
@@ -274,7 +283,8 @@ def _fsdp_candidate(factory: Factory, batch_size: int, devices: int, microbatche
     blocks = tuple(s.name for s in chain.stages if not s.pinned)
     peaks = [fsdp.rank_peak_bytes(factory, micro, microbatches, devices, r, blocks)
              for r in range(devices)]
-    gathers = sum(1.5 * comm.seconds(size) for size in fsdp.unit_bytes(workload.model, blocks))
+    gathers = sum(1.5 * comm.allreduce.seconds(size)
+                  for size in fsdp.unit_bytes(workload.model, blocks))
     compute = simulate(chain, flat(len(chain))).compute
     return Candidate(
         strategy="fsdp", devices=devices, microbatches=microbatches, microbatch_size=micro,
@@ -331,7 +341,7 @@ def _pipeline_candidate(factory: Factory, whole: Workload, items: list[Any], sch
         shape = pp.PipelineShape(schedule=schedule, ranks=devices, microbatches=m_count,
                                  bounds=bounds)
         timed.append((pp.simulated_seconds(shape, _per_stage(forward, bounds),
-                                           _per_stage(backward, bounds), comm.seconds,
+                                           _per_stage(backward, bounds), comm.send.seconds,
                                            [boundary[b] for b in bounds]), shape))
     best: tuple[int, float, pp.PipelineShape, list[int]] | None = None
     for seconds, shape in sorted(timed, key=lambda t: t[0]):
