@@ -75,8 +75,11 @@ class Candidate:
         if self.pipeline is not None:
             cuts = "|".join(f"{a}-{b - 1}" if b - a > 1 else f"{a}"
                             for a, b in itertools.pairwise(self.pipeline.bounds))
+            again = (f", recomputing stage{'s' if len(self.pipeline.recomputed) > 1 else ''} "
+                     + ",".join(map(str, self.pipeline.recomputed))
+                     if self.pipeline.recomputed else "")
             return (f"{self.pipeline.schedule} {self.devices} ranks, "
-                    f"{self.microbatches}x{self.microbatch_size}, blocks {cuts}")
+                    f"{self.microbatches}x{self.microbatch_size}, blocks {cuts}{again}")
         way = ("1 device" if self.devices == 1 else
                f"{'FSDP2' if self.strategy == 'fsdp' else 'DDP'} {self.devices} ranks")
         parts = f"{way}, {self.microbatches}x{self.microbatch_size}"
@@ -91,6 +94,8 @@ class Candidate:
             "microbatches": self.microbatches,
             "microbatch_size": self.microbatch_size,
             "split": None if self.pipeline is None else list(self.pipeline.bounds),
+            "recomputed_stages": None if self.pipeline is None else list(
+                self.pipeline.recomputed),
             "devices": self.devices,
             "fits": self.fits,
             "predicted_step_s": self.predicted_step_s,
@@ -353,12 +358,50 @@ def _pipeline_candidate(factory: Factory, whole: Workload, items: list[Any], sch
             break
     assert best is not None
     peak, seconds, shape, peaks = best
+    if budget_bytes is not None and peak > budget_bytes:
+        shape, peaks = _recompute_stages(whole, items, shape, peaks, budget_bytes)
+        peak = max(peaks)
+        backward = [b + (f if shape.recomputed and _stage_of(shape, i) in shape.recomputed
+                         else 0.0) for i, (f, b) in enumerate(zip(forward, backward,
+                                                                     strict=True))]
+        seconds = pp.simulated_seconds(shape, _per_stage(forward, shape.bounds),
+                                       _per_stage(backward, shape.bounds), comm.send.seconds,
+                                       [boundary[b] for b in shape.bounds])
     return Candidate(
         strategy="pipeline", devices=devices, microbatches=m_count, microbatch_size=micro,
         pipeline=shape, fits=budget_bytes is None or peak <= budget_bytes,
         predicted_step_s=seconds,
         ranks=tuple(Rank(rank=r, predicted_peak_bytes=p) for r, p in enumerate(peaks)),
         least_budget_bytes=peak)
+
+
+def _stage_of(shape: PipelineShape, item: int) -> int:
+    return next(s for s, (a, b) in enumerate(itertools.pairwise(shape.bounds)) if a <= item < b)
+
+
+def _recompute_stages(whole: Workload, items: list[Any], shape: PipelineShape,
+                      peaks: list[int], budget_bytes: int) -> tuple[PipelineShape, list[int]]:
+    """Checkpoint whole stages of the ranks over the budget, one at a time (on a rank with two,
+    the one whose checkpoint frees more first), each replayed, until every rank fits or every
+    stage of those ranks is checkpointed."""
+    from memprop.distribute import pipeline as pp
+
+    held = pp.placement(shape.schedule, shape.ranks)
+    peaks = list(peaks)
+    while True:
+        over = [r for r, p in enumerate(peaks) if p > budget_bytes]
+        if not over:
+            return shape, peaks
+        rank = over[0]
+        left = [s for s in held[rank] if s not in shape.recomputed]
+        if not left:
+            return shape, peaks
+        trials = []
+        for stage in left:
+            trial = dataclasses.replace(shape, recomputed=tuple(sorted(
+                (*shape.recomputed, stage))))
+            trials.append((pp.rank_peak_bytes(whole, items, trial, rank), trial))
+        peaks[rank], shape = min(trials, key=lambda t: t[0])
 
 
 def _item_costs(factory: Factory, micro: int, items: int

@@ -165,7 +165,7 @@ def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[s
     workload: Workload = factory(candidate.microbatch_size * shape.microbatches)
     items = sequential_items(workload)
     assert not isinstance(items, str), items
-    modules = stage_modules(items, shape.bounds)
+    modules = stage_modules(items, shape)
     mine = placement(shape.schedule, shape.ranks)[rank]
     device = workload.inputs[0].device
     stages = [PipelineStage(modules[s], s, shape.stages, device) for s in mine]

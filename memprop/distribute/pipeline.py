@@ -89,6 +89,9 @@ class PipelineShape:
     bounds: tuple[int, ...]
     """Item index where each stage starts, then the number of items: stage ``s`` runs items
     ``bounds[s]`` to ``bounds[s + 1] - 1``."""
+    recomputed: tuple[int, ...] = ()
+    """Stages whose forward is checkpointed whole: only each microbatch's stage input is kept,
+    the rest recomputed in its backward."""
 
     @property
     def stages(self) -> int:
@@ -213,8 +216,25 @@ def _optimizer_for(workload: Workload, parameters: list[nn.Parameter]
                                           if k in accepted})
 
 
-def stage_modules(items: Sequence[nn.Module], bounds: Sequence[int]) -> list[nn.Sequential]:
-    return [nn.Sequential(*items[a:b]) for a, b in itertools.pairwise(bounds)]
+class Recomputed(nn.Module):
+    """A stage checkpointed whole (non-reentrant, the RNG replayed): its forward keeps only
+    its input for the backward, which runs the forward again first."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        out: torch.Tensor = checkpoint(self.stage, x, use_reentrant=False)
+        return out
+
+
+def stage_modules(items: Sequence[nn.Module], shape: PipelineShape) -> list[nn.Module]:
+    """The modules of ``shape``'s stages, the recomputed ones checkpointed whole."""
+    stages = [nn.Sequential(*items[a:b]) for a, b in itertools.pairwise(shape.bounds)]
+    return [Recomputed(m) if s in shape.recomputed else m for s, m in enumerate(stages)]
 
 
 def rank_peak_bytes(workload: Workload, items: Sequence[nn.Module], shape: PipelineShape,
@@ -226,7 +246,7 @@ def rank_peak_bytes(workload: Workload, items: Sequence[nn.Module], shape: Pipel
     from memprop.trace.step import _optimizer_state
 
     m_count, stages = shape.microbatches, shape.stages
-    modules = stage_modules(items, shape.bounds)
+    modules = stage_modules(items, shape)
     mine = placement(shape.schedule, shape.ranks)[rank]
     inputs = workload.inputs[0].tensor_split(m_count)
     assert workload.targets is not None and workload.loss_fn is not None
@@ -276,7 +296,7 @@ def _steady_state(parameters: list[nn.Parameter], optimizer: torch.optim.Optimiz
         parameter.grad = None
 
 
-def _replay(actions: list[Action], schedule: str, stages: int, modules: list[nn.Sequential],
+def _replay(actions: list[Action], schedule: str, stages: int, modules: list[nn.Module],
             inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
             loss_fn: Callable[..., torch.Tensor], received: dict[int, list[torch.Tensor]],
             gradients_in: dict[int, list[torch.Tensor]]) -> None:
