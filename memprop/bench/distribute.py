@@ -38,8 +38,8 @@ BUDGET = 2**30
 """Per-device memory of the exercise: 1 GiB (a small device; the shapes scale with it)."""
 DEVICES = 2
 WIDTHS = (1024, 4096)
-DEPTHS = (4, 12)
-BATCHES = (256, 4096, 32768)
+DEPTHS = (4, 6, 12)
+BATCHES = (256, 16384)
 CURVE_DEPTH, CURVE_WIDTH = 8, 2048
 CURVE_BATCHES = (256, 1024, 4096, 16384, 65536)
 FAMILIES = ("one device", "recompute", "microbatches", "DDP", "FSDP2", "pipeline")
@@ -95,18 +95,39 @@ def _predict(depth: int, width: int, batch: int) -> Distribution | int:
         return error.min_feasible_bytes
 
 
-def _answer_rows() -> tuple[list[dict[str, Any]], list[str]]:
+SPLITS = ("DDP", "FSDP2", "pipeline")
+ONE_DEVICE = ("one device", "recompute", "microbatches")
+
+
+def _state_bytes(factory: SeedFactory) -> int:
+    """Parameters, gradients and AdamW's two moments: what a device holds whatever the batch,
+    unless the state is split."""
+    from memprop.trace.fake import new_fake_mode
+
+    with new_fake_mode():
+        model = factory(1).model
+    return 4 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _answer_rows() -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """Per shape: each family's best, the fastest step that fits (the choice) and the least
-    device time (step x devices) that fits."""
-    rows, wins = [], []
+    device time (step x devices) that fits; then what the shapes say, counted."""
+    rows, lines = [], []
+    tally: dict[str, list[str]] = {"split only": [], "one device cheapest": [],
+                                   "split cheapest": [], "microbatches": [], "recompute": [],
+                                   "nothing": []}
     for width in WIDTHS:
         for depth in DEPTHS:
             for batch in BATCHES:
+                factory = _seed(depth, width)
                 shape = f"depth {depth}, width {width}, batch {batch}"
+                state = (f"{format_bytes(_state_bytes(factory))} of parameters, gradients and "
+                         "AdamW state")
                 result = _predict(depth, width, batch)
                 if isinstance(result, int):
-                    wins.append(f"{shape}: nothing fits (each rank needs "
-                                f"{format_bytes(result)} at least)")
+                    lines.append(f"{shape} ({state}): nothing fits (each rank needs "
+                                 f"{format_bytes(result)} at least)")
+                    tally["nothing"].append(shape)
                     rows.append({"part": "answer", "depth": depth, "width": width,
                                  "batch": batch, "family": "(none fits)",
                                  "peak_bytes": result})
@@ -116,9 +137,40 @@ def _answer_rows() -> tuple[list[dict[str, Any]], list[str]]:
                 fitting = [c for c in result.candidates if c.fits]
                 cheapest = min(fitting, key=lambda c: c.predicted_step_s * c.devices)
                 chosen = result.candidates[result.chosen]
-                wins.append(f"{shape}: fastest {family(chosen)} ({chosen.describe()}); least "
-                            f"device time {family(cheapest)} ({cheapest.describe()})")
-    return rows, wins
+                lines.append(f"{shape} ({state}): fastest {family(chosen)} "
+                             f"({chosen.describe()}); least device time {family(cheapest)} "
+                             f"({cheapest.describe()})")
+                families = {family(c) for c in fitting}
+                if not families & set(ONE_DEVICE):
+                    tally["split only"].append(shape)
+                elif family(cheapest) in ONE_DEVICE:
+                    tally["one device cheapest"].append(shape)
+                    if family(cheapest) in ("microbatches", "recompute"):
+                        tally[family(cheapest)].append(shape)
+                else:
+                    tally["split cheapest"].append(shape)
+    return rows, lines, _in_short(tally, len(WIDTHS) * len(DEPTHS) * len(BATCHES))
+
+
+def _in_short(tally: dict[str, list[str]], shapes: int) -> list[str]:
+    """The exercise's answer, counted from the shapes (not written in advance)."""
+    def listed(key: str) -> str:
+        return f"{len(tally[key])} of {shapes}" + (f" ({'; '.join(tally[key])})"
+                                                    if tally[key] else "")
+
+    return [
+        f"- Splitting is the only way in {listed('split only')}: the state a device holds "
+        "whatever the batch does not fit beside the activations; FSDP2 or a pipeline divides "
+        "it.",
+        f"- Where one device can take the step (as it is, in microbatches or recomputing), it "
+        f"takes the least device time in {listed('one device cheapest')}; splitting buys wall "
+        f"time, at the cost of communication (cheaper in device time in "
+        f"{listed('split cheapest')}).",
+        f"- On one device over the budget, microbatches win in {listed('microbatches')}, "
+        f"recomputation in {listed('recompute')}: the MLP's activations shrink with the "
+        "microbatch, and a microbatch costs only its re-read weights and launches.",
+        f"- Nothing fits in {listed('nothing')}.",
+    ]
 
 
 def _curve_rows() -> list[dict[str, Any]]:
@@ -172,12 +224,12 @@ def _brute_force(quick: bool) -> tuple[list[dict[str, Any]], list[str]]:
         ratio = (chosen.measured_step_s or 0) / (fastest.measured_step_s or 1)
         worst = max(abs(r.measured_peak_bytes - r.predicted_peak_bytes)
                     / r.measured_peak_bytes for c in result.candidates for r in c.ranks
-                    if r.measured_peak_bytes)
+                    if r.measured_peak_bytes and c.strategy != "fsdp")
         lines.append(
             f"- Depth {depth}, width {width}, batch {batch}, {devices} ranks, budget "
             f"{format_bytes(budget)} (70% of one device's step): {len(result.candidates)} "
             f"candidates, every rank measured; the largest prediction error on any rank is "
-            f"{worst:.3%}. Chosen: {chosen.describe()} "
+            f"{worst:.3%} (FSDP2's below). Chosen: {chosen.describe()} "
             f"({(chosen.measured_step_s or 0) * 1e3:.1f} ms measured); fastest measured that "
             f"fits: {fastest.describe()} ({(fastest.measured_step_s or 0) * 1e3:.1f} ms): "
             + ("the choice is the fastest." if fastest is chosen else
@@ -225,7 +277,7 @@ def _fsdp_mem_tracker(factory: SeedFactory, result: Distribution) -> dict[int, i
 
 def split_or_accumulate(*, quick: bool = False) -> BenchReport:
     """The report: the answer across shapes, the curves, the brute-force check."""
-    answer, wins = ([], []) if quick else _answer_rows()
+    answer, wins, short = ([], [], []) if quick else _answer_rows()
     curves = [] if quick else _curve_rows()
     measured, checks = _brute_force(quick)
     summary = [
@@ -234,6 +286,9 @@ def split_or_accumulate(*, quick: bool = False) -> BenchReport:
         "predicted per rank by memprop.distribute (fake tensors), the fastest predicted step "
         "that fits chosen. Step times are the roofline's on this CPU, communication timed on "
         "gloo: the memory figures transfer to other machines, the times only as ratios.",
+        "",
+        "In short:",
+        *short,
         "",
         "Per shape, the fastest step that fits (memprop's choice) and the one that takes the "
         "least device time (step x devices: what the step costs):",
