@@ -135,13 +135,9 @@ def _run_fsdp(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
     workload: Workload = factory(candidate.microbatch_size)
     fsdp.shard(workload, candidate.sharded)
     step = fsdp.sharded_step(workload, candidate.microbatches)
-    times = []
-    for _ in range(max(steps, 2)):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
+    step_s = _median_step_s(step, steps)
     return {"peak_bytes": fsdp.measured_peak(workload, step),
-            "step_s": statistics.median(times[1:])}
+            "step_s": step_s}
 
 
 def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[str, Any]:
@@ -187,11 +183,7 @@ def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[s
         if optimizer is not None:
             optimizer.step()
 
-    times = []
-    for _ in range(max(steps, 2)):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
+    step_s = _median_step_s(step, steps)
     ledger = StorageLedger()
     ledger.register(parameters, Category.PARAMETERS, "parameters")
     if optimizer is not None:
@@ -207,7 +199,7 @@ def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[s
                     Category.TEMPORARIES, "receive buffers")
     with ledger:
         step()
-    return {"peak_bytes": ledger.peak()[0], "step_s": statistics.median(times[1:])}
+    return {"peak_bytes": ledger.peak()[0], "step_s": step_s}
 
 
 def _run(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
@@ -254,11 +246,7 @@ def _run(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
         stack.enter_context(without_caches(model))
         if plan is not None:
             stack.enter_context(installed(model, plan.stage_names, plan.tree, plan.selective))
-        times = []
-        for _ in range(max(steps, 2)):
-            started = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - started)
+        step_s = _median_step_s(step, steps)
         ledger = StorageLedger()
         register_step_state(ledger, stepped, training=True)
         ledger.register(buckets, Category.GRADIENTS, "DDP's gradient buckets")
@@ -266,7 +254,18 @@ def _run(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
             parameter.grad = None
         with ledger:
             step()
-    return {"peak_bytes": ledger.peak()[0], "step_s": statistics.median(times[1:])}
+    return {"peak_bytes": ledger.peak()[0], "step_s": step_s}
+
+
+def _median_step_s(step: Callable[[], None], steps: int) -> float:
+    """Run ``steps`` steps (two at least): the median time of all but the first, which makes
+    the optimizer's state and the schedule's buffers."""
+    times = []
+    for _ in range(max(steps, 2)):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
 
 
 def _noting_allreduce(buckets: list[torch.Tensor], bucket: Any) -> Any:
