@@ -23,6 +23,7 @@ peak is reported beside it, and a budget must cover both.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +33,8 @@ from memprop.blame import user_code
 from memprop.errors import ModelError
 from memprop.workload import Workload
 
-__all__ = ["compute_loss", "state_signature", "tensors_in", "training_step", "zero_gradients"]
+__all__ = ["compute_loss", "remade_optimizer", "state_signature", "tensors_in", "training_step",
+           "zero_gradients"]
 
 
 def tensors_in(value: Any) -> Iterator[torch.Tensor]:
@@ -146,3 +148,16 @@ def training_step(workload: Workload) -> None:
         with user_code("the optimizer's step"):
             workload.optimizer.step()
     del output, loss
+
+
+def remade_optimizer(workload: Workload, parameters: list[torch.nn.Parameter]
+                     ) -> torch.optim.Optimizer | None:
+    """The workload's optimizer, made again over ``parameters`` (one rank's stages, FSDP2's
+    sharded ones) with the same hyperparameters, as far as its constructor takes them (AdamW's
+    defaults carry one its constructor sets itself)."""
+    optimizer = workload.optimizer
+    if optimizer is None:
+        return None
+    accepted = inspect.signature(type(optimizer)).parameters
+    return type(optimizer)(parameters, **{k: v for k, v in optimizer.defaults.items()
+                                          if k in accepted})

@@ -64,13 +64,13 @@ def shard(workload: Workload, blocks: Sequence[str], mesh: Any = None) -> None:
     remade over the sharded parameters (FSDP2 replaces them with DTensors)."""
     from torch.distributed.fsdp import fully_shard
 
-    from memprop.distribute.pipeline import _optimizer_for
+    from memprop.loop import remade_optimizer
 
     model = workload.model
     for name in blocks:
         fully_shard(model.get_submodule(name), mesh=mesh)
     fully_shard(model, mesh=mesh)
-    workload.optimizer = _optimizer_for(workload, list(model.parameters()))
+    workload.optimizer = remade_optimizer(workload, list(model.parameters()))
 
 
 def sharded_step(workload: Workload, microbatches: int) -> Callable[[], None]:

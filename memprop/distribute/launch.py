@@ -148,13 +148,12 @@ def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[s
     from torch.distributed.pipelining.schedules import get_schedule_class
 
     from memprop.distribute.pipeline import (
-        _optimizer_for,
         placement,
+        rank_ledger,
         sequential_items,
         stage_modules,
     )
-    from memprop.trace.ledger import Category, StorageLedger
-    from memprop.trace.step import _optimizer_state
+    from memprop.loop import remade_optimizer
 
     shape = candidate.pipeline
     torch.manual_seed(0)
@@ -166,7 +165,7 @@ def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[s
     device = workload.inputs[0].device
     stages = [PipelineStage(modules[s], s, shape.stages, device) for s in mine]
     parameters = [p for s in mine for p in modules[s].parameters()]
-    optimizer = _optimizer_for(workload, parameters)
+    optimizer = remade_optimizer(workload, parameters)
     kind = get_schedule_class(shape.schedule)
     schedule = kind(stages[0] if len(stages) == 1 else stages,
                     n_microbatches=shape.microbatches, loss_fn=workload.loss_fn)
@@ -184,19 +183,11 @@ def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[s
             optimizer.step()
 
     step_s = _median_step_s(step, steps)
-    ledger = StorageLedger()
-    ledger.register(parameters, Category.PARAMETERS, "parameters")
-    if optimizer is not None:
-        ledger.register(_optimizer_state(optimizer), Category.OPTIMIZER_STATE, "optimizer")
-    if first:
-        ledger.register(workload.inputs, Category.INPUTS, "inputs")
-    if last and workload.targets is not None:
-        ledger.register([workload.targets], Category.INPUTS, "targets")
-    ledger.register([info.buffer for stage in stages
-                     for kept in (*stage.args_recv_info.values(),
-                                  *stage.grad_recv_info.values())
-                     for info in kept if info.buffer is not None],
-                    Category.TEMPORARIES, "receive buffers")
+    ledger = rank_ledger(workload, shape, rank, parameters, optimizer,
+                         [info.buffer for stage in stages
+                          for kept in (*stage.args_recv_info.values(),
+                                       *stage.grad_recv_info.values())
+                          for info in kept if info.buffer is not None])
     with ledger:
         step()
     return {"peak_bytes": ledger.peak()[0], "step_s": step_s}

@@ -36,7 +36,6 @@ torch's manual ``PipelineStage`` needs.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 
 from memprop.trace.fake import new_fake_mode
+from memprop.trace.ledger import Category, StorageLedger
 from memprop.workload import Workload
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "all_splits",
     "placement",
     "program",
+    "rank_ledger",
     "rank_peak_bytes",
     "sequential_items",
     "simulated_seconds",
@@ -203,19 +204,6 @@ def splits_tried(items: int, stages: int, costs: Sequence[float]) -> list[tuple[
     return every if len(every) <= MAX_SPLITS_SEARCHED else [split_points(costs, stages)]
 
 
-def _optimizer_for(workload: Workload, parameters: list[nn.Parameter]
-                   ) -> torch.optim.Optimizer | None:
-    """The workload's optimizer, remade over one rank's parameters."""
-    optimizer = workload.optimizer
-    if optimizer is None:
-        return None
-    # Its hyperparameters, as far as its constructor takes them (AdamW's defaults carry one
-    # its constructor sets itself).
-    accepted = inspect.signature(type(optimizer)).parameters
-    return type(optimizer)(parameters, **{k: v for k, v in optimizer.defaults.items()
-                                          if k in accepted})
-
-
 class Recomputed(nn.Module):
     """A stage checkpointed whole (non-reentrant, the RNG replayed): its forward keeps only
     its input for the backward, which runs the forward again first."""
@@ -242,8 +230,7 @@ def rank_peak_bytes(workload: Workload, items: Sequence[nn.Module], shape: Pipel
     """Rank ``rank``'s steady-state peak under ``shape``, replayed on ``workload``'s fake
     tensors (``items``: its ``sequential_items``), under the fake mode that built them, still
     active (NOTE [ Replaying a pipeline schedule ])."""
-    from memprop.trace.ledger import Category, StorageLedger
-    from memprop.trace.step import _optimizer_state
+    from memprop.loop import remade_optimizer
 
     m_count, stages = shape.microbatches, shape.stages
     modules = stage_modules(items, shape)
@@ -257,23 +244,15 @@ def rank_peak_bytes(workload: Workload, items: Sequence[nn.Module], shape: Pipel
         for module in modules:
             boundary.append(module(boundary[-1]))
     parameters = [p for s in mine for p in modules[s].parameters()]
-    optimizer = _optimizer_for(workload, parameters)
+    optimizer = remade_optimizer(workload, parameters)
     _steady_state(parameters, optimizer)
     received = {s: [torch.empty_like(boundary[s]).requires_grad_(True)
                     for _ in range(m_count)] for s in mine if s > 0}
     gradients_in = {s: [torch.empty_like(boundary[s + 1]) for _ in range(m_count)]
                     for s in mine if s < stages - 1}
-    ledger = StorageLedger()
-    for parameter in parameters:
-        ledger.register([parameter], Category.PARAMETERS, "parameter")
-    if optimizer is not None:
-        ledger.register(_optimizer_state(optimizer), Category.OPTIMIZER_STATE, "optimizer")
-    if 0 in mine:
-        ledger.register(workload.inputs, Category.INPUTS, "inputs")
-    if stages - 1 in mine:
-        ledger.register([workload.targets], Category.INPUTS, "targets")
-    ledger.register([b for kept in (*received.values(), *gradients_in.values())
-                     for b in kept], Category.TEMPORARIES, "receive buffers")
+    ledger = rank_ledger(workload, shape, rank, parameters, optimizer,
+                         [b for kept in (*received.values(), *gradients_in.values())
+                          for b in kept])
     with ledger:
         _replay(program(shape.schedule, rank, shape.ranks, m_count), shape.schedule,
                 stages, modules, inputs, targets, loss_fn, received, gradients_in)
@@ -283,6 +262,27 @@ def rank_peak_bytes(workload: Workload, items: Sequence[nn.Module], shape: Pipel
         if optimizer is not None:
             optimizer.step()
     return ledger.peak()[0]
+
+
+def rank_ledger(workload: Workload, shape: PipelineShape, rank: int,
+                parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer | None,
+                receive_buffers: list[torch.Tensor]) -> StorageLedger:
+    """A ledger holding what a rank holds before its step: its stages' parameters and their
+    optimizer state, the batch's inputs if it runs the first stage and targets if the last,
+    and the schedule's receive buffers."""
+    from memprop.trace.step import optimizer_state
+
+    mine = placement(shape.schedule, shape.ranks)[rank]
+    ledger = StorageLedger()
+    ledger.register(parameters, Category.PARAMETERS, "parameters")
+    if optimizer is not None:
+        ledger.register(optimizer_state(optimizer), Category.OPTIMIZER_STATE, "optimizer")
+    if 0 in mine:
+        ledger.register(workload.inputs, Category.INPUTS, "inputs")
+    if shape.stages - 1 in mine and workload.targets is not None:
+        ledger.register([workload.targets], Category.INPUTS, "targets")
+    ledger.register(receive_buffers, Category.TEMPORARIES, "receive buffers")
+    return ledger
 
 
 def _steady_state(parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer | None

@@ -59,7 +59,7 @@ class StepTrace:
     """Why the model has no run of blocks to plan (empty when it has one)."""
 
 
-def _optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+def optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return list(tensors_in(list(optimizer.state.values())))
 
 
@@ -81,7 +81,7 @@ def register_step_state(ledger: StorageLedger, workload: Workload, *, training: 
         [p.grad for _, p in parameters if p.grad is not None], Category.GRADIENTS, "grad"
     )
     if workload.optimizer is not None:
-        ledger.register(_optimizer_state(workload.optimizer), Category.OPTIMIZER_STATE,
+        ledger.register(optimizer_state(workload.optimizer), Category.OPTIMIZER_STATE,
                         "optimizer")
 
 
@@ -227,7 +227,7 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False,
             grads = [p.grad for p in workload.model.parameters() if p.grad is not None]
             ledger.reclassify(grads, Category.GRADIENTS)
             if workload.optimizer is not None:
-                ledger.reclassify(_optimizer_state(workload.optimizer), Category.OPTIMIZER_STATE)
+                ledger.reclassify(optimizer_state(workload.optimizer), Category.OPTIMIZER_STATE)
             del output, loss, grads
     finally:
         recorder.remove()
