@@ -326,8 +326,13 @@ def _pipeline_candidates(factory: Factory, batch_size: int, devices: int, counts
                     continue
                 found.append(_pipeline_candidate(factory, whole, items, schedule, devices,
                                                  batch_size, m_count, budget_bytes, comm))
-    why = "; ".join(skipped)
-    return found, (f"{why} (a stage per block at least)" if why else "")
+    if skipped:
+        return found, f"{'; '.join(skipped)} (a stage per block at least)"
+    if not found:
+        return found, (f"{devices} ranks need {devices} microbatches or more (a multiple of "
+                       f"{devices} for the looped schedules) that divide the batch of "
+                       f"{batch_size}: give --microbatches {devices},{2 * devices}")
+    return found, ""
 
 
 def _pipeline_candidate(factory: Factory, whole: Workload, items: list[Any], schedule: str,

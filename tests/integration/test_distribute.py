@@ -172,6 +172,8 @@ def test_what_cannot_be_pipelined_says_why() -> None:
     with pytest.raises(UsageError, match="GPipe needs 4 blocks, the model has 3"):
         distribute(lambda b: seed_workload(SeedConfig(depth=2, batch=b)), batch_size=64,
                    devices=4, microbatches=(4,), strategies=("pipeline",))
+    with pytest.raises(UsageError, match="2 ranks need 2 microbatches or more"):
+        distribute(mlp, batch_size=64, devices=2, microbatches=(1,), strategies=("pipeline",))
     mixed = distribute(mlp, batch_size=64, devices=4, microbatches=(4,))
     assert any("Interleaved1F1B needs 8 blocks" in note for note in mixed.notes)
     with pytest.raises(UsageError, match="L2 penalty"):
