@@ -8,6 +8,7 @@ model."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,48 +36,39 @@ def _adamw(model: nn.Module) -> torch.optim.Optimizer:
 
 # -- Hugging Face transformers ------------------------------------------------------------------
 
-def _hf_batch(vocab: int, batch_size: int, tokens: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, vocab, (batch_size, tokens), generator=torch.Generator().manual_seed(1))
-    return {"input_ids": ids, "labels": ids}
+def _hf(build: Callable[[Any], nn.Module], name: str, batch_size: int, tokens: int
+        ) -> Workload:
+    """``build(transformers)``, random init (a vocabulary of 128), on a batch of token ids that
+    are also the labels."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = build(transformers)
+    ids = torch.randint(0, 128, (batch_size, tokens), generator=torch.Generator().manual_seed(1))
+    return Workload(model=model, inputs=(), keywords={"input_ids": ids, "labels": ids},
+                    optimizer=_adamw(model), name=name, batch_size=batch_size)
 
 
 def gpt2(batch_size: int = 4, *, layers: int = 4, width: int = 64, tokens: int = 32) -> Workload:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=layers, n_embd=width, n_head=4, vocab_size=128,
-                                     n_positions=max(64, tokens), bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(config)
-    return Workload(model=model, inputs=(), keywords=_hf_batch(128, batch_size, tokens),
-                    optimizer=_adamw(model), name="gpt2", batch_size=batch_size)
+    return _hf(lambda t: t.GPT2LMHeadModel(t.GPT2Config(
+        n_layer=layers, n_embd=width, n_head=4, vocab_size=128, n_positions=max(64, tokens),
+        bos_token_id=0, eos_token_id=0)), "gpt2", batch_size, tokens)
 
 
 def llama(batch_size: int = 4, *, layers: int = 4, width: int = 64, tokens: int = 32) -> Workload:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    return _hf(lambda t: t.LlamaForCausalLM(t.LlamaConfig(
         num_hidden_layers=layers, hidden_size=width, intermediate_size=2 * width,
         num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-        max_position_embeddings=max(64, tokens), bos_token_id=0, eos_token_id=0)
-    model = transformers.LlamaForCausalLM(config)
-    return Workload(model=model, inputs=(), keywords=_hf_batch(128, batch_size, tokens),
-                    optimizer=_adamw(model), name="llama", batch_size=batch_size)
+        max_position_embeddings=max(64, tokens), bos_token_id=0, eos_token_id=0)),
+        "llama", batch_size, tokens)
 
 
 def bert(batch_size: int = 4, *, layers: int = 4, width: int = 64, tokens: int = 32) -> Workload:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
+    return _hf(lambda t: t.BertForMaskedLM(t.BertConfig(
         num_hidden_layers=layers, hidden_size=width, intermediate_size=2 * width,
-        num_attention_heads=4, vocab_size=128, max_position_embeddings=max(64, tokens))
-    model = transformers.BertForMaskedLM(config)
-    return Workload(model=model, inputs=(), keywords=_hf_batch(128, batch_size, tokens),
-                    optimizer=_adamw(model), name="bert", batch_size=batch_size)
+        num_attention_heads=4, vocab_size=128, max_position_embeddings=max(64, tokens))),
+        "bert", batch_size, tokens)
 
 
 # -- torchvision-style ResNets ------------------------------------------------------------------

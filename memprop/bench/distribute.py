@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from memprop.bench.common import BenchReport
 from memprop.distribute import Candidate, Distribution, distribute
 from memprop.report.output import write_output
@@ -249,8 +247,7 @@ def _fsdp_mem_tracker(factory: SeedFactory, result: Distribution) -> dict[int, i
     documentation shows: a fake process group, fake tensors, a step, reset, a step."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    from memprop.distribute.fsdp import fake_group, shard, sharded_step
-    from memprop.trace.fake import new_fake_mode
+    from memprop.distribute.fsdp import fake_rank
 
     found = {}
     for index, candidate in enumerate(result.candidates):
@@ -258,11 +255,8 @@ def _fsdp_mem_tracker(factory: SeedFactory, result: Distribution) -> dict[int, i
             continue
         peaks = []
         for rank in range(candidate.devices):
-            with fake_group(rank, candidate.devices) as mesh, new_fake_mode():
-                torch.manual_seed(0)
-                workload = factory(candidate.microbatch_size)
-                shard(workload, candidate.sharded, mesh)
-                step = sharded_step(workload, candidate.microbatches)
+            with fake_rank(factory, candidate.microbatch_size, candidate.microbatches,
+                           candidate.devices, rank, candidate.sharded) as (workload, step):
                 tracker = FSDPMemTracker(workload.model, workload.optimizer)
                 tracker.track_inputs(workload.inputs)
                 with tracker:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,6 +13,7 @@ import torch
 from memprop.distribute.pipeline import PipelineShape
 from memprop.errors import BudgetInfeasibleError, UsageError
 from memprop.plan.api import chain_of
+from memprop.plan.chain import Chain
 from memprop.plan.schedule import flat, simulate
 from memprop.plan.solvers import Plan, min_feasible_bytes, solve
 from memprop.trace.fake import new_fake_mode
@@ -175,8 +176,8 @@ def distribute(
     from memprop.distribute.communication import communication
 
     comm = communication(backend, devices) if devices > 1 else None
-    candidates, notes = _candidates(factory, batch_size, devices, sorted(set(microbatches)),
-                                    budget_bytes, comm, strategies)
+    request = _Request(factory, batch_size, devices, budget_bytes, comm)
+    candidates, notes = _candidates(request, sorted(set(microbatches)), strategies)
     if not candidates:
         raise UsageError(f"batch {batch_size} splits into none of the microbatch counts "
                          f"{sorted(set(microbatches))} on 1 or {devices} devices: give a batch "
@@ -210,15 +211,41 @@ def distribute(
     )
 
 
-def _candidates(factory: Factory, batch_size: int, devices: int, counts: list[int],
-                budget_bytes: int | None, comm: Any, strategies: Sequence[str]
+@dataclass(slots=True)
+class _Request:
+    """What every candidate is built from, and the microbatch chains they share (traced once
+    per microbatch size and gradient zeroing, whichever strategy asks)."""
+
+    factory: Factory
+    batch_size: int
+    devices: int
+    budget_bytes: int | None
+    comm: Any
+    _chains: dict[tuple[int, bool], tuple[Workload, Chain]] = field(default_factory=dict)
+
+    def fits(self, peak: int) -> bool:
+        return self.budget_bytes is None or peak <= self.budget_bytes
+
+    def chain(self, micro: int, *, set_to_none: bool = True) -> tuple[Workload, Chain]:
+        """A fake workload of ``micro`` samples and the chain of its steady-state step."""
+        key = (micro, set_to_none)
+        if key not in self._chains:
+            with new_fake_mode():
+                workload = self.factory(micro)
+            workload.set_to_none = set_to_none
+            self._chains[key] = (workload, chain_of(workload, cost_model="roofline",
+                                                    fake=True))
+        return self._chains[key]
+
+
+def _candidates(request: _Request, counts: list[int], strategies: Sequence[str]
                 ) -> tuple[list[Candidate], list[str]]:
     """Every candidate of the strategies asked for, and why a strategy has none."""
+    devices = request.devices
     shapes = [(1, m) for m in counts] if "accumulate" in strategies else []
     if devices > 1 and "ddp" in strategies:
         shapes += [(devices, m) for m in counts]
-    candidates = [c for n, m in shapes
-                  if (c := _candidate(factory, batch_size, n, m, budget_bytes, comm)) is not None]
+    candidates = [c for n, m in shapes if (c := _candidate(request, n, m)) is not None]
     notes: list[str] = []
     only = list(strategies)
     if devices > 1 and "fsdp" in strategies:
@@ -227,13 +254,11 @@ def _candidates(factory: Factory, batch_size: int, devices: int, counts: list[in
         if why := fsdp.why_not():
             notes.append(f"no FSDP2 candidates: {why}")
         else:
-            candidates += [c for m in counts if (c := _fsdp_candidate(
-                factory, batch_size, devices, m, budget_bytes, comm)) is not None]
+            candidates += [c for m in counts if (c := _fsdp_candidate(request, m)) is not None]
     if "pipeline" in strategies and devices < 2 and only == ["pipeline"]:
         raise UsageError("a pipeline needs at least 2 devices")
     if "pipeline" in strategies and devices > 1:
-        found, why = _pipeline_candidates(factory, batch_size, devices, counts, budget_bytes,
-                                          comm)
+        found, why = _pipeline_candidates(request, counts)
         if why and not found and only == ["pipeline"]:
             raise UsageError(f"no pipeline: {why}")
         if why:
@@ -242,75 +267,69 @@ def _candidates(factory: Factory, batch_size: int, devices: int, counts: list[in
     return candidates, notes
 
 
-def _candidate(factory: Factory, batch_size: int, devices: int, microbatches: int,
-               budget_bytes: int | None, comm: Any) -> Candidate | None:
-    if batch_size % (devices * microbatches):
+def _candidate(request: _Request, devices: int, microbatches: int) -> Candidate | None:
+    if request.batch_size % (devices * microbatches):
         return None
-    micro = batch_size // (devices * microbatches)
-    with new_fake_mode():
-        workload = factory(micro)
+    micro = request.batch_size // (devices * microbatches)
     # From the second microbatch on, the gradients accumulate in place: live through the
     # step, as a loop that zeroes them with set_to_none=False holds them.
-    workload.set_to_none = microbatches == 1
-    chain = chain_of(workload, cost_model="roofline", fake=True)
+    workload, chain = request.chain(micro, set_to_none=microbatches == 1)
     extra = _bucket_bytes(workload) if devices > 1 else 0
     unplanned = simulate(chain, flat(len(chain)))
     least = min_feasible_bytes(chain)[0] + extra
     plan = None
     peak, compute = unplanned.peak_bytes + extra, unplanned.compute
-    if budget_bytes is not None and peak > budget_bytes and least <= budget_bytes:
-        plan = solve(chain, budget_bytes - extra, "optimal")
+    budget = request.budget_bytes
+    if budget is not None and peak > budget and least <= budget:
+        plan = solve(chain, budget - extra, "optimal")
         peak, compute = plan.peak_bytes + extra, plan.compute
-    allreduce = comm.allreduce.seconds(extra) if devices > 1 else 0.0
+    allreduce = request.comm.allreduce.seconds(extra) if devices > 1 else 0.0
     return Candidate(
         strategy="accumulate" if devices == 1 else "ddp", devices=devices,
-        microbatches=microbatches, microbatch_size=micro,
-        fits=budget_bytes is None or peak <= budget_bytes,
+        microbatches=microbatches, microbatch_size=micro, fits=request.fits(peak),
         predicted_step_s=microbatches * compute + allreduce,
         ranks=tuple(Rank(rank=r, predicted_peak_bytes=peak) for r in range(devices)),
         least_budget_bytes=least, plan=plan)
 
 
-def _fsdp_candidate(factory: Factory, batch_size: int, devices: int, microbatches: int,
-                    budget_bytes: int | None, comm: Any) -> Candidate | None:
+def _fsdp_candidate(request: _Request, microbatches: int) -> Candidate | None:
     """FSDP2 over every block (NOTE [ Predicting FSDP2 with a fake process group ]); its step:
     the microbatches' compute, plus for each unit and microbatch an all-gather in the forward,
     another in the backward and a reduce-scatter, priced as one and a half all-reduces of its
     parameters (a ring all-reduce is a reduce-scatter and an all-gather), not overlapped."""
     from memprop.distribute import fsdp
 
-    if batch_size % (devices * microbatches):
+    devices = request.devices
+    if request.batch_size % (devices * microbatches):
         return None
-    micro = batch_size // (devices * microbatches)
-    with new_fake_mode():
-        workload = factory(micro)
-    chain = chain_of(workload, cost_model="roofline", fake=True)
+    micro = request.batch_size // (devices * microbatches)
+    workload, chain = request.chain(micro)
     blocks = tuple(s.name for s in chain.stages if not s.pinned)
-    peaks = [fsdp.rank_peak_bytes(factory, micro, microbatches, devices, r, blocks)
+    peaks = [fsdp.rank_peak_bytes(request.factory, micro, microbatches, devices, r, blocks)
              for r in range(devices)]
-    gathers = sum(1.5 * comm.allreduce.seconds(size)
+    gathers = sum(1.5 * request.comm.allreduce.seconds(size)
                   for size in fsdp.unit_bytes(workload.model, blocks))
     compute = simulate(chain, flat(len(chain))).compute
     return Candidate(
         strategy="fsdp", devices=devices, microbatches=microbatches, microbatch_size=micro,
-        fits=budget_bytes is None or max(peaks) <= budget_bytes,
-        predicted_step_s=microbatches * (compute + gathers),
+        fits=request.fits(max(peaks)), predicted_step_s=microbatches * (compute + gathers),
         ranks=tuple(Rank(rank=r, predicted_peak_bytes=p) for r, p in enumerate(peaks)),
         least_budget_bytes=max(peaks), sharded=blocks)
 
 
-def _pipeline_candidates(factory: Factory, batch_size: int, devices: int, counts: list[int],
-                         budget_bytes: int | None, comm: Any) -> tuple[list[Candidate], str]:
-    """One candidate per schedule and microbatch count: of the splits tried (every one when
-    few, else the one balancing the stages' compute), the fastest that fits, or the one with
-    the least peak when none does. Empty, with the reason, when the model cannot be cut."""
+def _pipeline_candidates(request: _Request, counts: list[int]) -> tuple[list[Candidate], str]:
+    """One candidate per schedule and microbatch count. Empty, with the reason, when the
+    model cannot be cut."""
     from memprop.distribute import pipeline as pp
 
+    devices, batch_size = request.devices, request.batch_size
     with new_fake_mode():  # one fake workload replayed for every shape and rank
-        whole = factory(batch_size)
+        whole = request.factory(batch_size)
         items = pp.sequential_items(whole)
         if isinstance(items, str):
             return [], items
+        names = {id(m): name for name, m in whole.model.named_modules()}
+        item_names = [names[id(item)] for item in items]
         found: list[Candidate] = []
         skipped = []
         for schedule, per_rank in pp.SCHEDULES.items():
@@ -324,8 +343,8 @@ def _pipeline_candidates(factory: Factory, batch_size: int, devices: int, counts
                     # Fewer microbatches than ranks leave ranks idle (and Schedule1F1B
                     # refuses them); the looped schedules take them in rounds of the ranks.
                     continue
-                found.append(_pipeline_candidate(factory, whole, items, schedule, devices,
-                                                 batch_size, m_count, budget_bytes, comm))
+                found.append(_pipeline_candidate(request, whole, items, item_names, schedule,
+                                                 m_count))
     if skipped:
         return found, f"{'; '.join(skipped)} (a stage per block at least)"
     if not found:
@@ -335,53 +354,47 @@ def _pipeline_candidates(factory: Factory, batch_size: int, devices: int, counts
     return found, ""
 
 
-def _pipeline_candidate(factory: Factory, whole: Workload, items: list[Any], schedule: str,
-                        devices: int, batch_size: int, m_count: int,
-                        budget_bytes: int | None, comm: Any) -> Candidate:
+def _pipeline_candidate(request: _Request, whole: Workload, items: list[Any],
+                        item_names: list[str], schedule: str, m_count: int) -> Candidate:
     """The splits tried in order of their predicted step, replayed until one fits: the
-    fastest that fits, or the one with the least peak when none does."""
+    fastest that fits; when none does, the one with the least peak, its over-budget ranks
+    recomputing (``_recompute_stages``)."""
     from memprop.distribute import pipeline as pp
 
-    micro = batch_size // m_count
-    forward, backward, boundary = _item_costs(factory, micro, len(items))
-    stages = devices * pp.SCHEDULES[schedule]
-    timed = []
-    for bounds in pp.splits_tried(len(items), stages, [f + b for f, b in
-                                                    zip(forward, backward, strict=True)]):
-        shape = pp.PipelineShape(schedule=schedule, ranks=devices, microbatches=m_count,
-                                 bounds=bounds)
-        timed.append((pp.simulated_seconds(shape, _per_stage(forward, bounds),
-                                           _per_stage(backward, bounds), comm.send.seconds,
-                                           [boundary[b] for b in bounds]), shape))
-    best: tuple[int, float, pp.PipelineShape, list[int]] | None = None
-    for seconds, shape in sorted(timed, key=lambda t: t[0]):
-        peaks = [pp.rank_peak_bytes(whole, items, shape, r) for r in range(devices)]
-        if best is None or max(peaks) < best[0]:
-            best = (max(peaks), seconds, shape, peaks)
-        if budget_bytes is None or max(peaks) <= budget_bytes:
-            best = (max(peaks), seconds, shape, peaks)
+    devices = request.devices
+    micro = request.batch_size // m_count
+    forward, backward, boundary = _item_costs(request, micro, item_names)
+
+    def seconds(shape: PipelineShape) -> float:
+        """The simulated step; a recomputed stage runs its forward again in its backward."""
+        stage_f = _per_stage(forward, shape.bounds)
+        stage_b = [b + (f if s in shape.recomputed else 0.0) for s, (f, b) in
+                   enumerate(zip(stage_f, _per_stage(backward, shape.bounds), strict=True))]
+        return pp.simulated_seconds(shape, stage_f, stage_b, request.comm.send.seconds,
+                                    [boundary[b] for b in shape.bounds])
+
+    shapes = sorted((pp.PipelineShape(schedule=schedule, ranks=devices, microbatches=m_count,
+                                      bounds=bounds)
+                     for bounds in pp.splits_tried(len(items), devices * pp.SCHEDULES[schedule],
+                                                   [f + b for f, b in zip(forward, backward,
+                                                                          strict=True)])),
+                    key=seconds)
+    replayed: list[tuple[list[int], PipelineShape]] = []
+    for shape in shapes:
+        replayed.append(([pp.rank_peak_bytes(whole, items, shape, r) for r in range(devices)],
+                         shape))
+        if request.fits(max(replayed[-1][0])):
             break
-    assert best is not None
-    peak, seconds, shape, peaks = best
-    if budget_bytes is not None and peak > budget_bytes:
-        shape, peaks = _recompute_stages(whole, items, shape, peaks, budget_bytes)
-        peak = max(peaks)
-        backward = [b + (f if shape.recomputed and _stage_of(shape, i) in shape.recomputed
-                         else 0.0) for i, (f, b) in enumerate(zip(forward, backward,
-                                                                     strict=True))]
-        seconds = pp.simulated_seconds(shape, _per_stage(forward, shape.bounds),
-                                       _per_stage(backward, shape.bounds), comm.send.seconds,
-                                       [boundary[b] for b in shape.bounds])
+    peaks, shape = replayed[-1]
+    if not request.fits(max(peaks)):
+        peaks, shape = min(replayed, key=lambda r: max(r[0]))
+        assert request.budget_bytes is not None
+        shape, peaks = _recompute_stages(whole, items, shape, peaks, request.budget_bytes)
     return Candidate(
         strategy="pipeline", devices=devices, microbatches=m_count, microbatch_size=micro,
-        pipeline=shape, fits=budget_bytes is None or peak <= budget_bytes,
-        predicted_step_s=seconds,
+        pipeline=shape, fits=request.fits(max(peaks)), predicted_step_s=seconds(shape),
         ranks=tuple(Rank(rank=r, predicted_peak_bytes=p) for r, p in enumerate(peaks)),
-        least_budget_bytes=peak)
-
-
-def _stage_of(shape: PipelineShape, item: int) -> int:
-    return next(s for s, (a, b) in enumerate(itertools.pairwise(shape.bounds)) if a <= item < b)
+        least_budget_bytes=max(peaks))
 
 
 def _recompute_stages(whole: Workload, items: list[Any], shape: PipelineShape,
@@ -409,31 +422,41 @@ def _recompute_stages(whole: Workload, items: list[Any], shape: PipelineShape,
         peaks[rank], shape = min(trials, key=lambda t: t[0])
 
 
-def _item_costs(factory: Factory, micro: int, items: int
+def _item_costs(request: _Request, micro: int, item_names: list[str]
                 ) -> tuple[list[float], list[float], list[int]]:
     """Each item's forward and backward seconds on a microbatch (the roofline's), and the
-    bytes crossing each cut (index ``i``: item ``i``'s input; ``items``: the output)."""
-    with new_fake_mode():
-        workload = factory(micro)
-    chain = chain_of(workload, cost_model="roofline", fake=True)
-    stages = list(chain.stages)
-    if len(stages) < items:  # blocks not found as the items: spread the step evenly
-        total_f = sum(s.forward_cost for s in stages) / items
-        total_b = sum(s.backward_cost for s in stages) / items
-        size = max(s.output_bytes for s in stages)
-        return [total_f] * items, [total_b] * items, [size] * (items + 1)
-    # The chain's stages are the items, perhaps with a pinned prefix and suffix around them.
-    start = next(i for i, s in enumerate(stages) if not s.pinned)
-    core = stages[start:start + items]
-    forward = [s.forward_cost for s in core]
-    backward = [s.backward_cost for s in core]
-    for extra in stages[:start]:
-        forward[0] += extra.forward_cost
-        backward[0] += extra.backward_cost
-    for extra in stages[start + items:]:
-        forward[-1] += extra.forward_cost
-        backward[-1] += extra.backward_cost
-    boundary = [core[0].input_bytes] + [s.output_bytes for s in core]
+    bytes crossing each cut (index ``i``: item ``i``'s input; the last: the output).
+
+    The chain's stages are the model's blocks: each is summed into the item it belongs to by
+    name (an item, or a module inside one); the pinned prefix goes to the first item, the
+    suffix to the last. A cut after an item without blocks carries what the previous one did."""
+    from memprop.trace.stages import PREFIX, SUFFIX
+
+    _, chain = request.chain(micro)
+    forward, backward = [0.0] * len(item_names), [0.0] * len(item_names)
+    outputs: list[int | None] = [None] * len(item_names)
+    for stage in chain.stages:
+        if stage.name == PREFIX:
+            index = 0
+        elif stage.name == SUFFIX:
+            index = len(item_names) - 1
+        else:
+            index = next((i for i, name in enumerate(item_names)
+                          if stage.name == name or stage.name.startswith(name + ".")), -1)
+        if index < 0:  # blocks that are not the items: the step spread evenly over them
+            total_f = sum(s.forward_cost for s in chain.stages) / len(item_names)
+            total_b = sum(s.backward_cost for s in chain.stages) / len(item_names)
+            size = max(s.output_bytes for s in chain.stages)
+            return ([total_f] * len(item_names), [total_b] * len(item_names),
+                    [size] * (len(item_names) + 1))
+        forward[index] += stage.forward_cost
+        backward[index] += stage.backward_cost
+        if stage.name not in (PREFIX, SUFFIX):
+            outputs[index] = stage.output_bytes
+    first = next(s for s in chain.stages if s.name != PREFIX)
+    boundary = [first.input_bytes]
+    for output in outputs:
+        boundary.append(boundary[-1] if output is None else output)
     return forward, backward, boundary
 
 

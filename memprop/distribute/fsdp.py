@@ -29,7 +29,7 @@ from torch import nn
 
 from memprop.workload import Workload
 
-__all__ = ["fake_group", "local_state", "measured_peak", "rank_peak_bytes", "shard",
+__all__ = ["fake_group", "fake_rank", "local_state", "measured_peak", "rank_peak_bytes", "shard",
            "sharded_step", "unit_bytes", "why_not"]
 
 
@@ -123,18 +123,28 @@ def measured_peak(workload: Workload, step: Callable[[], None]) -> int:
     return ledger.peak()[0]
 
 
-def rank_peak_bytes(factory: Callable[[int], Workload], microbatch_size: int, microbatches: int,
-                    ranks: int, rank: int, blocks: Sequence[str]) -> int:
-    """Rank ``rank``'s steady-state peak under FSDP2 (NOTE [ Predicting FSDP2 with a fake
-    process group ])."""
+@contextlib.contextmanager
+def fake_rank(factory: Callable[[int], Workload], microbatch_size: int, microbatches: int,
+              ranks: int, rank: int, blocks: Sequence[str]
+              ) -> Iterator[tuple[Workload, Callable[[], None]]]:
+    """Rank ``rank``'s workload, sharded, and its step, on fake tensors under torch's fake
+    process group (NOTE [ Predicting FSDP2 with a fake process group ])."""
     from memprop.trace.fake import new_fake_mode
 
     with fake_group(rank, ranks) as mesh, new_fake_mode():
         torch.manual_seed(0)
         workload = factory(microbatch_size)
         shard(workload, blocks, mesh)
-        step = sharded_step(workload, microbatches)
-        step()  # the optimizer's state
+        yield workload, sharded_step(workload, microbatches)
+
+
+def rank_peak_bytes(factory: Callable[[int], Workload], microbatch_size: int, microbatches: int,
+                    ranks: int, rank: int, blocks: Sequence[str]) -> int:
+    """Rank ``rank``'s steady-state peak under FSDP2: a step to make the optimizer's state,
+    then the step under the ledger."""
+    with fake_rank(factory, microbatch_size, microbatches, ranks, rank, blocks) as (
+            workload, step):
+        step()
         return measured_peak(workload, step)
 
 

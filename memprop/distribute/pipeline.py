@@ -37,6 +37,7 @@ torch's manual ``PipelineStage`` needs.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -110,26 +111,25 @@ def program(schedule: str, rank: int, ranks: int, microbatches: int) -> list[Act
     """Rank ``rank``'s actions in the order its schedule runs them (NOTE [ Replaying a
     pipeline schedule ])."""
     stages = ranks * SCHEDULES[schedule]
-    m_count = microbatches
     if schedule == "GPipe":
-        return ([Action("F", rank, m) for m in range(m_count)]
-                + [Action("B", rank, m) for m in range(m_count)])
+        return ([Action("F", rank, m) for m in range(microbatches)]
+                + [Action("B", rank, m) for m in range(microbatches)])
     if schedule == "1F1B":
-        warmup = min(m_count, stages - rank)
+        warmup = min(microbatches, stages - rank)
         actions = [Action("F", rank, m) for m in range(warmup)]
         forward, backward = warmup, 0
         while True:
             actions.append(Action("B", rank, backward))
             backward += 1
-            if forward == m_count:
+            if forward == microbatches:
                 break
             actions.append(Action("F", rank, forward))
             forward += 1
         actions.append(Action("release", rank, 0))
-        return actions + [Action("B", rank, m) for m in range(backward, m_count)]
+        return actions + [Action("B", rank, m) for m in range(backward, microbatches)]
     from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 
-    ops = get_schedule_ops(schedule, ranks, m_count, SCHEDULES[schedule])[rank]
+    ops = get_schedule_ops(schedule, ranks, microbatches, SCHEDULES[schedule])[rank]
     return [Action(str(op.computation_type.value)[0], op.stage_index, op.microbatch_index or 0)
             for op in ops if op is not None and str(op.computation_type.value) in ("F", "B")]
 
@@ -141,35 +141,41 @@ def sequential_items(workload: Workload) -> list[nn.Module] | str:
         return "the model takes more than one input tensor; a pipeline sends one between stages"
     if workload.loss_fn is None or workload.targets is None:
         return "the loss needs a loss function of the output and the targets"
-    if getattr(model, "weight_decay", 0.0):
-        return ("the loss adds every weight's L2 penalty, which no single stage holds (use the "
-                "optimizer's weight decay instead)")
-    if isinstance(model, nn.Sequential):
-        return list(model)
-    children = list(model.children())
-    if len(children) != 1 or not isinstance(children[0], nn.Sequential):
-        return ("the model is not an nn.Sequential (nor wraps exactly one): torch's pipeline "
-                "stages are built from its items")
-    inner = children[0]
-    owned = {id(t) for t in itertools.chain(inner.parameters(), inner.buffers())}
-    if any(id(t) not in owned for t in itertools.chain(model.parameters(), model.buffers())):
-        return "the model holds parameters outside its nn.Sequential"
-    if not _forward_is(model, inner, workload):
-        return "the model's forward does more than call its nn.Sequential"
-    return list(inner)
+    inner: nn.Module = model
+    if not isinstance(inner, nn.Sequential):
+        children = list(model.children())
+        if len(children) != 1 or not isinstance(children[0], nn.Sequential):
+            return ("the model is not an nn.Sequential (nor wraps exactly one): torch's "
+                    "pipeline stages are built from its items")
+        inner = children[0]
+        owned = {id(t) for t in itertools.chain(inner.parameters(), inner.buffers())}
+        if any(id(t) not in owned
+               for t in itertools.chain(model.parameters(), model.buffers())):
+            return "the model holds parameters outside its nn.Sequential"
+    assert isinstance(inner, nn.Sequential)
+    return _checked_forward(workload, inner) or list(inner)
 
 
-def _forward_is(model: nn.Module, inner: nn.Module, workload: Workload) -> bool:
-    """Whether ``model(x)`` returns ``inner(x)``, checked on a fake forward."""
+def _checked_forward(workload: Workload, inner: nn.Module) -> str:
+    """Why a fake forward and loss show the step cannot be cut between ``inner``'s items, or
+    empty: the model must return ``inner(x)``, and the loss must read nothing but the output
+    and the targets (the last stage holds no other stage's parameters)."""
     seen: list[tuple[Any, Any]] = []
     handle = inner.register_forward_hook(lambda _m, args, out: seen.append((args, out)))
     try:
-        with new_fake_mode(), torch.no_grad():
+        with new_fake_mode():
             output = workload.forward()
+            assert workload.loss_fn is not None
+            loss = workload.loss_fn(output.detach(), workload.targets)
     finally:
         handle.remove()
-    return (len(seen) == 1 and output is seen[0][1]
-            and len(seen[0][0]) == 1 and seen[0][0][0] is workload.inputs[0])
+    if not (len(seen) == 1 and output is seen[0][1]
+            and len(seen[0][0]) == 1 and seen[0][0][0] is workload.inputs[0]):
+        return "the model's forward does more than call its nn.Sequential"
+    if loss.requires_grad:
+        return ("the loss reads the model's parameters (an L2 penalty in the loss, say), which "
+                "no single stage holds (use the optimizer's weight decay instead)")
+    return ""
 
 
 def split_points(costs: Sequence[float], stages: int) -> tuple[int, ...]:
@@ -199,9 +205,11 @@ def all_splits(items: int, stages: int) -> list[tuple[int, ...]]:
 
 
 def splits_tried(items: int, stages: int, costs: Sequence[float]) -> list[tuple[int, ...]]:
-    """The splits tried: all when few, else the balanced one."""
-    every = all_splits(items, stages)
-    return every if len(every) <= MAX_SPLITS_SEARCHED else [split_points(costs, stages)]
+    """The splits tried: all when few (counted, not listed: a deep model has millions), else
+    the balanced one."""
+    if math.comb(items - 1, stages - 1) <= MAX_SPLITS_SEARCHED:
+        return all_splits(items, stages)
+    return [split_points(costs, stages)]
 
 
 class Recomputed(nn.Module):
@@ -239,9 +247,9 @@ def rank_peak_bytes(workload: Workload, items: Sequence[nn.Module], shape: Pipel
     assert workload.targets is not None and workload.loss_fn is not None
     targets = workload.targets.tensor_split(m_count)
     loss_fn = workload.loss_fn
-    boundary = [inputs[0]]
+    boundary = [inputs[0]]  # each stage's input, for the receive buffers' shapes
     with torch.no_grad():
-        for module in modules:
+        for module in modules[:max(mine) + 1]:
             boundary.append(module(boundary[-1]))
     parameters = [p for s in mine for p in modules[s].parameters()]
     optimizer = remade_optimizer(workload, parameters)
