@@ -77,3 +77,8 @@ def distribute_command(
     render_distribution(result, console)
     if json_path is not None:
         write_output(json_path, json.dumps(result.to_dict(), indent=2) + "\n")
+    failure, warnings = result.check()
+    for warning in warnings:
+        console.print(f"warning: {warning}", style="yellow")
+    if failure is not None:
+        raise failure

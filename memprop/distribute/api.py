@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from memprop.distribute.pipeline import PipelineShape
-from memprop.errors import BudgetInfeasibleError, UsageError
+from memprop.errors import BudgetInfeasibleError, PlanCheckError, UsageError
 from memprop.plan.api import chain_of
 from memprop.plan.chain import Chain
 from memprop.plan.schedule import flat, simulate
@@ -121,6 +121,38 @@ class Distribution:
     """How the all-reduce and the send were priced."""
     notes: tuple[str, ...] = ()
     """Why a strategy has no candidates (a model that cannot be pipelined, say)."""
+
+    def check(self) -> tuple[PlanCheckError | None, list[str]]:
+        """After ``run=True``: an error when the chosen candidate's measured peak on a rank
+        exceeded the budget (its prediction fitted: memprop's model was wrong), and a warning
+        for every rank of every candidate measured more than ``PREDICTION_TOLERANCE`` away
+        from its prediction, or over the budget it was predicted to fit."""
+        from memprop.run.measure import mismatch
+
+        error, warnings = None, []
+        for index, candidate in enumerate(self.candidates):
+            for rank in candidate.ranks:
+                measured = rank.measured_peak_bytes
+                if measured is None:
+                    continue
+                where = f"of rank {rank.rank} under {candidate.describe()}"
+                if stray := mismatch(rank.predicted_peak_bytes, measured, f"measured {where}"):
+                    warnings.append(stray)
+                over = (candidate.fits and self.budget_bytes is not None
+                        and measured > self.budget_bytes)
+                if over and index == self.chosen and error is None:
+                    assert self.budget_bytes is not None
+                    error = PlanCheckError(
+                        f"the chosen candidate ({candidate.describe()}) measured "
+                        f"{format_bytes(measured)} on rank {rank.rank}, over the budget of "
+                        f"{format_bytes(self.budget_bytes)} it was predicted to fit "
+                        f"({format_bytes(rank.predicted_peak_bytes)}): a memprop bug, please "
+                        "report it with the JSON document")
+                elif over:
+                    warnings.append(f"{candidate.describe()} measured {format_bytes(measured)} "
+                                    f"on rank {rank.rank}, over the budget it was predicted "
+                                    "to fit")
+        return error, warnings
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -153,6 +153,13 @@ def sequential_items(workload: Workload) -> list[nn.Module] | str:
                for t in itertools.chain(model.parameters(), model.buffers())):
             return "the model holds parameters outside its nn.Sequential"
     assert isinstance(inner, nn.Sequential)
+    holders: dict[int, set[int]] = {}
+    for index, item in enumerate(inner):
+        for parameter in item.parameters():
+            holders.setdefault(id(parameter), set()).add(index)
+    if any(len(items) > 1 for items in holders.values()):
+        return ("items share a parameter (tied weights): each stage would keep its own copy "
+                "and its own gradient, which a pipeline does not reconcile")
     return _checked_forward(workload, inner) or list(inner)
 
 
