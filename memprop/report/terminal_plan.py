@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -58,6 +60,8 @@ def _comparison(plans: list[Plan]) -> Table:
 
 
 def render_run(result: RunResult, console: Console) -> None:
+    """The measured steps by both mechanisms (the ledger, the allocator), the timed steps, and
+    the gradients and buffers against the unplanned run."""
     plan = result.plan
     measured = len(result.step_peaks_bytes)
     table = Table(title=f"{measured} measured and {result.steps} timed training steps under "
@@ -69,15 +73,26 @@ def render_run(result: RunResult, console: Console) -> None:
     def unplanned(text: str) -> str:
         return "not run" if result.baseline_step_peaks_bytes is None else text
 
-    within = result.peak_bytes <= plan.budget_bytes
-    table.add_row("peak",
-                  Text(format_bytes(result.peak_bytes), style="green" if within else "bold red"),
-                  unplanned(format_bytes(result.baseline_peak_bytes or 0)),
-                  f"{format_bytes(plan.budget_bytes)} / {format_bytes(plan.peak_bytes)}")
-    steps = "\n".join(format_bytes(p) for p in result.step_peaks_bytes)
-    baseline_steps = "\n".join(format_bytes(p) for p in result.baseline_step_peaks_bytes or ())
-    table.add_row(f"steps 1-{measured}", steps, unplanned(baseline_steps), "step 1 makes the\n"
-                  "optimizer's state")
+    allocator = result.allocator_peak_bytes
+    within = allocator <= plan.budget_bytes
+    budget = f"{format_bytes(plan.budget_bytes)} / {format_bytes(plan.peak_bytes)}"
+    if result.allocator_step_peaks_bytes:
+        table.add_row("peak (allocator)",
+                      Text(format_bytes(allocator), style="green" if within else "bold red"),
+                      unplanned(format_bytes(result.baseline_allocator_peak_bytes or 0)), budget)
+        table.add_row("peak (ledger)", format_bytes(result.peak_bytes),
+                      unplanned(format_bytes(result.baseline_peak_bytes or 0)),
+                      f"{(result.peak_bytes - allocator) / max(1, allocator):+.2%} of the "
+                      "allocator's")
+        _steps_row(table, "allocator", result.allocator_step_peaks_bytes,
+                   result.baseline_allocator_step_peaks_bytes, unplanned)
+    else:
+        table.add_row("peak (ledger)",
+                      Text(format_bytes(result.peak_bytes),
+                           style="green" if within else "bold red"),
+                      unplanned(format_bytes(result.baseline_peak_bytes or 0)), budget)
+    _steps_row(table, "ledger", result.step_peaks_bytes, result.baseline_step_peaks_bytes,
+               unplanned)
     if result.baseline_step_s:
         ratio = f"{result.step_s / result.baseline_step_s:.2f}x measured / "
         baseline_ms = f"{result.baseline_step_s * 1e3:.2f} ms"
@@ -88,8 +103,23 @@ def render_run(result: RunResult, console: Console) -> None:
     table.add_row("gradients", _verdict(result.gradients_match), "", "bit for bit on the CPU")
     table.add_row("buffers", _verdict(result.buffers_match), "", "BatchNorm statistics")
     console.print(table)
-    console.print(Text(f"peaks: {result.peak_source}; step time: the median of the timed steps",
-                       style="dim"))
+    sources = f"peak (ledger): {result.peak_source}"
+    if result.allocator_step_peaks_bytes:
+        sources = (f"peak (allocator), against which the budget and the prediction are "
+                   f"checked: {result.allocator_source}; {sources}")
+    timing = "step time: the median of the timed steps, measured by neither"
+    if result.measured_step_s:
+        timing += (f" (a measured step took {result.measured_step_s * 1e3:.2f} ms under both "
+                   "mechanisms)")
+    console.print(Text(f"{sources}; {timing}", style="dim"))
+
+
+def _steps_row(table: Table, mechanism: str, steps: tuple[int, ...],
+               baseline: tuple[int, ...] | None, unplanned: Callable[[str], str]) -> None:
+    table.add_row(f"steps 1-{len(steps)} ({mechanism})",
+                  "\n".join(format_bytes(p) for p in steps),
+                  unplanned("\n".join(format_bytes(p) for p in baseline or ())),
+                  "step 1 makes the\noptimizer's state")
 
 
 def _verdict(same: bool | None) -> Text | str:

@@ -4,15 +4,19 @@ Both runs start from the same state (parameters, buffers, gradients, optimizer s
 state are copied first and put back between the runs) and run the loop of ``memprop.loop``.
 The first ``measured_steps`` steps of each run are measured one by one, so that the loop's first
 step (the optimizer creates its state) and its steady state (from the second step on, the state
-is live throughout) are both seen: on the CPU with the storage ledger (``memprop.trace.ledger``)
-as a dispatch mode around the step, on CUDA with ``torch.cuda.max_memory_allocated``. After each
+is live throughout) are both seen, each by two mechanisms that share nothing: the storage ledger
+(``memprop.trace.ledger``, the model memprop predicts with) as a dispatch mode around the step,
+and the allocator's own count (``memprop.devices.allocator``: c10's CPU allocator through
+torch.profiler's memory events, ``torch.cuda.max_memory_allocated`` on CUDA). After each
 measured step the parameter gradients of the two runs are compared, bit for bit on the CPU
 (``torch.equal``) and within a tolerance on a GPU, where kernels may pick another reduction
 order. Then ``steps`` more steps are timed; times are medians. BatchNorm statistics (every
 buffer) are compared at the end of both runs.
 
-:func:`check_run` turns a result into what must be said about it: the budget exceeded (an error),
-the prediction missed by more than ``PREDICTION_TOLERANCE`` (a warning that names the cause).
+:func:`check_run` turns a result into what must be said about it, judged by the allocator's figure
+(the independent one): the budget exceeded (an error), the prediction missed by more than
+``PREDICTION_TOLERANCE`` (a warning that names the cause), and the ledger astray from the
+allocator by as much (a warning: the ledger, and so the prediction, missed something).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import torch
 
 from memprop.blocks.install import installed, without_caches
+from memprop.devices.allocator import AllocatorMeter, allocator_source, step_state_tensors
 from memprop.errors import PlanCheckError, UsageError
 from memprop.loop import training_step, zero_gradients
 from memprop.plan.solvers import Plan
@@ -56,13 +61,23 @@ class RunResult:
     steps: int
     """Timed steps per run (after the measured ones)."""
     step_peaks_bytes: tuple[int, ...]
-    """Measured training peak of each measured step under the plan, the loop's first step
+    """The ledger's training peak of each measured step under the plan, the loop's first step
     first."""
     baseline_step_peaks_bytes: tuple[int, ...] | None
     """The same without the plan; None when the unplanned steps were not run (they would not
     fit the device)."""
     peak_source: str
-    """Where the peaks come from."""
+    """Where the ledger's peaks come from."""
+    allocator_step_peaks_bytes: tuple[int, ...] = ()
+    """The allocator's peak of the same steps (``memprop.devices.allocator``): the figure
+    the prediction and the budget are checked against."""
+    baseline_allocator_step_peaks_bytes: tuple[int, ...] | None = None
+    """The allocator's peaks of the unplanned steps."""
+    allocator_source: str = ""
+    """How the allocator's figure is obtained."""
+    measured_step_s: float | None = None
+    """Median seconds of a measured planned step (under the ledger and the allocator's
+    profiler), against ``step_s`` of the untraced ones: what measuring costs."""
     step_s: float
     """Median seconds of a planned step."""
     baseline_step_s: float | None
@@ -83,6 +98,17 @@ class RunResult:
         steps = self.baseline_step_peaks_bytes
         return None if steps is None else max(steps)
 
+    @property
+    def allocator_peak_bytes(self) -> int:
+        """The allocator's highest peak under the plan, over every measured step (the ledger's
+        when the allocator was not read)."""
+        return max(self.allocator_step_peaks_bytes or self.step_peaks_bytes)
+
+    @property
+    def baseline_allocator_peak_bytes(self) -> int | None:
+        steps = self.baseline_allocator_step_peaks_bytes
+        return None if not steps else max(steps)
+
     def to_dict(self) -> dict[str, Any]:
         """DESIGN's run document: the plan, plus what was measured."""
         return {
@@ -97,6 +123,14 @@ class RunResult:
                                               else list(self.baseline_step_peaks_bytes)),
                 "source": self.peak_source,
                 "steps": self.steps,
+                "allocator_peak_bytes": self.allocator_peak_bytes,
+                "allocator_step_peaks_bytes": list(self.allocator_step_peaks_bytes),
+                "baseline_allocator_peak_bytes": self.baseline_allocator_peak_bytes,
+                "baseline_allocator_step_peaks_bytes": (
+                    None if self.baseline_allocator_step_peaks_bytes is None
+                    else list(self.baseline_allocator_step_peaks_bytes)),
+                "allocator_source": self.allocator_source,
+                "measured_step_s": self.measured_step_s,
             },
             "gradients_match": self.gradients_match,
             "buffers_match": self.buffers_match,
@@ -106,9 +140,11 @@ class RunResult:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _Measured:
     peaks: tuple[int, ...]
+    allocator_peaks: tuple[int, ...]
     gradients: list[list[torch.Tensor | None]]
     buffers: list[torch.Tensor]
     step_s: float
+    measured_step_s: float
 
 
 def run_plan(workload: Workload, plan: Plan, steps: int = 5,
@@ -138,8 +174,13 @@ def run_plan(workload: Workload, plan: Plan, steps: int = 5,
         steps=steps,
         step_peaks_bytes=planned.peaks,
         baseline_step_peaks_bytes=None if unplanned is None else unplanned.peaks,
-        peak_source=("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                     else "the storage ledger (every storage's birth and death)"),
+        peak_source="the storage ledger (every storage's birth and death, seen by a dispatch "
+                    "mode)",
+        allocator_step_peaks_bytes=planned.allocator_peaks,
+        baseline_allocator_step_peaks_bytes=None if unplanned is None else
+        unplanned.allocator_peaks,
+        allocator_source=allocator_source(device),
+        measured_step_s=planned.measured_step_s,
         step_s=planned.step_s,
         baseline_step_s=None if unplanned is None else unplanned.step_s,
         gradients_match=None if unplanned is None else all(
@@ -152,18 +193,38 @@ def run_plan(workload: Workload, plan: Plan, steps: int = 5,
 
 def check_run(result: RunResult) -> tuple[PlanCheckError | None, str | None]:
     """(an error when a measured step exceeded the budget, a warning when the measured peak
-    strays from the prediction by more than ``PREDICTION_TOLERANCE``)."""
+    strays from the prediction, or the ledger from the allocator, by more than
+    ``PREDICTION_TOLERANCE``). "Measured" is the allocator's figure: the mechanism that shares
+    nothing with the prediction."""
     plan = result.plan
-    peaks = ", ".join(format_bytes(p) for p in result.step_peaks_bytes)
+    measured = result.allocator_peak_bytes
+    steps = result.allocator_step_peaks_bytes or result.step_peaks_bytes
+    peaks = ", ".join(format_bytes(p) for p in steps)
     error = None
-    if result.peak_bytes > plan.budget_bytes:
+    if measured > plan.budget_bytes:
         error = PlanCheckError(
-            f"the planned steps peaked at {format_bytes(result.peak_bytes)} (steps: {peaks}), "
-            f"over the budget of {format_bytes(plan.budget_bytes)}; predicted "
+            f"the planned steps peaked at {format_bytes(measured)} by the allocator's count "
+            f"(steps: {peaks}), over the budget of {format_bytes(plan.budget_bytes)}; predicted "
             f"{format_bytes(plan.peak_bytes)}: memprop's model of this step is wrong, which is "
             "a memprop bug: please report it with the run's JSON document"
         )
-    return error, mismatch(plan.peak_bytes, result.peak_bytes, "measured over the planned steps")
+    warnings = [mismatch(plan.peak_bytes, measured,
+                         "the allocator measured over the planned steps")]
+    if result.allocator_step_peaks_bytes:
+        warnings.append(ledger_astray(result.peak_bytes, measured))
+    said = [w for w in warnings if w is not None]
+    return error, "; ".join(said) if said else None
+
+
+def ledger_astray(ledger: int, allocator: int) -> str | None:
+    """A sentence when the ledger's peak of a step strays from the allocator's by more than
+    the tolerance: the ledger missed memory the step holds, or counted some it does not."""
+    if abs(ledger - allocator) <= PREDICTION_TOLERANCE * allocator:
+        return None
+    return (f"the ledger's peak of the same steps, {format_bytes(ledger)}, is "
+            f"{(ledger - allocator) / allocator:+.1%} off the allocator's "
+            f"{format_bytes(allocator)}: the ledger does not see this step's memory as the "
+            "allocator does, so its predictions are not to be trusted here")
 
 
 def mismatch(predicted: int, measured: int, what: str) -> str | None:
@@ -189,10 +250,14 @@ def not_run(model: torch.nn.Module, plan: Plan) -> str:
 
 def _run(workload: Workload, steps: int, measured_steps: int, device: torch.device
          ) -> _Measured:
-    peaks, gradients = [], []
+    peaks, allocator_peaks, gradients, measured_times = [], [], [], []
     for _ in range(measured_steps):
-        zero_gradients(workload)
-        peaks.append(_measured_step(workload, device))
+        zero_gradients(workload)  # outside the measured region: NOTE [ What c10 reports ... ]
+        started = time.perf_counter()
+        ledger_peak, allocator_peak = _measured_step(workload, device)
+        measured_times.append(time.perf_counter() - started)
+        peaks.append(ledger_peak)
+        allocator_peaks.append(allocator_peak)
         gradients.append([None if p.grad is None else p.grad.detach().clone()
                           for p in workload.model.parameters()])
     times = []
@@ -204,26 +269,23 @@ def _run(workload: Workload, steps: int, measured_steps: int, device: torch.devi
         _sync(device)
         times.append(time.perf_counter() - started)
     buffers = [b.detach().clone() for b in workload.model.buffers()]
-    return _Measured(peaks=tuple(peaks), gradients=gradients, buffers=buffers,
-                     step_s=statistics.median(times))
+    return _Measured(peaks=tuple(peaks), allocator_peaks=tuple(allocator_peaks),
+                     gradients=gradients, buffers=buffers, step_s=statistics.median(times),
+                     measured_step_s=statistics.median(measured_times))
 
 
-def _measured_step(workload: Workload, device: torch.device) -> int:
+def _measured_step(workload: Workload, device: torch.device) -> tuple[int, int]:
+    """One step under both mechanisms at once: (the ledger's peak, the allocator's). The ledger
+    holds weak references only, so it changes nothing the allocator sees; the allocator counts
+    the step's own state live before it (not the process's other tensors, such as cuBLAS's
+    workspaces), then its rise over the step."""
     ledger = StorageLedger()
     register_step_state(ledger, workload, training=True)
-    if device.type == "cuda":
-        # The allocator's peak counts every tensor of the process (cuBLAS workspaces, other
-        # models); like profile, count the step's own state once, then its rise over the step.
-        state_bytes = ledger.live_after_bytes()[0]
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    meter = AllocatorMeter(device, step_state_tensors(workload))
+    with meter, ledger:
         training_step(workload)
-        torch.cuda.synchronize(device)
-        return state_bytes + int(torch.cuda.max_memory_allocated(device)) - before
-    with ledger:
-        training_step(workload)
-    return ledger.peak()[0]
+    assert meter.result is not None  # the step ended without an exception
+    return ledger.peak()[0], meter.result.peak_bytes
 
 
 def _sync(device: torch.device) -> None:

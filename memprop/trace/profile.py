@@ -1,12 +1,15 @@
 """``memprop.profile``: one traced training step and one traced inference pass, as a report.
 
-Every figure here comes from the storage ledger (``memprop.trace.ledger``); on a real device the
-device's own high-water mark is read around the same step as a cross-check (``measured``).
+Every figure here comes from the storage ledger (``memprop.trace.ledger``); on real tensors the
+allocator's own count of the same step and pass (``memprop.devices.allocator``: c10's CPU
+allocator through torch.profiler, ``torch.cuda.max_memory_allocated`` on a GPU) is read beside
+it, by a mechanism that shares nothing with the ledger (``measured``).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memprop import __version__
 from memprop.closed_form import closed_form_for
 from memprop.devices import get_device, gpu_layers
-from memprop.devices.cpu import CpuDevice
+from memprop.devices.allocator import AllocatorPeak, StepProbe
 from memprop.devices.reconcile import Layer
 from memprop.errors import UsageError
 from memprop.trace.fake import (
@@ -84,7 +87,8 @@ class MemoryTotals:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Measured:
-    """The device's own high-water marks around the traced step and pass."""
+    """The allocator's own peaks of the traced steady step and inference pass
+    (``memprop.devices.allocator``), each the bytes live before it plus the allocator's rise."""
 
     training_peak_bytes: int
     inference_peak_bytes: int
@@ -225,10 +229,16 @@ def profile(
     fake = mode is not None
     device = device_of(workload)
     backend = None if fake else get_device(device)
+    probes = None if fake else (StepProbe(workload, device, training=False),
+                                StepProbe(workload, device, training=True))
     with mode if mode is not None else contextlib.nullcontext():
-        inference, inference_hwm = _traced(trace_inference, workload, backend)
-        training = trace_training(workload, create_graph=create_graph, device=backend)
-    return _assemble(workload, training, inference, device, fake, inference_hwm, backend)
+        inference = _traced(trace_inference, workload, None if probes is None else probes[0])
+        training = trace_training(workload, create_graph=create_graph,
+                                  device=None if probes is None else probes[1])
+    measured = None
+    if probes is not None and probes[0].last is not None and probes[1].last is not None:
+        measured = _measured(training=probes[1].last, inference=probes[0].last)
+    return _assemble(workload, training, inference, device, fake, measured, backend)
 
 
 def trace_chain(workload: Workload, *, fake: bool = False) -> ChainCosts:
@@ -253,15 +263,17 @@ def _in_mode(workload: Workload, fake: bool) -> tuple[Workload, FakeTensorMode |
     return workload, mode
 
 
-def _traced(step: Any, workload: Workload, backend: Any) -> tuple[StepTrace, int | None]:
-    """Run a traced step; with a real device, also the device's peak over the step, in bytes
-    above where the device stood before it."""
-    if backend is None:
-        return step(workload), None
-    before = backend.current_bytes()
-    backend.reset_peak()
-    trace = step(workload)
-    return trace, max(0, backend.peak_bytes() - before)
+def _traced(step: Callable[[Workload], StepTrace], workload: Workload,
+            probe: StepProbe | None) -> StepTrace:
+    """Run a traced step; with a probe, the allocator counts the same step."""
+    if probe is None:
+        return step(workload)
+    probe.reset_peak()
+    try:
+        trace = step(workload)
+    finally:
+        probe.peak_bytes()
+    return trace
 
 
 def _assemble(
@@ -270,11 +282,10 @@ def _assemble(
     inference: StepTrace,
     device: torch.device,
     fake: bool,
-    inference_rise: int | None,
+    measured: Measured | None,
     backend: Any,
 ) -> Profile:
     training = traced.steady
-    training_rise = traced.device_rise_bytes
     ledger = training.ledger
     peak_bytes, peak_tick = ledger.peak()
     inference_peak, _ = inference.ledger.peak()
@@ -301,9 +312,6 @@ def _assemble(
         first_step_peak_bytes=traced.first_step_peak_bytes,
         inference_peak_bytes=inference_peak,
     )
-    measured = None
-    if training_rise is not None and inference_rise is not None:
-        measured = _measured(ledger, inference.ledger, training_rise, inference_rise, backend)
     saved_tensors = tuple(
         SavedTensor(id=r.index, op=r.op_name, module=r.module, shape=tuple(r.shape),
                     dtype=str(r.dtype).removeprefix("torch."), bytes=r.bytes, born=r.born,
@@ -363,26 +371,12 @@ def _totals_at_end(ledger: StorageLedger) -> dict[Category, int]:
     return totals
 
 
-def _measured(
-    training: StorageLedger, inference: StorageLedger, training_rise: int, inference_rise: int,
-    backend: Any,
-) -> Measured:
-    # The device's high-water mark rose by ``rise`` over the step; what was live before the
-    # step (tick 0 on the ledger) was already resident, so the measured peak is the sum.
-    training_base = training.live_after_bytes()[0]
-    inference_base = inference.live_after_bytes()[0]
-    if isinstance(backend, CpuDevice):
-        source = (
-            "VmHWM rise over the traced step plus the ledger's bytes live before it: page "
-            "rounding, the tracer's own records and glibc's heap reuse make it approximate"
-        )
-    else:
-        source = "torch.cuda.max_memory_allocated rise over the traced step"
-    return Measured(
-        training_peak_bytes=training_base + training_rise,
-        inference_peak_bytes=inference_base + inference_rise,
-        source=source,
-    )
+def _measured(*, training: AllocatorPeak, inference: AllocatorPeak) -> Measured:
+    # The probes count the state live before each region themselves (parameters, buffers,
+    # inputs, gradients, optimizer state), not from the ledger.
+    return Measured(training_peak_bytes=training.peak_bytes,
+                    inference_peak_bytes=inference.peak_bytes,
+                    source=f"the allocator: {training.source}")
 
 
 def _describe(device: torch.device, backend: Any) -> dict[str, Any]:
