@@ -8,6 +8,7 @@ import typer
 
 import memprop
 from memprop_cli.bench import bench_command
+from memprop_cli.calibrate import calibrate_command
 from memprop_cli.distribute import distribute_command
 from memprop_cli.errors import DEBUG, MemPropGroup
 from memprop_cli.fit import fit_command
@@ -33,6 +34,7 @@ app.command("plan")(plan_command)
 app.command("run")(run_command)
 app.command("distribute")(distribute_command)
 app.command("bench")(bench_command)
+app.command("calibrate")(calibrate_command)
 
 
 def _show_version(value: bool) -> None:

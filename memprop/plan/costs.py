@@ -17,27 +17,34 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import platform
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import torch
 
 from memprop.errors import UsageError
+from memprop.plan.cache import (
+    cache_file,
+    checked_number,
+    locked,
+    read_cache,
+    remembered,
+    warn,
+    write_cache,
+)
 from memprop.trace.ledger import Probe
 
-__all__ = ["COST_MODELS", "Rates", "check_cost_model", "machine_rates", "pointwise_seconds"]
+__all__ = ["COST_MODELS", "Rates", "calibrate", "check_cost_model", "machine_rates",
+           "pointwise_seconds", "remembered"]
 
 COST_MODELS: tuple[str, ...] = ("roofline", "flops", "measured")
 DEFAULT_COST_MODEL = "roofline"
-T = TypeVar("T")
 
 
 def on_fake_tensors(cost_model: str) -> str:
@@ -69,8 +76,25 @@ class Rates:
     source: str
     """Where the figures come from: measured here (when), or nominal."""
 
+    @classmethod
+    def from_cached(cls, found: Any) -> Rates:
+        """The rates a cache entry holds, each checked against what a device can plausibly do
+        (NOTE [ A cache is input ] in ``memprop.plan.cache``): a ``ValueError`` or ``TypeError``
+        says what is wrong."""
+        if not isinstance(found, dict):
+            raise TypeError(f"the entry is {type(found).__name__}, not an object")
+        numbers = {name: checked_number(found.get(name), name, low, high)
+                   for name, (low, high) in _PLAUSIBLE.items()}
+        source = found.get("source")
+        if not isinstance(source, str):
+            raise TypeError(f"source is {source!r}, not text")
+        return cls(**numbers, source=source)
+
     def seconds(self, flops: float, moved_bytes: float, ops: int = 0) -> float:
         return flops / self.flops_per_s + moved_bytes / self.bytes_per_s + ops * self.op_s
+
+    def describe_speed(self) -> str:
+        return f"{self.flops_per_s / 1e9:.1f} GFLOP/s and {self.bytes_per_s / 1e9:.1f} GB/s"
 
     def describe(self) -> str:
         return (f"{self.flops_per_s / 1e9:.1f} GFLOP/s and {self.bytes_per_s / 1e9:.1f} GB/s, "
@@ -78,14 +102,17 @@ class Rates:
                 f"per op under a selective policy ({self.source})")
 
 
+_PLAUSIBLE: dict[str, tuple[float, float]] = {
+    "flops_per_s": (1e6, 1e18),  # a slow core's scalar loop .. a thousand times today's GPUs
+    "bytes_per_s": (1e6, 1e16),
+    "op_s": (1e-9, 1.0),
+    "selective_op_s": (0.0, 1.0),
+}
+"""What a cached rate may be, by field: anything outside is not a measurement of a device."""
+
 NOMINAL_CUDA = Rates(flops_per_s=50e12, bytes_per_s=1.5e12, op_s=10e-6, selective_op_s=40e-6,
                      source="nominal for a data-centre GPU: no CUDA device to measure here")
 """For plans made on fake CUDA tensors on a machine without a GPU."""
-
-
-def _cache_file() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "memprop" / "rates.json"
 
 
 def machine_key(device: str) -> str:
@@ -99,18 +126,99 @@ def machine_key(device: str) -> str:
 
 def machine_rates(device: str = "cpu") -> Rates:
     """This machine's rates for ``device`` (``cpu`` or ``cuda``): read from the cache file, or
-    measured (about a second) and written there, so that every plan on this machine prices
-    alike."""
+    measured (a few seconds, :func:`measure_rates`) and written there, so that every plan on
+    this machine prices alike. A cache entry that is not a plausible measurement is measured
+    again, with a warning (NOTE [ A cache is input ] in ``memprop.plan.cache``)."""
     kind = torch.device(device).type
     if kind == "cuda" and not torch.cuda.is_available():
         return NOMINAL_CUDA
-    return remembered(machine_key(kind), lambda: asdict(_measure(kind)),
-                      lambda found: Rates(**found))
+    return remembered(machine_key(kind), lambda: asdict(measure_rates(kind)), Rates.from_cached)
+
+
+def calibrate(device: str = "cpu") -> tuple[Rates, Rates | None]:
+    """Measure ``device``'s rates again on purpose (``memprop calibrate``), write them to the
+    cache and drop the pointwise timings, which the next plan re-times at the new rates. Returns
+    the new rates and the ones the cache held (``None`` when it held none that could be used).
+    Raises :class:`UsageError` for a device this machine cannot measure."""
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise UsageError(f"cannot calibrate device {device!r}: give cpu or cuda")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError("cannot calibrate cuda: this machine has no CUDA device (plans on fake "
+                         "CUDA tensors price by nominal data-centre rates)")
+    key = machine_key(kind)
+    with locked():
+        cached = read_cache()
+        try:
+            previous: Rates | None = Rates.from_cached(cached.get(key))
+        except (TypeError, ValueError):
+            previous = None
+        rates = measure_rates(kind, previous)
+        cached[key] = asdict(rates)
+        cached.pop(f"{key}|pointwise", None)
+        write_cache(cached)
+    return rates, previous
+
+
+MEASURE_ROUNDS = 3
+"""Rounds of measurement, each itself the best of several runs: two agreeing rounds end it."""
+AGREEMENT = 0.1
+"""Rounds (or a round and the previous measurement) within this fraction of each other agree."""
+
+
+def measure_rates(kind: str, previous: Rates | None = None) -> Rates:
+    """The rates of ``kind`` measured now: each figure the best of its runs in each round and
+    the best over rounds (a busy machine only ever slows a run down, so the fastest is the
+    machine's own), rounds repeated until two agree (or ``MEASURE_ROUNDS``). A measurement
+    slower than ``previous`` beyond ``AGREEMENT`` says so in its ``source``."""
+    rounds = [_measure(kind)]
+    while len(rounds) < MEASURE_ROUNDS and not _agree(rounds[-1], _best(rounds[:-1]) or
+                                                      (previous if len(rounds) == 1 else None)):
+        rounds.append(_measure(kind))
+    rates = _best(rounds)
+    assert rates is not None
+    note = ""
+    if previous is not None and _slower(rates, previous):
+        note = (f"; slower than the {previous.describe_speed()} measured before: the machine "
+                f"may be busy ({_load()})")
+    return replace(rates, source=f"{rates.source}, best of {len(rounds)} rounds{note}")
+
+
+def _agree(rates: Rates, other: Rates | None) -> bool:
+    if other is None:
+        return False
+    return all(abs(getattr(rates, f) - getattr(other, f)) <= AGREEMENT * getattr(other, f)
+               for f in ("flops_per_s", "bytes_per_s", "op_s"))
+
+
+def _slower(rates: Rates, previous: Rates) -> bool:
+    return (rates.flops_per_s < (1 - AGREEMENT) * previous.flops_per_s
+            or rates.bytes_per_s < (1 - AGREEMENT) * previous.bytes_per_s)
+
+
+def _best(rounds: list[Rates]) -> Rates | None:
+    """Per figure, the fastest of ``rounds``."""
+    if not rounds:
+        return None
+    fastest = {f.name: (max if f.name.endswith("_per_s") else min)(
+        getattr(r, f.name) for r in rounds) for f in fields(Rates) if f.name != "source"}
+    return replace(rounds[0], **fastest)
+
+
+def _load() -> str:
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return "its load is unknown"
+    return f"load average {load:.1f} on {os.cpu_count()} cores"
 
 
 POINTWISE_ELEMENTS = 1 << 16
 """Elements of the tensors a pointwise call is timed on: enough to leave the call's overhead
 behind, small enough to time dozens of calls in a blink."""
+MAX_POINTWISE_S = 1e-3
+"""More seconds per element than any op takes beyond its bytes: a cached figure above is not
+a timing."""
 
 
 def pointwise_seconds(device: str, probes: Iterable[Probe], rates: Rates) -> dict[Probe, float]:
@@ -122,19 +230,40 @@ def pointwise_seconds(device: str, probes: Iterable[Probe], rates: Rates) -> dic
     wanted = set(probes)
     if torch.device(device).type != "cpu" or not wanted:
         return dict.fromkeys(wanted, 0.0)
-    cached = read_cache()
-    table = cached.setdefault(machine_key("cpu") + "|pointwise", {})
-    found, missing = {}, []
-    for probe in wanted:
-        key = json.dumps(probe)
-        if isinstance(table.get(key), (int, float)):
-            found[probe] = float(table[key])
-        else:
-            missing.append(probe)
-    for probe in missing:
-        found[probe] = table[json.dumps(probe)] = _excess(probe, rates)
-    if missing:
+    key = machine_key("cpu") + "|pointwise"
+    found = _cached_pointwise(read_cache(), key, wanted, quiet=False)
+    if len(found) == len(wanted):
+        return found
+    with locked():
+        cached = read_cache()
+        found = _cached_pointwise(cached, key, wanted, quiet=True)
+        table = cached[key] if isinstance(cached.get(key), dict) else {}
+        for probe in wanted - found.keys():
+            found[probe] = table[json.dumps(probe)] = _excess(probe, rates)
+        cached[key] = table
         write_cache(cached)
+    return found
+
+
+def _cached_pointwise(cached: dict[str, Any], key: str, wanted: set[Probe], *,
+                      quiet: bool) -> dict[Probe, float]:
+    table = cached.get(key, {})
+    if not isinstance(table, dict):
+        if not quiet:
+            warn(f"{cache_file()} holds {type(table).__name__} for {key!r}, not timings: "
+                 "timed again")
+        return {}
+    found = {}
+    for probe in wanted:
+        if json.dumps(probe) not in table:
+            continue
+        value = table[json.dumps(probe)]
+        try:
+            found[probe] = checked_number(value, "the timing", 0.0, MAX_POINTWISE_S)
+        except ValueError as error:
+            if not quiet:
+                warn(f"{cache_file()} holds an unusable timing of {probe[0]} ({error}): timed "
+                     "again")
     return found
 
 
@@ -167,40 +296,6 @@ def _excess(probe: Probe, rates: Rates) -> float:
     first = out[0] if isinstance(out, (tuple, list)) else out
     moved += first.numel() * first.element_size()
     return max(0.0, float(seconds - moved / rates.bytes_per_s) / POINTWISE_ELEMENTS)
-
-
-def remembered(key: str, measure: Callable[[], Any], load: Callable[[Any], T]) -> T:
-    """What ``measure()`` found on this machine under ``key``, kept in the cache file: loaded
-    from there when it is (``load`` refuses, with a TypeError, KeyError or ValueError, what an
-    older memprop measured differently), else measured and written."""
-    cached = read_cache()
-    if key in cached:
-        with contextlib.suppress(TypeError, KeyError, ValueError):
-            return load(cached[key])
-    cached[key] = measure()
-    write_cache(cached)
-    return load(cached[key])
-
-
-def read_cache() -> dict[str, Any]:
-    """Everything measured on this machine so far, by key (``machine_key``)."""
-    return _read(_cache_file())
-
-
-def write_cache(cached: dict[str, Any]) -> None:
-    """Write the cache back; an unwritable one costs a measurement per process, no more."""
-    from memprop.report.output import write_output
-
-    with contextlib.suppress(UsageError, OSError):
-        write_output(_cache_file(), json.dumps(cached, indent=2) + "\n")
-
-
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
 
 
 def _best_of(run: Callable[[], Any], repeats: int, kind: str = "cpu") -> float:
@@ -246,7 +341,7 @@ def _measured_rates(kind: str) -> Rates:
     return Rates(flops_per_s=float(f"{flops:.3g}"), bytes_per_s=float(f"{bandwidth:.3g}"),
                  op_s=float(f"{op_s:.3g}"),
                  selective_op_s=float(f"{_selective_overhead(device, best_of):.3g}"),
-                 source=f"measured on this {kind} on {when}, cached in {_cache_file()}")
+                 source=f"measured on this {kind} on {when}, cached in {cache_file()}")
 
 
 def _selective_overhead(device: torch.device, best_of: Any) -> float:
