@@ -21,10 +21,11 @@ The contenders:
   (``memprop.plan.costs``), blocks that may keep some op outputs (``memprop.plan.selective``).
 
 Every contender's peak is measured over a steady-state step (the optimizer's state made by a
-step before) under the storage ledger, its FLOPs in another step under ``FlopCounterMode``
-(recomputation included); its time is the median of untraced steps, all contenders of a model
-interleaved, on one thread (the machine is shared, and two threads contending with other
-processes give the noisiest medians).
+step before) under the storage ledger and, in the same step, by the allocator's own count
+(``memprop.devices.allocator``, which shares nothing with the ledger), its FLOPs in another
+step under ``FlopCounterMode`` (recomputation included); its time is the median of untraced
+steps, all contenders of a model interleaved, on one thread (the machine is shared, and two
+threads contending with other processes give the noisiest medians).
 
 Known limitations: the compiled contender's peak comes from the profiler's allocation events,
 not the ledger (see ``memprop.bench._runtime_compile``); CPU timings of small steps carry a few
@@ -50,6 +51,7 @@ from memprop.bench._runtime_compile import compiled_points
 from memprop.bench._runtime_workloads import CASES, QUICK_CASES, build
 from memprop.bench.common import BenchReport, interleaved_medians
 from memprop.blocks.install import installed
+from memprop.devices.allocator import AllocatorMeter, step_state_tensors
 from memprop.loop import training_step, zero_gradients
 from memprop.plan.api import priced
 from memprop.plan.chain import Chain
@@ -77,7 +79,8 @@ _FRACTIONS = (0.75, 0.5, 0.35, 0.25)
 activations, for each f; the least feasible peak and each baseline's measured peak are added."""
 BASELINES = ("every block", "every 2nd block", "op-level SAC", "checkpoint_sequential")
 COLUMNS = ["model", "contender", "setting", "batch", "budget_bytes", "predicted_peak_bytes",
-           "peak_bytes", "step_s", "step_vs_unplanned", "flops", "flops_vs_unplanned"]
+           "peak_bytes", "allocator_peak_bytes", "step_s", "step_vs_unplanned", "flops",
+           "flops_vs_unplanned"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
@@ -98,7 +101,10 @@ class _Contender:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _Point:
     peak_bytes: int
+    """The ledger's."""
     flops: int
+    allocator_peak_bytes: int | None = None
+    """The allocator's, over the same step."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -153,6 +159,7 @@ def runtime_curves(*, quick: bool = False) -> BenchReport:
             rows += case_rows
             summary += case_summary
         repeats = 1 if quick else _REPEATS
+        summary.append(_agreement(rows))
         summary.append(
             f"- Peaks: the storage ledger over a steady-state step (exact tensor bytes). Times: "
             f"medians of {repeats} interleaved steps per contender, one thread. FLOPs: "
@@ -169,6 +176,22 @@ def runtime_curves(*, quick: bool = False) -> BenchReport:
 
 
 _REPEATS = 9
+
+
+def _agreement(rows: list[dict[str, Any]]) -> str:
+    """The ledger's peaks against the allocator's, measured in the same steps."""
+    pairs = [(r["peak_bytes"], r["allocator_peak_bytes"]) for r in rows
+             if r.get("allocator_peak_bytes") and r["contender"] != "torch.compile"]
+    if not pairs:
+        return "- The allocator's peaks were not read."
+    same = sum(ledger == allocator for ledger, allocator in pairs)
+    ledger, allocator = max(pairs, key=lambda p: abs(p[0] - p[1]) / p[1])
+    return (f"- Every eager peak measured twice in one step: by the ledger and by the "
+            f"allocator's own count (c10's CPU allocator through torch.profiler, plus the state "
+            f"live before the step): equal to the byte in {same} of {len(pairs)} steps; the "
+            f"largest difference {format_bytes(ledger - allocator)} "
+            f"({(ledger - allocator) / allocator:+.3%} of the allocator's "
+            f"{format_bytes(allocator)}).")
 
 
 def _case(name: str, batch: int, description: str, *, quick: bool
@@ -304,7 +327,8 @@ def _row(name: str, batch: int, c: _Contender, point: _Point, step_s: float, bas
     return {
         "model": name, "contender": c.contender, "setting": c.setting, "batch": batch,
         "budget_bytes": c.budget_bytes, "predicted_peak_bytes": c.predicted_peak_bytes,
-        "peak_bytes": point.peak_bytes, "step_s": step_s,
+        "peak_bytes": point.peak_bytes, "allocator_peak_bytes": point.allocator_peak_bytes,
+        "step_s": step_s,
         "step_vs_unplanned": step_s / base_step_s, "flops": point.flops,
         "flops_vs_unplanned": point.flops / base.flops if base.flops else None,
     }
@@ -425,7 +449,7 @@ def _compiled(name: str, batch: int, base: _Point) -> tuple[list[dict[str, Any]]
         "model": name, "contender": "torch.compile",
         "setting": f"activation_memory_budget={p['activation_memory_budget']}", "batch": batch,
         "budget_bytes": None, "predicted_peak_bytes": None, "peak_bytes": p["peak_bytes"],
-        "step_s": p["step_s"],
+        "allocator_peak_bytes": p["peak_bytes"], "step_s": p["step_s"],
         # Against the eager step timed in the same child process: the two processes' times
         # are not interleaved, so a ratio across them would carry the machine's drift.
         "step_vs_unplanned": p["step_s"] / p["eager_step_s"], "flops": None,
@@ -459,15 +483,18 @@ def _measure(model: _Model, c: _Contender) -> _Point:
     zero_gradients(workload)
     ledger = StorageLedger()
     register_step_state(ledger, workload, training=True)
-    with _installed(model, c), ledger:
+    meter = AllocatorMeter("cpu", step_state_tensors(workload))
+    with _installed(model, c), meter, ledger:
         training_step(workload)
+    assert meter.result is not None
     # A step of its own: FlopCounterMode's module tracker holds tensors of its own, which
     # raised a checkpointed transformer's measured peak by 11% when both ran in one step.
     zero_gradients(workload)
     counter = FlopCounterMode(display=False)
     with _installed(model, c), counter:
         training_step(workload)
-    return _Point(peak_bytes=ledger.peak()[0], flops=counter.get_total_flops())
+    return _Point(peak_bytes=ledger.peak()[0], flops=counter.get_total_flops(),
+                  allocator_peak_bytes=meter.result.peak_bytes)
 
 
 def _stepper(model: _Model, c: _Contender) -> Callable[[], None]:
