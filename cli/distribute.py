@@ -41,6 +41,10 @@ def distribute_command(
         "--strategy", metavar="S,...",
         help="Strategies to consider: accumulate, ddp, fsdp (FSDP2), pipeline (the model an "
              "nn.Sequential).")] = "accumulate,ddp,fsdp,pipeline",
+    link: Annotated[str | None, typer.Option(
+        "--link", metavar="GB/s,us",
+        help="The interconnect planned for: bandwidth and latency of one message (say 100,5). "
+             "Default: timed on this machine across at most its cores.")] = None,
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", help="Write the distribution document; - is standard "
                                        "output.")] = None,
@@ -52,11 +56,13 @@ def distribute_command(
     GPipe, 1F1B, Interleaved1F1B and LoopedBFS schedules, cut between the items of an
     nn.Sequential), with memprop's recomputation plan where the budget needs one, is predicted
     per rank from the ledger; the fastest predicted step that fits the budget is chosen.
-    --batch is the global batch. With --run every candidate runs and every rank's steady-state
-    peak is measured."""
+    --batch is the global batch. With --run every candidate on at most as many ranks as this
+    machine has cores runs and every rank's steady-state peak is measured; larger worlds are
+    predicted only (communication priced by each collective's algorithm, never launched)."""
     from memprop.budget import resolve_budget
     from memprop.distribute import distribute
     from memprop.distribute.api import STRATEGIES
+    from memprop.distribute.communication import parse_link
     from memprop.report.output import write_output
     from memprop.report.terminal_distribute import render_distribution
 
@@ -67,11 +73,12 @@ def distribute_command(
     strategies = [s.strip() for s in strategy.split(",") if s.strip()]
     if not strategies or set(strategies) - set(STRATEGIES):
         raise UsageError(f"--strategy {strategy}: choose among {', '.join(STRATEGIES)}")
+    given_link = None if link is None else parse_link(link)
     cap = resolve_budget(budget, options.device)
     with working("predicting every candidate" + (" and running them" if run else "")):
         result = distribute(OptionsFactory(options), batch_size=options.batch, devices=devices,
                             budget=cap.bytes, microbatches=counts, run=run, steps=steps,
-                            backend=backend, strategies=strategies)
+                            backend=backend, strategies=strategies, link=given_link)
     if cap.source != "given":
         console.print(f"budget: {cap.source}")
     render_distribution(result, console)

@@ -178,6 +178,8 @@ def distribute(
     steps: int = 3,
     backend: str = "gloo",
     strategies: Sequence[str] = STRATEGIES,
+    link: tuple[float, float] | None = None,
+    max_ranks: int | None = None,
 ) -> Distribution:
     """Candidates for a training step of ``batch_size`` samples on up to ``devices`` ranks,
     each predicted per rank (NOTE [ What each rank holds ] in ``memprop.distribute``), and the
@@ -190,6 +192,14 @@ def distribute(
     ``accumulate``, ``ddp``, ``fsdp`` (FSDP2) and ``pipeline`` (NOTE [ Replaying a pipeline
     schedule ] in ``memprop.distribute.pipeline``: models that are an ``nn.Sequential``). Raises
     :class:`memprop.BudgetInfeasibleError` (with the least per-rank budget) when nothing fits.
+
+    Communication is priced by each collective's algorithm over ``link`` (bytes per second,
+    seconds a message) or over links timed on this machine across at most its cores (NOTE
+    [ Pricing collectives by their algorithm ]): a world of any size is predicted without
+    being launched. ``run=True`` launches at most ``max_ranks`` ranks (default: this machine's
+    cores, one rank each); candidates on more are predicted only, and a note says so. More
+    ranks than cores may be asked for explicitly: their memory is measured as well, their
+    times are not comparable (the ranks share cores), and a note says that too.
     """
     if devices < 1:
         raise UsageError(f"devices is {devices}: give at least 1")
@@ -207,7 +217,7 @@ def distribute(
         _check_backend(backend)
     from memprop.distribute.communication import communication
 
-    comm = communication(backend, devices) if devices > 1 else None
+    comm = communication(backend, devices, link) if devices > 1 else None
     request = _Request(factory, batch_size, devices, budget_bytes, comm)
     candidates, notes = _candidates(request, sorted(set(microbatches)), strategies)
     if not candidates:
@@ -215,10 +225,9 @@ def distribute(
                          f"{sorted(set(microbatches))} on 1 or {devices} devices: give a batch "
                          "divisible by devices x microbatches")
     if run:
-        from memprop.distribute.launch import measure
-
-        candidates = measure(factory, candidates, devices=devices, steps=steps,
-                             backend=backend)
+        candidates, said = _measured(factory, candidates, steps=steps, backend=backend,
+                                     max_ranks=max_ranks)
+        notes += said
     fitting = [i for i, c in enumerate(candidates) if c.fits]
     if not fitting:
         least = min(c.least_budget_bytes for c in candidates)
@@ -241,6 +250,37 @@ def distribute(
         communication="none (one device)" if comm is None else comm.describe(),
         notes=tuple(notes),
     )
+
+
+def _measured(factory: Factory, candidates: list[Candidate], *, steps: int, backend: str,
+              max_ranks: int | None) -> tuple[list[Candidate], list[str]]:
+    """The candidates on at most ``max_ranks`` ranks (default: the cores) run and measured in
+    one launch; the others as predicted. What was not run, or not comparably timed, noted."""
+    from memprop.distribute.launch import available_cores, measure
+
+    cores = available_cores()
+    limit = cores if max_ranks is None else max_ranks
+    if limit < 1:
+        raise UsageError(f"max_ranks is {limit}: give at least 1")
+    runnable = [i for i, c in enumerate(candidates) if c.devices <= limit]
+    notes = []
+    if len(runnable) < len(candidates):
+        left = sorted({c.devices for c in candidates if c.devices > limit})
+        notes.append(f"candidates on {', '.join(map(str, left))} ranks predicted only, not run: "
+                     f"a launch on this machine takes at most {limit} ranks (one per core, "
+                     f"{cores} cores)")
+    if not runnable:
+        return candidates, notes
+    launched = measure(factory, [candidates[i] for i in runnable], steps=steps,
+                       backend=backend)
+    world = max(c.devices for c in launched)
+    if world > cores:
+        notes.append(f"measured step times are not comparable with each other: {world} ranks "
+                     f"shared {cores} cores")
+    merged = list(candidates)
+    for index, candidate in zip(runnable, launched, strict=True):
+        merged[index] = candidate
+    return merged, notes
 
 
 @dataclass(slots=True)
@@ -315,7 +355,7 @@ def _candidate(request: _Request, devices: int, microbatches: int) -> Candidate 
     if budget is not None and peak > budget and least <= budget:
         plan = solve(chain, budget - extra, "optimal")
         peak, compute = plan.peak_bytes + extra, plan.compute
-    allreduce = request.comm.allreduce.seconds(extra) if devices > 1 else 0.0
+    allreduce = request.comm.allreduce_s(extra) if devices > 1 else 0.0
     return Candidate(
         strategy="accumulate" if devices == 1 else "ddp", devices=devices,
         microbatches=microbatches, microbatch_size=micro, fits=request.fits(peak),
@@ -327,8 +367,8 @@ def _candidate(request: _Request, devices: int, microbatches: int) -> Candidate 
 def _fsdp_candidate(request: _Request, microbatches: int) -> Candidate | None:
     """FSDP2 over every block (NOTE [ Predicting FSDP2 with a fake process group ]); its step:
     the microbatches' compute, plus for each unit and microbatch an all-gather in the forward,
-    another in the backward and a reduce-scatter, priced as one and a half all-reduces of its
-    parameters (a ring all-reduce is a reduce-scatter and an all-gather), not overlapped."""
+    another in the backward and a reduce-scatter of its gradients (NOTE [ Pricing collectives
+    by their algorithm ]), not overlapped. One rank of each kind is traced (``_alike_ranks``)."""
     from memprop.distribute import fsdp
 
     devices = request.devices
@@ -337,9 +377,15 @@ def _fsdp_candidate(request: _Request, microbatches: int) -> Candidate | None:
     micro = request.batch_size // (devices * microbatches)
     workload, chain = request.chain(micro)
     blocks = tuple(s.name for s in chain.stages if not s.pinned)
-    peaks = [fsdp.rank_peak_bytes(request.factory, micro, microbatches, devices, r, blocks)
-             for r in range(devices)]
-    gathers = sum(1.5 * request.comm.allreduce.seconds(size)
+    kinds = _alike_ranks(workload.model, devices)
+    traced = {kind: fsdp.rank_peak_bytes(request.factory, micro, microbatches, devices,
+                                         kinds[kind][0], blocks) for kind in kinds}
+    peaks = [0] * devices
+    for kind, ranks in kinds.items():
+        for rank in ranks:
+            peaks[rank] = traced[kind]
+    comm = request.comm
+    gathers = sum(2 * comm.allgather_s(size) + comm.reduce_scatter_s(size)
                   for size in fsdp.unit_bytes(workload.model, blocks))
     compute = simulate(chain, flat(len(chain))).compute
     return Candidate(
@@ -347,6 +393,22 @@ def _fsdp_candidate(request: _Request, microbatches: int) -> Candidate | None:
         fits=request.fits(max(peaks)), predicted_step_s=microbatches * (compute + gathers),
         ranks=tuple(Rank(rank=r, predicted_peak_bytes=p) for r, p in enumerate(peaks)),
         least_budget_bytes=max(peaks), sharded=blocks)
+
+
+def _alike_ranks(model: torch.nn.Module, devices: int) -> dict[tuple[int, ...], list[int]]:
+    """The ranks of an FSDP2 world grouped by the rows of every parameter they hold: FSDP2
+    shards each parameter's first dimension as ``torch.chunk`` does (``ceil(rows / N)`` rows
+    a rank, the last ranks fewer or none), and ranks holding the same rows of everything run
+    the same step on tensors of the same sizes. Of 4096 ranks a handful are traced."""
+    sizes = [p.shape[0] if p.dim() else 1 for p in model.parameters()]
+    kinds: dict[tuple[int, ...], list[int]] = {}
+    for rank in range(devices):
+        held = []
+        for rows in sizes:
+            chunk = -(-rows // devices)
+            held.append(max(0, min(chunk, rows - rank * chunk)))
+        kinds.setdefault(tuple(held), []).append(rank)
+    return kinds
 
 
 def _pipeline_candidates(request: _Request, counts: list[int]) -> tuple[list[Candidate], str]:

@@ -1,82 +1,169 @@
-"""What communication costs on the backend in use: ``t = alpha + bytes / beta``, fitted to
-operations timed on this machine (a launch of the ranks, a few seconds), cached beside the
-roofline's rates: the all-reduce of DDP's gradients (and FSDP2's gathers, priced from it), and
-the point-to-point send between pipeline stages."""
+"""What communication costs, for a world of any size, without launching it.
+
+NOTE [ Pricing collectives by their algorithm ]
+A collective over ``N`` ranks is priced by the algorithm that runs it, each of its steps one
+message between two neighbouring ranks costing ``latency + bytes / bandwidth`` (the link):
+
+- a ring all-reduce of ``B`` bytes: ``2 (N-1)`` steps, each moving ``B / N``: ``2 (N-1) latency
+  + 2 (N-1)/N B / bandwidth`` (a reduce-scatter, then an all-gather);
+- an all-gather or a reduce-scatter (``B`` the gathered whole): ``(N-1) latency + (N-1)/N B /
+  bandwidth``;
+- a send between pipeline stages: one message, ``latency + B / bandwidth``.
+
+The link is given (``link=(GB/s, us)``: the interconnect of the machines planned for), or fitted
+here: an all-reduce timed across as many ranks as this machine has cores (two at least, a few
+seconds' launch), ``t = a + b B`` by least squares, solved for the ring's latency and bandwidth;
+the send timed between two ranks. Both cached beside the roofline's rates. A world of 4096 ranks
+is priced from those, never launched.
+
+Known limitations: gloo picks its own algorithm by size (ring, halving-doubling), NCCL rings and
+trees; the ring is the model, and a link timed between processes of one machine is that
+machine's memory, not a network.
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["AlphaBeta", "Communication", "communication"]
+from memprop.errors import UsageError
+
+__all__ = ["Communication", "Link", "communication", "parse_link"]
 
 _SIZES = tuple(1 << k for k in range(12, 25, 3))
 """Bytes of the operations timed: 4 KiB to 16 MiB."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class AlphaBeta:
-    kind: str
-    """``all-reduce`` (across ``ranks``) or ``send`` (from one rank to the next)."""
-    backend: str
-    ranks: int
-    alpha_s: float
-    """Seconds of an empty operation."""
+class Link:
+    """One message between two ranks: ``latency_s + bytes / bytes_per_s``."""
+
+    latency_s: float
     bytes_per_s: float
 
     def seconds(self, nbytes: int) -> float:
-        return self.alpha_s + nbytes / self.bytes_per_s
+        return self.latency_s + nbytes / self.bytes_per_s
+
+    @classmethod
+    def from_cached(cls, found: Any) -> Link:
+        """A cached link, refused (``ValueError``, ``TypeError``) unless plausible (NOTE [ A
+        cache is input ] in ``memprop.plan.cache``)."""
+        from memprop.plan.cache import checked_number
+
+        if not isinstance(found, dict):
+            raise TypeError(f"a link is {type(found).__name__}, not an object")
+        return cls(latency_s=checked_number(found.get("latency_s"), "latency_s", 0.0, 10.0),
+                   bytes_per_s=checked_number(found.get("bytes_per_s"), "bytes_per_s", 1e3,
+                                              1e15))
 
     def describe(self) -> str:
-        return (f"{self.kind} on {self.backend} across {self.ranks} ranks: "
-                f"{self.alpha_s * 1e6:.0f} us + bytes at {self.bytes_per_s / 1e9:.2f} GB/s")
+        return f"{self.bytes_per_s / 1e9:.2f} GB/s, {self.latency_s * 1e6:.0f} us a message"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Communication:
-    allreduce: AlphaBeta
-    send: AlphaBeta
+    """The collectives of a world of ``ranks``, priced by their algorithm (NOTE [ Pricing
+    collectives by their algorithm ])."""
+
+    ranks: int
+    ring: Link
+    """A step of a ring collective."""
+    send: Link
+    """A send between two pipeline stages."""
+    source: str
+    """Where the links come from: given, or timed here (across how many ranks)."""
+
+    def allreduce_s(self, nbytes: int) -> float:
+        n = self.ranks
+        return 0.0 if n < 2 else 2 * (n - 1) * self.ring.latency_s + (
+            2 * (n - 1) / n * nbytes / self.ring.bytes_per_s)
+
+    def allgather_s(self, nbytes: int) -> float:
+        """An all-gather of ``nbytes`` in all (or a reduce-scatter of them)."""
+        n = self.ranks
+        return 0.0 if n < 2 else (n - 1) * self.ring.latency_s + (
+            (n - 1) / n * nbytes / self.ring.bytes_per_s)
+
+    reduce_scatter_s = allgather_s
 
     def describe(self) -> str:
-        return f"{self.allreduce.describe()}; {self.send.describe()} (timed on this machine)"
+        n = self.ranks
+        return (f"communication across {n} ranks by the ring's algorithm: an all-reduce "
+                f"2(N-1)/N of its bytes and 2(N-1) messages, an all-gather or reduce-scatter "
+                f"(N-1)/N and N-1 (N = {n}), a message {self.ring.describe()}; a send "
+                f"between stages {self.send.describe()} ({self.source})")
 
 
-def communication(backend: str, ranks: int) -> Communication:
-    """The all-reduce across ``ranks`` ranks and the send between two, on ``backend``: read
-    from the cache, or timed by a launch each and written there."""
-    return Communication(_remembered("all-reduce", backend, ranks),
-                         _remembered("send", backend, ranks))
+def parse_link(text: str) -> tuple[float, float]:
+    """``"GB/s,us"`` (``"100,5"``: 100 GB/s, 5 us a message) as (bytes per second, seconds)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        rate, latency = (float(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--link {text!r}: give GB/s,us (say 100,5: 100 GB/s and 5 us a "
+                         "message)") from None
+    if not (0 < rate < float("inf")) or not (0 <= latency < float("inf")):
+        raise UsageError(f"--link {text!r}: the bandwidth must be positive and the latency "
+                         "at least 0, both finite")
+    return rate * 1e9, latency * 1e-6
 
 
-def _remembered(kind: str, backend: str, ranks: int) -> AlphaBeta:
-    from memprop.plan.costs import machine_key, remembered
+def timed_ranks(devices: int) -> int:
+    """Ranks a timing launch uses for a world of ``devices``: no more than the cores."""
+    from memprop.distribute.launch import available_cores
 
-    key = f"{machine_key('cpu')}|{'allreduce' if kind == 'all-reduce' else kind} {backend} x{ranks}"
+    return max(2, min(devices, available_cores()))
+
+
+def communication(backend: str, ranks: int, link: tuple[float, float] | None = None
+                  ) -> Communication:
+    """The collectives of ``ranks`` ranks: over ``link`` (bytes per second, seconds a message)
+    when given, else over the links timed on this machine's ``backend`` (cached)."""
+    if link is not None:
+        given = Link(latency_s=link[1], bytes_per_s=link[0])
+        return Communication(ranks=ranks, ring=given, send=given, source="link given")
+    timed = timed_ranks(ranks)
+    return Communication(
+        ranks=ranks, ring=_remembered("ring", backend, timed), send=_remembered("send", backend, 2),
+        source=f"fitted to an all-reduce across {timed} ranks and a send timed on {backend} on "
+               "this machine")
+
+
+def _remembered(kind: str, backend: str, ranks: int) -> Link:
+    from memprop.plan.cache import remembered
+    from memprop.plan.costs import machine_key
+
+    key = f"{machine_key('cpu')}|link {kind} {backend} x{ranks}"
     return remembered(key, lambda: asdict(_timed(kind, backend, ranks)),
-                      lambda found: AlphaBeta(**{"kind": kind, **found}))
+                      Link.from_cached)
 
 
-def _timed(kind: str, backend: str, ranks: int) -> AlphaBeta:
+def _timed(kind: str, backend: str, ranks: int) -> Link:
+    """The link of ``kind`` (``ring``: solved from a timed all-reduce; ``send``) from a
+    launch of ``ranks`` ranks."""
     from memprop.distribute.launch import spawn
 
     times = spawn(_timed_operations, ranks, backend, (kind,))[0]
-    # Least squares of t = alpha + bytes / beta over the sizes timed.
+    # Least squares of t = a + b bytes over the sizes timed.
     xs, ys = [float(s) for s in _SIZES], [times[str(s)] for s in _SIZES]
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
     slope = (sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
              / sum((x - mean_x) ** 2 for x in xs))
     slope = max(slope, 1e-12)
-    return AlphaBeta(kind=kind, backend=backend, ranks=ranks,
-                     alpha_s=max(0.0, mean_y - slope * mean_x), bytes_per_s=1.0 / slope)
+    intercept = max(0.0, mean_y - slope * mean_x)
+    if kind == "send":
+        return Link(latency_s=intercept, bytes_per_s=1.0 / slope)
+    steps = 2 * (ranks - 1)  # the ring: t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth
+    return Link(latency_s=intercept / steps, bytes_per_s=steps / ranks / slope)
 
 
 def _timed_operations(rank: int, world: int, kind: str) -> dict[str, float]:
     """The median time of the operation at each size, from rank 0: an all-reduce across the
-    ranks, or half a send from rank 0 to rank 1 and back (the others wait, as a pipeline's
-    ranks share the machine)."""
+    ranks, or half a send from rank 0 to rank 1 and back."""
     import torch.distributed as dist
 
     found: dict[str, float] = {}
@@ -86,7 +173,7 @@ def _timed_operations(rank: int, world: int, kind: str) -> dict[str, float]:
         for _ in range(7):
             dist.barrier()
             started = time.perf_counter()
-            if kind == "all-reduce":
+            if kind == "ring":
                 dist.all_reduce(tensor)
             elif rank == 0:
                 dist.send(tensor, 1)
@@ -94,6 +181,7 @@ def _timed_operations(rank: int, world: int, kind: str) -> dict[str, float]:
             elif rank == 1:
                 dist.recv(tensor, 0)
                 dist.send(tensor, 0)
-            samples.append((time.perf_counter() - started) / (1 if kind == "all-reduce" else 2))
+            samples.append((time.perf_counter() - started) / (1 if kind == "ring" else 2))
         found[str(size)] = statistics.median(samples[1:])
     return found
+

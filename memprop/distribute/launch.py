@@ -16,26 +16,26 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import socket
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
-from memprop.errors import UsageError
+from memprop.errors import MemPropError, UsageError
 from memprop.workload import Workload
 
-__all__ = ["measure", "spawn"]
+__all__ = ["LaunchInterrupted", "available_cores", "measure", "spawn"]
 
 LAUNCH_TIMEOUT_S = 900.0
 
 
-def measure(factory: Any, candidates: list[Any], *, devices: int, steps: int, backend: str
-            ) -> list[Any]:
+def measure(factory: Any, candidates: list[Any], *, steps: int, backend: str) -> list[Any]:
     """``candidates`` with every rank's measured peak and rank 0's median step time."""
 
     world = max(c.devices for c in candidates)
@@ -49,32 +49,175 @@ def measure(factory: Any, candidates: list[Any], *, devices: int, steps: int, ba
     return measured
 
 
+class LaunchInterrupted(MemPropError):
+    """The launch was stopped by a signal (Ctrl-C, SIGTERM): every rank stopped, nothing
+    written; the exit code is the shell's, 128 + the signal's number."""
+
+    def __init__(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}: every rank of the launch was stopped, nothing "
+                         "was written")
+        self.exit_code = 128 + signum
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def spawn(target: Callable[..., dict[str, Any]], world: int, backend: str,
           args: tuple[Any, ...]) -> list[dict[str, Any]]:
     """``target(rank, world, *args)`` in ``world`` spawned processes joined in one process
     group on ``backend`` (one thread each per share of this machine's cores): what each
-    returned, by rank. A rank that fails is a one-line error with its exception."""
+    returned, by rank.
+
+    NOTE [ Stopping a launch ]
+    The ranks are watched, not joined in turn: the first rank that fails (its own exception,
+    the earliest raised, or a signal that killed it) stops the others at once, and is the
+    one-line error. SIGINT and SIGTERM to this process stop every rank (terminated, then
+    killed after ``STOP_GRACE_S``) and raise :class:`LaunchInterrupted`; a rank dies with this
+    process if it is killed outright (``PR_SET_PDEATHSIG``). Ranks ignore SIGINT: Ctrl-C reaches
+    the whole process group, and this process decides."""
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, _signals_raised() as signals:
         port = _free_port()
         processes = [context.Process(target=_in_group, args=(
-            target, rank, world, port, backend, folder, args)) for rank in range(world)]
-        for process in processes:
-            process.start()
-        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-        for process in processes:
-            process.join(max(1.0, deadline - time.monotonic()))
-        failed = [r for r, p in enumerate(processes) if p.exitcode != 0]
-        for process in processes:
-            if process.is_alive():
-                process.kill()
+            target, rank, world, port, backend, folder, args), daemon=True)
+            for rank in range(world)]
+        try:
+            with _imports_as_here():
+                for process in processes:
+                    process.start()
+            failed = _watch(processes, time.monotonic() + LAUNCH_TIMEOUT_S)
+        except _Signalled as signalled:
+            signals.armed = False
+            _stop(processes)
+            raise LaunchInterrupted(signalled.signum) from None
+        finally:
+            signals.armed = False
+            _stop(processes)
+        if signals.received:
+            raise LaunchInterrupted(signals.received[0])
         results = [_read(Path(folder) / f"rank{r}.json") for r in range(world)]
-    if failed:
-        reason = next((r["error"] for r in results if r and r.get("error")), "no message")
-        raise UsageError(f"rank {failed[0]} of the launch failed: {reason}")
+    if failed is not None:
+        raise UsageError(_failure(processes, results, failed))
     return results
+
+
+STOP_GRACE_S = 3.0
+"""Seconds a rank has to end after SIGTERM before it is killed."""
+
+
+class _Signalled(BaseException):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT and SIGTERM noted while a launch runs, and raised as :class:`_Signalled` while
+    ``armed`` (from the main thread only, where Python delivers signals)."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.armed = True
+
+    def handle(self, signum: int, frame: Any) -> None:
+        first = not self.received
+        self.received.append(signum)
+        if first and self.armed:
+            raise _Signalled(signum)
+
+
+@contextlib.contextmanager
+def _signals_raised() -> Iterator[_Signals]:
+    """:class:`_Signals` installed for SIGINT and SIGTERM; the handlers put back after."""
+    import threading
+
+    signals = _Signals()
+    if threading.current_thread() is not threading.main_thread():
+        yield signals
+        return
+    previous = {s: signal.signal(s, signals.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield signals
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
+@contextlib.contextmanager
+def _imports_as_here() -> Iterator[None]:
+    """The ranks import memprop, its CLI and torch from where this process did: a spawned
+    process starts on this one's ``sys.path``, on which a factory's folder comes first (as
+    ``python`` puts a script's), and a folder holding a checkout named ``memprop`` beside the
+    factory would shadow the installed one."""
+    import sys
+
+    homes = []
+    for name in ("memprop", "memprop_cli", "torch"):
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            homes.append(str(Path(module.__file__).resolve().parent.parent))  # type: ignore[arg-type]
+    saved = list(sys.path)
+    sys.path[:] = list(dict.fromkeys([*homes, *saved]))
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def _watch(processes: list[Any], deadline: float) -> int | None:
+    """Wait until every rank has ended, or one failed (its index), or the deadline."""
+    from multiprocessing.connection import wait
+
+    running = {p.sentinel: r for r, p in enumerate(processes)}
+    while running:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise UsageError(f"the launch of {len(processes)} ranks ran past "
+                             f"{LAUNCH_TIMEOUT_S:.0f} s: stopped")
+        for sentinel in wait(list(running), timeout=min(left, 1.0)):
+            rank = running.pop(sentinel)
+            processes[rank].join()
+            if processes[rank].exitcode != 0:
+                return rank
+    return None
+
+
+def _stop(processes: list[Any]) -> None:
+    """Every rank still running terminated, then killed if it lingers; all reaped."""
+    alive = [p for p in processes if p.pid is not None and p.exitcode is None]
+    for process in alive:
+        with contextlib.suppress(OSError):
+            process.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in alive:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in alive:
+        if process.exitcode is None:
+            with contextlib.suppress(OSError):
+                process.kill()
+            process.join()
+
+
+def _failure(processes: list[Any], results: list[dict[str, Any]], first_seen: int) -> str:
+    """The first rank that raised, with its own error (the others' errors are usually its
+    consequence: a peer gone); else the rank first seen dead, and how it died."""
+    raised = [(r["raised_at"], rank, r["error"]) for rank, r in enumerate(results)
+              if r.get("error") and isinstance(r.get("raised_at"), (int, float))]
+    if raised:
+        _, rank, error = min(raised)
+        return f"rank {rank} of the launch failed: {error}"
+    code = processes[first_seen].exitcode
+    how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
+           and -code in signal.Signals._value2member_map_ else f"exited with status {code}")
+    return f"rank {first_seen} of the launch {how}, without an error of its own"
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -91,21 +234,35 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    """Linux: this process is killed when the one that spawned it dies (even by SIGKILL)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _in_group(target: Callable[..., dict[str, Any]], rank: int, world: int, port: int,
               backend: str, folder: str, args: tuple[Any, ...]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # NOTE [ Stopping a launch ]
+    _die_with_parent()
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # The ranks share this machine's cores: one share each keeps them from contending.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(max(1, available_cores() // world))
     out = Path(folder) / f"rank{rank}.json"
     try:
         dist.init_process_group(backend, rank=rank, world_size=world)
         results = target(rank, world, *args)
         dist.destroy_process_group()
     except Exception as error:
-        out.write_text(json.dumps({"error": f"{type(error).__name__}: {error}"}))
-        raise
+        said = str(error) if isinstance(error, MemPropError) else (
+            f"{type(error).__name__}: {error}")
+        out.write_text(json.dumps({"error": said,
+                                   "raised_at": time.monotonic()}))
+        raise SystemExit(1) from None
     out.write_text(json.dumps(results))
 
 

@@ -4,14 +4,22 @@ torch.distributed (gloo, one launch per call) with the ledger on every rank."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from memprop.bench._runtime_workloads import _gpt
-from memprop.distribute import Candidate, Rank, distribute
+from memprop.distribute import Candidate, Rank, distribute, launch
 from memprop.distribute.fsdp import unit_bytes
 from memprop.errors import BudgetInfeasibleError, UsageError
 from memprop.trace.fake import new_fake_mode
@@ -97,8 +105,12 @@ def test_accumulation_and_ddp_on_two_ranks_with_recomputation() -> None:
 
 
 def test_a_transformer_on_four_ranks() -> None:
-    result = distribute(gpt, batch_size=16, devices=4, microbatches=(1, 2), run=True)
+    # Four ranks on this machine's cores, on purpose: memory measured, times not comparable.
+    result = distribute(gpt, batch_size=16, devices=4, microbatches=(1, 2), run=True,
+                        max_ranks=4)
     _check_measured(result, gpt)
+    if launch.available_cores() < 4:
+        assert any("times are not comparable" in note for note in result.notes)
     assert {c.strategy for c in result.candidates} == {"accumulate", "ddp", "fsdp"}
     assert any("not an nn.Sequential" in note for note in result.notes)
     ddp = [c for c in result.candidates if c.strategy == "ddp"]
@@ -159,7 +171,7 @@ def test_pipeline_schedules_replayed_on_two_ranks() -> None:
 
 def test_pipeline_schedules_replayed_on_four_ranks() -> None:
     result = distribute(sequential_gpt, batch_size=8, devices=4, microbatches=(4,),
-                        strategies=("pipeline",), run=True)
+                        strategies=("pipeline",), run=True, max_ranks=4)
     _check_pipelines(result, {"GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS"})
     # 1F1B's first rank holds a microbatch in flight per stage after it; GPipe's hold all.
     by = {c.pipeline.schedule: c for c in result.candidates}
@@ -213,3 +225,159 @@ def test_pipeline_stages_recompute_to_fit_the_budget() -> None:
                      if c.pipeline.schedule == candidate.pipeline.schedule)
         if plain.pipeline.bounds == candidate.pipeline.bounds:  # the forward runs twice
             assert candidate.predicted_step_s > plain.predicted_step_s
+
+
+# A factory of a small MLP that, inside a launched rank, fails on rank 1 or waits to be stopped.
+_RANK_FACTORY = '''
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def make(batch_size):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    inputs = torch.randn(batch_size, 8)
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        if os.environ.get("RANK_FACTORY") == "fail" and dist.get_rank() == 1:
+            raise ValueError("rank one refuses")
+        if os.environ.get("RANK_FACTORY") == "wait":
+            open(os.path.join(os.environ["RANK_MARKS"], str(dist.get_rank())), "w").close()
+            time.sleep(600)
+    return model, inputs
+'''
+_ONE_LAUNCH = ["--batch", "8", "--devices", "2", "--microbatches", "1", "--strategy", "ddp",
+               "--run", "--steps", "2"]
+
+
+def _rank_factory(folder: Path) -> str:
+    (folder / "ranks.py").write_text(_RANK_FACTORY)
+    return f"{folder / 'ranks.py'}:make"
+
+
+def test_the_rank_that_raised_is_named_and_the_factory_shadows_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A checkout named memprop beside the factory: the ranks must still import the real one.
+    (tmp_path / "memprop").mkdir()
+    (tmp_path / "memprop" / "__init__.py").write_text("raise ImportError('the shadow')\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the factory's folder goes on it
+    monkeypatch.setenv("RANK_FACTORY", "fail")
+    result = CliRunner().invoke(app, ["distribute", "--model", _rank_factory(tmp_path),
+                                      *_ONE_LAUNCH])
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("memprop: error: rank 1 of the launch failed: "), line
+    assert "raised ValueError: rank one refuses" in line, line
+
+
+def _waiting_launch(tmp_path: Path) -> tuple[subprocess.Popen[str], list[psutil.Process]]:
+    """``memprop distribute --run`` in its own session, its two ranks waiting in the factory."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    environment = {**os.environ, "RANK_FACTORY": "wait", "RANK_MARKS": str(marks),
+                   "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", "from memprop_cli.main import main; main()",
+               "distribute", "--model", _rank_factory(tmp_path), *_ONE_LAUNCH,
+               "--json", str(tmp_path / "out.json")]
+    memprop = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 180
+    while len(list(marks.iterdir())) < 2:
+        assert memprop.poll() is None, memprop.communicate()[1]
+        assert time.monotonic() < deadline, "the ranks never reached the factory"
+        time.sleep(0.2)
+    ranks = [p for p in psutil.Process(memprop.pid).children()
+             if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    return memprop, ranks
+
+
+@pytest.mark.parametrize("how", ["ctrl-c to the group", "SIGTERM to memprop",
+                                 "SIGKILL to a rank"])
+def test_a_signal_stops_every_rank(tmp_path: Path, how: str) -> None:
+    memprop, ranks = _waiting_launch(tmp_path)
+    if how == "ctrl-c to the group":
+        os.killpg(memprop.pid, signal.SIGINT)
+        code, said = 130, "memprop: error: stopped by SIGINT: every rank of the launch was stopped"
+    elif how == "SIGTERM to memprop":
+        memprop.send_signal(signal.SIGTERM)
+        code, said = 143, "memprop: error: stopped by SIGTERM: every rank of the launch was stopped"
+    else:
+        ranks[1].kill()
+        code, said = 2, "memprop: error: rank 1 of the launch was killed by SIGKILL"
+    try:
+        _, stderr = memprop.communicate(timeout=60)
+    finally:
+        if memprop.poll() is None:
+            os.killpg(memprop.pid, signal.SIGKILL)
+    assert memprop.returncode == code, stderr
+    assert stderr.strip().splitlines()[-1].startswith(said), stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, alive
+    assert not (tmp_path / "out.json").exists()  # nothing partial written
+
+
+def test_a_large_world_is_priced_without_being_launched(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memprop.distribute import fsdp
+    from memprop.distribute.communication import communication
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the links are timed afresh
+    worlds: list[int] = []
+    spawn, traced = launch.spawn, fsdp.rank_peak_bytes
+
+    def bounded(target: Any, world: int, *rest: Any) -> Any:
+        assert world <= max(2, launch.available_cores()), f"a launch of {world} ranks"
+        worlds.append(world)
+        return spawn(target, world, *rest)
+
+    traces: list[int] = []
+
+    def counted(*args: Any) -> int:
+        traces.append(args[4])
+        return traced(*args)
+
+    monkeypatch.setattr(launch, "spawn", bounded)
+    monkeypatch.setattr(fsdp, "rank_peak_bytes", counted)
+    small = lambda b: seed_workload(SeedConfig(input_dim=16, hidden=32, classes=4,  # noqa: E731
+                                               depth=2, batch=b))
+    result = distribute(small, batch_size=4096, devices=4096, microbatches=(1,),
+                        strategies=("ddp", "fsdp"))
+    assert worlds  # the links were timed, on a few ranks
+    by = {c.strategy: c for c in result.candidates}
+    assert len(by["ddp"].ranks) == len(by["fsdp"].ranks) == 4096
+    # FSDP2's ranks traced once per kind: those holding a row of each parameter, and the rest.
+    assert len(traces) <= 4 and traces[0] == 0
+    assert "across 4096 ranks by the ring's algorithm" in result.communication
+    # The ring's formulas, by hand, on a given link.
+    given = communication("gloo", 4096, link=(100e9, 5e-6))
+    assert given.allreduce_s(2**20) == pytest.approx(2 * 4095 * 5e-6 + 2 * 4095 / 4096 * 2**20
+                                                     / 100e9)
+    assert given.allgather_s(2**20) == pytest.approx(4095 * 5e-6 + 4095 / 4096 * 2**20 / 100e9)
+
+
+def test_the_command_takes_a_link() -> None:
+    runner = CliRunner()
+    small = ["--input-dim", "16", "--hidden", "32", "--depth", "2", "--batch", "64"]
+    result = runner.invoke(app, ["distribute", *small, "--devices", "64", "--microbatches", "1",
+                                 "--strategy", "ddp", "--link", "100,5", "--json", "-"])
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert "link given" in document["communication"]
+    assert "a message 100.00 GB/s, 5 us" in document["communication"]
+    for bad in ("fast", "0,5", "100,-1", "nan,5", "1,2,3"):
+        result = runner.invoke(app, ["distribute", *small, "--link", bad])
+        assert result.exit_code == 2 and result.stderr.startswith("memprop: error: --link"), bad
+
+
+def test_a_launch_takes_no_more_ranks_than_cores_unless_asked(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launch, "available_cores", lambda: 1)
+    monkeypatch.setattr(launch, "spawn", lambda *a: pytest.fail("launched"))
+    result = distribute(mlp, batch_size=8, devices=2, microbatches=(1,), strategies=("ddp",),
+                        run=True, link=(1e9, 1e-5))
+    assert [r.measured_peak_bytes for r in result.candidates[0].ranks] == [None, None]
+    assert any("predicted only, not run" in note for note in result.notes)
