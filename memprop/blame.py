@@ -6,10 +6,13 @@ optimizer's step) with its own code around it and inside it: the ledger's dispat
 every op and module hooks follow every call. An exception raised there is the user's (a
 :class:`memprop.errors.ModelError`, exit 2, one line naming the user's frame) unless memprop's
 own code raised it, which is a bug and keeps its traceback. The innermost frame of the traceback
-that belongs neither to torch nor to the standard library decides. Two memprop frames do not
-count: the ledger's passthrough of an op (an op that fails on the user's tensors fails inside
-the ledger's ``__torch_dispatch__``), and the frame that called the user's code (an error that
-torch's C++ raises, in the autograd engine say, has no other frame).
+that belongs neither to torch nor to the standard library decides. Some memprop frames do not
+count: the relays that only pass a call on (the ledger's passthrough of an op, so that an op
+that fails on the user's tensors fails inside the ledger's ``__torch_dispatch__``;
+``Workload.forward``, so that a model built of torch's own modules, an ``nn.Sequential`` of
+``nn.Linear`` of the wrong widths, is the user's), and the frame that called the user's code
+(an error that torch's C++ raises, in the autograd engine say, has no other frame). A
+``SyntaxError`` names the user's file and line from the error itself: the compiler has no frame.
 
 Out-of-memory errors are neither: they become :class:`memprop.errors.OutOfMemoryError` (exit
 3), the CPU allocator's included, which raises a plain ``RuntimeError``.
@@ -34,8 +37,10 @@ __all__ = ["is_fake_tensor_limit", "is_out_of_memory", "user_code"]
 _MEMPROP = str(Path(__file__).resolve().parent) + os.sep
 _TORCH = str(Path(torch.__file__).resolve().parent) + os.sep
 _STDLIB = str(Path(sysconfig.get_paths()["stdlib"]).resolve()) + os.sep
-_PASSTHROUGH = "func(*args, **kwargs)"
-"""The ledger's call of the op it records (``memprop/trace/ledger.py``)."""
+_RELAYS = ("func(*args, **kwargs)", "self.model(*self.inputs, **self.keywords)")
+"""Lines of memprop that only pass a call on to torch or the user's code: the ledger's call of
+the op it records (``memprop/trace/ledger.py``) and ``Workload.forward``."""
+_HERE = os.path.realpath(__file__)
 
 _FAKE_TENSOR_LIMITS = ("DataDependentOutputException", "DynamicOutputShapeException",
                        "GuardOnDataDependentSymNode", "UnsupportedFakeTensorException",
@@ -76,7 +81,9 @@ def _owner(filename: str) -> str:
 
 def culprit(error: BaseException) -> traceback.FrameSummary | None:
     """The user's frame to blame, or None when memprop's own code raised ``error``."""
-    frames = traceback.extract_tb(error.__traceback__)
+    frames = list(traceback.extract_tb(error.__traceback__))
+    if frames and os.path.realpath(frames[0].filename) == _HERE:
+        frames = frames[1:]  # user_code's own frame, where the error entered the generator
     for position in range(len(frames) - 1, -1, -1):
         frame = frames[position]
         owner = _owner(frame.filename)
@@ -85,7 +92,7 @@ def culprit(error: BaseException) -> traceback.FrameSummary | None:
         if owner != "memprop":
             continue
         source = frame.line or linecache.getline(frame.filename, frame.lineno or 0)
-        if _PASSTHROUGH in source:
+        if any(relay in source for relay in _RELAYS):
             continue
         if position == 0:
             return frame  # the call into the user's code: torch's C++ raised it
@@ -115,12 +122,17 @@ def user_code(what: str) -> Iterator[None]:
         if is_out_of_memory(error):
             first = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
             raise OutOfMemoryError(f"{what} ran out of memory: {first}") from error
-        frame = culprit(error)
-        if frame is None:
-            raise  # memprop's own code: a bug, with its traceback
         name = type(error).__name__
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        where = describe(frame)
+        if isinstance(error, SyntaxError) and error.filename:
+            text = error.msg
+            where = f"{error.filename}:{error.lineno}" + (
+                f": {error.text.strip()}" if error.text and error.text.strip() else "")
+        else:
+            frame = culprit(error)
+            if frame is None:
+                raise  # memprop's own code: a bug, with its traceback
+            where = describe(frame)
         message = f"{what} raised {name}" + (f": {text}" if text else "")
         if name in _FAKE_TENSOR_LIMITS:
             message += (" (fake tensors have shapes but no values, so code that reads values "

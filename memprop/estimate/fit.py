@@ -138,16 +138,9 @@ def fit(
 
     def peak(batch_size: int) -> int:
         if batch_size not in peaks:
-            try:
-                result = trace_fake(build, batch_size, depth)
-            except MemPropError:
-                raise
-            except Exception as error:
-                raise WorkloadError(
-                    f"tracing batch {batch_size} on fake tensors failed: "
-                    f"{type(error).__name__}: {error}: fit needs a workload that fake tensors "
-                    "can trace"
-                ) from error
+            # The user's code raises MemPropErrors (memprop.blame.user_code); anything else
+            # is memprop's bug and keeps its traceback.
+            result = trace_fake(build, batch_size, depth)
             if not described:
                 described.update(result.workload)
             peaks[batch_size] = result.required_bytes
@@ -196,8 +189,7 @@ def _smallest_batch(peak: Callable[[int], int]) -> tuple[int, str]:
         peak(1)
         return 1, ""
     except WorkloadError as error:
-        reason = str(error).split(": ", 1)[-1].removesuffix(
-            ": fit needs a workload that fake tensors can trace")
+        reason = str(error)
     peak(2)
     return 2, f"batch 1 does not run in training: {reason}"
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from memprop.blame import is_out_of_memory
+from memprop.blame import is_out_of_memory, user_code
 from memprop.errors import MemPropError, UsageError
 from memprop.estimate.preflight import shortfall
 from memprop.trace.fake import new_fake_mode
@@ -79,7 +79,8 @@ def factory_builder(func: Callable[..., Any], *, spec: str) -> Build:
 def trace_fake(build: Build, batch_size: int, depth: int | None) -> Profile:
     """The profile of one size, built and traced inside a fresh fake mode: nothing allocated."""
     mode = new_fake_mode()
-    with mode:
+    with mode, user_code(f"building batch {batch_size}" + (
+            "" if depth is None else f" at depth {depth}")):
         workload = build(batch_size, depth)
     return profile(workload)
 
@@ -293,11 +294,14 @@ def _cell(
 ) -> tuple[SweepCell, dict[str, Any]]:
     start = time.perf_counter()
     size: dict[str, Any] = {"batch_size": batch_size, "depth": depth}
+    # NOTE [ A cell's errors ]: the user's code raises a MemPropError (user_code names its
+    # frame), recorded on the cell; a UsageError is the same for every cell and ends the sweep;
+    # anything else is memprop's bug and keeps its traceback.
     try:
         fake = trace_fake(build, batch_size, depth)
     except UsageError:
         raise
-    except Exception as error:
+    except MemPropError as error:
         return SweepCell(**size, status="error", message=_one_line(error, "fake trace"),
                          trace_s=time.perf_counter() - start), {}
     closed = (fake.closed_form or {}).get("training_peak_bytes")
@@ -321,10 +325,14 @@ def _cell(
             message=f"not run: the step {reason}",
         ), {}
     try:
-        result = profile(build(batch_size, depth))
+        with user_code(f"building batch {batch_size}"):
+            workload = build(batch_size, depth)
+        result = profile(workload)
     except UsageError:
         raise
     except Exception as error:
+        if not isinstance(error, MemPropError) and not is_out_of_memory(error):
+            raise  # NOTE [ A cell's errors ]
         status = "oom" if is_out_of_memory(error) else "error"
         message = _one_line(error, "ran out of memory" if status == "oom" else "real run")
         return SweepCell(**size, status=status, predicted_training_peak_bytes=predicted,

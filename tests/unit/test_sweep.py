@@ -149,11 +149,34 @@ def test_a_failing_cell_is_an_error_with_its_message() -> None:
 
     result = sweep(build, batch_sizes=(2, 3, 4))
     assert [c.status for c in result.cells] == ["ok", "error", "ok"]
-    assert result.cells[1].message == "fake trace: ValueError: batch 3 is odd"
+    message = result.cells[1].message or ""
+    # The user's code is named, frame and line, as everywhere it runs (memprop.blame).
+    assert message.startswith("fake trace: building batch 3 raised ValueError: batch 3 is odd "
+                              "(at ")
+    assert "test_sweep.py:" in message and 'raise ValueError("batch 3 is odd")' in message
     document = result.to_dict()
     assert document["schema_version"] == 1
     assert [c["status"] for c in document["cells"]] == ["ok", "error", "ok"]
     assert document["workload"]["mode"] == "fake" and document["workload"]["name"] == "picky"
+
+
+def test_a_bug_of_memprop_in_a_cell_is_raised_not_recorded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Error map, sweep cells: only the user's errors are a cell's; memprop's own keep their
+    traceback (exit 1), instead of hiding as an "error" cell."""
+    import importlib
+
+    sweep_module = importlib.import_module("memprop.estimate.sweep")  # not the function
+    def broken_profile(workload: Workload) -> None:
+        raise AssertionError("the ledger lost a storage")
+
+    monkeypatch.setattr(sweep_module, "profile", broken_profile)
+
+    def build(batch_size: int, depth: int | None) -> Workload:
+        return Workload(model=nn.Linear(4, 2), inputs=(torch.randn(batch_size, 4),))
+
+    with pytest.raises(AssertionError, match="the ledger lost a storage"):
+        sweep(build, batch_sizes=(2,))
 
 
 def test_a_usage_error_ends_the_sweep() -> None:
