@@ -338,7 +338,9 @@ def adjust(
                                   (device and torch.device(device), _device_of(model), "device")):
         if wanted is None or current is None or current == wanted:
             continue
-        if any(isinstance(t, FakeTensor) for t in model.parameters()):
+        # A fake model's dtype converts as a real one's (NOTE [ A factory's own casts on fake
+        # tensors ] in memprop.trace.fake); its device does not.
+        if what == "device" and any(isinstance(t, FakeTensor) for t in model.parameters()):
             raise UsageError(f"{workload.name} builds its parameters as {current} itself, which "
                              f"fake tensors cannot convert to {wanted}: drop the {what}, or "
                              "build the model with it in the factory")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -70,7 +71,43 @@ def _one_sequence_per_row(original: Any, position_ids: Any, *args: Any, **kwargs
 def new_fake_mode() -> FakeTensorMode:
     # Real tensors may meet fake ones inside a step (a constant a loss function holds);
     # FakeTensorMode then treats them as fake of the same shape instead of refusing.
+    _let_fake_parameters_swap()
     return _EagerFakeMode(allow_non_fake_inputs=True)
+
+
+def _let_fake_parameters_swap() -> None:
+    """NOTE [ A factory's own casts on fake tensors ]
+    ``module.half()``, ``.double()`` or ``.to(dtype)`` replace each parameter by
+    ``torch.utils.swap_tensors`` when it is fake, and the swap refuses a tensor that a weak
+    reference points to. Every fake tensor an op returns is one: the fake mode's converter
+    memoises it (``FakeTensorConverter.set_tensor_memo``, a WeakValueDictionary), so a factory
+    that casts its model on fake tensors failed with "Couldn't swap Linear.weight" where plain
+    PyTorch trains it. The memo entry only lets the mode find the fake tensor again from the
+    meta tensor it was made of, which a swap replaces anyway: it is dropped before the swap.
+    Installed once, for every swap of the process; a swap of real tensors is left as it was."""
+    if getattr(torch.utils.swap_tensors, "_memprop", False):
+        return
+    original = torch.utils.swap_tensors
+
+    def swap_tensors(t1: torch.Tensor, t2: torch.Tensor) -> None:
+        for tensor in (t1, t2):
+            if isinstance(tensor, FakeTensor):
+                _forget(tensor)
+        original(t1, t2)
+
+    def _forget(tensor: FakeTensor) -> None:
+        # The memo's own dict of references, so that none is kept alive by looking it up.
+        entries: dict[Any, Any] = vars(tensor.fake_mode.fake_tensor_converter.tensor_memo)["data"]
+        keys = [getattr(ref, "key", None) for ref in weakref.getweakrefs(tensor)]
+        for key in keys:  # the references themselves are gone with the list: none left alive
+            if key is not None and key in entries:
+                entry = entries[key]
+                if entry() is tensor:
+                    del entries[key]
+                del entry
+
+    swap_tensors._memprop = True  # type: ignore[attr-defined]
+    torch.utils.swap_tensors = swap_tensors
 
 
 def fake_mode_of(workload: Workload) -> FakeTensorMode | None:
