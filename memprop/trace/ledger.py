@@ -22,10 +22,25 @@ The hot path only appends records; categories, totals and peaks are computed aft
 records, so a storage's category can be decided late (a temporary that autograd makes a
 parameter's ``.grad`` is a gradient from its birth).
 
+NOTE [ Sharded tensors and storages resized in place ]
+Two kinds of memory do not show through a plain tensor's storage, and FSDP2 uses both:
+
+- A DTensor is a wrapper: its own storage is a placeholder of the global size, a new object at
+  each ``untyped_storage()`` call. What a rank holds is its local shard, so every tensor the
+  ledger looks at (op outputs, registered and saved tensors) is first unwrapped to its
+  ``_local_tensor``; in-place ops on DTensors (an optimizer's ``mul_``, ``lerp_``) then land on
+  storages already known, as they do on plain tensors.
+- ``UntypedStorage.resize_`` reallocates a storage without an aten op (FSDP2 frees the gathered
+  parameters with ``resize_(0)`` after each use and allocates them again with ``resize_(n)``).
+  While a ledger is active, ``torch.UntypedStorage.resize_`` is wrapped: a resize is the death of
+  the storage's record and, when the new size is not zero, the birth of a new one at a new tick,
+  as an op that allocated would be. The wrapper is installed by the first ledger entered and
+  removed when the last one exits (ledgers nest; each active ledger is told).
+
 Known limitations:
 - Scratch buffers that a kernel allocates and frees inside one op are invisible (as they are to
-  every dispatch-level tracker); cuBLAS and cuDNN workspaces are the main case on a GPU.
-- ``UntypedStorage.resize_`` is not an op: a storage resized in place keeps its birth size.
+  every dispatch-level tracker); cuBLAS and cuDNN workspaces are the main case on a GPU. So are
+  the temporaries of a DTensor op's own local computation (the ledger sees the DTensor op).
 """
 
 from __future__ import annotations
@@ -78,6 +93,8 @@ _IDENTITY_WHEN_NOT_TRAINING = frozenset(
 _PLAIN = "plain"
 _ALIAS = "alias"
 _IDENTITY = "identity"
+# aten ops that may reallocate their tensor's storage in place (a known storage, a new size).
+_RESIZES = frozenset((torch.ops.aten.resize_.default, torch.ops.aten.resize_as_.default))
 
 
 def _classify(func: Any) -> Any:
@@ -192,6 +209,28 @@ def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[t
         if isinstance(value, torch.Tensor):
             found.append(value)
     return found
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage holds ``tensor``'s memory on this rank: a DTensor's local
+    shard (NOTE [ Sharded tensors and storages resized in place ]), else the tensor itself."""
+    inner = getattr(tensor, "_local_tensor", None)
+    return tensor if inner is None else inner
+
+
+# The ledgers entered and not yet exited, innermost last: each is told of every storage resize
+# (NOTE [ Sharded tensors and storages resized in place ]).
+_ACTIVE: list[StorageLedger] = []
+_ORIGINAL_RESIZE = torch.UntypedStorage.resize_
+
+
+def _resize_seen(storage: torch.UntypedStorage, size: int) -> Any:
+    before = storage.nbytes()
+    result = _ORIGINAL_RESIZE(storage, size)
+    if storage.nbytes() != before:
+        for ledger in list(_ACTIVE):
+            ledger._resized(storage)
+    return result
 
 
 def _training_flag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -344,6 +383,7 @@ class StorageLedger(TorchDispatchMode):
 
     def _adopt(self, tensor: torch.Tensor, category: Category, label: str) -> StorageRecord:
         """The record of a storage that existed before the step: born at tick 0."""
+        tensor = _local(tensor)
         storage = tensor.untyped_storage()
         found = self._lookup(storage)
         if found is not None:
@@ -375,10 +415,11 @@ class StorageLedger(TorchDispatchMode):
 
     def record_of(self, tensor: torch.Tensor) -> StorageRecord | None:
         """The record of a tensor's storage, if the ledger knows it and it is alive."""
-        return self._lookup(tensor.untyped_storage())
+        return self._lookup(_local(tensor).untyped_storage())
 
     def mark_saved(self, tensor: torch.Tensor) -> StorageRecord:
         """Called by the saved-tensors pack hook for every tensor autograd keeps for backward."""
+        tensor = _local(tensor)
         storage = tensor.untyped_storage()
         record = self._lookup(storage)
         if record is None:
@@ -413,15 +454,19 @@ class StorageLedger(TorchDispatchMode):
         live = self._live
         born = 0
         if isinstance(out, torch.Tensor):
-            storage = out.untyped_storage()
+            local = out if out.__class__ is torch.Tensor else _local(out)
+            storage = local.untyped_storage()
             if id(storage) not in live:
                 self.clock += 1
                 self.ticks.append((func, self.module, self.phase))
-                self._born(out, storage, func)
+                self._born(local, storage, func)
                 born = 1
+            elif func in _RESIZES:
+                self._resized(storage, func)
         elif isinstance(out, (tuple, list)):
             for item in out:
                 if isinstance(item, torch.Tensor):
+                    item = item if item.__class__ is torch.Tensor else _local(item)
                     storage = item.untyped_storage()
                     if id(storage) not in live:
                         if not born:
@@ -430,7 +475,7 @@ class StorageLedger(TorchDispatchMode):
                         self._born(item, storage, func)
                         born += 1
         count = 0
-        if kind.__class__ is not str:  # an op with a FLOP formula (not _PLAIN or _IDENTITY)
+        if kind.__class__ is not str:  # an op with a FLOP formula (not _PLAIN, _IDENTITY...)
             count = kind(args, kwargs, out)
             self.flops += count
             self.tick_flops[self.clock] = self.tick_flops.get(self.clock, 0) + count
@@ -455,6 +500,71 @@ class StorageLedger(TorchDispatchMode):
         assert self.ops is not None
         self.ops.append(OpEntry(func, self.clock, tuple(self.records[-born:]) if born else (),
                                 flops, moved, written, probe, elements))
+
+    def __enter__(self) -> StorageLedger:
+        if not _ACTIVE:
+            torch.UntypedStorage.resize_ = _resize_seen  # type: ignore[method-assign,assignment]
+        _ACTIVE.append(self)
+        try:
+            super().__enter__()
+        except BaseException:
+            self._leave()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            self._leave()
+
+    def _leave(self) -> None:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+        if not _ACTIVE:
+            torch.UntypedStorage.resize_ = _ORIGINAL_RESIZE  # type: ignore[method-assign]
+
+    def _resized(self, storage: torch.UntypedStorage, func: Any = "resize_") -> None:
+        """A storage reallocated in place: its record dies, and a new one of its new size is
+        born at a new tick when the size is not zero (NOTE [ Sharded tensors and storages
+        resized in place ]). Growing a live storage allocates the new block before the old one
+        is freed, so the two overlap at that tick."""
+        ref = self._live.pop(id(storage), None)
+        old = None if ref is None else ref.record
+        nbytes = storage.nbytes()
+        if nbytes == 0:
+            if old is not None:
+                old.freed = self.clock
+            return
+        self.clock += 1
+        if old is not None:
+            old.freed = self.clock
+        self.ticks.append((func, self.module, self.phase))
+        device = storage.device
+        record = StorageRecord(
+            len(self.records),
+            rounded_bytes(nbytes, device),
+            self.clock,
+            Category.TEMPORARIES if old is None else old.category,
+            func,
+            self.module,
+            (nbytes,) if old is None else old.shape,
+            torch.uint8 if old is None else old.dtype,
+            self.phase,
+        )
+        self._track(storage, record)
+
+    def transient(self, nbytes: int, func: Any, device: torch.device) -> StorageRecord:
+        """A block that something below the dispatcher allocates and frees within one op (a
+        communication backend's copy of its input): born and freed at a tick of its own."""
+        self.clock += 1
+        self.ticks.append((func, self.module, self.phase))
+        record = StorageRecord(len(self.records), rounded_bytes(nbytes, device), self.clock,
+                               Category.TEMPORARIES, func, self.module, (nbytes,), torch.uint8,
+                               self.phase)
+        record.freed = self.clock
+        self.records.append(record)
+        return record
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:

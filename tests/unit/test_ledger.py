@@ -309,3 +309,66 @@ def test_flops_equal_torch_flop_counter() -> None:
 
         traced = trace_training_step(factory())
         assert traced.ledger.flops == counter.get_total_flops() > 0
+
+
+def test_a_dtensor_is_counted_at_its_local_shard() -> None:
+    # Oracle: the bytes of the local shard, counted by hand. In-place ops on a DTensor (an
+    # optimizer's mul_, lerp_) make nothing new; an out-of-place one makes one local shard.
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from memprop.distribute.fsdp import fake_group
+    from memprop.trace.ledger import Category, StorageLedger
+
+    with fake_group(0, 4) as mesh:
+        sharded = distribute_tensor(torch.ones(64, 8), mesh, [Shard(0)])
+        other = distribute_tensor(torch.ones(64, 8), mesh, [Shard(0)])
+        shard_bytes = 16 * 8 * 4
+        ledger = StorageLedger()
+        ledger.register([sharded, other], Category.OPTIMIZER_STATE, "state")
+        with ledger:
+            sharded.mul_(0.5).lerp_(other, 0.1)
+            made = sharded * 2
+        assert [r.bytes for r in ledger.records] == [shard_bytes] * 3
+        assert ledger.peak()[0] == 3 * shard_bytes
+        assert ledger.record_of(made) is ledger.records[2]
+
+
+def test_a_storage_resized_in_place_is_freed_and_born_again() -> None:
+    # FSDP2's alloc_storage/free_storage: resize_(0) frees, resize_(n) allocates. Oracle: the
+    # live bytes after each step, by hand.
+    from memprop.trace.ledger import Category, StorageLedger
+
+    original = torch.UntypedStorage.resize_
+    gathered = torch.empty(256)  # 1 KiB, kept allocated between steps as FSDP2 does not
+    gathered.untyped_storage().resize_(0)
+    shard = torch.empty(64)  # 256 B
+    ledger = StorageLedger()
+    ledger.register([shard], Category.PARAMETERS, "shard")
+    with ledger:
+        gathered.untyped_storage().resize_(1024)
+        gathered.mul_(2)
+        gathered.untyped_storage().resize_(0)
+        with StorageLedger() as inner:  # ledgers nest: both see the resize
+            gathered.untyped_storage().resize_(1024)
+        assert torch.UntypedStorage.resize_ is not original
+        after = torch.empty(32)  # 128 B, born while the gathered block is live again
+    assert torch.UntypedStorage.resize_ is original
+    # Ticks: the start, the first resize (freed again after it), the second, the empty.
+    assert ledger.live_after_bytes() == [256, 256, 1280, 1408]
+    assert ledger.peak() == (1408, 3)
+    assert [r.bytes for r in inner.records] == [1024]
+    del after
+
+
+def test_aten_resize_of_a_known_storage_is_a_new_allocation() -> None:
+    from memprop.trace.ledger import Category, StorageLedger
+
+    tensor = torch.empty(16)
+    ledger = StorageLedger()
+    ledger.register([tensor], Category.INPUTS, "input")
+    with ledger:
+        tensor.resize_(64)
+    # Growing copies into a new block before the old one goes: both live at that tick.
+    assert [r.bytes for r in ledger.records] == [64, 256]
+    assert ledger.peak()[0] == 320
+    assert ledger.live_after_bytes()[-1] == 256
