@@ -30,10 +30,11 @@ a profiler with ``profile_memory=True`` runs (its size table). So:
   communication library's own thread) are not reported; the autograd engine runs a CPU
   backward on the calling thread, which is followed.
 
-The profiler records every op too, which slows the region (see ``memprop bench --only ledger``);
-nothing timed runs under it. Kineto prints a line to the process's stderr when a session starts
-and stops: those two calls run with file descriptor 2 sent to /dev/null, unless the user set
-``KINETO_LOG_LEVEL``.
+The session records the allocator's events and no op (NOTE [ A session of memory events
+only ]), so it costs about a millisecond per region plus a little per allocation (see ``memprop
+bench --only ledger``); nothing timed runs under it. Kineto prints a line to the process's
+stderr when a session starts and stops: those two calls run with file descriptor 2 sent to
+/dev/null, unless the user set ``KINETO_LOG_LEVEL``.
 
 Known limitations: blocks a kernel allocates outside c10's allocator (oneDNN's scratchpads,
 BLAS workspaces) are not counted, as the ledger does not count them; a torch.profiler session
@@ -144,7 +145,7 @@ class AllocatorMeter:
                  existing: Iterable[torch.Tensor | None] = ()) -> None:
         self.device = torch.device(device)
         self._entry = live_bytes(existing, self.device)
-        self._profiler: Any = None
+        self._profiler = False
         self._before = 0
         self.result: AllocatorPeak | None = None
 
@@ -157,15 +158,13 @@ class AllocatorMeter:
         if self.device.type != "cpu":
             raise UsageError(f"device {self.device}: the allocator's peak is measured on cpu "
                              "and cuda only")
-        if torch.autograd.profiler._is_profiler_enabled:
+        if torch._C._autograd._profiler_enabled():
             raise UsageError("a torch.profiler session is already running: memprop measures "
                              "the allocator with a profiler session of its own, and kineto "
                              "runs one at a time; run memprop outside the profiler")
-        from torch.profiler import ProfilerActivity, profile
-
-        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
         with _quiet_stderr():
-            self._profiler.__enter__()
+            _start_memory_session()
+        self._profiler = True
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -181,10 +180,10 @@ class AllocatorMeter:
                 events=0, unreported_frees=0, read_s=0.0, source=allocator_source(self.device))
             return
         with _quiet_stderr():
-            self._profiler.__exit__(kind, error, trace)
+            results = torch._C._autograd._disable_profiler()
         if kind is None:
             started = time.perf_counter()
-            events = list(_allocations(self._profiler.profiler.kineto_results))
+            events = list(_allocations(results))
             self.result = _count(events, self._entry, time.perf_counter() - started)
 
 
@@ -228,6 +227,34 @@ class StepProbe:
         meter.__exit__(None, None, None)
         self.last = meter.result
         return 0 if self.last is None else self.last.peak_bytes
+
+
+def _start_memory_session() -> None:
+    """A kineto session that records the CPU allocator's events and no op.
+
+    NOTE [ A session of memory events only ]
+    ``torch.profiler.profile(profile_memory=True)`` also records every op (and the autograd
+    engine's nodes) as an event: on a step of many small ops that costs up to 10x the step.
+    The allocator reports to the session whatever scopes it records, so the session here
+    records only ``RecordScope.USER_SCOPE`` (``record_function`` blocks, which memprop does not
+    open): the allocation events are the same, at a fraction of the cost. The configuration is
+    what ``torch.autograd.profiler.profile`` passes for ``profile_memory=True`` and nothing
+    else; the session is read with ``experimental_event_tree`` as torch's own memory
+    profiler reads it."""
+    from torch._C._profiler import (
+        ProfilerActivity,
+        ProfilerConfig,
+        ProfilerState,
+        RecordScope,
+        _ExperimentalConfig,
+    )
+
+    config = ProfilerConfig(ProfilerState.KINETO, False, True, False, False, False,
+                            _ExperimentalConfig())
+    activities = {ProfilerActivity.CPU}
+    autograd: Any = torch._C._autograd  # torch's stubs lack the scopes argument
+    autograd._prepare_profiler(config, activities)
+    autograd._enable_profiler(config, activities, {RecordScope.USER_SCOPE})
 
 
 @contextlib.contextmanager
