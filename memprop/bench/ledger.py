@@ -101,8 +101,8 @@ def ledger_overhead(*, repeats: int = 21) -> BenchReport:
         summary.append(
             f"- {label}: memprop.profile costs {ours:.2f}x a plain step plus an inference pass "
             f"(goal <= {goal}x: {'met' if ours <= goal else f'missed by {ours / goal:.2f}x'}); "
-            f"MemTracker costs {theirs:.2f}x; the allocator's meter alone (torch.profiler "
-            f"with profile_memory, part of memprop.profile's time) {meter:.2f}x. Peaks: the "
+            f"MemTracker costs {theirs:.2f}x; the allocator's meter alone (a torch.profiler "
+            f"session of memory events, inside memprop.profile's time) {meter:.2f}x. Peaks: the "
             f"ledger's training peak {training}, inference {inference}."
         )
     summary.append(
