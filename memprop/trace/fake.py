@@ -36,20 +36,39 @@ class _EagerFakeMode(FakeTensorMode):
     fake ran 4% above the real one. While this mode is active, fake position ids are taken for
     one sequence per row, as eager finds them in every batch that is not packed.
 
+    A factory that imports transformers inside the mode finds the module patched from the first
+    op after the import (the first fake trace of a Hugging Face model in a process took the
+    packed path and read 147 KB high on a small Llama).
+
     Known limitation: a packed batch (position ids that restart within a row) builds a mask in
     eager runs that fake traces leave out.
     """
 
     def __enter__(self) -> _EagerFakeMode:
-        module = sys.modules.get("transformers.masking_utils")
-        original = getattr(module, "find_packed_sequence_indices", None)
         self._restore: list[tuple[Any, Any]] = getattr(self, "_restore", [])
-        self._restore.append((module, original))
-        if module is not None and original is not None:
-            setattr(module, "find_packed_sequence_indices",  # noqa: B010
-                    functools.partial(_one_sequence_per_row, original))
+        self._restore.append((None, None))
+        # transformers may be imported only inside the mode (a factory that imports it): then
+        # the patch is made at the first op after the import (NOTE above).
+        self._awaiting = not self._patch()
         super().__enter__()
         return self
+
+    def _patch(self) -> bool:
+        """Patch ``find_packed_sequence_indices`` if transformers' masking module is loaded;
+        whether it is."""
+        module = sys.modules.get("transformers.masking_utils")
+        original = getattr(module, "find_packed_sequence_indices", None)
+        if module is None or original is None:
+            return False
+        self._restore[-1] = (module, original)
+        setattr(module, "find_packed_sequence_indices",  # noqa: B010
+                functools.partial(_one_sequence_per_row, original))
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if getattr(self, "_awaiting", False) and self._restore:
+            self._awaiting = not self._patch()
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
     def __exit__(self, *args: Any) -> None:
         try:
@@ -58,6 +77,7 @@ class _EagerFakeMode(FakeTensorMode):
             module, original = self._restore.pop()
             if module is not None and original is not None:
                 setattr(module, "find_packed_sequence_indices", original)  # noqa: B010
+            self._awaiting = False
 
 
 def _one_sequence_per_row(original: Any, position_ids: Any, *args: Any, **kwargs: Any) -> Any:
