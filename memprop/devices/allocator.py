@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from memprop.workload import Workload
 
 __all__ = ["AllocatorMeter", "AllocatorPeak", "StepProbe", "allocator_source", "live_bytes",
-           "step_state_tensors"]
+           "step_state_tensors", "unaccounted_bytes"]
 
 CUDA_BLOCK_BYTES = 512
 """The caching allocator's block size (kMinBlockSize in c10/cuda/CUDACachingAllocator.cpp):
@@ -185,6 +185,16 @@ class AllocatorMeter:
             started = time.perf_counter()
             events = list(_allocations(results))
             self.result = _count(events, self._entry, time.perf_counter() - started)
+
+
+def unaccounted_bytes(result: AllocatorPeak, held_after: Iterable[torch.Tensor | None],
+                      device: torch.device | str) -> int:
+    """What the allocator still counts live after a region, beyond the storages ``held_after``
+    it (a step's state after the step): blocks whose free it was not told of, such as those a
+    communication library's thread releases (NOTE [ What c10 reports on the CPU ]), or that the
+    step leaves held where ``held_after`` does not name them (a schedule's last outputs). Where
+    it is the former, the peak can read high by up to this much; 0: everything accounted for."""
+    return max(0, result.end_bytes - sum(live_bytes(held_after, device).values()))
 
 
 class StepProbe:

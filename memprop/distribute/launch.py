@@ -286,6 +286,7 @@ def _run_candidates(rank: int, world: int, factory: Any, candidates: list[Any], 
 def _run_fsdp(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
     """FSDP2 over the candidate's blocks on the launch's group, the last step measured with the
     ledger (the rank's shards, optimizer state and inputs registered before it)."""
+    from memprop.devices.allocator import AllocatorMeter, step_state_tensors
     from memprop.distribute import fsdp
 
     torch.manual_seed(0)
@@ -293,7 +294,14 @@ def _run_fsdp(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
     fsdp.shard(workload, candidate.sharded)
     step = fsdp.sharded_step(workload, candidate.microbatches)
     step_s = _median_step_s(step, steps)
-    return {"peak_bytes": fsdp.measured_peak(workload, step),
+    # The step frees the gradients first; freed here instead, before the allocator's count
+    # starts (NOTE [ What c10 reports on the CPU ] in memprop.devices.allocator).
+    for parameter in workload.model.parameters():
+        parameter.grad = None
+    meter = AllocatorMeter(_device_of(workload), step_state_tensors(workload))
+    with meter:
+        peak_bytes = fsdp.measured_peak(workload, step)
+    return {"peak_bytes": peak_bytes, **_allocator(meter, step_state_tensors(workload)),
             "step_s": step_s}
 
 
@@ -304,13 +312,14 @@ def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[s
     from torch.distributed.pipelining import PipelineStage
     from torch.distributed.pipelining.schedules import get_schedule_class
 
+    from memprop.devices.allocator import AllocatorMeter
     from memprop.distribute.pipeline import (
         placement,
         rank_ledger,
         sequential_items,
         stage_modules,
     )
-    from memprop.loop import remade_optimizer
+    from memprop.loop import remade_optimizer, tensors_in
 
     shape = candidate.pipeline
     torch.manual_seed(0)
@@ -340,18 +349,26 @@ def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[s
             optimizer.step()
 
     step_s = _median_step_s(step, steps)
-    ledger = rank_ledger(workload, shape, rank, parameters, optimizer,
-                         [info.buffer for stage in stages
-                          for kept in (*stage.args_recv_info.values(),
-                                       *stage.grad_recv_info.values())
-                          for info in kept if info.buffer is not None])
-    with ledger:
+    for parameter in parameters:  # freed before either count starts (as the step does first)
+        parameter.grad = None
+    received = [info.buffer for stage in stages
+                for kept in (*stage.args_recv_info.values(), *stage.grad_recv_info.values())
+                for info in kept if info.buffer is not None]
+    ledger = rank_ledger(workload, shape, rank, parameters, optimizer, received)
+    held = [*parameters, *(b for s in mine for b in modules[s].buffers()), *received,
+            *(tensors_in(list(optimizer.state.values())) if optimizer is not None else ()),
+            *(workload.input_tensors if first else ()),
+            *((workload.targets,) if last and workload.targets is not None else ())]
+    meter = AllocatorMeter(device, held)
+    with meter, ledger:
         step()
-    return {"peak_bytes": ledger.peak()[0], "step_s": step_s}
+    held.extend(p.grad for p in parameters if p.grad is not None)
+    return {"peak_bytes": ledger.peak()[0], **_allocator(meter, held), "step_s": step_s}
 
 
 def _run(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
     from memprop.blocks.install import installed, without_caches
+    from memprop.devices.allocator import AllocatorMeter, step_state_tensors
     from memprop.loop import compute_loss
     from memprop.trace.ledger import Category, StorageLedger
     from memprop.trace.step import register_step_state
@@ -400,9 +417,30 @@ def _run(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
         ledger.register(buckets, Category.GRADIENTS, "DDP's gradient buckets")
         for parameter in model.parameters():
             parameter.grad = None
-        with ledger:
+        meter = AllocatorMeter(_device_of(workload), [*step_state_tensors(workload), *buckets])
+        with meter, ledger:
             step()
-    return {"peak_bytes": ledger.peak()[0], "step_s": step_s}
+    return {"peak_bytes": ledger.peak()[0],
+            **_allocator(meter, [*step_state_tensors(workload), *buckets]), "step_s": step_s}
+
+
+def _device_of(workload: Workload) -> torch.device:
+    return next((p.device for p in workload.model.parameters()),
+                workload.input_tensors[0].device)
+
+
+def _allocator(meter: Any, held_after: list[torch.Tensor]) -> dict[str, int]:
+    """The allocator's count of a rank's measured step (``memprop.devices.allocator``), beside
+    the ledger's, for the launcher: ``allocator_peak_bytes``, and ``allocator_unaccounted_bytes``,
+    what it still counts live after the step beyond the rank's state (frees made on gloo's
+    threads, which it is not told of, or what the step leaves held): where it is the former,
+    the peak reads high by up to that much."""
+    from memprop.devices.allocator import unaccounted_bytes
+
+    result = meter.result
+    assert result is not None  # the step ended without an exception
+    return {"allocator_peak_bytes": int(result.peak_bytes),
+            "allocator_unaccounted_bytes": unaccounted_bytes(result, held_after, meter.device)}
 
 
 def _median_step_s(step: Callable[[], None], steps: int) -> float:
