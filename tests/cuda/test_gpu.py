@@ -51,7 +51,10 @@ def test_planned_run_stays_within_its_budget() -> None:
     workload.model.zero_grad(set_to_none=True)
     outside = outside_bytes(workload, torch.device("cuda:0"))
     run = run_plan(workload, plan, steps=2)
-    assert run.peak_bytes - outside <= budget, (run.peak_bytes, outside, budget)
+    # The allocator's figure counts the step's state and max_memory_allocated's rise over the
+    # step: the process's other tensors (cuBLAS's workspaces, ``outside``) are not in it.
+    assert run.allocator_peak_bytes <= budget, (run.allocator_peak_bytes, outside, budget)
+    assert abs(run.peak_bytes - run.allocator_peak_bytes) <= LEDGER_TOLERANCE * budget
     assert run.peak_bytes < run.baseline_peak_bytes
     assert run.gradients_match and run.buffers_match
 
