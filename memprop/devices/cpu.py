@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-__all__ = ["CpuDevice", "fix_malloc_threshold"]
+__all__ = ["CpuDevice", "fix_malloc_threshold", "malloc_in_use_bytes"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -55,6 +55,30 @@ def fix_malloc_threshold(threshold_bytes: int = MMAP_THRESHOLD_BYTES) -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes))
     except (OSError, AttributeError):
         return False
+
+
+class _MallInfo2(ctypes.Structure):
+    # struct mallinfo2 (glibc >= 2.33, malloc.h): ten size_t fields, in this order.
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def malloc_in_use_bytes() -> int | None:
+    """Bytes glibc's malloc has handed out and not had back now (``mallinfo2``: ``uordblks`` in
+    its heap plus ``hblkhd`` in blocks mapped on their own); None without glibc >= 2.33. A third
+    opinion on the allocator's count: c10's CPU allocator takes tensor storages from malloc, as
+    the interpreter and every library take their own objects."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        mallinfo2 = ctypes.CDLL(name).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 class CpuDevice:

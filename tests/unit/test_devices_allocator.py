@@ -74,6 +74,27 @@ def test_an_address_handed_out_again_proves_the_old_block_freed() -> None:
     assert _count([(1, 0, 0x99, -64)], {}, 0.0).peak_bytes == 0
 
 
+def test_glibc_sees_what_the_allocator_counts() -> None:
+    # A third opinion, from malloc itself: what a region leaves allocated, by the allocator's
+    # count, is what glibc has handed out more at its end (the interpreter's own churn aside).
+    from memprop.devices.cpu import malloc_in_use_bytes
+
+    if malloc_in_use_bytes() is None:
+        pytest.skip("no glibc >= 2.33 (mallinfo2)")
+    kept = []
+    meter = AllocatorMeter("cpu")
+    before = malloc_in_use_bytes()
+    with meter:
+        kept += [torch.ones(2**20), torch.ones(3, 2**20, dtype=torch.float64)]
+        scratch = torch.ones(2**22)
+        del scratch
+    after = malloc_in_use_bytes()
+    assert meter.result is not None and before is not None and after is not None
+    net = meter.result.end_bytes - meter.result.entry_bytes
+    assert net == sum(_bytes(t) for t in kept)
+    assert abs((after - before) - net) <= 0.01 * net, (after - before, net)
+
+
 def test_live_bytes_counts_each_storage_once_and_only_on_its_device() -> None:
     base = torch.ones(64, 64)
     other = torch.ones(10, dtype=torch.float64)
