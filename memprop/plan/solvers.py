@@ -31,7 +31,25 @@ DEFAULT_MAX_SLOTS = 500
 gcd, else a safe rounding (see ``NOTE [ Slots and why rounding is safe ]``)."""
 DEFAULT_MAX_UNITS = 100
 """Longer chains are planned on groups of consecutive stages (kept or checkpointed together),
-which restricts the search, never its safety; the least peak is always computed exactly."""
+which restricts the search, never its safety."""
+EXACT_MAX_UNITS = 512
+"""The least peak is exact over chains of up to this many atoms; a longer chain's is the least
+over plans that checkpoint groups of consecutive atoms (a peak some plan attains, at most a few
+stages' tapes above the exact one). The exact program takes time cubic in the atoms (3 s at
+1,000 stages here, 25 s at 2,000): NOTE [ Planning time linear in depth ]."""
+UNIFORM_ALL_SEGMENTS = 16
+"""``uniform`` tries every segment count up to this, then counts spaced by ``UNIFORM_SPACING``
+(NOTE [ Planning time linear in depth ])."""
+UNIFORM_SPACING = 1.25
+
+# NOTE [ Planning time linear in depth ]
+# Simulating a plan costs its schedule's length: every forward run of every stage. A chain of
+# n stages therefore gets a bounded number of simulations of plans with O(n) runs each: the
+# least-peak plan (nested up to n deep, O(n^2) runs) is priced by counting its forward runs
+# (:func:`compute_of`), not simulated, unless it is the plan chosen; ``uniform`` simulates
+# O(log n) segment counts, not all n; the least peak's exact program runs on at most
+# ``EXACT_MAX_UNITS`` units. Tracing and pricing are linear too (``memprop.trace.stages``), so
+# ``plan --fake`` grows with depth as ``profile`` does.
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -145,8 +163,39 @@ def _groups(atoms: list[tuple[int, int]], max_units: int) -> list[tuple[int, int
 
 
 def min_feasible_bytes(chain: Chain) -> tuple[int, Segment]:
-    """The least training peak of any plan (exact), and a plan that attains it."""
-    return _min_feasible(chain, _dp.make_units(chain, chain.atoms()))
+    """The least training peak of any plan (exact up to ``EXACT_MAX_UNITS`` atoms), and a plan
+    that attains it."""
+    return _min_feasible(chain, _floor_units(chain, chain.atoms()))
+
+
+def _floor_units(chain: Chain, atoms: list[tuple[int, int]]) -> _dp.Units:
+    """The units the least peak is sought over (NOTE [ Planning time linear in depth ])."""
+    groups = _groups(atoms, EXACT_MAX_UNITS)
+    return _dp.make_units(chain, atoms if groups == atoms else groups)
+
+
+def compute_of(chain: Chain, tree: Segment) -> float:
+    """What :func:`simulate` finds for ``tree``'s compute, counted in time linear in the chain
+    and the tree's segments: a stage runs once, plus once for each checkpointed segment around
+    it (its re-run when backward reaches it), less what a selective option keeps."""
+    n = len(chain)
+    extra = [0] * (n + 1)
+    saved = 0.0
+    pending = [tree]
+    while pending:
+        segment = pending.pop()
+        for child in segment.children:
+            if isinstance(child, Segment):
+                extra[child.start] += 1
+                extra[child.stop] -= 1
+                option = chain.option_of(child)
+                saved += 0.0 if option is None else option.saved_cost
+                pending.append(child)
+    compute, runs = 0.0, 0
+    for i, stage in enumerate(chain.stages):
+        runs += extra[i]
+        compute += (1 + runs) * stage.forward_cost + stage.backward_cost
+    return compute - saved
 
 
 def _min_feasible(chain: Chain, units: _dp.Units) -> tuple[int, Segment]:
@@ -157,13 +206,12 @@ def _min_feasible(chain: Chain, units: _dp.Units) -> tuple[int, Segment]:
 def _optimal(chain: Chain, budget_bytes: int, max_slots: int, max_units: int
              ) -> tuple[Segment, int]:
     atoms = chain.atoms()
-    atom_units = _dp.make_units(chain, atoms)
-    floor_bytes, floor_tree = _min_feasible(chain, atom_units)
+    floor_bytes, floor_tree = _min_feasible(chain, _floor_units(chain, atoms))
     if budget_bytes < floor_bytes:
         return floor_tree, floor_bytes
     groups = _groups(atoms, max_units)
-    units = atom_units if groups == atoms else _dp.make_units(chain, groups)
-    best, bar = floor_tree, simulate(chain, floor_tree).compute
+    units = _dp.make_units(chain, groups)
+    best, bar = floor_tree, compute_of(chain, floor_tree)
     table_tree = _optimal_table(chain, budget_bytes, units, max_slots)
     if table_tree is not None:
         compute = simulate(chain, table_tree).compute
@@ -256,7 +304,7 @@ def solve(
         tree, floor = flat(n), baseline.peak_bytes
     elif strategy == "uniform":
         atoms = chain.checkpoint_atoms()
-        trees = (uniform_tree(n, k, atoms) for k in range(1, len(atoms) + 1))
+        trees = (uniform_tree(n, k, atoms) for k in _segment_counts(len(atoms)))
         sims = [(simulate(chain, t), t) for t in trees]
         floor = min(s.peak_bytes for s, _ in sims)
         fits = [(s, t) for s, t in sims if s.peak_bytes <= budget_bytes]
@@ -295,6 +343,18 @@ def solve(
         selective={c.start: option for c in tree.children if isinstance(c, Segment)
                    and (option := chain.option_of(c)) is not None},
     )
+
+
+def _segment_counts(atoms: int) -> list[int]:
+    """The segment counts ``uniform`` tries (NOTE [ Planning time linear in depth ]): every one
+    up to ``UNIFORM_ALL_SEGMENTS``, then spaced by ``UNIFORM_SPACING``, and all of them."""
+    counts = set(range(1, min(atoms, UNIFORM_ALL_SEGMENTS) + 1))
+    k = float(UNIFORM_ALL_SEGMENTS)
+    while k < atoms:
+        counts.add(round(k))
+        k *= UNIFORM_SPACING
+    counts.add(atoms)
+    return sorted(counts)
 
 
 def _cli_size(n: int) -> str:

@@ -209,8 +209,12 @@ def _regions(run: BlockRun, recorder: CallRecorder, root: Call, forward_started_
     calls = run.calls
     first, last = calls[0], calls[-1]
 
+    saves = recorder.saves  # in event order: a range of events is a slice (linear in depth)
+    events = [event for event, _ in saves]
+
     def saved_between(low: int, high: int) -> frozenset[int]:
-        return frozenset(r.index for event, r in recorder.saves if low < event < high)
+        return frozenset(r.index for _, r in saves[bisect.bisect_right(events, low):
+                                                    bisect.bisect_left(events, high)])
 
     regions = []
     if first.start > 0:
@@ -257,12 +261,20 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
     read_by_blocks = {r.index for call in run.calls for r in call.inputs}
     held = (Category.SAVED_ACTIVATIONS, Category.TEMPORARIES)
     flops, ops = ledger.tick_flops, ledger.ops or []
+    # Records by birth, so that a stage's are a slice: time linear in depth, not quadratic.
+    by_birth = sorted(ledger.records, key=lambda r: r.born)
+    births = [r.born for r in by_birth]
+
+    def born_in(start: int, stop: int) -> list[StorageRecord]:
+        """The records born in ticks ``start+1..stop``."""
+        return by_birth[bisect.bisect_right(births, start):bisect.bisect_right(births, stop)]
+
     stats = []
     for index, region in enumerate(regions):
         start, stop = region.forward
         flow = {r.index for r in region.outputs}
-        born = [r for r in ledger.records
-                if start < r.born <= stop and r.category in held and r.index not in outputs]
+        born = [r for r in born_in(start, stop)
+                if r.category in held and r.index not in outputs]
         # NOTE [ Whose storage is it ]: what outlives the backward is persistent (a cache the
         # model returns); what the stage's own ops saved, or a later stage saves (but for the
         # activation it hands on, the next stage's saves_input), is its tape; what nothing
@@ -302,7 +314,7 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
             forward_peak_bytes=_rise(live, after, start, stop),
             backward_peak_bytes=_rise(live, after, back_start, back_stop),
             gradient_bytes=sum(r.bytes for r in _left_by_backward(
-                ledger.records, back_start, back_stop,
+                born_in(back_start, back_stop), back_start, back_stop,
                 regions[index - 1].mark if index > 0 else None)),
             persistent_bytes=sum(r.bytes for r in persistent),
             forward_held_bytes=sum(r.bytes for r in held_to_forward_end),
