@@ -133,3 +133,22 @@ def test_the_cli_exits_1_when_the_allocator_sees_the_budget_broken(
                                     "4", "--batch", "128", "--budget", "400KiB", "--steps", "1"])
     assert done.exit_code == 1, done.output
     assert "allocator" in done.output
+
+
+def test_the_run_report_shows_both_figures_and_names_each_mechanism() -> None:
+    import io
+
+    from rich.console import Console
+
+    from memprop.report.terminal_plan import render_run
+    from memprop.units import format_bytes
+
+    workload = seed_mlp()
+    result = run_plan(workload, _halfway(workload), steps=1)
+    console = Console(width=100, file=io.StringIO(), color_system=None)
+    render_run(result, console)
+    text = " ".join(console.file.getvalue().split())  # type: ignore[attr-defined]
+    assert "peak (allocator)" in text and "peak (ledger)" in text
+    assert format_bytes(result.allocator_peak_bytes) in text
+    assert format_bytes(result.peak_bytes) in text
+    assert "c10's CPU allocator" in text and "dispatch mode" in text
