@@ -152,3 +152,27 @@ def test_the_run_report_shows_both_figures_and_names_each_mechanism() -> None:
     assert format_bytes(result.allocator_peak_bytes) in text
     assert format_bytes(result.peak_bytes) in text
     assert "c10's CPU allocator" in text and "dispatch mode" in text
+
+
+def _ranks_mlp(batch_size: int) -> Workload:
+    return seed_workload(SeedConfig(input_dim=64, hidden=256, classes=10, depth=4,
+                                    batch=batch_size, optimizer="adamw"))
+
+
+def test_every_rank_of_a_launch_is_counted_by_the_allocator_too() -> None:
+    """Accumulation and DDP on two gloo ranks: each rank's measured step by the allocator
+    (returned as ``allocator_peak_bytes``) within 1% of the ledger's, nothing left unaccounted
+    (DDP's buckets and the gradients are the rank's state after the step)."""
+    from memprop.distribute import distribute, launch
+
+    result = distribute(_ranks_mlp, batch_size=64, devices=2, microbatches=(1, 2),
+                        strategies=("accumulate", "ddp"))
+    candidates = [c for c in result.candidates if c.devices <= 2]
+    assert {c.strategy for c in candidates} == {"accumulate", "ddp"}
+    ranks = launch.spawn(launch._run_candidates, 2, "gloo", (_ranks_mlp, candidates, 2))
+    for index, candidate in enumerate(candidates):
+        for rank in candidate.ranks:
+            measured = ranks[rank.rank][str(index)]
+            allocator, ledger = measured["allocator_peak_bytes"], measured["peak_bytes"]
+            assert abs(allocator - ledger) <= AGREEMENT * allocator, (candidate, measured)
+            assert measured["allocator_unaccounted_bytes"] == 0, (candidate, measured)
