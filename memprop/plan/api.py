@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from memprop.plan.costs import (
     pointwise_seconds,
 )
 from memprop.plan.solvers import STRATEGIES, Plan, solve
-from memprop.trace.fake import device_of, fake_mode_of
+from memprop.trace.fake import device_of, exact_sizes_only, fake_mode_of, sized_at_worst
 from memprop.trace.stages import ChainCosts
 from memprop.units import parse_size
 from memprop.workload import Inputs, Workload, restore_state, save_state, to_workload
@@ -51,8 +52,10 @@ def plan(
     ``"flops"`` by counted FLOPs alone, the same plan on every machine; ``"measured"`` by the
     stages' times on real steps, after which parameters, buffers, gradients and optimizer state
     are put back. With ``fake=True`` (or a model built in a fake-tensor mode) nothing is
-    allocated. ``set_to_none`` says how the loop zeroes gradients
-    (``zero_grad(set_to_none=...)``). The planner's stages are the model's blocks
+    allocated; with ``fake=True``, the outputs of ops whose size depends on values
+    (``nonzero``: a mixture of experts' routing) are taken at their worst case (NOTE [ Sizes
+    that depend on values ] in ``memprop.trace.fake``). ``set_to_none`` says how the loop
+    zeroes gradients (``zero_grad(set_to_none=...)``). The planner's stages are the model's blocks
     (NOTE [ What a run of blocks is ] in ``memprop.blocks.find``), found in the traced step or
     named by ``blocks`` (the qualified name of an ``nn.Sequential`` or ``nn.ModuleList``); a
     block checkpointed alone may keep some of its op outputs (``memprop.plan.selective``).
@@ -64,13 +67,16 @@ def plan(
     budget_bytes = _budget(budget)
     check_strategy(strategy)
     check_cost_model(cost_model)
-    fake = fake or fake_mode_of(workload) is not None
+    asked_fake, fake = fake, fake or fake_mode_of(workload) is not None
     if fake and cost_model == "measured":
         raise UsageError(
             "cost model 'measured' was asked on fake tensors, which have no timings: "
             "use the 'flops' cost model on fake tensors, or plan on real tensors"
         )
-    chain = chain_of(workload, cost_model=cost_model, fake=fake)
+    # Sizes that depend on values are taken at their worst case only when fake was asked for:
+    # a caller that built a fake mirror of a real workload traces the real one instead.
+    with contextlib.nullcontext() if asked_fake else exact_sizes_only():
+        chain = chain_of(workload, cost_model=cost_model, fake=fake)
     return solve(chain, budget_bytes, strategy)
 
 
@@ -78,15 +84,21 @@ def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chai
     """The calibrated chain of the traced steady-state step of ``workload``.
 
     Only measured costs need a real step: otherwise a real workload is traced on a fake mirror
-    (nothing allocated, the model untouched), unless fake tensors cannot trace it (code that reads
-    tensor values), in which case the real step is traced and the model put back after. A
-    Hugging Face model is traced with its key/value cache off, as its planned steps run
-    (:func:`memprop.blocks.install.without_caches`)."""
+    (nothing allocated, the model untouched), unless fake tensors cannot trace it exactly (code
+    that reads tensor values, or sizes that depend on them), in which case the real step is
+    traced and the model put back after. A fake workload's data-dependent sizes are taken at
+    their worst case (NOTE [ Sizes that depend on values ] in ``memprop.trace.fake``). The
+    chain's ``cost_note`` says which. A Hugging Face model is traced with its key/value cache
+    off, as its planned steps run (:func:`memprop.blocks.install.without_caches`)."""
     from memprop.blocks.install import without_caches
 
     with without_caches(workload.model):
-        costs = _trace_chain(workload, cost_model=cost_model, fake=fake)
-    return priced(costs, cost_model=cost_model, device=str(device_of(workload)))
+        costs, traced_note = _trace_chain(workload, cost_model=cost_model, fake=fake)
+    chain = priced(costs, cost_model=cost_model, device=str(device_of(workload)))
+    if traced_note:
+        chain = dataclasses.replace(chain, cost_note="; ".join(
+            note for note in (chain.cost_note, traced_note) if note))
+    return chain
 
 
 def priced(costs: ChainCosts, *, cost_model: str, device: str) -> Chain:
@@ -102,21 +114,37 @@ def priced(costs: ChainCosts, *, cost_model: str, device: str) -> Chain:
                                   pointwise=pointwise_seconds(device, probes, rates))
 
 
-def _trace_chain(workload: Workload, *, cost_model: str, fake: bool) -> Any:
+READS_VALUES = ("traced on real tensors: the forward reads values, which fake tensors do not "
+                "have")
+
+
+def at_worst(ops: list[str]) -> str:
+    """What the report says of a fake trace that sized ``ops`` at their worst case."""
+    names = ", ".join(op.removeprefix("aten.").removesuffix(".default") for op in ops)
+    return (f"traced on fake tensors with the outputs of {names} at their worst case (every "
+            "element selected): the memory is an upper bound")
+
+
+def _trace_chain(workload: Workload, *, cost_model: str, fake: bool) -> tuple[Any, str]:
+    """The traced chain costs and what the report says of how they were traced ("" when on
+    fake tensors exactly, or on the real step that ``measured`` asks for)."""
     from memprop.trace.profile import trace_chain
 
     if not fake and cost_model != "measured":
         try:
-            costs = trace_chain(workload, fake=True)
+            with exact_sizes_only():
+                return trace_chain(workload, fake=True), ""
         except ModelError as error:
             if not is_fake_tensor_limit(error):
                 raise
-            with _restored(workload):
-                costs = trace_chain(workload, fake=False)
-    else:
-        with contextlib.nullcontext() if fake else _restored(workload):
-            costs = trace_chain(workload, fake=fake)
-    return costs
+        with _restored(workload):
+            return trace_chain(workload, fake=False), READS_VALUES
+    if not fake:
+        with _restored(workload):
+            return trace_chain(workload, fake=False), ""
+    with sized_at_worst() as ops:
+        costs = trace_chain(workload, fake=True)
+    return costs, at_worst(ops) if ops else ""
 
 
 def check_strategy(strategy: str) -> None:

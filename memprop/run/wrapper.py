@@ -118,8 +118,10 @@ class _Planner:
             with mode:
                 fake.targets = self.targets.fake(int(tensors[0].shape[0]) if tensors and
                                                  tensors[0].dim() else None)
+        # fake=True: sizes that depend on values at their worst case (a mixture of experts'
+        # routing), since a wrapper's forward cannot trace a real step to plan.
         result = plan(fake, budget=self.budget_bytes, strategy=self.strategy,
-                      cost_model=self.cost_model)
+                      cost_model=self.cost_model, fake=True)
         verify_plan(fake, result)
         return result
 

@@ -8,10 +8,13 @@ fake one that shares nothing with it, so the user's model is never touched.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import functools
 import sys
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,10 +23,89 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from memprop.workload import Workload
 
-__all__ = ["device_of", "fake_mode_of", "new_fake_mode", "to_fake_workload"]
+__all__ = ["device_of", "exact_sizes_only", "fake_mode_of", "new_fake_mode", "sized_at_worst",
+           "to_fake_workload"]
 
 
-class _EagerFakeMode(FakeTensorMode):
+# NOTE [ Sizes that depend on values ]
+# Fake tensors have no values, so an op whose output's size depends on them (``nonzero``, the
+# routing of a mixture of experts; ``masked_select``; a boolean mask as an index) raises
+# DynamicOutputShapeException in a plain fake mode. memprop's fake mode gives such an op its
+# worst case instead: every element selected (``nonzero`` of an n-element mask returns n
+# indices), so that a fake trace bounds the memory of every real step from above. The ops so
+# sized are collected (``sized_at_worst``) for the report to say so. Where the real step can be
+# traced instead (a workload of real tensors), ``exact_sizes_only()`` keeps the refusal, and the
+# caller traces on real tensors: exact, its size bounded by the worst case beforehand.
+# Code that reads a value itself (``.item()``, ``if mask.any():``) cannot be traced on fake
+# tensors at all: it is traced on real tensors where there are some.
+
+_worst_case_ops: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "memprop_worst_case_ops", default=None)
+_exact_only: contextvars.ContextVar[bool] = contextvars.ContextVar("memprop_exact_only",
+                                                                   default=False)
+
+
+@contextlib.contextmanager
+def sized_at_worst() -> Iterator[list[str]]:
+    """The names of the ops whose output sizes fake tensors took at their worst case within the
+    block (NOTE [ Sizes that depend on values ]), in order of first use."""
+    found: list[str] = []
+    token = _worst_case_ops.set(found)
+    try:
+        yield found
+    finally:
+        _worst_case_ops.reset(token)
+
+
+@contextlib.contextmanager
+def exact_sizes_only() -> Iterator[None]:
+    """Within the block, an op whose output size depends on values raises on fake tensors, as
+    in plain PyTorch (NOTE [ Sizes that depend on values ])."""
+    token = _exact_only.set(True)
+    try:
+        yield
+    finally:
+        _exact_only.reset(token)
+
+
+def _worst_case_shape(func: Any, args: Any, kwargs: Any) -> tuple[Any, tuple[int, ...],
+                                                                   torch.dtype] | None:
+    """(the tensor whose device it takes, the worst-case shape, the dtype) of an op whose output
+    size depends on values; None for an op without a known bound."""
+    name = getattr(func, "__name__", "")
+    first = args[0] if args else None
+    if not isinstance(first, torch.Tensor):
+        return None
+    if name in ("nonzero.default", "argwhere.default"):
+        return first, (first.numel(), first.dim()), torch.int64
+    if name == "masked_select.default" and len(args) > 1:
+        shape = torch.broadcast_shapes(first.shape, args[1].shape)
+        return first, (int(torch.Size(shape).numel()),), first.dtype
+    return None
+
+
+class _WorstCaseSizes(FakeTensorMode):
+    """A fake mode that sizes ops whose output depends on values at their worst case (NOTE
+    [ Sizes that depend on values ])."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+        try:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        except DynamicOutputShapeException:
+            worst = None if _exact_only.get() else _worst_case_shape(func, args, kwargs or {})
+            if worst is None:
+                raise
+        like, shape, dtype = worst
+        found = _worst_case_ops.get()
+        if found is not None and str(func) not in found:
+            found.append(str(func))
+        meta = torch.empty(shape, dtype=dtype, device="meta")
+        return self.fake_tensor_converter.from_meta_and_device(self, meta, like.device)
+
+
+class _EagerFakeMode(_WorstCaseSizes):
     """A fake-tensor mode under which Hugging Face transformers builds attention as eager runs
     build it.
 
