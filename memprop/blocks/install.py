@@ -55,6 +55,7 @@ from torch.utils import checkpoint as torch_checkpoint
 from memprop.errors import UsageError
 from memprop.plan.schedule import Segment
 from memprop.plan.selective import Option
+from memprop.trace.compiled import original
 from memprop.trace.stages import PREFIX, SUFFIX
 
 __all__ = ["Calls", "caching_configs", "installed", "without_caches"]
@@ -138,6 +139,7 @@ def installed(model: nn.Module, stage_names: Sequence[str], tree: Segment,
     if tree.start != 0 or tree.stop != len(stage_names):
         raise ValueError(f"the plan covers stages {tree.start}..{tree.stop}, the chain has "
                          f"{len(stage_names)}")
+    model = original(model)  # NOTE [ Compiled models are traced eagerly ]: named as traced
     blocks = _blocks(model, stage_names)
     paths = _paths(tree)
     # With nothing to recompute the model's own forward is the plan, at no cost: no block is

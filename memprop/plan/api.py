@@ -20,6 +20,7 @@ from memprop.plan.costs import (
     pointwise_seconds,
 )
 from memprop.plan.solvers import STRATEGIES, Plan, solve
+from memprop.trace.compiled import COMPILED_NOTE, original
 from memprop.trace.fake import device_of, exact_sizes_only, fake_mode_of, sized_at_worst
 from memprop.trace.stages import ChainCosts
 from memprop.units import parse_size
@@ -95,6 +96,8 @@ def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chai
     with without_caches(workload.model):
         costs, traced_note = _trace_chain(workload, cost_model=cost_model, fake=fake)
     chain = priced(costs, cost_model=cost_model, device=str(device_of(workload)))
+    if original(workload.model) is not workload.model:
+        traced_note = "; ".join(n for n in (traced_note, COMPILED_NOTE) if n)
     if traced_note:
         chain = dataclasses.replace(chain, cost_note="; ".join(
             note for note in (chain.cost_note, traced_note) if note))

@@ -22,6 +22,7 @@ from torch import nn
 from memprop.blame import user_code
 from memprop.loop import compute_loss, state_signature, tensors_in, zero_gradients
 from memprop.trace.calls import CallRecorder
+from memprop.trace.compiled import eager_model
 from memprop.trace.ledger import Category, StorageLedger
 from memprop.trace.stages import ChainCosts, StageStats, chain_costs
 from memprop.units import format_bytes
@@ -117,7 +118,8 @@ def trace_training(
     is how a training loop runs it; the notes say so. ``device`` (a memory backend) measures
     its own high-water mark over the steady step."""
     notes: list[str] = []
-    with _training_mode(workload.model, notes):
+    # NOTE [ Compiled models are traced eagerly ] (memprop.trace.compiled)
+    with eager_model(workload, notes), _training_mode(workload.model, notes):
         zero_gradients(workload)
         before = state_signature(workload)
         first = _measured(workload, create_graph, device, log_ops)
@@ -273,7 +275,8 @@ def trace_inference(workload: Workload) -> StepTrace:
     ledger = StorageLedger()
     register_step_state(ledger, workload, training=False)
     started = time.perf_counter()
-    with _mode(workload.model, training=False), torch.inference_mode(), ledger:
+    with eager_model(workload, []), _mode(workload.model, training=False), \
+            torch.inference_mode(), ledger:
         ledger.phase = "forward"
         with user_code("the model's forward (inference)"):
             output = workload.forward()
