@@ -1,0 +1,247 @@
+"""FSDP2 per rank against the allocator: memprop's prediction (FSDP2 itself under a fake process
+group, the storage ledger) beside a figure that shares nothing with the ledger, measured on real
+gloo ranks by c10d's CPU allocator as torch.profiler reports it (``profile_memory=True``, the
+profiler running in the rank from before the model is built), and torch's FSDPMemTracker as a
+second opinion. Models memprop was not written for: a residual LayerNorm MLP, a Hugging Face
+Llama from a small config, a conv net with BatchNorm, and the seed MLP; AdamW and SGD with
+momentum; 2 and 4 ranks; 1 to 8 microbatches. One launch per world size."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from memprop.distribute import fsdp
+from memprop.distribute.launch import spawn
+from memprop.workload import SeedConfig, Workload, seed_workload
+
+TOLERANCE = 0.01
+LATE_BYTES_IGNORED = 0.001
+"""Blocks freed out of the profiler's sight that add up to less than this share of the peak
+leave the figure two-sided."""
+STEPS = 3
+"""Steps each rank runs per case; the last is measured (the first makes the optimizer's state)."""
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, 4 * width)
+        self.down = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+def residual_mlp(batch_size: int) -> Workload:
+    model = nn.Sequential(nn.Linear(64, 256), *(_ResidualBlock(256) for _ in range(4)),
+                          nn.Linear(256, 10))
+    return Workload(model=model, inputs=(torch.randn(batch_size, 64),),
+                    targets=torch.randint(0, 10, (batch_size,)),
+                    loss_fn=nn.functional.cross_entropy,
+                    optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def conv_net(batch_size: int) -> Workload:
+    def unit(inside: int, outside: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(inside, outside, 3, padding=1), nn.BatchNorm2d(outside),
+                             nn.ReLU())
+
+    model = nn.Sequential(unit(3, 16), unit(16, 32), unit(32, 32), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(32, 10))
+    return Workload(model=model, inputs=(torch.randn(batch_size, 3, 32, 32),),
+                    targets=torch.randint(0, 10, (batch_size,)),
+                    loss_fn=nn.functional.cross_entropy,
+                    optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+
+
+def llama(batch_size: int) -> Workload:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=176,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, use_cache=False)
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, 256, (batch_size, 32))
+    return Workload(model=model, inputs=(), keywords={"input_ids": ids, "labels": ids},
+                    optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def seed_mlp(batch_size: int) -> Workload:
+    return seed_workload(SeedConfig(input_dim=64, hidden=256, classes=10, depth=4,
+                                    batch=batch_size, optimizer="momentum"))
+
+
+FACTORIES: dict[str, tuple[Callable[[int], Workload], tuple[str, ...]]] = {
+    "residual MLP": (residual_mlp, ("1", "2", "3", "4")),
+    "conv net": (conv_net, ("0", "1", "2")),
+    "Llama": (llama, ("model.layers.0", "model.layers.1", "model.layers.2")),
+    "seed MLP": (seed_mlp, ("layers.0", "layers.1", "layers.2", "layers.3")),
+}
+
+
+def _allocator_peak(profiler: Any, window: str, known: set[int]) -> tuple[int, bool]:
+    """The allocator's peak inside the ``record_function`` called ``window``: every block
+    reported allocated since the profiler started and not yet freed, at every allocation event;
+    and whether a free the profiler could not see may have happened in the window.
+
+    c10d's gloo backend frees some blocks on its own worker thread, which the profiler does not
+    follow, so their frees are never reported. A block allocated inside a ``c10d::`` op (gloo's
+    copy of a reduce-scatter's input) is counted freed when that op returns (the collective's
+    work holds it until it completes). Any other block whose free went unreported (an all-gather
+    buffer gloo's worker let go after FSDP2 did) is counted live until its address is handed
+    out again, or to the end when it is not one of the storages ``known`` to be live then: the
+    figure can only read high, and ``late`` says so."""
+    events: list[tuple[int, int, int, int | None]] = []
+    span = None
+    stack = [(node, None) for node in profiler.profiler.kineto_results.experimental_event_tree()]
+    while stack:
+        node, c10d_end = stack.pop()
+        kind, fields = node.typed
+        if kind.name == "Allocation":
+            events.append((node.start_time_ns, fields.alloc_size, fields.ptr, c10d_end))
+            continue
+        if node.name == window:
+            span = (node.start_time_ns, node.end_time_ns)
+        if c10d_end is None and node.name.startswith("c10d::"):
+            c10d_end = node.end_time_ns
+        stack.extend((child, c10d_end) for child in node.children)
+    assert span is not None, window
+    events.sort(key=lambda e: e[0])
+    owner: dict[int, int] = {}
+    unreported: dict[int, int] = {}  # index of the allocation -> when it was found gone
+    for index, (time, size, ptr, _) in enumerate(events):
+        if size > 0:
+            if ptr in owner:
+                unreported[owner[ptr]] = time
+            owner[ptr] = index
+        elif ptr in owner:
+            owner.pop(ptr)
+    last = events[-1][0]
+    unreported.update({i: last for ptr, i in owner.items()
+                       if events[i][3] is not None or ptr not in known})
+
+    timeline = []
+    late_bytes = 0
+    for index, (time, size, ptr, c10d_end) in enumerate(events):
+        timeline.append((time, 0, size, ptr))
+        if index in unreported:
+            if c10d_end is not None:
+                timeline.append((c10d_end, 1, -size, ptr))
+            elif time <= span[1] and unreported[index] >= span[0]:
+                late_bytes += size
+    timeline.sort(key=lambda e: (e[0], e[1]))
+    live: dict[int, int] = {}
+    total = peak = 0
+    for time, _, size, ptr in timeline:
+        if size > 0:
+            total += size - live.get(ptr, 0)
+            live[ptr] = size
+        elif ptr in live:
+            total -= live.pop(ptr)
+        if span[0] <= time <= span[1]:
+            peak = max(peak, total)
+    # Scalars c10d keeps (8 B each) are not worth a doubt.
+    return peak, late_bytes > LATE_BYTES_IGNORED * peak
+
+
+def _live_pointers(workload: Workload) -> set[int]:
+    """Data pointers of what a rank holds after its step: parameters, gradients, buffers,
+    optimizer state, inputs (each DTensor's local shard)."""
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+    model = workload.model
+    tensors = [*model.parameters(), *model.buffers(), *workload.input_tensors]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    if workload.targets is not None:
+        tensors.append(workload.targets)
+    if workload.optimizer is not None:
+        tensors += [v for state in workload.optimizer.state.values() for v in state.values()
+                    if isinstance(v, torch.Tensor)]
+    return {local(t).untyped_storage().data_ptr() for t in tensors}
+
+
+def _rank(rank: int, world: int, cases: list[tuple[str, int, int]], tracked: int
+          ) -> dict[str, Any]:
+    """Every case on this rank, each measured by the allocator over its last step; case
+    ``tracked`` also by FSDPMemTracker over one more step."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    results: dict[str, Any] = {}
+    for index, (name, microbatch_size, microbatches) in enumerate(cases):
+        factory, blocks = FACTORIES[name]
+        tracker = None
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            torch.manual_seed(0)
+            workload = factory(microbatch_size)
+            fsdp.shard(workload, blocks)
+            step = fsdp.sharded_step(workload, microbatches)
+            for number in range(STEPS):
+                with record_function(f"step {number}"):
+                    step()
+            if index == tracked:
+                # A step of its own: inside the measured one, it holds a unit's buffer longer.
+                tracker = _tracker(workload)
+                with tracker:
+                    step()
+        peak, late = _allocator_peak(profiler, f"step {STEPS - 1}", _live_pointers(workload))
+        results[str(index)] = {"allocator": peak, "late": late}
+        if tracker is not None:
+            snapshot = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+            results[str(index)]["tracker"] = int(snapshot["Total"])
+        del profiler, workload, step, tracker
+        torch.distributed.barrier()
+    return results
+
+
+def _tracker(workload: Workload) -> Any:
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    tracker = FSDPMemTracker(workload.model, workload.optimizer)
+    tracker.track_inputs((*workload.input_tensors, workload.targets))
+    return tracker
+
+
+def _check(world: int, cases: list[tuple[str, int, int]], tracked: int = -1) -> None:
+    measured = spawn(_rank, world, "gloo", (cases, tracked))
+    failures: list[str] = []
+    bounded: list[str] = []
+    for index, (name, microbatch_size, microbatches) in enumerate(cases):
+        factory, blocks = FACTORIES[name]
+        for rank in range(world):
+            predicted = fsdp.rank_peak_bytes(factory, microbatch_size, microbatches, world,
+                                             rank, blocks)
+            figure = measured[rank][str(index)]
+            real, late = figure["allocator"], figure["late"]
+            label = (f"{name} {world} ranks {microbatches}x{microbatch_size} rank {rank}: "
+                     f"predicted {predicted:,} B, allocator {real:,} B")
+            if late:
+                # gloo's worker let a buffer go after FSDP2 did, at a time the profiler cannot
+                # see: the figure is an upper bound of the real peak, which the prediction must
+                # not exceed (NOTE [ Predicting FSDP2 with a fake process group ]).
+                bounded.append(label)
+                if predicted * (1 - TOLERANCE) > real:
+                    failures.append(label + " (an upper bound: a late free)")
+            elif abs(predicted - real) > TOLERANCE * real:
+                failures.append(label)
+            if "tracker" in figure and abs(figure["tracker"] - real) > TOLERANCE * real:
+                failures.append(label + f"; FSDPMemTracker {figure['tracker']:,} B")
+    print("\n".join(["upper bounds only:", *bounded]))
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fsdp2_on_two_ranks_equals_the_allocator() -> None:
+    _check(2, [("residual MLP", 64, 1), ("residual MLP", 64, 2), ("residual MLP", 16, 8),
+               ("conv net", 16, 2), ("Llama", 8, 1), ("seed MLP", 128, 1)], tracked=4)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fsdp2_on_four_ranks_equals_the_allocator() -> None:
+    _check(4, [("residual MLP", 32, 2), ("seed MLP", 32, 4), ("Llama", 2, 4)])
