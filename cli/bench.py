@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -31,6 +32,18 @@ def _files(part: str, quick: bool) -> list[str]:
     return [f"{stem}.md", f"{stem}.json"] + ([f"{stem}.png"] if plotted else [])
 
 
+def _check_writable(out: Path) -> None:
+    """Refuse a folder the reports cannot be written to now, not after the benchmark's minutes:
+    it is created and a file is made and removed in it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".memprop-probe-"):
+            pass
+    except OSError as error:
+        raise UsageError(f"--out {out} cannot be written ({error.strerror or error}): give a "
+                         "folder you can write to") from None
+
+
 def bench_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the reports.")] = Path("reports"),
     only: Annotated[list[str] | None, typer.Option(
@@ -57,6 +70,7 @@ def bench_command(
                          f"{', '.join(PARTS)}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: give a folder for the reports")
+    _check_writable(out)
     taken = [str(out / name) for part in chosen for name in _files(part, quick)
              if (out / name).exists()]
     if taken and not overwrite:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +18,7 @@ from memprop_cli.options import (
     WorkloadOptions,
     builder,
     console_for,
+    output_path,
     with_workload_options,
     working,
 )
@@ -32,8 +34,9 @@ def fit_command(
     real: Annotated[bool, typer.Option(
         "--real", help="Verify: run the batch found for real and check its peak.")] = False,
     json_path: Annotated[Path | None, typer.Option(
-        "--json", metavar="PATH", help="Write the fit document (schema_version 1); - is "
-                                       "standard output.")] = None,
+        "--json", metavar="PATH", parser=output_path,
+        help="Write the fit document (schema_version 1); - is "
+             "standard output.")] = None,
     max_overhead: Annotated[float | None, typer.Option(
         "--max-overhead", metavar="FRACTION",
         help="With checkpointing: the largest batch at most this much extra compute allows "
@@ -43,8 +46,9 @@ def fit_command(
 
     Found by bisection on fake traces, with the headroom left, and with checkpointing."""
     console = console_for({"--json": json_path})
-    if max_overhead is not None and max_overhead < 0:
-        raise UsageError(f"--max-overhead {max_overhead}: give a fraction >= 0 (0.3 is 30%)")
+    if max_overhead is not None and not (math.isfinite(max_overhead) and max_overhead >= 0):
+        raise UsageError(f"--max-overhead {max_overhead}: give a finite fraction >= 0 (0.3 is "
+                         "30%), or leave it out for no limit")
     cap = resolve_budget(budget, options.device)
     source = (f"from --budget {budget}" if budget is not None
               else f"no --budget given, so {cap.source}")

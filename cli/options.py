@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -20,7 +22,7 @@ from rich.console import Console
 
 from memprop.blame import is_fake_tensor_limit
 from memprop.devices import get_device
-from memprop.errors import ModelError, UsageError
+from memprop.errors import DeviceUnavailableError, ModelError, UsageError
 from memprop.estimate import Build
 from memprop.trace.fake import new_fake_mode, to_fake_workload
 from memprop.workload import (
@@ -39,6 +41,9 @@ SEED = SeedConfig()
 """The built-in workload's defaults: every subcommand's defaults come from here."""
 MAX_SIZE = 2**48
 """The largest batch or depth accepted: beyond it tensor sizes overflow 64-bit integers."""
+PIPED_WIDTH = 200
+"""Columns of the report when it goes to a pipe or a file (rich assumes 80): wide enough for
+every table's numbers, whole."""
 SEED_ONLY = ("input_dim", "hidden", "classes", "activation", "bias", "weight_decay")
 """Flags that shape the built-in MLP and mean nothing to a user's model."""
 
@@ -99,6 +104,8 @@ class WorkloadOptions:
     blocks: str | None = None
     given: frozenset[str] = frozenset()
     """The options the user typed (not defaults)."""
+    batch_is_factorys: bool = False
+    """``batch`` is the default of the factory's own ``batch_size`` (no ``--batch`` given)."""
 
     def seed_config(self) -> SeedConfig:
         return SeedConfig(
@@ -182,6 +189,10 @@ def with_workload_options(*, exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
                               and _typed(ctx.get_parameter_source(name)))
             options = WorkloadOptions(**values, given=given)
             options.validate()
+            if "batch" not in exclude:
+                options = _factory_batch(options)
+            if options.depth is not None:
+                say_trace_time(options, options.depth)
             return command(options=options, **kwargs)
 
         wrapper.__signature__ = signature.replace(  # type: ignore[attr-defined]
@@ -189,6 +200,37 @@ def with_workload_options(*, exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+DEEP = 1000
+"""From this depth on, a command first says how long tracing the step will take
+(``memprop.estimate.duration``): minutes to hours, where smaller depths take seconds."""
+
+
+def say_trace_time(options: WorkloadOptions, depth: int) -> None:
+    """For a deep workload, the time its trace will take, on stderr, before it starts."""
+    if depth < DEEP:
+        return
+    from memprop.estimate.duration import estimate_trace
+
+    estimate = estimate_trace(builder(options), depth)
+    if estimate is not None:
+        typer.echo(f"note: {estimate.sentence()}; Ctrl-C stops it", err=True)
+
+
+def _factory_batch(options: WorkloadOptions) -> WorkloadOptions:
+    """Without --batch, a factory's own default batch_size is the batch (the seed MLP's 512 means
+    nothing to it)."""
+    if options.model is None or "batch" in options.given:
+        return options
+    try:
+        parameter = inspect.signature(load_factory(options.model)).parameters.get("batch_size")
+    except (TypeError, ValueError):
+        return options
+    default = None if parameter is None else parameter.default
+    if type(default) is not int or default < 1:
+        return options
+    return replace(options, batch=default, batch_is_factorys=True)
 
 
 def _typed(source: Any) -> bool:
@@ -211,6 +253,7 @@ def builder(options: WorkloadOptions) -> Build:
     """How the options make a workload of a given batch and depth: the seed MLP, or the user's
     factory with ``--dtype``, ``--device`` and ``--optimizer`` applied. The one conversion of
     options into workloads: ``build_workload``, ``sweep`` and ``fit`` all call it."""
+    _check_cuda_build(options.device)
     if options.model is None:
         config = options.seed_config()
 
@@ -238,6 +281,17 @@ def builder(options: WorkloadOptions) -> Build:
     return build_model
 
 
+def _check_cuda_build(device: str) -> None:
+    """A CPU build of torch cannot make CUDA tensors, not even fake ones."""
+    import torch
+
+    if device.startswith("cuda") and not torch.backends.cuda.is_built():
+        raise DeviceUnavailableError(
+            f"--device {device}: this torch ({torch.__version__}) is a CPU build, which cannot "
+            "make CUDA tensors, even fake ones: install a CUDA build of torch, or use "
+            "--device cpu (a fake trace's bytes are the same)")
+
+
 def build_workload(options: WorkloadOptions, *, fake: bool, fallback: bool = True,
                    say: Callable[[str], None] = lambda _: None) -> Workload:
     """The workload the options name, built inside a fake-tensor mode when ``fake``.
@@ -246,6 +300,9 @@ def build_workload(options: WorkloadOptions, *, fake: bool, fallback: bool = Tru
     constructor, as some timm models do) cannot be built on fake tensors: with ``fallback`` it
     is then built for real and traced on a fake copy, and ``say`` is told."""
     build = builder(options)
+    if options.batch_is_factorys:
+        say(f"batch {options.batch}: the default of {options.model}'s batch_size (--batch "
+            "sets another)")
     if options.model is None and not fake:
         get_device(options.device)  # a clear error now, not a CUDA traceback later
     if not fake:
@@ -263,12 +320,29 @@ def build_workload(options: WorkloadOptions, *, fake: bool, fallback: bool = Tru
     return to_fake_workload(real, new_fake_mode())
 
 
+def output_path(text: str) -> Path:
+    """An output flag's path as typed (the ``parser`` of every ``--json``, ``--html``...):
+    ``pathlib`` drops a trailing slash, which would turn ``--json out/`` into a file named
+    ``out``, so a path that names a folder is refused here, before it is converted."""
+    if text != "-" and text.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"{text} ends in {text[-1]}, so it names a folder: give the "
+                                 f"path of a file (such as {text}report.json), or - for "
+                                 "standard output")
+    if not text:
+        raise typer.BadParameter("the path is empty: give a file path, or - for standard output")
+    return Path(text)
+
+
 def console_for(outputs: dict[str, Any]) -> Console:
     """The console for the human report: stderr when a document goes to standard output."""
     from memprop.report.output import check_outputs, writes_to_stdout
 
     check_outputs(outputs)
-    return Console(stderr=writes_to_stdout(outputs))
+    console = Console(stderr=writes_to_stdout(outputs))
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        # A pipe or a file has no width: rich's 80 columns would cut a table's numbers.
+        console = Console(stderr=writes_to_stdout(outputs), width=PIPED_WIDTH)
+    return console
 
 
 @contextlib.contextmanager

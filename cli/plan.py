@@ -15,6 +15,8 @@ from memprop_cli.options import (
     WorkloadOptions,
     build_workload,
     console_for,
+    output_path,
+    preflight,
     with_workload_options,
     working,
 )
@@ -54,7 +56,8 @@ def plan_command(
     strategy: Strategy = "optimal",
     cost_model: CostModel = "roofline",
     json_path: Annotated[Path | None, typer.Option(
-        "--json", metavar="PATH", help="Write the plan document; - is standard output.")] = None,
+        "--json", metavar="PATH", parser=output_path,
+        help="Write the plan document; - is standard output.")] = None,
 ) -> None:
     """What to recompute so the training peak fits the budget, at the least extra compute.
 
@@ -68,6 +71,10 @@ def plan_command(
     console = console_for({"--json": json_path})
     check_plan_options(strategy, cost_model, fake=fake)
     cap = resolve_budget(budget, options.device)
+    if not fake:
+        # A plan on real tensors times the unplanned step, which must fit the device first.
+        preflight(options, "planning on real tensors runs the unplanned step, which",
+                  "plan it with --fake (nothing is allocated), or lower --batch")
     with working("planning"):
         workload = build_workload(options, fake=fake, say=console.print)
         chain = chain_of(workload, cost_model=cost_model, fake=fake)

@@ -9,12 +9,14 @@ import typer
 
 import memprop
 from memprop.devices.cpu import fix_malloc_threshold
+from memprop.errors import UsageError
 from memprop.report.json_report import write_json
 from memprop.report.terminal import render_profile
 from memprop_cli.options import (
     WorkloadOptions,
     build_workload,
     console_for,
+    output_path,
     preflight,
     with_workload_options,
     working,
@@ -29,12 +31,15 @@ def profile_command(
     options: WorkloadOptions,
     fake: Fake = False,
     json_path: Annotated[Path | None, typer.Option(
-        "--json", metavar="PATH", help="Write the profile document (schema_version 1); - is "
-                                       "standard output.")] = None,
+        "--json", metavar="PATH", parser=output_path,
+        help="Write the profile document (schema_version 1); - is "
+             "standard output.")] = None,
     html_path: Annotated[Path | None, typer.Option(
-        "--html", metavar="PATH", help="Write a self-contained HTML report.")] = None,
+        "--html", metavar="PATH", parser=output_path,
+        help="Write a self-contained HTML report.")] = None,
     trace_path: Annotated[Path | None, typer.Option(
-        "--trace", metavar="PATH", help="Write a Chrome trace / Perfetto JSON.")] = None,
+        "--trace", metavar="PATH", parser=output_path,
+        help="Write a Chrome trace / Perfetto JSON.")] = None,
     top: Annotated[int, typer.Option(help="Rows of the saved-tensor ledger to show.")] = 12,
     create_graph: Annotated[bool, typer.Option(
         "--create-graph", help="Backward with create_graph=True (second derivatives).")] = False,
@@ -44,6 +49,8 @@ def profile_command(
     Traces the steady-state training step (the optimizer's state allocated, as from the second
     step of your loop on; the first step too when it differs) and one inference pass: every
     tensor saved for backward, the totals by category, the stages, and the peaks."""
+    if top < 0:
+        raise UsageError(f"--top {top}: give a number of rows >= 0")
     console = console_for({"--json": json_path, "--html": html_path, "--trace": trace_path})
     if not fake:
         preflight(options, "this training step", "estimate it with --fake, or lower --batch")

@@ -11,10 +11,12 @@ from memprop.budget import resolve_budget
 from memprop.errors import ModelError, UsageError
 from memprop.report.json_report import write_json
 from memprop.units import format_bytes
+from memprop.workload import Workload
 from memprop_cli.options import (
     WorkloadOptions,
     build_workload,
     console_for,
+    output_path,
     with_workload_options,
     working,
 )
@@ -29,7 +31,8 @@ def run_command(
     strategy: Strategy = "optimal",
     cost_model: CostModel = "roofline",
     json_path: Annotated[Path | None, typer.Option(
-        "--json", metavar="PATH", help="Write the run document; - is standard output.")] = None,
+        "--json", metavar="PATH", parser=output_path,
+        help="Write the run document; - is standard output.")] = None,
 ) -> None:
     """Train under the plan and measure it against the unplanned step.
 
@@ -54,7 +57,7 @@ def run_command(
     plan, baseline = None, True
     with working("planning on fake tensors"):
         try:
-            fake = build_workload(options, fake=True, fallback=False)
+            fake = build_workload(options, fake=True, fallback=False, say=console.print)
             device = str(device_of(fake))
             plan = memprop.plan(fake, budget=cap.bytes, strategy=strategy,
                                 cost_model=on_fake_tensors(cost_model))
@@ -74,6 +77,7 @@ def run_command(
                              "fit this device: use --cost-model roofline")
     with working("running the planned steps"):
         workload = build_workload(options, fake=False)
+        unfinite = _not_finite(workload)
         if plan is None or cost_model == "measured":
             plan = memprop.plan(workload, budget=cap.bytes, strategy=strategy,
                                 cost_model=cost_model)
@@ -91,9 +95,26 @@ def run_command(
         render_reconciliation(layers, console)
     if json_path is not None:
         console.print(f"wrote {write_json(json_path, result.to_dict())}")
+    if unfinite is not None and result.gradients_match is False:
+        console.print(f"warning: the gradients cannot match: {unfinite}, so the loss and the "
+                      "gradients are NaN, and NaN equals nothing, itself included; give finite "
+                      "inputs to check them", style="yellow")
     failure, mismatch = check_run(result)
     if mismatch is not None:
         console.print(f"warning: {mismatch}", style="yellow")
     if failure is not None:
         raise failure
     console.print(f"every measured step within the budget of {format_bytes(plan.budget_bytes)}")
+
+
+def _not_finite(workload: Workload) -> str | None:
+    """What holds NaN or infinity among the workload's inputs and targets, in words, or None."""
+    import torch
+
+    named = [(f"input {i}", t) for i, t in enumerate(workload.inputs)]
+    named += [(f"input {k!r}", t) for k, t in workload.keywords.items()]
+    if workload.targets is not None:
+        named.append(("the targets", workload.targets))
+    bad = [name for name, tensor in named
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    return None if not bad else f"{', '.join(bad)} hold{'s' if len(bad) == 1 else ''} NaN or inf"

@@ -18,7 +18,9 @@ from memprop_cli.options import (
     WorkloadOptions,
     builder,
     console_for,
+    output_path,
     parse_sizes,
+    say_trace_time,
     with_workload_options,
 )
 
@@ -36,9 +38,11 @@ def sweep_command(
         "--real", help="Run every cell for real (a cell that runs out of memory, or is "
                        "predicted to, is recorded as oom).")] = False,
     json_path: Annotated[Path | None, typer.Option(
-        "--json", metavar="PATH", help="Write the sweep document (schema_version 1).")] = None,
+        "--json", metavar="PATH", parser=output_path,
+        help="Write the sweep document (schema_version 1).")] = None,
     plot_path: Annotated[Path | None, typer.Option(
-        "--plot", metavar="PATH", help="Draw the peaks against batch and depth (.png, .svg).",
+        "--plot", metavar="PATH", parser=output_path,
+        help="Draw the peaks against batch and depth (.png, .svg).",
     )] = None,
 ) -> None:
     """Training and inference peaks against batch size and depth.
@@ -55,6 +59,8 @@ def sweep_command(
 
         check_plot_path(plot_path)
     build = builder(options)
+    if any(d is not None for d in depths):
+        say_trace_time(options, max(d for d in depths if d is not None))
     progress = Progress(
         TextColumn("sweeping"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
         TimeElapsedColumn(), console=Console(stderr=True), transient=True,
@@ -71,14 +77,15 @@ def sweep_command(
         result = sweep(build, batch_sizes=batch_sizes, depths=depths, real=real,
                        on_cell=advance)
     render_sweep(result, console)
+    if not any(cell.status == "ok" for cell in result.cells):
+        # Before any output is written: a failed command leaves the files it names as they were.
+        first = next(cell.message for cell in result.cells if cell.message)
+        if any(cell.status == "oom" for cell in result.cells):
+            raise OutOfMemoryError(f"no cell fit the device: {first}")
+        raise WorkloadError(f"every cell failed: {first}")
     if json_path is not None:
         console.print(f"wrote {write_json(json_path, result.to_dict())}")
     if plot_path is not None:
         from memprop.report.plot import write_sweep_plot
 
         console.print(f"wrote {write_sweep_plot(plot_path, result)}")
-    if not any(cell.status == "ok" for cell in result.cells):
-        first = next(cell.message for cell in result.cells if cell.message)
-        if any(cell.status == "oom" for cell in result.cells):
-            raise OutOfMemoryError(f"no cell fit the device: {first}")
-        raise WorkloadError(f"every cell failed: {first}")

@@ -7,8 +7,8 @@ every op and module hooks follow every call. An exception raised there is the us
 :class:`memprop.errors.ModelError`, exit 2, one line naming the user's frame) unless memprop's
 own code raised it, which is a bug and keeps its traceback. The innermost frame of the traceback
 that belongs neither to torch nor to the standard library decides. Some memprop frames do not
-count: the relays that only pass a call on (the ledger's passthrough of an op, so that an op
-that fails on the user's tensors fails inside the ledger's ``__torch_dispatch__``;
+count: the relays that only pass a call on (a dispatch mode's hook, the ledger's or the fake
+mode's, that called deeper code: an op that fails on the user's tensors fails inside them;
 ``Workload.forward``, so that a model built of torch's own modules, an ``nn.Sequential`` of
 ``nn.Linear`` of the wrong widths, is the user's), and the frame that called the user's code
 (an error that torch's C++ raises, in the autograd engine say, has no other frame). A
@@ -37,9 +37,15 @@ __all__ = ["is_fake_tensor_limit", "is_out_of_memory", "user_code"]
 _MEMPROP = str(Path(__file__).resolve().parent) + os.sep
 _TORCH = str(Path(torch.__file__).resolve().parent) + os.sep
 _STDLIB = str(Path(sysconfig.get_paths()["stdlib"]).resolve()) + os.sep
-_RELAYS = ("func(*args, **kwargs)", "self.model(*self.inputs, **self.keywords)")
-"""Lines of memprop that only pass a call on to torch or the user's code: the ledger's call of
-the op it records (``memprop/trace/ledger.py``) and ``Workload.forward``."""
+_DISPATCH_HOOKS = ("__torch_dispatch__", "dispatch")
+"""What a dispatch mode's frames are called: memprop's modes (the ledger, the fake mode) see
+every op of the user's code and pass it on to torch."""
+_OP_CALL = "func(*args, **kwargs)"
+"""How a dispatch hook calls the op it was handed (``memprop/trace/ledger.py``)."""
+_FORWARD = ("workload.py", "forward")
+_MODEL_LIBRARY = ("zoo.py", "models.py")
+"""memprop's own models (``memprop.zoo``, the seed MLP), which users train as their own."""
+"""``Workload.forward``: ``model(*inputs, **keywords)``, nothing else."""
 _HERE = os.path.realpath(__file__)
 
 _FAKE_TENSOR_LIMITS = ("DataDependentOutputException", "DynamicOutputShapeException",
@@ -71,7 +77,9 @@ def is_fake_tensor_limit(error: BaseException) -> bool:
 def _owner(filename: str) -> str:
     path = os.path.realpath(filename) if not filename.startswith("<") else filename
     if path.startswith(_MEMPROP):
-        return "memprop"
+        # memprop's model library is model code, as a user's would be: what fails in its
+        # forward (BatchNorm given one value per channel) is the input's doing.
+        return "user" if path[len(_MEMPROP):] in _MODEL_LIBRARY else "memprop"
     if path.startswith(_TORCH) or filename.startswith("<"):
         return "torch"  # torch's files, and generated or frozen code
     if path.startswith(_STDLIB) and "site-packages" not in path:
@@ -91,13 +99,25 @@ def culprit(error: BaseException) -> traceback.FrameSummary | None:
             return frame
         if owner != "memprop":
             continue
-        source = frame.line or linecache.getline(frame.filename, frame.lineno or 0)
-        if any(relay in source for relay in _RELAYS):
+        if _relays(frame, innermost=position == len(frames) - 1):
             continue
         if position == 0:
             return frame  # the call into the user's code: torch's C++ raised it
         return None
     return frames[0] if frames else None
+
+
+def _relays(frame: traceback.FrameSummary, *, innermost: bool) -> bool:
+    """Whether a memprop frame only passed the call on (NOTE [ Blame ]): a dispatch mode's hook
+    that called deeper code (the error came from the op it passed on, not from its own
+    bookkeeping) or the op that raised in C++, or ``Workload.forward``."""
+    if frame.name in _DISPATCH_HOOKS:
+        if not innermost:
+            return True
+        # The op itself, raised from C++ (real tensors): no deeper frame, the call's line.
+        source = frame.line or linecache.getline(frame.filename, frame.lineno or 0)
+        return _OP_CALL in source
+    return (Path(frame.filename).name, frame.name) == _FORWARD
 
 
 def describe(frame: traceback.FrameSummary) -> str:
@@ -118,6 +138,13 @@ def user_code(what: str) -> Iterator[None]:
         yield
     except MemPropError:
         raise
+    except SystemExit as error:
+        # sys.exit() in a factory or a forward would end memprop with the user's code, silently.
+        frame = culprit(error)
+        where = describe(frame) if frame is not None else ""
+        raise ModelError(f"{what} called sys.exit({error.code!r}): memprop needs it to return "
+                         "(a script's exit does not belong in a factory or a model)"
+                         + (f" (at {where})" if where else "")) from error
     except Exception as error:
         if is_out_of_memory(error):
             first = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"

@@ -96,8 +96,11 @@ def compute_loss(workload: Workload, output: Any) -> tuple[torch.Tensor, str]:
         loss = parts[0]
         for part in parts[1:]:
             loss = loss + part
-        note = ("output.float().mean() (no loss function given; memory-wise the choice hardly "
-                "matters)")
+        reduced = ("output.float().mean()" if isinstance(output, torch.Tensor) else
+                   f"the sum of .float().mean() of the output's {len(parts)} tensors that "
+                   "require grad" if len(parts) > 1 else
+                   "the .float().mean() of the output's one tensor that requires grad")
+        note = f"{reduced} (no loss function given; memory-wise the choice hardly matters)"
     if not loss.requires_grad:
         raise ModelError(_why_no_gradient(workload, output))
     return loss, note

@@ -4,6 +4,7 @@ else in memprop; units are converted only here."""
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 from memprop.errors import UsageError
 
@@ -26,6 +27,9 @@ _UNITS = {
     "tib": 1024**4,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+MAX_SIZE_BYTES = 2**63 - 1
+"""The largest size memprop takes (8 EiB): torch counts bytes in signed 64-bit integers, and
+no machine comes near it."""
 
 
 def parse_size(text: str | int) -> int:
@@ -39,7 +43,7 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         if text < 0:
             raise UsageError(f"size {text} is negative: give a number of bytes >= 0")
-        return text
+        return _bounded(text, str(text))
     match = _SIZE.match(str(text))
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _UNITS:
@@ -47,7 +51,16 @@ def parse_size(text: str | int) -> int:
             f"size {text!r} does not parse: write a number and a unit, like '512MiB', "
             "'1.5GiB' (binary) or '2GB' (decimal)"
         )
-    return int(float(match.group(1)) * _UNITS[unit])
+    # Exact arithmetic: a float would round a long number, or overflow to infinity.
+    return _bounded(int(Fraction(match.group(1)) * _UNITS[unit]), str(text).strip())
+
+
+def _bounded(size: int, text: str) -> int:
+    if size > MAX_SIZE_BYTES:
+        shown = text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
+        raise UsageError(f"size {shown} is more than 8 EiB (2**63 bytes), more than any "
+                         "machine holds: give a size such as '512MiB' or '80GiB'")
+    return size
 
 
 def format_bytes(n: int) -> str:

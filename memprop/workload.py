@@ -2,8 +2,9 @@
 
 A user's own workload comes from a factory named ``package.module:func`` or
 ``path/to/file.py:func``; memprop calls ``func(batch_size=B)``, adding ``depth=D`` when the function
-accepts it. The factory returns ``(model, inputs)``, ``(model, inputs, targets)`` or a
-``Workload``.
+accepts it. The factory returns ``(model, inputs)`` or a ``Workload`` (which carries targets
+with the loss function they go to; ``(model, inputs, targets)`` has no loss for its targets and
+is refused, as the Python API refuses targets without a ``loss_fn``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import copy
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -132,8 +134,9 @@ class SeedConfig:
                              f"{', '.join(OPTIMIZERS)}")
         if not (self.device in ("cpu", "cuda") or self.device.startswith("cuda:")):
             raise UsageError(f"--device {self.device!r} is not supported: use cpu, cuda or cuda:N")
-        if self.weight_decay < 0:
-            raise UsageError(f"--weight-decay is {self.weight_decay}: it must be >= 0")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UsageError(f"--weight-decay is {self.weight_decay}: it must be a finite "
+                             "number >= 0")
 
 
 _DTYPES = {
@@ -296,9 +299,15 @@ def as_workload(
                 f"factory {name} returned inputs of type {type(result[1]).__name__}: "
                 "return a tensor, a tuple of tensors or a dict of tensors"
             ) from None
-        targets = result[2] if len(result) == 3 else None
-        return Workload(model=result[0], inputs=inputs, keywords=keywords, targets=targets,
-                        name=name, batch_size=batch_size, depth=depth)
+        if len(result) == 3:
+            # As the Python API (to_workload): targets without a loss would reach no loss.
+            raise WorkloadError(
+                f"factory {name} returned (model, inputs, targets) but no loss function, so "
+                "the targets would reach no loss: return memprop.Workload(model=..., "
+                "inputs=..., targets=..., loss_fn=...) (called as loss_fn(output, targets)), "
+                "or (model, inputs) to train on the output's mean")
+        return Workload(model=result[0], inputs=inputs, keywords=keywords, name=name,
+                        batch_size=batch_size, depth=depth)
     raise WorkloadError(
         f"factory {name} returned {type(result).__name__}: return (model, inputs), "
         "(model, inputs, targets) or a memprop.Workload"
@@ -395,6 +404,10 @@ def load_factory(spec: str) -> Callable[..., Any]:
             path = Path(module_name)
             if not path.is_file():
                 raise WorkloadError(f"--model {spec!r}: file {path} does not exist")
+            package = _package_of(path)
+            if package is not None:
+                module = _import_from_package(path, *package, spec=spec)
+                return _function(module, module_name, func_name, spec)
             _on_path(str(path.resolve().parent))
             unique = f"_memprop_factory_{abs(hash(str(path.resolve())))}"
             module_spec = importlib.util.spec_from_file_location(unique, path)
@@ -408,15 +421,47 @@ def load_factory(spec: str) -> Callable[..., Any]:
             _on_path(os.getcwd())
             with user_code(f"importing {module_name}"):
                 module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        raise WorkloadError(f"--model {spec!r}: no module named {error.name!r} (looked in the "
-                            "current folder and on sys.path)") from error
     except ModelError as error:
+        missing = error.__cause__
+        if isinstance(missing, ModuleNotFoundError) and missing.name and (
+                module_name == missing.name or module_name.startswith(missing.name + ".")):
+            # The module named in the spec (not one it imports, whose line ModelError names).
+            raise WorkloadError(f"--model {spec!r}: no module named {missing.name!r} (looked "
+                                "in the current folder and on sys.path)") from missing
         raise WorkloadError(f"--model {spec!r}: {error}") from error.__cause__
+    return _function(module, module_name, func_name, spec)
+
+
+def _function(module: Any, module_name: str, func_name: str, spec: str) -> Callable[..., Any]:
     func = getattr(module, func_name, None)
     if not callable(func):
         raise WorkloadError(f"--model {spec!r}: {module_name} has no function {func_name!r}")
     return func  # type: ignore[no-any-return]
+
+
+def _package_of(path: Path) -> tuple[str, str] | None:
+    """``(folder, dotted name)`` when ``path`` lies in a package (its folder holds an
+    ``__init__.py``): the folder above the outermost package, and the module's name from there,
+    so that it imports as ``python -m`` would import it, its relative imports included."""
+    file = path.resolve()
+    folder, parts = file.parent, [file.stem]
+    while (folder / "__init__.py").is_file() and folder.parent != folder:
+        parts.insert(0, folder.name)
+        folder = folder.parent
+    return None if len(parts) == 1 else (str(folder), ".".join(parts))
+
+
+def _import_from_package(path: Path, root: str, dotted: str, *, spec: str) -> Any:
+    _on_path(root)
+    with user_code(f"importing {path}"):
+        module = importlib.import_module(dotted)
+    found = getattr(module, "__file__", None)
+    if found is None or Path(found).resolve() != path.resolve():
+        raise WorkloadError(f"--model {spec!r}: {path} lies in the package {dotted}, but "
+                            f"importing {dotted} gives {found or 'another module'} (a package "
+                            "of that name is already imported or installed): rename the "
+                            "package, or name the factory as package.module:func")
+    return module
 
 
 def _on_path(folder: str) -> None:

@@ -84,12 +84,12 @@ def _totals_table(profile: Profile) -> Table:
     measured = profile.measured
     table = Table(title="Where the training step's memory goes", title_justify="left")
     table.add_column("", no_wrap=True)
-    table.add_column("size", justify="right")
-    table.add_column("at the peak", justify="right")
+    table.add_column("size", justify="right", overflow="fold")
+    table.add_column("at the peak", justify="right", overflow="fold")
     if closed:
-        table.add_column("closed form", justify="right")
+        table.add_column("closed form", justify="right", overflow="fold")
     if measured is not None:
-        table.add_column("measured", justify="right")
+        table.add_column("measured", justify="right", overflow="fold")
 
     def row(label: str | Text, size: str | Text, at_peak: str, field: str | None,
             measured_bytes: int | None = None) -> None:
@@ -137,7 +137,7 @@ def _ledger_table(profile: Profile, top: int) -> Table:
     )
     for name, justify in (("module", "left"), ("op", "left"), ("shape", "left"),
                           ("dtype", "left"), ("size", "right"), ("lifetime", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for tensor in saved[:top]:
         table.add_row(tensor.module or "(loss)", tensor.op, "×".join(map(str, tensor.shape)) or
                       "scalar", tensor.dtype, format_bytes(tensor.bytes),
@@ -152,7 +152,7 @@ def _ledger_table(profile: Profile, top: int) -> Table:
 def _stage_table(profile: Profile) -> Table:
     table = Table(title="Stages (the chain the planner sees)", title_justify="left")
     for name in ("stage", "forward", "backward", "GFLOP fwd", "input", "saved", "output"):
-        table.add_column(name, justify="left" if name == "stage" else "right")
+        table.add_column(name, justify="left" if name == "stage" else "right", overflow="fold")
     timed = profile.workload.get("mode") != "fake"
 
     def ms(seconds: float) -> str:
@@ -199,9 +199,9 @@ def render_sweep(sweep: Sweep, console: Console) -> None:
         style="bold"))
     grid = Table(title="Training peak (bold), inference peak and their ratio, per cell",
                  title_justify="left", show_lines=True)
-    grid.add_column("depth \\ batch", justify="right")
+    grid.add_column("depth \\ batch", justify="right", overflow="fold")
     for batch in sweep.batch_sizes:
-        grid.add_column(str(batch), justify="right")
+        grid.add_column(str(batch), justify="right", overflow="fold")
     for depth in sweep.depths:
         grid.add_row(_depth_label(depth),
                      *(_sweep_cell_text(sweep.cell(b, depth)) for b in sweep.batch_sizes))
@@ -211,12 +211,12 @@ def render_sweep(sweep: Sweep, console: Console) -> None:
     lines = Table(title="Training peak = fixed + per example × batch (least squares per depth)",
                   title_justify="left")
     for name in ("depth", "fixed", "per example", "max residual"):
-        lines.add_column(name, justify="right")
+        lines.add_column(name, justify="right", overflow="fold")
     if has_closed:
-        lines.add_column("closed form: fixed", justify="right")
-        lines.add_column("per example", justify="right")
-        lines.add_column("cells = closed form", justify="right")
-    lines.add_column("inference per example", justify="right")
+        lines.add_column("closed form: fixed", justify="right", overflow="fold")
+        lines.add_column("per example", justify="right", overflow="fold")
+        lines.add_column("cells = closed form", justify="right", overflow="fold")
+    lines.add_column("inference per example", justify="right", overflow="fold")
     for depth_fit in fits:
         line = depth_fit.training
         if line is None:
@@ -260,7 +260,7 @@ def render_fit(result: FitResult, console: Console) -> None:
                   f" {result.budget_source}")
     table = Table(title_justify="left", show_header=False)
     table.add_column("")
-    table.add_column("", justify="right")
+    table.add_column("", justify="right", overflow="fold")
     table.add_column("", style="dim")
     table.add_row(Text("largest batch that fits", style="bold"),
                   Text(str(result.max_batch_size), style="bold"),

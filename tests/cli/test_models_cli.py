@@ -20,6 +20,7 @@ pytest.importorskip("transformers")
 FACTORIES = textwrap.dedent('''
     import torch
     import transformers
+    import memprop
     from torch.nn import functional as F
     from memprop.zoo import Bottleneck, ResNet
 
@@ -38,7 +39,8 @@ FACTORIES = textwrap.dedent('''
         torch.manual_seed(0)
         images = torch.randn(batch_size, 3, 32, 32)
         labels = torch.randint(0, 10, (batch_size,))
-        return ResNet(Bottleneck, [1, 2, 2, 1], width=8), images, labels
+        return memprop.Workload(model=ResNet(Bottleneck, [1, 2, 2, 1], width=8),
+                                inputs=(images,), targets=labels, loss_fn=F.cross_entropy)
     ''')
 
 

@@ -18,6 +18,7 @@ from memprop_cli.main import app
 PACKAGE = '''
 import torch
 from torch import nn
+import memprop
 from mypkg.layers import Block
 
 
@@ -32,6 +33,12 @@ class Net(nn.Module):
 
 
 def net(batch_size):
+    return memprop.Workload(model=Net(), inputs=(torch.randn(batch_size, 16),),
+                            targets=torch.randint(0, 4, (batch_size,)),
+                            loss_fn=nn.functional.cross_entropy)
+
+
+def net_and_targets(batch_size):
     return Net(), torch.randn(batch_size, 16), torch.randint(0, 4, (batch_size,))
 '''
 
@@ -225,6 +232,12 @@ def test_a_package_in_the_current_folder_and_a_script_with_a_sibling_import(
     assert "blocks.0" in out
     code, out, err = _run("profile", "--model", "scripts/factory.py:make", "--batch", "8")
     assert code == 0, err
+
+
+def test_targets_without_a_loss_are_refused_as_in_the_python_api(project: Path) -> None:
+    code, _, err = _run("profile", "--model", "mypkg.models:net_and_targets", "--batch", "8")
+    assert code == 2 and err.count("\n") == 1
+    assert "(model, inputs, targets) but no loss function" in err and "loss_fn=" in err
 
 
 @pytest.mark.parametrize(("factory", "cause"), [
