@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from memprop.distribute import steptime
 from memprop.distribute.pipeline import PipelineShape
 from memprop.errors import BudgetInfeasibleError, PlanCheckError, UsageError
 from memprop.plan.api import chain_of
@@ -36,6 +37,17 @@ class Rank:
     rank: int
     predicted_peak_bytes: int
     measured_peak_bytes: int | None = None
+    """The ledger's count of the rank's steady-state step, with ``run=True``."""
+    allocator_peak_bytes: int | None = None
+    """The allocator's count of the same step (``memprop.devices.allocator``): the independent
+    figure predictions are checked against."""
+
+    @property
+    def independent_peak_bytes(self) -> int | None:
+        """What a prediction is checked against: the allocator's figure where there is one,
+        else the ledger's."""
+        return (self.allocator_peak_bytes if self.allocator_peak_bytes is not None
+                else self.measured_peak_bytes)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -105,7 +117,8 @@ class Candidate:
             "recompute_overhead": None if self.plan is None else self.plan.compute_overhead,
             "why_not": self.why or None,
             "ranks": [{"rank": r.rank, "predicted_peak_bytes": r.predicted_peak_bytes,
-                       "measured_peak_bytes": r.measured_peak_bytes} for r in self.ranks],
+                       "measured_peak_bytes": r.measured_peak_bytes,
+                       "allocator_peak_bytes": r.allocator_peak_bytes} for r in self.ranks],
         }
 
 
@@ -121,18 +134,24 @@ class Distribution:
     """How the all-reduce and the send were priced."""
     notes: tuple[str, ...] = ()
     """Why a strategy has no candidates (a model that cannot be pipelined, say)."""
+    step_time: str = ""
+    """How the steps were priced (NOTE [ Calibrating the roofline on the workload ])."""
+    step_error: float = 0.0
+    """The step-time model's error measured on this workload (relative)."""
 
     def check(self) -> tuple[PlanCheckError | None, list[str]]:
         """After ``run=True``: an error when the chosen candidate's measured peak on a rank
         exceeded the budget (its prediction fitted: memprop's model was wrong), and a warning
         for every rank of every candidate measured more than ``PREDICTION_TOLERANCE`` away
-        from its prediction, or over the budget it was predicted to fit."""
+        from its prediction, or over the budget it was predicted to fit. Measured is the
+        allocator's count (``Rank.independent_peak_bytes``), which shares nothing with the
+        ledger that predicts."""
         from memprop.run.measure import mismatch
 
         error, warnings = None, []
         for index, candidate in enumerate(self.candidates):
             for rank in candidate.ranks:
-                measured = rank.measured_peak_bytes
+                measured = rank.independent_peak_bytes
                 if measured is None:
                     continue
                 where = f"of rank {rank.rank} under {candidate.describe()}"
@@ -161,6 +180,7 @@ class Distribution:
             "budget_bytes": self.budget_bytes,
             "batch_size": self.batch_size,
             "communication": self.communication,
+            "step_time": {"model": self.step_time, "error": self.step_error},
             "candidates": [c.to_dict() for c in self.candidates],
             "chosen": self.chosen,
             "notes": list(self.notes),
@@ -180,6 +200,7 @@ def distribute(
     strategies: Sequence[str] = STRATEGIES,
     link: tuple[float, float] | None = None,
     max_ranks: int | None = None,
+    calibrate: bool = True,
 ) -> Distribution:
     """Candidates for a training step of ``batch_size`` samples on up to ``devices`` ranks,
     each predicted per rank (NOTE [ What each rank holds ] in ``memprop.distribute``), and the
@@ -200,6 +221,10 @@ def distribute(
     cores, one rank each); candidates on more are predicted only, and a note says so. More
     ranks than cores may be asked for explicitly: their memory is measured as well, their
     times are not comparable (the ranks share cores), and a note says that too.
+
+    Step times are the roofline's, calibrated (``calibrate``) by real steps of the workload
+    timed once here (NOTE [ Calibrating the roofline on the workload ] in
+    ``memprop.distribute.steptime``).
     """
     if devices < 1:
         raise UsageError(f"devices is {devices}: give at least 1")
@@ -218,8 +243,12 @@ def distribute(
     from memprop.distribute.communication import communication
 
     comm = communication(backend, devices, link) if devices > 1 else None
-    request = _Request(factory, batch_size, devices, budget_bytes, comm)
-    candidates, notes = _candidates(request, sorted(set(microbatches)), strategies)
+    request = _Request(factory, batch_size, devices, budget_bytes, comm, backend)
+    counts = sorted(set(microbatches))
+    if calibrate:
+        request.calibrate(_microbatch_sizes(batch_size, devices, counts, strategies),
+                          1 if set(strategies) == {"accumulate"} else devices)
+    candidates, notes = _candidates(request, counts, strategies)
     if not candidates:
         raise UsageError(f"batch {batch_size} splits into none of the microbatch counts "
                          f"{sorted(set(microbatches))} on 1 or {devices} devices: give a batch "
@@ -244,12 +273,42 @@ def distribute(
     best = candidates[chosen]
     candidates = [c if i == chosen else _why_not(c, best, budget_bytes)
                   for i, c in enumerate(candidates)]
+    if close := _within_error(candidates, chosen, request.calibration.error):
+        notes.append(close)
     return Distribution(
         devices=devices, budget_bytes=budget_bytes, batch_size=batch_size,
         candidates=tuple(candidates), chosen=chosen,
         communication="none (one device)" if comm is None else comm.describe(),
-        notes=tuple(notes),
+        notes=tuple(notes), step_time=request.calibration.describe(),
+        step_error=request.calibration.error,
     )
+
+
+def _microbatch_sizes(batch_size: int, devices: int, counts: list[int],
+                      strategies: Sequence[str]) -> list[int]:
+    """The microbatch sizes the candidates will use."""
+    worlds = [1] if "accumulate" in strategies else []
+    if devices > 1 and {"ddp", "fsdp"} & set(strategies):
+        worlds.append(devices)
+    sizes = {batch_size // (n * m) for n in worlds for m in counts if batch_size % (n * m) == 0}
+    if devices > 1 and "pipeline" in strategies:
+        sizes |= {batch_size // m for m in counts if batch_size % m == 0 and m >= devices}
+    return sorted(sizes) or [batch_size]
+
+
+def _within_error(candidates: list[Candidate], chosen: int, error: float) -> str:
+    """A note when the runner-up's predicted step is within the model's error of the
+    chosen one's."""
+    best = candidates[chosen]
+    others = [c for i, c in enumerate(candidates) if i != chosen and c.fits]
+    if not others or error <= 0:
+        return ""
+    runner = min(others, key=lambda c: c.predicted_step_s)
+    margin = runner.predicted_step_s / best.predicted_step_s - 1
+    if margin > error:
+        return ""
+    return (f"the choice is {margin:.0%} faster than {runner.describe()} as predicted, within "
+            f"the step-time model's error ({error:.0%}): either may be the faster")
 
 
 def _measured(factory: Factory, candidates: list[Candidate], *, steps: int, backend: str,
@@ -293,7 +352,69 @@ class _Request:
     devices: int
     budget_bytes: int | None
     comm: Any
+    backend: str
+    calibration: steptime.Calibration = steptime.UNCALIBRATED
+    sharded: steptime.ShardedCosts | None = None
+    """FSDP2's own costs, timed once (``steptime.sharded_costs``) when calibrated."""
     _chains: dict[tuple[int, bool], tuple[Workload, Chain]] = field(default_factory=dict)
+
+    def calibrate(self, sizes: list[int], world: int) -> None:
+        """Time the workload once (NOTE [ Calibrating the roofline on the workload ])."""
+        from memprop.distribute.launch import available_cores
+
+        cores = available_cores()
+        self.calibration = steptime.calibrate(
+            self.factory, sizes, lambda m: self.unplanned(m).compute,
+            lambda m: self.unplanned(m).peak_bytes, max(1, cores // min(world, cores)))
+
+    def unplanned(self, micro: int) -> Any:
+        """The unplanned microbatch step, simulated."""
+        return simulate(self.chain(micro)[1], flat(len(self.chain(micro)[1])))
+
+    def time_sharded(self, micro: int) -> None:
+        """FSDP2's own costs on a microbatch of ``micro``, timed when the workload was
+        calibrated and the microbatch is small enough to run here."""
+        from memprop.distribute.launch import available_cores
+
+        unplanned = self.unplanned(micro)
+        if (not self.calibration.sizes or unplanned.compute > steptime.CALIBRATION_S
+                or unplanned.peak_bytes > steptime.CALIBRATION_BYTES):
+            return
+        blocks = tuple(s.name for s in self.chain(micro)[1].stages if not s.pinned)
+        cores = available_cores()
+        self.sharded = steptime.sharded_costs(
+            self.factory, micro, blocks, self.devices, max(1, cores // min(self.devices, cores)),
+            self.factor(micro) * unplanned.compute)
+
+    def factor(self, micro: int) -> float:
+        """What the roofline's prices of a microbatch of ``micro`` are multiplied by."""
+        return self.calibration.factor(self.unplanned(micro).compute)
+
+    def pipeline_action_s(self) -> float:
+        """What the pipeline runtime adds to each action of a stage (timed once a machine),
+        when the steps are calibrated."""
+        if not self.calibration.sizes:
+            return 0.0
+        from memprop.distribute.communication import pipeline_action_s
+
+        return pipeline_action_s(self.backend)
+
+    def microbatches_s(self, micro: int, microbatches: int, compute: float) -> float:
+        """``microbatches`` microbatches of ``micro`` samples, each priced ``compute`` by the
+        roofline (with gradients accumulating from the second on, and a plan's recomputation),
+        and the optimizer's step. Calibrated, the accumulation is the measured one, not the
+        roofline's price of its adds."""
+        if microbatches > 1 and self.calibration.sizes:
+            chain = self.chain(micro, set_to_none=False)[1]
+            accumulating = simulate(chain, flat(len(chain))).compute
+            compute -= max(0.0, accumulating - self.unplanned(micro).compute)
+            return (microbatches * self.factor(micro) * compute + self.optimizer_s()
+                    + (microbatches - 1) * self.calibration.accumulate_s)
+        return microbatches * self.factor(micro) * compute + self.optimizer_s()
+
+    def optimizer_s(self, share: float = 1.0) -> float:
+        """The optimizer's step over ``share`` of the parameters."""
+        return self.calibration.optimizer_s * share
 
     def fits(self, peak: int) -> bool:
         return self.budget_bytes is None or peak <= self.budget_bytes
@@ -326,6 +447,9 @@ def _candidates(request: _Request, counts: list[int], strategies: Sequence[str]
         if why := fsdp.why_not():
             notes.append(f"no FSDP2 candidates: {why}")
         else:
+            splits = [m for m in counts if request.batch_size % (devices * m) == 0]
+            if splits:  # timed on the smallest microbatch
+                request.time_sharded(request.batch_size // (devices * max(splits)))
             candidates += [c for m in counts if (c := _fsdp_candidate(request, m)) is not None]
     if "pipeline" in strategies and devices < 2 and only == ["pipeline"]:
         raise UsageError("a pipeline needs at least 2 devices")
@@ -355,11 +479,11 @@ def _candidate(request: _Request, devices: int, microbatches: int) -> Candidate 
     if budget is not None and peak > budget and least <= budget:
         plan = solve(chain, budget - extra, "optimal")
         peak, compute = plan.peak_bytes + extra, plan.compute
-    allreduce = request.comm.allreduce_s(extra) if devices > 1 else 0.0
+    allreduce = request.comm.allreduce_s(extra) + _bucket_copies_s(extra) if devices > 1 else 0.0
     return Candidate(
         strategy="accumulate" if devices == 1 else "ddp", devices=devices,
         microbatches=microbatches, microbatch_size=micro, fits=request.fits(peak),
-        predicted_step_s=microbatches * compute + allreduce,
+        predicted_step_s=request.microbatches_s(micro, microbatches, compute) + allreduce,
         ranks=tuple(Rank(rank=r, predicted_peak_bytes=peak) for r in range(devices)),
         least_budget_bytes=least, plan=plan)
 
@@ -368,7 +492,8 @@ def _fsdp_candidate(request: _Request, microbatches: int) -> Candidate | None:
     """FSDP2 over every block (NOTE [ Predicting FSDP2 with a fake process group ]); its step:
     the microbatches' compute, plus for each unit and microbatch an all-gather in the forward,
     another in the backward and a reduce-scatter of its gradients (NOTE [ Pricing collectives
-    by their algorithm ]), not overlapped. One rank of each kind is traced (``_alike_ranks``)."""
+    by their algorithm ]), not overlapped, and FSDP2's own work (``steptime.sharded_costs``).
+    One rank of each kind is traced (``_alike_ranks``)."""
     from memprop.distribute import fsdp
 
     devices = request.devices
@@ -388,9 +513,14 @@ def _fsdp_candidate(request: _Request, microbatches: int) -> Candidate | None:
     gathers = sum(2 * comm.allgather_s(size) + comm.reduce_scatter_s(size)
                   for size in fsdp.unit_bytes(workload.model, blocks))
     compute = simulate(chain, flat(len(chain))).compute
+    own = request.sharded
+    per_microbatch = 0.0 if own is None else own.per_microbatch_s
+    per_step = request.optimizer_s(1 / devices) if own is None else own.per_step_s
     return Candidate(
         strategy="fsdp", devices=devices, microbatches=microbatches, microbatch_size=micro,
-        fits=request.fits(max(peaks)), predicted_step_s=microbatches * (compute + gathers),
+        fits=request.fits(max(peaks)),
+        predicted_step_s=(microbatches * (request.factor(micro) * compute + per_microbatch
+                                          + gathers) + per_step),
         ranks=tuple(Rank(rank=r, predicted_peak_bytes=p) for r, p in enumerate(peaks)),
         least_budget_bytes=max(peaks), sharded=blocks)
 
@@ -458,11 +588,14 @@ def _pipeline_candidate(request: _Request, whole: Workload, items: list[Any],
     devices = request.devices
     micro = request.batch_size // m_count
     forward, backward, boundary = _item_costs(request, micro, item_names)
+    factor = request.factor(micro)
+    forward, backward = [f * factor for f in forward], [b * factor for b in backward]
+    action = request.pipeline_action_s()
 
     def seconds(shape: PipelineShape) -> float:
         """The simulated step; a recomputed stage runs its forward again in its backward."""
-        stage_f = _per_stage(forward, shape.bounds)
-        stage_b = [b + (f if s in shape.recomputed else 0.0) for s, (f, b) in
+        stage_f = [f + action for f in _per_stage(forward, shape.bounds)]
+        stage_b = [b + action + (f if s in shape.recomputed else 0.0) for s, (f, b) in
                    enumerate(zip(stage_f, _per_stage(backward, shape.bounds), strict=True))]
         return pp.simulated_seconds(shape, stage_f, stage_b, request.comm.send.seconds,
                                     [boundary[b] for b in shape.bounds])
@@ -486,7 +619,8 @@ def _pipeline_candidate(request: _Request, whole: Workload, items: list[Any],
         shape, peaks = _recompute_stages(whole, items, shape, peaks, request.budget_bytes)
     return Candidate(
         strategy="pipeline", devices=devices, microbatches=m_count, microbatch_size=micro,
-        pipeline=shape, fits=request.fits(max(peaks)), predicted_step_s=seconds(shape),
+        pipeline=shape, fits=request.fits(max(peaks)),
+        predicted_step_s=seconds(shape) + request.optimizer_s(1 / devices),
         ranks=tuple(Rank(rank=r, predicted_peak_bytes=p) for r, p in enumerate(peaks)),
         least_budget_bytes=max(peaks))
 
@@ -562,6 +696,14 @@ def _bucket_bytes(workload: Workload) -> int:
     """DDP's gradient buckets: a copy of every gradient (``gradient_as_bucket_view=False``)."""
     return sum(rounded_bytes(p.numel() * p.element_size(), p.device)
                for p in workload.model.parameters() if p.requires_grad)
+
+
+def _bucket_copies_s(nbytes: int) -> float:
+    """DDP copies every gradient into its bucket and the reduced bucket back: two copies,
+    each reading and writing ``nbytes``, at this machine's copy rate."""
+    from memprop.plan.costs import machine_rates
+
+    return 4 * nbytes / machine_rates("cpu").bytes_per_s
 
 
 def _why_not(c: Candidate, best: Candidate, budget_bytes: int | None) -> Candidate:

@@ -71,7 +71,11 @@ class Communication:
 
     ranks: int
     ring: Link
-    """A step of a ring collective."""
+    """A step of a ring all-reduce."""
+    gather: Link
+    """A step of a ring all-gather (FSDP2's parameters)."""
+    scatter: Link
+    """A step of a ring reduce-scatter (FSDP2's gradients)."""
     send: Link
     """A send between two pipeline stages."""
     source: str
@@ -83,19 +87,28 @@ class Communication:
             2 * (n - 1) / n * nbytes / self.ring.bytes_per_s)
 
     def allgather_s(self, nbytes: int) -> float:
-        """An all-gather of ``nbytes`` in all (or a reduce-scatter of them)."""
-        n = self.ranks
-        return 0.0 if n < 2 else (n - 1) * self.ring.latency_s + (
-            (n - 1) / n * nbytes / self.ring.bytes_per_s)
+        """An all-gather of ``nbytes`` in all."""
+        return _half_ring(self.ranks, self.gather, nbytes)
 
-    reduce_scatter_s = allgather_s
+    def reduce_scatter_s(self, nbytes: int) -> float:
+        """A reduce-scatter of ``nbytes`` in all."""
+        return _half_ring(self.ranks, self.scatter, nbytes)
 
     def describe(self) -> str:
         n = self.ranks
         return (f"communication across {n} ranks by the ring's algorithm: an all-reduce "
                 f"2(N-1)/N of its bytes and 2(N-1) messages, an all-gather or reduce-scatter "
-                f"(N-1)/N and N-1 (N = {n}), a message {self.ring.describe()}; a send "
-                f"between stages {self.send.describe()} ({self.source})")
+                f"(N-1)/N and N-1 (N = {n}), a message {self.ring.describe()} (all-reduce), "
+                f"{self.gather.describe()} (all-gather), {self.scatter.describe()} "
+                f"(reduce-scatter); a send between stages {self.send.describe()} "
+                f"({self.source})")
+
+
+def _half_ring(ranks: int, link: Link, nbytes: int) -> float:
+    """An all-gather or reduce-scatter on a ring: N-1 messages of 1/N of the bytes each."""
+    if ranks < 2:
+        return 0.0
+    return (ranks - 1) * link.latency_s + (ranks - 1) / ranks * nbytes / link.bytes_per_s
 
 
 def parse_link(text: str) -> tuple[float, float]:
@@ -125,12 +138,16 @@ def communication(backend: str, ranks: int, link: tuple[float, float] | None = N
     when given, else over the links timed on this machine's ``backend`` (cached)."""
     if link is not None:
         given = Link(latency_s=link[1], bytes_per_s=link[0])
-        return Communication(ranks=ranks, ring=given, send=given, source="link given")
+        return Communication(ranks=ranks, ring=given, gather=given, scatter=given, send=given,
+                             source="link given")
     timed = timed_ranks(ranks)
     return Communication(
-        ranks=ranks, ring=_remembered("ring", backend, timed), send=_remembered("send", backend, 2),
-        source=f"fitted to an all-reduce across {timed} ranks and a send timed on {backend} on "
-               "this machine")
+        ranks=ranks, ring=_remembered("ring", backend, timed),
+        gather=_remembered("all-gather", backend, timed),
+        scatter=_remembered("reduce-scatter", backend, timed),
+        send=_remembered("send", backend, 2),
+        source=f"fitted to each collective timed across {timed} ranks, and a send, on "
+               f"{backend} on this machine")
 
 
 def _remembered(kind: str, backend: str, ranks: int) -> Link:
@@ -143,8 +160,8 @@ def _remembered(kind: str, backend: str, ranks: int) -> Link:
 
 
 def _timed(kind: str, backend: str, ranks: int) -> Link:
-    """The link of ``kind`` (``ring``: solved from a timed all-reduce; ``send``) from a
-    launch of ``ranks`` ranks."""
+    """The link of ``kind`` (``ring``: solved from a timed all-reduce; ``all-gather``,
+    ``reduce-scatter``: from themselves; ``send``) from a launch of ``ranks`` ranks."""
     from memprop.distribute.launch import spawn
 
     times = spawn(_timed_operations, ranks, backend, (kind,))[0]
@@ -157,31 +174,80 @@ def _timed(kind: str, backend: str, ranks: int) -> Link:
     intercept = max(0.0, mean_y - slope * mean_x)
     if kind == "send":
         return Link(latency_s=intercept, bytes_per_s=1.0 / slope)
-    steps = 2 * (ranks - 1)  # the ring: t = 2(n-1) latency + 2(n-1)/n bytes / bandwidth
+    # The ring: t = s latency + s/n bytes / bandwidth, s = 2(n-1) steps for an all-reduce,
+    # n-1 for the others.
+    steps = 2 * (ranks - 1) if kind == "ring" else ranks - 1
     return Link(latency_s=intercept / steps, bytes_per_s=steps / ranks / slope)
 
 
 def _timed_operations(rank: int, world: int, kind: str) -> dict[str, float]:
-    """The median time of the operation at each size, from rank 0: an all-reduce across the
-    ranks, or half a send from rank 0 to rank 1 and back."""
+    """The median time of the operation at each size (its bytes in all), from rank 0: a
+    collective across the ranks, or half a send from rank 0 to rank 1 and back."""
     import torch.distributed as dist
 
     found: dict[str, float] = {}
     for size in _SIZES:
         tensor = torch.ones(size // 4)
+        part = torch.ones(size // 4 // world)
         samples = []
         for _ in range(7):
             dist.barrier()
             started = time.perf_counter()
             if kind == "ring":
                 dist.all_reduce(tensor)
+            elif kind == "all-gather":
+                dist.all_gather_into_tensor(tensor, part)
+            elif kind == "reduce-scatter":
+                dist.reduce_scatter_tensor(part, tensor)
             elif rank == 0:
                 dist.send(tensor, 1)
                 dist.recv(tensor, 1)
             elif rank == 1:
                 dist.recv(tensor, 0)
                 dist.send(tensor, 0)
-            samples.append((time.perf_counter() - started) / (1 if kind == "ring" else 2))
+            samples.append((time.perf_counter() - started) / (2 if kind == "send" else 1))
         found[str(size)] = statistics.median(samples[1:])
     return found
 
+
+
+PIPELINE_MICROBATCHES = 8
+
+
+def pipeline_action_s(backend: str) -> float:
+    """What torch's pipeline runtime adds to each forward or backward action of a stage (its
+    Python, the schedule, the stage's own autograd call, the waits on its receives), beyond
+    the stage's compute and the transfers: a GPipe step of two one-layer stages, timed across
+    two ranks on this machine once and cached. Its critical path is ``2 (M + 1)`` actions and
+    two sends of almost nothing."""
+    from memprop.plan.cache import checked_number, remembered
+    from memprop.plan.costs import machine_key
+
+    def timed() -> float:
+        from memprop.distribute.launch import spawn
+
+        step_s = float(spawn(_timed_pipeline, 2, backend, ())[0]["step_s"])
+        send = _remembered("send", backend, 2).latency_s
+        return max(0.0, step_s - 2 * send) / (2 * (PIPELINE_MICROBATCHES + 1))
+
+    return remembered(f"{machine_key('cpu')}|pipeline action {backend}", timed,
+                      lambda found: checked_number(found, "pipeline action", 0.0, 10.0))
+
+
+def _timed_pipeline(rank: int, world: int) -> dict[str, float]:
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    torch.manual_seed(0)
+    stage = PipelineStage(torch.nn.Linear(4, 4), rank, world, torch.device("cpu"))
+    schedule = ScheduleGPipe(stage, n_microbatches=PIPELINE_MICROBATCHES,
+                             loss_fn=lambda output, target: output.sum())
+    inputs = torch.ones(PIPELINE_MICROBATCHES, 4)
+    samples = []
+    for _ in range(12):
+        started = time.perf_counter()
+        if rank == 0:
+            schedule.step(inputs)
+        else:
+            schedule.step(target=inputs, losses=[])
+        samples.append(time.perf_counter() - started)
+    return {"step_s": min(samples[2:])}

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -36,14 +35,17 @@ LAUNCH_TIMEOUT_S = 900.0
 
 
 def measure(factory: Any, candidates: list[Any], *, steps: int, backend: str) -> list[Any]:
-    """``candidates`` with every rank's measured peak and rank 0's median step time."""
+    """``candidates`` with every rank's measured peaks (the ledger's and the allocator's) and
+    rank 0's step time (the fastest of its timed steps)."""
 
     world = max(c.devices for c in candidates)
     results = spawn(_run_candidates, world, backend, (factory, candidates, steps))
     measured = []
     for index, candidate in enumerate(candidates):
-        ranks = tuple(dataclasses.replace(rank, measured_peak_bytes=results[rank.rank][
-            str(index)]["peak_bytes"]) for rank in candidate.ranks)
+        ranks = tuple(dataclasses.replace(
+            rank, measured_peak_bytes=results[rank.rank][str(index)]["peak_bytes"],
+            allocator_peak_bytes=results[rank.rank][str(index)].get("allocator_peak_bytes"))
+            for rank in candidate.ranks)
         measured.append(dataclasses.replace(candidate, ranks=ranks,
                                             measured_step_s=results[0][str(index)]["step_s"]))
     return measured
@@ -293,7 +295,7 @@ def _run_fsdp(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
     workload: Workload = factory(candidate.microbatch_size)
     fsdp.shard(workload, candidate.sharded)
     step = fsdp.sharded_step(workload, candidate.microbatches)
-    step_s = _median_step_s(step, steps)
+    step_s = _fastest_step_s(step, steps)
     # The step frees the gradients first; freed here instead, before the allocator's count
     # starts (NOTE [ What c10 reports on the CPU ] in memprop.devices.allocator).
     for parameter in workload.model.parameters():
@@ -348,7 +350,7 @@ def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[s
         if optimizer is not None:
             optimizer.step()
 
-    step_s = _median_step_s(step, steps)
+    step_s = _fastest_step_s(step, steps)
     for parameter in parameters:  # freed before either count starts (as the step does first)
         parameter.grad = None
     received = [info.buffer for stage in stages
@@ -411,7 +413,7 @@ def _run(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
         stack.enter_context(without_caches(model))
         if plan is not None:
             stack.enter_context(installed(model, plan.stage_names, plan.tree, plan.selective))
-        step_s = _median_step_s(step, steps)
+        step_s = _fastest_step_s(step, steps)
         ledger = StorageLedger()
         register_step_state(ledger, stepped, training=True)
         ledger.register(buckets, Category.GRADIENTS, "DDP's gradient buckets")
@@ -443,15 +445,22 @@ def _allocator(meter: Any, held_after: list[torch.Tensor]) -> dict[str, int]:
             "allocator_unaccounted_bytes": unaccounted_bytes(result, held_after, meter.device)}
 
 
-def _median_step_s(step: Callable[[], None], steps: int) -> float:
-    """Run ``steps`` steps (two at least): the median time of all but the first, which makes
-    the optimizer's state and the schedule's buffers."""
+TIMED_STEPS = 5
+"""Steps timed after the first (which makes the optimizer's state and the schedule's
+buffers), at least."""
+
+
+def _fastest_step_s(step: Callable[[], None], steps: int) -> float:
+    """Run ``steps`` steps, and ``TIMED_STEPS`` after the first at least: the fastest of all
+    but the first. The fastest, as the step-time model's calibration takes it
+    (``memprop.distribute.steptime``): the machine's own time, the least disturbed by other
+    work on its cores."""
     times = []
-    for _ in range(max(steps, 2)):
+    for _ in range(max(steps, TIMED_STEPS + 1)):
         started = time.perf_counter()
         step()
         times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+    return min(times[1:])
 
 
 def _noting_allreduce(buckets: list[torch.Tensor], bucket: Any) -> Any:

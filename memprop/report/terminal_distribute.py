@@ -20,26 +20,31 @@ def render_distribution(result: Distribution, console: Console) -> None:
     table = Table(title=f"A step of batch {result.batch_size} on up to {result.devices} "
                         f"device(s), {budget}", title_justify="left")
     ran = any(c.measured_step_s is not None for c in result.candidates)
-    names = ["candidate", "rank peak", "step"] + (["measured peak", "measured step"]
-                                                  if ran else []) + ["fits"]
+    names = ["candidate", "rank peak", "step"] + (
+        ["measured peak", "allocator peak", "measured step"] if ran else []) + ["fits"]
     for name in names:
         # The description wraps; the figures never do.
         table.add_column(name, justify="left" if name in ("candidate", "fits") else "right",
                          no_wrap=name != "candidate")
     for index, c in enumerate(result.candidates):
         measured = [r.measured_peak_bytes for r in c.ranks if r.measured_peak_bytes is not None]
+        counted = [r.allocator_peak_bytes for r in c.ranks
+                   if r.allocator_peak_bytes is not None]
         cells: list[str | Text] = [
             Text(c.describe(), style="bold" if index == result.chosen else ""),
             format_bytes(c.peak_bytes), f"{c.predicted_step_s * 1e3:.1f} ms"]
         if ran:
             cells += [format_bytes(max(measured)) if measured else "—",
+                      format_bytes(max(counted)) if counted else "—",
                       "—" if c.measured_step_s is None else f"{c.measured_step_s * 1e3:.1f} ms"]
         cells.append(Text("yes", style="green") if c.fits else Text("no", style="red"))
         table.add_row(*cells)
     console.print(table)
     console.print(Text("rank peak and step: predicted (the highest rank's steady-state peak; "
                        "a pipeline's replayed from its schedule, its step simulated)"
-                       + ("; measured: every rank run with the ledger" if ran else ""),
+                       + ("; measured: every rank run, counted by the ledger and by the "
+                          "allocator; the step, the fastest of its timed steps on rank 0"
+                          if ran else ""),
                        style="dim"))
     for note in result.notes:
         console.print(Text(note, style="dim"))
@@ -48,5 +53,5 @@ def render_distribution(result: Distribution, console: Console) -> None:
     for c in result.candidates:
         if c.why:
             console.print(Text(f"{c.describe()}: {c.why}", style="dim"))
-    console.print(Text(f"step time: compute at the roofline's rates, microbatches in turn; "
-                       f"{result.communication}", style="dim"))
+    console.print(Text(f"step time: {result.step_time or 'the roofline'}; microbatches in "
+                       f"turn; {result.communication}", style="dim"))

@@ -1,0 +1,243 @@
+"""How long a rank's step takes: the roofline's prices, calibrated by real steps of the workload
+timed once on this machine.
+
+NOTE [ Calibrating the roofline on the workload ]
+The roofline (``memprop.plan.costs``) prices FLOPs and bytes at rates measured on large
+operations; what it cannot derive is what a real step adds or saves around them: the Python of
+every module call, autograd's engine, small matmuls far from the large one's rate, threads, and
+the optimizer's step, which the chain does not hold. So, once per workload, real unplanned
+steps are timed in this process, with the thread count a rank gets (one share of the cores),
+at up to three of the microbatch sizes the candidates use (the smallest, the largest and one
+between, each only if its predicted peak and time are small enough to run here), and the
+forward and backward time fitted as ``p + q R(m)``, ``R(m)`` the roofline's price of that
+microbatch's step: ``p`` is what a microbatch costs whatever its size (the per-module
+overhead), ``q`` scales the roofline's rates to what this workload reaches. Every price the
+candidates are made of (a microbatch's compute, a plan's recomputation, a pipeline stage's
+forward and backward) is multiplied by ``(p + q R(m)) / R(m)``; the optimizer's step, timed
+alone, is added once a step (FSDP2: its share of the parameters). The model's error is the
+largest relative miss of the fit over the sizes timed: a choice whose predicted margin is
+within it says so. Every time is the fastest of ``TIMED_STEPS`` (as ``--run`` takes its own):
+the machine's, the least disturbed by other work on its cores.
+
+Known limitations: sizes too large to run here are extrapolated along the roofline (their
+microbatches priced by the fit's ``p`` and ``q``); a workload that cannot run here at all
+(its state alone over ``CALIBRATION_BYTES``) is priced by the roofline alone, and said.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["CALIBRATION_BYTES", "Calibration", "calibrate"]
+
+CALIBRATION_BYTES = 1 << 30
+"""The most a timed step may hold (its predicted peak), or a quarter of the memory free."""
+CALIBRATION_S = 0.5
+"""The most the roofline may price a timed microbatch at (a few of them run)."""
+TIMED_STEPS = 8
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Calibration:
+    """``forward and backward of a microbatch = p + q R(m)``, and the optimizer's step."""
+
+    fixed_s: float
+    """``p``: seconds a microbatch takes whatever its size."""
+    scale: float
+    """``q``: the roofline's seconds to real ones."""
+    optimizer_s: float
+    """One optimizer step over all the parameters."""
+    accumulate_s: float
+    """What a microbatch whose gradients accumulate into existing ones takes beyond one that
+    makes them (``M - 1`` of every ``M``): measured, since the roofline prices those adds by
+    the pointwise timings, which may be far off for in-place adds on a loaded machine."""
+    error: float
+    """The fit's largest relative miss over the sizes timed."""
+    threads: int
+    sizes: tuple[int, ...]
+    """Microbatch sizes timed (empty: not calibrated)."""
+    why_not: str = ""
+    """Why nothing was timed (the roofline alone prices the steps)."""
+
+    def factor(self, roofline_s: float) -> float:
+        """What to multiply a microbatch's roofline prices by, the microbatch priced at
+        ``roofline_s`` unplanned."""
+        if roofline_s <= 0:
+            return 1.0
+        return (self.fixed_s + self.scale * roofline_s) / roofline_s
+
+    def describe(self) -> str:
+        if not self.sizes:
+            return f"step times at the roofline's rates alone ({self.why_not})"
+        return (f"step times calibrated on real steps of this workload timed here with "
+                f"{self.threads} thread{'s' if self.threads > 1 else ''} a rank (microbatches "
+                f"of {', '.join(map(str, self.sizes))}): {self.fixed_s * 1e3:.2f} ms a "
+                f"microbatch + {self.scale:.2f}x the roofline, "
+                f"{self.accumulate_s * 1e3:.2f} ms more for one accumulating its gradients, "
+                f"the optimizer's step "
+                f"{self.optimizer_s * 1e3:.2f} ms; the model's error {self.error:.0%}")
+
+
+UNCALIBRATED = Calibration(fixed_s=0.0, scale=1.0, optimizer_s=0.0, accumulate_s=0.0,
+                           error=0.0, threads=1, sizes=(), why_not="not asked")
+
+
+def calibrate(factory: Callable[[int], object], sizes: Sequence[int],
+              roofline_s: Callable[[int], float], peak_bytes: Callable[[int], int],
+              threads: int) -> Calibration:
+    """Time real unplanned steps of ``factory(m)`` at up to three of ``sizes`` (NOTE
+    [ Calibrating the roofline on the workload ]); ``roofline_s(m)`` and ``peak_bytes(m)``
+    are a microbatch's predicted seconds and peak."""
+    cap = _memory_cap()
+    fitting = sorted(m for m in set(sizes)
+                     if peak_bytes(m) <= cap and roofline_s(m) <= CALIBRATION_S)
+    if not fitting:
+        smallest = min(sizes)
+        return _uncalibrated(threads, (
+            f"the smallest microbatch, of {smallest}, is predicted at "
+            f"{peak_bytes(smallest) / 2**20:.0f} MiB and {roofline_s(smallest):.2f} s: over "
+            f"what is timed here ({cap / 2**20:.0f} MiB, {CALIBRATION_S} s)"))
+    chosen = sorted({fitting[0], fitting[len(fitting) // 2], fitting[-1]})
+    timed, optimizer, accumulate = [], [], []
+    with _threads(threads):
+        for size in chosen:
+            seconds, accumulating_s, optimizer_s = _timed_step(factory, size)
+            timed.append(seconds)
+            accumulate.append(max(0.0, accumulating_s - seconds))
+            optimizer.append(optimizer_s)
+    priced = [roofline_s(m) for m in chosen]
+    fixed, scale = _fit(priced, timed)
+    misses = [abs(fixed + scale * r - t) / t for r, t in zip(priced, timed, strict=True)]
+    return Calibration(fixed_s=fixed, scale=scale, optimizer_s=statistics.median(optimizer),
+                       accumulate_s=statistics.median(accumulate), error=max(misses),
+                       threads=threads, sizes=tuple(chosen))
+
+
+def _uncalibrated(threads: int, why: str) -> Calibration:
+    return Calibration(fixed_s=0.0, scale=1.0, optimizer_s=0.0, accumulate_s=0.0, error=0.0,
+                       threads=threads, sizes=(), why_not=why)
+
+
+def _fit(priced: list[float], timed: list[float]) -> tuple[float, float]:
+    """Least squares of ``timed = p + q priced``, with ``p, q >= 0``; one size: ``q`` alone."""
+    if len(priced) == 1 or max(priced) - min(priced) <= 1e-12:
+        return 0.0, statistics.fmean(timed) / max(statistics.fmean(priced), 1e-12)
+    mean_x, mean_y = statistics.fmean(priced), statistics.fmean(timed)
+    scale = (sum((x - mean_x) * (y - mean_y) for x, y in zip(priced, timed, strict=True))
+             / sum((x - mean_x) ** 2 for x in priced))
+    fixed = mean_y - scale * mean_x
+    if scale <= 0:  # noise over too narrow a range of sizes: the ratio alone
+        return 0.0, mean_y / mean_x
+    if fixed < 0:
+        return 0.0, sum(x * y for x, y in zip(priced, timed, strict=True)) / sum(
+            x * x for x in priced)
+    return fixed, scale
+
+
+def _timed_step(factory: Callable[[int], object], size: int) -> tuple[float, float, float]:
+    """The fastest forward and backward of real unplanned steps of ``size`` samples (the
+    gradients made, then a second accumulating into them), and the fastest optimizer step:
+    the machine's own time, the least disturbed by other work on its cores (as ``--run``
+    takes its steps' times)."""
+    from memprop.blocks.install import without_caches
+    from memprop.loop import compute_loss
+    from memprop.workload import Workload
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        workload = factory(size)
+        assert isinstance(workload, Workload)
+        model, optimizer = workload.model, workload.optimizer
+        passes: list[list[float]] = [[], [], []]  # made, accumulated, the optimizer's
+        with without_caches(model):
+            for _ in range(TIMED_STEPS + 1):
+                for parameter in model.parameters():
+                    parameter.grad = None
+                for kind in (0, 1):
+                    started = time.perf_counter()
+                    loss, _ = compute_loss(workload, workload.forward())
+                    loss.backward()
+                    passes[kind].append(time.perf_counter() - started)
+                    del loss
+                started = time.perf_counter()
+                if optimizer is not None:
+                    optimizer.step()
+                passes[2].append(time.perf_counter() - started)
+    made, accumulated, stepped = (min(p[1:]) for p in passes)  # the first makes the state
+    return made, accumulated, stepped
+
+
+def _memory_cap() -> int:
+    import psutil
+
+    return min(CALIBRATION_BYTES, int(psutil.virtual_memory().available) // 4)
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ShardedCosts:
+    """What FSDP2 adds to a rank's step besides its collectives' transfers (its copies into
+    and out of the collectives' buffers, its hooks, the optimizer on DTensor shards), timed in
+    this process under torch's fake process group (NOTE [ Predicting FSDP2 with a fake process
+    group ] in ``memprop.distribute.fsdp``), where collectives move nothing."""
+
+    per_microbatch_s: float
+    """Beyond the microbatch's calibrated compute."""
+    per_step_s: float
+    """The optimizer's step on the rank's shards, and FSDP2's work once a step."""
+
+
+def sharded_costs(factory: Callable[[int], object], micro: int, blocks: Sequence[str],
+                  world: int, threads: int, compute_s: float) -> ShardedCosts | None:
+    """Rank 0's step of ``micro`` samples under FSDP2 over ``blocks`` timed with one and two
+    microbatches (``T(M) = M a + b``): ``a`` less ``compute_s`` (the microbatch's calibrated
+    compute) is FSDP2's per microbatch, ``b`` its per step. None when it cannot run here."""
+    from memprop.distribute import fsdp
+    from memprop.workload import Workload
+
+    def timed(microbatches: int) -> float:
+        with fsdp.fake_group(0, world) as mesh, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            workload = factory(micro)
+            assert isinstance(workload, Workload)
+            fsdp.shard(workload, blocks, mesh)
+            step = fsdp.sharded_step(workload, microbatches)
+            times = []
+            for _ in range(TIMED_STEPS + 1):
+                started = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - started)
+            return min(times[1:])
+
+    try:
+        with _threads(threads), _flushing_denormals():  # gathered buffers hold no data
+            one, two = timed(1), timed(2)
+    except Exception:  # a model FSDP2 cannot shard here: its transfers alone price it
+        return None
+    per_microbatch = max(0.0, two - one)
+    return ShardedCosts(per_microbatch_s=max(0.0, per_microbatch - compute_s),
+                        per_step_s=max(0.0, one - per_microbatch))
+
+
+@contextlib.contextmanager
+def _flushing_denormals() -> Iterator[None]:
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
