@@ -16,9 +16,14 @@ segment's own inner plan, as nested ordinary checkpoints (:func:`_run_tree`): mu
 recomputation, as the planner's trees say.
 
 NOTE [ What a recomputation must not change ]
-- Random state: the checkpoint stashes the RNG state before the first run and restores it for
-  the re-run (``preserve_rng_state``), so dropout draws the same mask and the gradients are bit
-  for bit those of the unplanned step.
+- Random state: a checkpoint around a block that draws random numbers (dropout: the plan's
+  ``draws_random``, from the traced ops tagged ``nondeterministic_seeded``) stashes the
+  generators' state before the first run and restores it for the re-run
+  (``preserve_rng_state``), so dropout draws the same mask and the gradients are bit for bit
+  those of the unplanned step. Around blocks that draw nothing the stash would be dead weight
+  (``torch.get_rng_state()``, 5,056 bytes on the CPU, each checkpoint for as long as it
+  lives): they are checkpointed without it, and their re-run leaves the generators as the
+  unplanned step does, since it draws nothing either.
 - BatchNorm's running statistics: a training-mode BatchNorm updates ``running_mean``,
   ``running_var`` and ``num_batches_tracked`` every time it runs, so a plain re-run updates
   them twice (``checkpoint_sequential``'s silent bug). During a re-run memprop sets the
@@ -43,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +84,9 @@ class _Block:
     module: nn.Module
     run: Any
     """The class's forward, bound to the module: what the plan runs."""
+    draws_random: bool = True
+    """Whether its forward draws random numbers (NOTE [ What a recomputation must not
+    change ])."""
 
 
 @dataclass(kw_only=True, slots=True, eq=False)
@@ -90,10 +99,11 @@ class _Span:
     """Each block's arguments as the model's forward passed them."""
 
 
-def _blocks(model: nn.Module, stage_names: Sequence[str]) -> list[_Block | None]:
+def _blocks(model: nn.Module, stage_names: Sequence[str], draws_random: Sequence[bool]
+            ) -> list[_Block | None]:
     modules = dict(model.named_modules())
     blocks: list[_Block | None] = []
-    for name in stage_names:
+    for index, name in enumerate(stage_names):
         if name in (PREFIX, SUFFIX):
             blocks.append(None)
             continue
@@ -101,8 +111,14 @@ def _blocks(model: nn.Module, stage_names: Sequence[str]) -> list[_Block | None]
         if module is None:
             raise UsageError(f"the plan names block {name!r}, which {type(model).__name__} does "
                              "not have: plan this model again")
-        blocks.append(_Block(module=module, run=type(module).forward.__get__(module)))
+        blocks.append(_Block(module=module, run=type(module).forward.__get__(module),
+                             draws_random=not draws_random or draws_random[index]))
     return blocks
+
+
+def _draws_random(blocks: list[_Block | None], segment: Segment) -> bool:
+    """Whether a checkpoint of ``segment`` must keep the generators' state for its re-run."""
+    return any(b is None or b.draws_random for b in blocks[segment.start:segment.stop])
 
 
 def caching_configs(model: nn.Module) -> list[Any]:
@@ -130,17 +146,22 @@ def without_caches(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def installed(model: nn.Module, stage_names: Sequence[str], tree: Segment,
-              selective: Mapping[int, Option] | None = None) -> Iterator[Calls]:
+              selective: Mapping[int, Option] | None = None,
+              draws_random: Sequence[bool] = ()) -> Iterator[Calls]:
     """Make the model's forward run ``tree`` (a plan over the stages ``stage_names``: blocks by
     qualified name, and the prefix and suffix, which stay as they are) until the block exits,
     the stages in ``selective`` (``Plan.selective``) keeping their options' op outputs (NOTE
-    [ Selective options ]). The block receives a :class:`Calls` that counts the training
-    forwards that ran the plan."""
+    [ Selective options ]), the generators' state kept only by checkpoints around stages that
+    ``draws_random`` (``Plan.draws_random``; empty: every checkpoint keeps it). The block
+    receives a :class:`Calls` that counts the training forwards that ran the plan."""
     if tree.start != 0 or tree.stop != len(stage_names):
         raise ValueError(f"the plan covers stages {tree.start}..{tree.stop}, the chain has "
                          f"{len(stage_names)}")
+    if draws_random and len(draws_random) != len(stage_names):
+        raise ValueError(f"draws_random has {len(draws_random)} entries, the chain "
+                         f"{len(stage_names)} stages")
     model = original(model)  # NOTE [ Compiled models are traced eagerly ]: named as traced
-    blocks = _blocks(model, stage_names)
+    blocks = _blocks(model, stage_names, draws_random)
     paths = _paths(tree)
     # With nothing to recompute the model's own forward is the plan, at no cost: no block is
     # wrapped, but the step still runs as planned, without a key/value cache.
@@ -148,23 +169,84 @@ def installed(model: nn.Module, stage_names: Sequence[str], tree: Segment,
     spans: dict[Segment, _Span] = {}
     contexts = {index: _selective_contexts(frozenset(option.keep))
                 for index, option in (selective or {}).items()}
+    planned: dict[nn.Module, Any] = {}
     for index, path in paths.items():
         block = blocks[index]
         if block is None:
             raise ValueError(f"the plan recomputes {stage_names[index]}, which stays kept")
-        block.module.forward = functools.partial(_spanned, blocks, index, path, spans, calls,
-                                                 contexts)
+        planned[block.module] = functools.partial(_spanned, blocks, index, path, spans, calls,
+                                                  contexts)
+    _shadow(planned)
     try:
         with without_caches(model):
             yield calls
     finally:
-        for span in spans.values():
-            if span.generator is not None:
-                span.generator.close()
-        for index in paths:
-            block = blocks[index]
-            assert block is not None
-            del block.module.forward
+        try:
+            for span in spans.values():
+                if span.generator is not None:
+                    span.generator.close()
+        finally:
+            _unshadow(planned)
+
+
+# NOTE [ Plans installed per thread ]
+# A block's forward is shadowed by an instance attribute that every thread shares, so the
+# shadow itself holds no plan: it runs the plan that the calling thread installed on the block
+# (its own spans, its own checkpoints' saved-tensor hooks, pushed and popped by that thread),
+# or the block's own forward when the thread installed none. The shadow is set by the first
+# installation on a block, in any thread, and removed by the last (counted under a lock), so
+# that several threads may run one model under one plan or several, and a plan may be
+# installed inside another's run. What stays shared between threads: BatchNorm's momentum is
+# zeroed while a re-run is under way (NOTE [ What a recomputation must not change ]).
+_shadows_lock = threading.Lock()
+_shadowed: dict[nn.Module, tuple[int, Any]] = {}
+"""Per shadowed block: how many installations hold it, and the instance ``forward`` it had
+before (``None``: none, the class's)."""
+_installed_here = threading.local()
+"""``plans``: per block, the forwards this thread installed on it, innermost last."""
+
+
+def _plans_here() -> dict[nn.Module, list[Any]]:
+    plans: dict[nn.Module, list[Any]] | None = getattr(_installed_here, "plans", None)
+    if plans is None:
+        plans = _installed_here.plans = {}
+    return plans
+
+
+def _shadow(planned: Mapping[nn.Module, Any]) -> None:
+    here = _plans_here()
+    with _shadows_lock:
+        for module, forward in planned.items():
+            count, before = _shadowed.get(module, (0, None))
+            if count == 0:
+                before = vars(module).get("forward")
+                module.forward = functools.partial(_planned_here, module,
+                                                   before or type(module).forward.__get__(module))
+            _shadowed[module] = (count + 1, before)
+            here.setdefault(module, []).append(forward)
+
+
+def _unshadow(planned: Mapping[nn.Module, Any]) -> None:
+    here = _plans_here()
+    with _shadows_lock:
+        for module in planned:
+            stack = here[module]
+            stack.pop()
+            if not stack:
+                del here[module]
+            count, before = _shadowed.pop(module)
+            if count > 1:
+                _shadowed[module] = (count - 1, before)
+            elif before is not None:
+                module.forward = before
+            else:
+                del module.forward
+
+
+def _planned_here(module: nn.Module, own: Any, *args: Any, **kwargs: Any) -> Any:
+    """A shadowed block's forward: the plan this thread installed on it, else its own."""
+    stack = _plans_here().get(module)
+    return (stack[-1] if stack else own)(*args, **kwargs)
 
 
 def _paths(tree: Segment) -> dict[int, tuple[Segment, ...]]:
@@ -197,7 +279,8 @@ def _spanned(blocks: list[_Block | None], index: int, path: tuple[Segment, ...],
         if segment.start == index:
             span = spans[segment] = _Span(segment=segment)
             context = contexts.get(index) if segment is path[0] else None
-            span.generator = _open(_SpanRun(blocks, span), args, kwargs, context)
+            span.generator = _open(_SpanRun(blocks, span), args, kwargs, context,
+                                   preserve_rng_state=_draws_random(blocks, segment))
             if segment is path[0]:
                 calls.count += 1
         # Not the activation itself: holding it would keep what the checkpoint drops (the
@@ -228,13 +311,13 @@ _GENERATOR_TAKES_EARLY_STOP = "early_stop" in inspect.signature(
     torch_checkpoint._checkpoint_without_reentrant_generator).parameters
 
 
-def _open(run: Any, args: tuple[Any, ...], kwargs: dict[str, Any], context_fn: Any = None
-          ) -> Any:
+def _open(run: Any, args: tuple[Any, ...], kwargs: dict[str, Any], context_fn: Any = None,
+          *, preserve_rng_state: bool = True) -> Any:
     """A non-reentrant checkpoint of ``run`` opened on the first block's arguments, its
     saved-tensor hooks pushed until the generator is resumed (NOTE [ Spans ]); ``context_fn``
     is checkpoint's own (a selective policy, NOTE [ Selective options ])."""
-    settings: list[Any] = [True, context_fn or torch_checkpoint.noop_context_fn, "default",
-                           False]
+    settings: list[Any] = [preserve_rng_state, context_fn or torch_checkpoint.noop_context_fn,
+                           "default", False]
     if _GENERATOR_TAKES_EARLY_STOP:
         settings.append(False)
     with torch_checkpoint.set_checkpoint_early_stop(False):
@@ -300,7 +383,7 @@ def _run_tree(blocks: list[_Block | None], tree: Segment,
             inner = arguments[child.start - tree.start : child.stop - tree.start]
             output = torch_checkpoint.checkpoint(
                 _Rerun(blocks, child, inner), *args, use_reentrant=False,
-                preserve_rng_state=True, early_stop=False, **kwargs)
+                preserve_rng_state=_draws_random(blocks, child), early_stop=False, **kwargs)
     return output
 
 

@@ -20,6 +20,10 @@ raises :class:`memprop.errors.PlanCheckError`.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import pickle
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -30,7 +34,7 @@ import torch
 from torch import nn
 
 from memprop.blocks.install import installed
-from memprop.errors import PlanCheckError
+from memprop.errors import PlanCheckError, UsageError
 from memprop.plan.api import check_cost_model, check_strategy, plan
 from memprop.plan.costs import DEFAULT_COST_MODEL, on_fake_tensors
 from memprop.plan.solvers import Plan
@@ -125,6 +129,41 @@ class _Planner:
         verify_plan(fake, result)
         return result
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled with a loss function that pickle cannot take (a lambda, a closure) replaced
+        by one that says so if a new input shape needs it: the wrapper pickles whenever its
+        model does, and the plans it made still run."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if self.loss_fn is not None:
+            try:
+                pickle.dumps(self.loss_fn)
+            except Exception as error:  # pickle raises many kinds: each means "cannot"
+                settings["loss_fn"] = _UnpickledLoss(f"{self.loss_fn!r} ({error})")
+        return (_planner_from, (settings,))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Planner:
+        # A copy keeps the loss function, whatever pickle thinks of it.
+        return dataclasses.replace(self, loss_fn=copy.deepcopy(self.loss_fn, memo))
+
+
+def _planner_from(settings: dict[str, Any]) -> _Planner:
+    return _Planner(**settings)
+
+
+class _UnpickledLoss:
+    """The loss function of a pickled wrapper that pickle could not take: the plans made before
+    still run; a new input shape, which needs the loss to be planned, says why it cannot."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __call__(self, *args: Any) -> Any:
+        raise UsageError(
+            f"this memprop.checkpoint wrapper was pickled without its loss_fn, {self.what}: "
+            "pickle cannot store a lambda or a closure, and a new input shape needs the loss to "
+            "be planned. Give loss_fn as a function defined at module level (or an nn.Module), "
+            "or call memprop.checkpoint again after loading")
+
 
 class PlannedModule(nn.Module):
     """``module`` whose training forward runs under the plan for its inputs' shapes."""
@@ -135,30 +174,47 @@ class PlannedModule(nn.Module):
         self._planner = planner
         self.plans: OrderedDict[InputKey, Plan] = OrderedDict()
         """The plans in use, by the inputs' (shape, dtype, device), most recent last."""
+        self._plans_lock = threading.RLock()
+        """Held while the plans are looked up or made: threads share them (NOTE [ Plans
+        installed per thread ] in ``memprop.blocks.install``)."""
         self.register_state_dict_post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
 
     def plan_for(self, *inputs: Any, **keywords: Any) -> Plan:
         """The plan for these inputs: one already made for inputs at least as large, or a new
-        one, checked before it is used."""
+        one, checked before it is used (once, whichever thread asks first)."""
         key = _key(inputs, keywords)
-        found = self.plans.get(key)
-        if found is None:
-            found = next((p for k, p in reversed(self.plans.items()) if _covers(k, key)), None)
-        if found is None:
-            found = self._planner(self.module, inputs, keywords)
-        self.plans[key] = found
-        self.plans.move_to_end(key)
-        while len(self.plans) > MAX_PLANS:
-            self.plans.popitem(last=False)
-        return found
+        with self._plans_lock:
+            found = self.plans.get(key)
+            if found is None:
+                found = next((p for k, p in reversed(self.plans.items()) if _covers(k, key)),
+                             None)
+            if found is None:
+                found = self._planner(self.module, inputs, keywords)
+            self.plans[key] = found
+            self.plans.move_to_end(key)
+            while len(self.plans) > MAX_PLANS:
+                self.plans.popitem(last=False)
+            return found
+
+    def __getstate__(self) -> dict[str, Any]:
+        """All but the lock (pickled and deep-copied wrappers make their own); the plans made
+        so far go along, and the planner as :meth:`_Planner.__reduce__` pickles it."""
+        state = dict(self.__dict__)
+        state.pop("_plans_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._plans_lock = threading.RLock()
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         if not (self.training and torch.is_grad_enabled()):
             return self.module(*inputs, **kwargs)
         chosen = self.plan_for(*inputs, **kwargs)
         with _without_hf_checkpointing(self.module), \
-                installed(self.module, chosen.stage_names, chosen.tree, chosen.selective) as calls:
+                installed(self.module, chosen.stage_names, chosen.tree, chosen.selective,
+                          chosen.draws_random) as calls:
             output = self.module(*inputs, **kwargs)
         if calls.expected and calls.count == 0:
             raise PlanCheckError(not_run(self.module, chosen))
@@ -245,7 +301,14 @@ def checkpoint(
     step does not fit. ``"measured"`` traces real steps for the first plan (the model is put
     back as it was); later shapes are then planned by the roofline. Every plan is checked on
     fake tensors before it runs (:func:`memprop.run.verify.verify_plan`).
+
+    A model that is already a checkpoint's wrapper is planned afresh on the model it wraps: the
+    new budget replaces the old one (one step runs one plan). A ``torch.compile``'d model is
+    planned, and runs its plans, on its original module (NOTE [ Compiled models are traced
+    eagerly ] in ``memprop.trace.compiled``).
     """
+    while isinstance(model, PlannedModule):
+        model = model.module
     first = to_workload(model, inputs, loss_fn=loss_fn, targets=targets, optimizer=optimizer,
                         set_to_none=set_to_none, blocks=blocks)
     budget_bytes = parse_size(budget)
