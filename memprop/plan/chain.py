@@ -122,6 +122,9 @@ class Stage:
     options: tuple[Option, ...] = ()
     """Selective recomputations of the stage when it is checkpointed alone at the top level
     (``memprop.plan.selective``): op outputs kept until its re-run, which then costs less."""
+    draws_random: bool = True
+    """Whether the forward draws random numbers (dropout): only a checkpoint around such a
+    stage keeps the generators' state to re-run it the same (``memprop.blocks.install``)."""
 
     @property
     def tape_bytes(self) -> int:
@@ -370,6 +373,7 @@ class _Pricing:
             aliases_input=s.aliases_input,
             pinned=s.pinned,
             forward_held_bytes=s.forward_held_bytes,
+            draws_random=s.draws_random,
         )
         if s.pinned:
             return stage

@@ -86,6 +86,10 @@ class Plan:
     selective: dict[int, Option] = field(default_factory=dict)
     """The stages checkpointed under a selective option (``Segment.option``), by index: the op
     outputs each keeps from its first run to its re-run."""
+    draws_random: tuple[bool, ...] = ()
+    """Per stage, whether its forward draws random numbers (``Stage.draws_random``): a
+    checkpoint keeps the generators' state only around such stages; empty when unknown (every
+    checkpoint keeps it)."""
 
     @property
     def compute_overhead(self) -> float:
@@ -342,6 +346,7 @@ def solve(
         baseline_compute=baseline.compute,
         selective={c.start: option for c in tree.children if isinstance(c, Segment)
                    and (option := chain.option_of(c)) is not None},
+        draws_random=tuple(s.draws_random for s in chain.stages),
     )
 
 

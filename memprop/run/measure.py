@@ -160,7 +160,8 @@ def run_plan(workload: Workload, plan: Plan, steps: int = 5,
     device = next((p.device for p in workload.model.parameters()),
                   workload.input_tensors[0].device)
     start = save_state(workload) if baseline else None
-    with installed(workload.model, plan.stage_names, plan.tree, plan.selective) as calls:
+    with installed(workload.model, plan.stage_names, plan.tree, plan.selective,
+                   plan.draws_random) as calls:
         planned = _run(workload, steps, measured_steps, device)
     if calls.expected and calls.count == 0:
         raise PlanCheckError(not_run(workload.model, plan))

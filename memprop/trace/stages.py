@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from memprop.trace.ledger import Category, OpEntry, Probe, StorageLedger, StorageRecord
 from memprop.units import format_bytes
 
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from memprop.trace.calls import Call, CallRecorder
 
 __all__ = ["PREFIX", "SUFFIX", "BlockOp", "ChainCosts", "StageStats", "chain_costs"]
+
+_SEEDED = torch.Tag.nondeterministic_seeded
 
 PREFIX = "(prefix)"
 SUFFIX = "(suffix)"
@@ -136,6 +140,11 @@ class StageStats:
     ops: tuple[BlockOp, ...] = ()
     """A block's forward ops, in order (logged steps only): what selective recomputation
     chooses from."""
+    draws_random: bool = True
+    """Whether the forward draws from a random generator (an op tagged
+    ``nondeterministic_seeded``: dropout's ``bernoulli_``, ``native_dropout``, attention with
+    dropout), so that a checkpoint of it must keep the generators' state to re-run it the same;
+    True when the ops were not logged (unknown)."""
 
     def to_dict(self) -> dict[str, Any]:
         document = asdict(self)
@@ -329,6 +338,8 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
             and region.inputs[0].index == region.outputs[0].index,
             ops=() if call is None else _block_ops(
                 forward_ops, flow, start, functools.partial(_rise_from, live, after[start])),
+            draws_random=ledger.ops is None or any(
+                _SEEDED in getattr(o.func, "tags", ()) for o in forward_ops),
         ))
     forward_stop = regions[-1].forward[1]
     backward_start = marks[0][0]

@@ -71,10 +71,6 @@ def test_third_step_under_a_plan_is_within_one_percent_of_the_allocator(name: st
     assert check_run(result)[1] is None  # no warning: within the tolerance
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torch.utils.checkpoint keeps the CPU generator's state (torch.get_rng_state(), 5,056 B) "
-    "for each checkpointed region; it is made outside the dispatcher, so the ledger (and the "
-    "plan) miss it and the allocator does not: a plan exactly at its budget runs over it"))
 def test_a_plan_at_its_budget_stays_within_it_by_the_allocators_count() -> None:
     workload = seed_mlp()
     exact = memprop.plan(workload, budget=_halfway(workload).peak_bytes, cost_model="flops",
