@@ -12,6 +12,9 @@ from memprop_cli.options import console_for, working
 
 def calibrate_command(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    fresh: Annotated[bool, typer.Option(
+        "--fresh", help="Replace the cached rates outright (the machine changed); by default "
+                        "each figure kept is the best of the new and the cached one.")] = False,
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", help="Write the rates as JSON; - is standard output.")] = None,
 ) -> None:
@@ -19,7 +22,8 @@ def calibrate_command(
     op launch, selective policy), replace the cached ones and print both.
 
     Plans read the rates from a cache, measured once per machine: run this on an idle machine
-    when the cached ones were measured under load, or after the machine changed."""
+    when the cached ones were measured under load (a busy machine cannot lower them: the best of
+    the new and the cached figures is kept), or with --fresh after the machine changed."""
     from dataclasses import asdict
 
     from memprop.plan.cache import cache_file
@@ -28,7 +32,7 @@ def calibrate_command(
 
     console = console_for({"--json": json_path})
     with working(f"measuring {device}"):
-        rates, previous = calibrate(device)
+        rates, previous = calibrate(device, fresh=fresh)
     console.print(f"{device}: {rates.describe()}", soft_wrap=True)
     if previous is not None:
         console.print(f"before: {previous.describe()}", soft_wrap=True)

@@ -159,6 +159,7 @@ def write_cache(cached: dict[str, Any]) -> bool:
         try:
             with os.fdopen(descriptor, "w") as file:
                 file.write(text)
+            os.chmod(temporary, 0o644)  # as an ordinary file (mkstemp makes it private)
             os.replace(temporary, path)
         except BaseException:
             with contextlib.suppress(OSError):

@@ -135,11 +135,14 @@ def machine_rates(device: str = "cpu") -> Rates:
     return remembered(machine_key(kind), lambda: asdict(measure_rates(kind)), Rates.from_cached)
 
 
-def calibrate(device: str = "cpu") -> tuple[Rates, Rates | None]:
+def calibrate(device: str = "cpu", *, fresh: bool = False) -> tuple[Rates, Rates | None]:
     """Measure ``device``'s rates again on purpose (``memprop calibrate``), write them to the
-    cache and drop the pointwise timings, which the next plan re-times at the new rates. Returns
-    the new rates and the ones the cache held (``None`` when it held none that could be used).
-    Raises :class:`UsageError` for a device this machine cannot measure."""
+    cache and drop the pointwise timings, which the next plan re-times at the new rates. Each
+    figure kept is the best of this measurement and the cached one (a busy machine only slows a
+    measurement down), unless ``fresh``: then the new measurement replaces the cached one
+    outright (the machine changed). Returns the rates now cached and the ones the cache held
+    (``None`` when it held none that could be used). Raises :class:`UsageError` for a device
+    this machine cannot measure."""
     kind = device.split(":")[0]
     if kind not in ("cpu", "cuda"):
         raise UsageError(f"cannot calibrate device {device!r}: give cpu or cuda")
@@ -154,6 +157,12 @@ def calibrate(device: str = "cpu") -> tuple[Rates, Rates | None]:
         except (TypeError, ValueError):
             previous = None
         rates = measure_rates(kind, previous)
+        if previous is not None and not fresh:
+            best = _best([rates, previous])
+            assert best is not None
+            if best != replace(rates, source=best.source):
+                rates = replace(best, source=f"{rates.source}; the faster figures measured "
+                                             "before kept")
         cached[key] = asdict(rates)
         cached.pop(f"{key}|pointwise", None)
         write_cache(cached)

@@ -218,3 +218,18 @@ def test_memprop_calibrate_measures_again_and_prints_both(fresh: list[str],
     assert document["previous"]["flops_per_s"] == 1e9
     bad = CliRunner().invoke(app, ["calibrate", "--device", "tpu"])
     assert bad.exit_code == 2 and "memprop: error: cannot calibrate device 'tpu'" in bad.output
+
+
+def test_calibrate_keeps_the_faster_cached_figures_unless_fresh(fresh: list[str],
+                                                                tmp_path: Path) -> None:
+    key = costs.machine_key("cpu")
+    faster = {**GOOD, "flops_per_s": 5e10, "op_s": 1e-6, "source": "idle"}
+    _write(tmp_path, json.dumps({key: faster}))
+    rates, previous = costs.calibrate("cpu")  # measured KNOWN: slower in both figures
+    assert previous is not None and previous.flops_per_s == 5e10
+    assert (rates.flops_per_s, rates.bytes_per_s, rates.op_s) == (5e10, 1e10, 1e-6)
+    assert "slower than" in rates.source and "kept" in rates.source
+    result = CliRunner().invoke(app, ["calibrate", "--fresh"])
+    assert result.exit_code == 0, result.output
+    cached = json.loads(_cache_path(tmp_path).read_text())[key]
+    assert (cached["flops_per_s"], cached["op_s"]) == (KNOWN.flops_per_s, KNOWN.op_s)
