@@ -504,7 +504,8 @@ def _fsdp_candidate(request: _Request, microbatches: int) -> Candidate | None:
     blocks = tuple(s.name for s in chain.stages if not s.pinned)
     kinds = _alike_ranks(workload.model, devices)
     traced = {kind: fsdp.rank_peak_bytes(request.factory, micro, microbatches, devices,
-                                         kinds[kind][0], blocks) for kind in kinds}
+                                         kinds[kind][0], blocks, request.backend)
+              for kind in kinds}
     peaks = [0] * devices
     for kind, ranks in kinds.items():
         for rank in ranks:

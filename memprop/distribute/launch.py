@@ -445,9 +445,10 @@ def _allocator(meter: Any, held_after: list[torch.Tensor]) -> dict[str, int]:
             "allocator_unaccounted_bytes": unaccounted_bytes(result, held_after, meter.device)}
 
 
-TIMED_STEPS = 5
+TIMED_STEPS = 10
 """Steps timed after the first (which makes the optimizer's state and the schedule's
-buffers), at least."""
+buffers), at least: the same number on every rank (their collectives pair up), enough for the
+fastest to be one the machine's other work did not interrupt."""
 
 
 def _fastest_step_s(step: Callable[[], None], steps: int) -> float:

@@ -16,8 +16,8 @@ candidates are made of (a microbatch's compute, a plan's recomputation, a pipeli
 forward and backward) is multiplied by ``(p + q R(m)) / R(m)``; the optimizer's step, timed
 alone, is added once a step (FSDP2: its share of the parameters). The model's error is the
 largest relative miss of the fit over the sizes timed: a choice whose predicted margin is
-within it says so. Every time is the fastest of ``TIMED_STEPS`` (as ``--run`` takes its own):
-the machine's, the least disturbed by other work on its cores.
+within it says so. Every time is the fastest of at least ``TIMED_STEPS`` steps (as ``--run``
+takes its own): the machine's, the least disturbed by other work on its cores.
 
 Known limitations: sizes too large to run here are extrapolated along the roofline (their
 microbatches priced by the fit's ``p`` and ``q``); a workload that cannot run here at all
@@ -41,6 +41,11 @@ CALIBRATION_BYTES = 1 << 30
 CALIBRATION_S = 0.5
 """The most the roofline may price a timed microbatch at (a few of them run)."""
 TIMED_STEPS = 8
+"""Steps timed at each size, at least (after one that makes the optimizer's state)..."""
+MOST_TIMED_STEPS = 40
+"""... and more, up to this many, until ``TIMING_S`` have passed: the fastest is then one
+that the machine's other work did not interrupt."""
+TIMING_S = 0.3
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -141,10 +146,10 @@ def _fit(priced: list[float], timed: list[float]) -> tuple[float, float]:
 
 
 def _timed_step(factory: Callable[[int], object], size: int) -> tuple[float, float, float]:
-    """The fastest forward and backward of real unplanned steps of ``size`` samples (the
-    gradients made, then a second accumulating into them), and the fastest optimizer step:
-    the machine's own time, the least disturbed by other work on its cores (as ``--run``
-    takes its steps' times)."""
+    """The forward and backward of a real unplanned microbatch of ``size`` samples that makes
+    the gradients, of one that accumulates into them, and the optimizer's step, each from the
+    fastest of whole steps: the machine's own time, the least disturbed by other work on its
+    cores (as ``--run`` takes its steps' times)."""
     from memprop.blocks.install import without_caches
     from memprop.loop import compute_loss
     from memprop.workload import Workload
@@ -154,23 +159,36 @@ def _timed_step(factory: Callable[[int], object], size: int) -> tuple[float, flo
         workload = factory(size)
         assert isinstance(workload, Workload)
         model, optimizer = workload.model, workload.optimizer
-        passes: list[list[float]] = [[], [], []]  # made, accumulated, the optimizer's
+        # Whole steps, as a rank runs them (the gradients freed, the microbatches, the
+        # optimizer's step), of one and of two microbatches in turn, and the optimizer's
+        # step within them: the differences split them.
+        steps: list[list[float]] = [[], [], []]  # one microbatch, two, the optimizer's
+
+        def step(microbatches: int) -> None:
+            started = time.perf_counter()
+            for parameter in model.parameters():
+                parameter.grad = None
+            for _ in range(microbatches):
+                loss, _ = compute_loss(workload, workload.forward())
+                loss.backward()
+                del loss
+            stepping = time.perf_counter()
+            if optimizer is not None:
+                optimizer.step()
+            ended = time.perf_counter()
+            steps[microbatches - 1].append(ended - started)
+            steps[2].append(ended - stepping)
+
         with without_caches(model):
-            for _ in range(TIMED_STEPS + 1):
-                for parameter in model.parameters():
-                    parameter.grad = None
-                for kind in (0, 1):
-                    started = time.perf_counter()
-                    loss, _ = compute_loss(workload, workload.forward())
-                    loss.backward()
-                    passes[kind].append(time.perf_counter() - started)
-                    del loss
-                started = time.perf_counter()
-                if optimizer is not None:
-                    optimizer.step()
-                passes[2].append(time.perf_counter() - started)
-    made, accumulated, stepped = (min(p[1:]) for p in passes)  # the first makes the state
-    return made, accumulated, stepped
+            began = time.perf_counter()
+            while len(steps[0]) < TIMED_STEPS + 1 or (
+                    len(steps[0]) < MOST_TIMED_STEPS
+                    and time.perf_counter() - began < TIMING_S):
+                step(1)
+                step(2)
+    one, two, stepped = (min(s[1:]) for s in steps)  # the first makes the state
+    made = max(0.0, one - stepped)
+    return made, max(made, two - one), stepped
 
 
 def _memory_cap() -> int:
