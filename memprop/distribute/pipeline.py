@@ -20,7 +20,9 @@ and they are what a formula misses:
   step ends, the one before the last warm-up forward until the steady phase ends, and each input
   gradient until the next backward is done;
 - the last stage keeps every microbatch's output and loss until the step ends (to return
-  them), then concatenates the outputs.
+  them), then concatenates the outputs; the outputs stay in the stage (``output_chunks``)
+  through the optimizer's step, until the next step clears them: the full batch of logits.
+- a stage's buffers (BatchNorm's running statistics) are the rank's from before the step.
 
 The order of a rank's actions is torch's own for the action-list schedules
 (``get_schedule_ops``, no process group needed) and the order ``Schedule1F1B`` and
@@ -269,20 +271,21 @@ def rank_peak_bytes(workload: Workload, items: Sequence[nn.Module], shape: Pipel
                          [b for kept in (*received.values(), *gradients_in.values())
                           for b in kept])
     with ledger:
-        _replay(program(shape.schedule, rank, shape.ranks, m_count), shape.schedule,
-                stages, modules, inputs, targets, loss_fn, received, gradients_in)
+        outputs = _replay(program(shape.schedule, rank, shape.ranks, m_count), shape.schedule,
+                          stages, modules, inputs, targets, loss_fn, received, gradients_in)
         for parameter in parameters:
             if parameter.grad is not None:
                 parameter.grad.div_(m_count)  # the schedule's scale_grads
         if optimizer is not None:
             optimizer.step()
+        del outputs
     return ledger.peak()[0]
 
 
 def rank_ledger(workload: Workload, shape: PipelineShape, rank: int,
                 parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer | None,
                 receive_buffers: list[torch.Tensor]) -> StorageLedger:
-    """A ledger holding what a rank holds before its step: its stages' parameters and their
+    """A ledger holding what a rank holds before its step: its stages' parameters, buffers and
     optimizer state, the batch's inputs if it runs the first stage and targets if the last,
     and the schedule's receive buffers."""
     from memprop.trace.step import optimizer_state
@@ -290,6 +293,9 @@ def rank_ledger(workload: Workload, shape: PipelineShape, rank: int,
     mine = placement(shape.schedule, shape.ranks)[rank]
     ledger = StorageLedger()
     ledger.register(parameters, Category.PARAMETERS, "parameters")
+    items = list(_items(workload.model))
+    ledger.register([b for s in mine for item in items[shape.bounds[s]:shape.bounds[s + 1]]
+                     for b in item.buffers()], Category.BUFFERS, "buffers")
     if optimizer is not None:
         ledger.register(optimizer_state(optimizer), Category.OPTIMIZER_STATE, "optimizer")
     if 0 in mine:
@@ -298,6 +304,13 @@ def rank_ledger(workload: Workload, shape: PipelineShape, rank: int,
         ledger.register([workload.targets], Category.INPUTS, "targets")
     ledger.register(receive_buffers, Category.TEMPORARIES, "receive buffers")
     return ledger
+
+
+def _items(model: nn.Module) -> nn.Sequential:
+    """The nn.Sequential whose items a pipeline cuts (``sequential_items`` has checked it)."""
+    inner = model if isinstance(model, nn.Sequential) else next(model.children())
+    assert isinstance(inner, nn.Sequential)
+    return inner
 
 
 def _steady_state(parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer | None
@@ -314,9 +327,9 @@ def _steady_state(parameters: list[nn.Parameter], optimizer: torch.optim.Optimiz
 def _replay(actions: list[Action], schedule: str, stages: int, modules: list[nn.Module],
             inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
             loss_fn: Callable[..., torch.Tensor], received: dict[int, list[torch.Tensor]],
-            gradients_in: dict[int, list[torch.Tensor]]) -> None:
+            gradients_in: dict[int, list[torch.Tensor]]) -> list[torch.Tensor]:
     """The actions, holding what torch's runtime holds (NOTE [ Replaying a pipeline
-    schedule ])."""
+    schedule ]); the last stage's outputs, which the stage keeps after the step."""
     waits_at_end = schedule != "1F1B"
     held: list[torch.Tensor] = []  # sends waited on at the end of the step
     second_last_warmup: list[torch.Tensor] = []  # Schedule1F1B: its send's work is kept
@@ -364,6 +377,7 @@ def _replay(actions: list[Action], schedule: str, stages: int, modules: list[nn.
     latest[:] = [None, None]
     if outputs:
         torch.cat(outputs)  # the merged output step() returns
+    return outputs
 
 
 def simulated_seconds(shape: PipelineShape, forward_s: Sequence[float],

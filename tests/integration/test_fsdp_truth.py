@@ -17,6 +17,7 @@ from torch import nn
 
 from memprop.distribute import fsdp
 from memprop.distribute.launch import spawn
+from memprop.trace.fake import new_fake_mode as fake_mode
 from memprop.workload import SeedConfig, Workload, seed_workload
 
 TOLERANCE = 0.01
@@ -58,6 +59,25 @@ def conv_net(batch_size: int) -> Workload:
                     targets=torch.randint(0, 10, (batch_size,)),
                     loss_fn=nn.functional.cross_entropy,
                     optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+
+
+def batch_norm_mlp(batch_size: int) -> Workload:
+    model = nn.Sequential(nn.Linear(64, 256), nn.BatchNorm1d(256), nn.ReLU(),
+                          nn.Linear(256, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 10))
+    return Workload(model=model, inputs=(torch.randn(batch_size, 64),),
+                    targets=torch.randint(0, 10, (batch_size,)),
+                    loss_fn=nn.functional.cross_entropy,
+                    optimizer=torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+
+
+def wide_head(batch_size: int) -> Workload:
+    """A classifier whose last stage peaks in AdamW's step, with the batch's logits kept."""
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                          nn.Linear(128, 2048))
+    return Workload(model=model, inputs=(torch.randn(batch_size, 64),),
+                    targets=torch.randint(0, 2048, (batch_size,)),
+                    loss_fn=nn.functional.cross_entropy,
+                    optimizer=torch.optim.AdamW(model.parameters()))
 
 
 def llama(batch_size: int) -> Workload:
@@ -175,6 +195,11 @@ def _rank(rank: int, world: int, cases: list[tuple[str, int, int]], tracked: int
 
     results: dict[str, Any] = {}
     for index, (name, microbatch_size, microbatches) in enumerate(cases):
+        if name.startswith("pipeline"):
+            results[str(index)] = _pipeline_rank(rank, world, name, microbatch_size,
+                                                 microbatches)
+            torch.distributed.barrier()
+            continue
         factory, blocks = FACTORIES[name]
         tracker = None
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
@@ -200,6 +225,109 @@ def _rank(rank: int, world: int, cases: list[tuple[str, int, int]], tracked: int
     return results
 
 
+PIPELINES: dict[str, tuple[Callable[[int], Workload], str]] = {
+    "pipeline BatchNorm MLP": (batch_norm_mlp, "1F1B"),
+    "pipeline seed MLP": (seed_mlp, "GPipe"),
+    "pipeline wide head": (wide_head, "1F1B"),
+}
+"""Pipelines (``torch.distributed.pipelining``, one stage per rank, the items cut evenly).
+Not the conv net: oneDNN's ``convolution_backward`` allocates scratch inside the op, about two
+activations' worth at 32x32, which no dispatch-level ledger sees (7% of its first stage)."""
+
+
+PIPELINE_SLACK_BYTES = 64
+PIPELINE_SCRATCH: dict[tuple[str, int], Callable[[int], int]] = {
+    # The BatchNorm MLP's first stage peaks inside native_batch_norm_backward, which allocates
+    # a block the size of its input (microbatch x 256 floats) besides its outputs: scratch no
+    # dispatch-level ledger sees. Measured here; memprop reads that much low on that rank.
+    ("pipeline BatchNorm MLP", 0): lambda microbatch_size: microbatch_size * 256 * 4,
+}
+
+
+def _pipeline_shape(name: str, microbatches: int, world: int) -> Any:
+    from memprop.distribute import pipeline as pp
+
+    factory, schedule = PIPELINES[name]
+    with fake_mode():
+        items = pp.sequential_items(factory(2 * microbatches))
+    assert not isinstance(items, str), items
+    return pp.PipelineShape(schedule=schedule, ranks=world, microbatches=microbatches,
+                            bounds=pp.split_points([1.0] * len(items), world))
+
+
+def _pipeline_predicted(name: str, microbatch_size: int, microbatches: int, world: int,
+                        rank: int) -> int:
+    from memprop.distribute import pipeline as pp
+
+    factory, _ = PIPELINES[name]
+    shape = _pipeline_shape(name, microbatches, world)
+    with fake_mode():
+        torch.manual_seed(0)
+        whole = factory(microbatch_size * microbatches)
+        items = pp.sequential_items(whole)
+        assert not isinstance(items, str)
+        return pp.rank_peak_bytes(whole, items, shape, rank)
+
+
+def _pipeline_rank(rank: int, world: int, name: str, microbatch_size: int, microbatches: int
+                   ) -> dict[str, Any]:
+    """This rank's stage run by torch's schedule, the allocator's peak over its last step."""
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import get_schedule_class
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from memprop.distribute import pipeline as pp
+    from memprop.loop import remade_optimizer
+
+    factory, schedule_name = PIPELINES[name]
+    shape = _pipeline_shape(name, microbatches, world)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        torch.manual_seed(0)
+        workload = factory(microbatch_size * microbatches)
+        items = pp.sequential_items(workload)
+        assert not isinstance(items, str)
+        module = pp.stage_modules(items, shape)[rank]
+        optimizer = remade_optimizer(workload, list(module.parameters()))
+        # The rank holds its own stage only: the other items' storages are let go (the
+        # workload, built whole, would keep them).
+        workload.optimizer = None
+        mine = range(shape.bounds[rank], shape.bounds[rank + 1])
+        for position, item in enumerate(items):
+            if position not in mine:
+                item.to("meta")
+        inputs = workload.inputs if rank == 0 else ()
+        targets = workload.targets if rank == world - 1 else None
+        workload.inputs, workload.targets = (), None
+        stage = PipelineStage(module, rank, world, torch.device("cpu"))
+        assert optimizer is not None and workload.loss_fn is not None
+        schedule = get_schedule_class(schedule_name)(stage, n_microbatches=microbatches,
+                                                     loss_fn=workload.loss_fn)
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            if rank == 0:
+                schedule.step(*inputs)
+            elif rank == world - 1:
+                schedule.step(target=targets, losses=[])
+            else:
+                schedule.step()
+            optimizer.step()
+
+        for number in range(STEPS):
+            with record_function(f"step {number}"):
+                step()
+    known = {t.untyped_storage().data_ptr() for t in (
+        *module.parameters(), *module.buffers(), *inputs, targets,
+        *(v for state in optimizer.state.values() for v in state.values()
+          if isinstance(v, torch.Tensor)),
+        *(p.grad for p in module.parameters() if p.grad is not None),
+        *(info.buffer for kept in (*stage.args_recv_info.values(),
+                                   *stage.grad_recv_info.values())
+          for info in kept if getattr(info, "buffer", None) is not None),
+        *stage.output_chunks) if t is not None}
+    peak, late = _allocator_peak(profiler, f"step {STEPS - 1}", known)
+    return {"allocator": peak, "late": late}
+
+
 def _tracker(workload: Workload) -> Any:
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
@@ -213,15 +341,25 @@ def _check(world: int, cases: list[tuple[str, int, int]], tracked: int = -1) -> 
     failures: list[str] = []
     bounded: list[str] = []
     for index, (name, microbatch_size, microbatches) in enumerate(cases):
-        factory, blocks = FACTORIES[name]
         for rank in range(world):
-            predicted = fsdp.rank_peak_bytes(factory, microbatch_size, microbatches, world,
-                                             rank, blocks)
+            if name.startswith("pipeline"):
+                predicted = _pipeline_predicted(name, microbatch_size, microbatches, world,
+                                                rank)
+            else:
+                factory, blocks = FACTORIES[name]
+                predicted = fsdp.rank_peak_bytes(factory, microbatch_size, microbatches,
+                                                 world, rank, blocks)
             figure = measured[rank][str(index)]
             real, late = figure["allocator"], figure["late"]
             label = (f"{name} {world} ranks {microbatches}x{microbatch_size} rank {rank}: "
                      f"predicted {predicted:,} B, allocator {real:,} B")
-            if late:
+            if name.startswith("pipeline") and not late:
+                # The replay is exact (a few bytes of c10d's scalars) but for a kernel's own
+                # scratch, stated in PIPELINE_SCRATCH.
+                scratch = PIPELINE_SCRATCH.get((name, rank), lambda size: 0)(microbatch_size)
+                if not 0 <= real - predicted - scratch <= PIPELINE_SLACK_BYTES:
+                    failures.append(label + f" (a kernel's scratch {scratch:,} B)")
+            elif late:
                 # gloo's worker let a buffer go after FSDP2 did, at a time the profiler cannot
                 # see: the figure is an upper bound of the real peak, which the prediction must
                 # not exceed (NOTE [ Predicting FSDP2 with a fake process group ]).
@@ -237,9 +375,10 @@ def _check(world: int, cases: list[tuple[str, int, int]], tracked: int = -1) -> 
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_fsdp2_on_two_ranks_equals_the_allocator() -> None:
+def test_fsdp2_and_pipelines_on_two_ranks_equal_the_allocator() -> None:
     _check(2, [("residual MLP", 64, 1), ("residual MLP", 64, 2), ("residual MLP", 16, 8),
-               ("conv net", 16, 2), ("Llama", 8, 1), ("seed MLP", 128, 1)], tracked=4)
+               ("conv net", 16, 2), ("Llama", 8, 1), ("seed MLP", 128, 1),
+               ("pipeline BatchNorm MLP", 32, 2), ("pipeline seed MLP", 32, 4)], tracked=4)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
