@@ -233,7 +233,8 @@ def _with_checkpointing(
         with new_fake_mode():
             workload = build(batch_size, depth)
         try:
-            result = plan(workload, budget=budget_bytes, strategy="optimal")
+            # fake=True: sizes that depend on values at their worst case (memprop.trace.fake)
+            result = plan(workload, budget=budget_bytes, strategy="optimal", fake=True)
         except BudgetInfeasibleError:
             return False
         if max_overhead is not None and result.compute_overhead > max_overhead:

@@ -40,6 +40,7 @@ from memprop.plan.costs import DEFAULT_COST_MODEL, on_fake_tensors
 from memprop.plan.solvers import Plan
 from memprop.run.measure import not_run
 from memprop.run.verify import verify_plan
+from memprop.trace.compiled import original
 from memprop.trace.fake import new_fake_mode, to_fake_workload
 from memprop.units import parse_size
 from memprop.workload import Inputs, Workload, to_workload
@@ -212,10 +213,13 @@ class PlannedModule(nn.Module):
         if not (self.training and torch.is_grad_enabled()):
             return self.module(*inputs, **kwargs)
         chosen = self.plan_for(*inputs, **kwargs)
-        with _without_hf_checkpointing(self.module), \
-                installed(self.module, chosen.stage_names, chosen.tree, chosen.selective,
+        # A compiled model runs its original module under the plan, eagerly, as it was planned
+        # (NOTE [ Compiled models are traced eagerly ] in memprop.trace.compiled).
+        module = original(self.module)
+        with _without_hf_checkpointing(module), \
+                installed(module, chosen.stage_names, chosen.tree, chosen.selective,
                           chosen.draws_random) as calls:
-            output = self.module(*inputs, **kwargs)
+            output = module(*inputs, **kwargs)
         if calls.expected and calls.count == 0:
             raise PlanCheckError(not_run(self.module, chosen))
         return output

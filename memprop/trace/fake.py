@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from memprop.workload import Workload
 
 __all__ = ["device_of", "exact_sizes_only", "fake_mode_of", "new_fake_mode", "sized_at_worst",
-           "to_fake_workload"]
+           "to_fake_workload", "worst_case_note"]
 
 
 # NOTE [ Sizes that depend on values ]
@@ -48,13 +48,23 @@ _exact_only: contextvars.ContextVar[bool] = contextvars.ContextVar("memprop_exac
 @contextlib.contextmanager
 def sized_at_worst() -> Iterator[list[str]]:
     """The names of the ops whose output sizes fake tensors took at their worst case within the
-    block (NOTE [ Sizes that depend on values ]), in order of first use."""
+    block (NOTE [ Sizes that depend on values ]), in order of first use; blocks nest."""
+    outer = _worst_case_ops.get()
     found: list[str] = []
     token = _worst_case_ops.set(found)
     try:
         yield found
     finally:
         _worst_case_ops.reset(token)
+        if outer is not None:  # an enclosing block sees them too
+            outer.extend(op for op in found if op not in outer)
+
+
+def worst_case_note(ops: list[str]) -> str:
+    """What a report says of a fake trace that sized ``ops`` at their worst case."""
+    names = ", ".join(op.removeprefix("aten.").removesuffix(".default") for op in ops)
+    return (f"traced on fake tensors with the outputs of {names} at their worst case (every "
+            "element selected): the memory is an upper bound")
 
 
 @contextlib.contextmanager

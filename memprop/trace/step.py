@@ -23,6 +23,7 @@ from memprop.blame import user_code
 from memprop.loop import compute_loss, state_signature, tensors_in, zero_gradients
 from memprop.trace.calls import CallRecorder
 from memprop.trace.compiled import eager_model
+from memprop.trace.fake import sized_at_worst, worst_case_note
 from memprop.trace.ledger import Category, StorageLedger
 from memprop.trace.stages import ChainCosts, StageStats, chain_costs
 from memprop.units import format_bytes
@@ -118,8 +119,10 @@ def trace_training(
     is how a training loop runs it; the notes say so. ``device`` (a memory backend) measures
     its own high-water mark over the steady step."""
     notes: list[str] = []
-    # NOTE [ Compiled models are traced eagerly ] (memprop.trace.compiled)
-    with eager_model(workload, notes), _training_mode(workload.model, notes):
+    # NOTE [ Compiled models are traced eagerly ] (memprop.trace.compiled); NOTE [ Sizes that
+    # depend on values ] (memprop.trace.fake)
+    with eager_model(workload, notes), _training_mode(workload.model, notes), \
+            sized_at_worst() as worst:
         zero_gradients(workload)
         before = state_signature(workload)
         first = _measured(workload, create_graph, device, log_ops)
@@ -133,6 +136,8 @@ def trace_training(
             steady = first
             first_peak = None if any(before) else first[0].ledger.peak()[0]
     trace, rise = steady
+    if worst:
+        notes.append(worst_case_note(worst))
     _note_caches(workload, trace, notes)
     if trace.chain is not None and first is not steady:
         first_optimizer = _optimizer_moment(first[0]) if workload.optimizer is not None else 0

@@ -98,3 +98,12 @@ def test_plan_on_the_command_line_says_how_it_traced(moe: tuple[nn.Module, torch
                                           "--budget", "1GiB", *flags, "--json", "-"])
         assert result.exit_code == 0, result.output
         assert said in json.loads(result.stdout)["cost_note"]
+
+
+def test_a_fake_profile_says_its_sizes_were_taken_at_the_worst_case(
+        moe: tuple[nn.Module, torch.Tensor]) -> None:
+    model, inputs = moe
+    real, fake = memprop.profile(model, inputs), memprop.profile(model, inputs, fake=True)
+    assert fake.training_peak_bytes > real.training_peak_bytes
+    assert any("worst case" in note for note in fake.notes)
+    assert not any("worst case" in note for note in real.notes)
