@@ -74,6 +74,20 @@ class Workload:
     config: dict[str, Any] = field(default_factory=dict)
     """Anything else worth reporting (the seed MLP's widths, for instance)."""
 
+    def __post_init__(self) -> None:
+        if self.optimizer is None:
+            return
+        # An optimizer over another copy of the model would step tensors the trace never
+        # touched: its state is not this model's, and every figure would be wrong.
+        owned = {id(p) for p in self.model.parameters()}
+        stepped = [p for group in self.optimizer.param_groups for p in group["params"]]
+        strangers = sum(id(p) not in owned for p in stepped)
+        if strangers:
+            raise UsageError(
+                f"the optimizer's parameters are not the model's: {strangers} of its "
+                f"{len(stepped)} belong to no module of {self.name} (an optimizer built over "
+                "another copy of the model?): build it from this model's parameters()")
+
     def forward(self) -> Any:
         """``model(*inputs, **keywords)``: the model's forward as the step runs it."""
         return self.model(*self.inputs, **self.keywords)

@@ -75,7 +75,9 @@ def _steady_state_note(profile: Profile) -> str:
                    "its state): a budget must cover it")
     else:
         started = f"the first step peaks at {format_bytes(first)}"
-    return f"training peak: a steady-state step, the optimizer's state live; {loop}; {started}"
+    state = ("the optimizer's state live" if profile.memory.optimizer_state_bytes
+             else "no optimizer state (none given, or one that keeps none)")
+    return f"training peak: a steady-state step, {state}; {loop}; {started}"
 
 
 def _totals_table(profile: Profile) -> Table:
