@@ -190,7 +190,18 @@ def measure_rates(kind: str, previous: Rates | None = None) -> Rates:
     if previous is not None and _slower(rates, previous):
         note = (f"; slower than the {previous.describe_speed()} measured before: the machine "
                 f"may be busy ({_load()})")
+    elif _busy():
+        note = (f"; the machine was busy ({_load()}): run memprop calibrate when it is idle, "
+                "which keeps the faster figures")
     return replace(rates, source=f"{rates.source}, best of {len(rounds)} rounds{note}")
+
+
+def _busy() -> bool:
+    """Whether more runnable work than cores was waiting over the last minute."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:
+        return False
 
 
 def _agree(rates: Rates, other: Rates | None) -> bool:

@@ -233,3 +233,21 @@ def test_calibrate_keeps_the_faster_cached_figures_unless_fresh(fresh: list[str]
     assert result.exit_code == 0, result.output
     cached = json.loads(_cache_path(tmp_path).read_text())[key]
     assert (cached["flops_per_s"], cached["op_s"]) == (KNOWN.flops_per_s, KNOWN.op_s)
+
+
+def test_rates_measured_on_a_busy_machine_say_so(fresh: list[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    assert "the machine was busy (load average 64.0" in costs.machine_rates("cpu").source
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert "busy" not in costs.measure_rates("cpu").source
+
+
+def test_plans_are_the_same_run_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Measured for real once (into tmp_path), then read: two plans price alike to the byte.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    args = ["plan", "--fake", "--depth", "6", "--batch", "4096", "--hidden", "64", "--input-dim",
+            "64", "--budget", "7MiB", "--json", "-"]
+    first, second = (CliRunner().invoke(app, args) for _ in range(2))
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout) == json.loads(second.stdout)
