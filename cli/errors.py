@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
+import warnings
 from typing import Any, NoReturn
 
 import typer
@@ -42,6 +43,11 @@ class MemPropGroup(TyperGroup):
         # Fake tensors log every op that fails on them, with a traceback, before the error
         # reaches memprop, which then says it in one line: the command keeps its output clean.
         logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return self._invoke(ctx)
+
+    def _invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except TyperException as error:  # a subcommand's options, or an unknown subcommand
@@ -55,6 +61,19 @@ class MemPropGroup(TyperGroup):
             first = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
             _say(ctx, error, f"memprop: out of memory: {first}", hint=False)
             raise typer.Exit(code=EXIT_DOES_NOT_FIT) from None
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """memprop's own warnings (a plan's prediction off by more than its tolerance) as one line
+    of the report, not Python's two lines naming memprop's source; others as Python shows them."""
+    if category.__module__.split(".")[0] == "memprop":
+        print(f"warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 def _say(ctx: Any, error: BaseException, line: str, *, hint: bool) -> None:

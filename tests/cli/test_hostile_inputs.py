@@ -272,3 +272,21 @@ def test_a_deep_workload_says_how_long_its_trace_will_take(
     result = CliRunner().invoke(app, ["profile", "--fake", "--depth", "15", "--hidden", "8",
                                       "--batch", "2"])
     assert "tracing the step takes" not in result.stderr
+
+
+def test_memprops_warnings_are_one_line_of_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    import warnings
+
+    import memprop.run.verify
+    from memprop.errors import PlanMismatchWarning
+
+    checked = memprop.run.verify.verify_plan
+
+    def verify_and_warn(*args: object, **kwargs: object) -> int:
+        warnings.warn("the traced peak strays", PlanMismatchWarning, stacklevel=2)
+        return checked(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(memprop.run.verify, "verify_plan", verify_and_warn)
+    result = CliRunner().invoke(app, ["plan", *SMALL, "--fake", "--budget", "1GiB"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "warning: the traced peak strays\n"
