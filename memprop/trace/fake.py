@@ -184,6 +184,7 @@ def new_fake_mode() -> FakeTensorMode:
     # Real tensors may meet fake ones inside a step (a constant a loss function holds);
     # FakeTensorMode then treats them as fake of the same shape instead of refusing.
     _let_fake_parameters_swap()
+    _copy_fake_tensors_as_real_ones_are_copied()
     return _EagerFakeMode(allow_non_fake_inputs=True)
 
 
@@ -220,6 +221,34 @@ def _let_fake_parameters_swap() -> None:
 
     swap_tensors._memprop = True  # type: ignore[attr-defined]
     torch.utils.swap_tensors = swap_tensors
+
+
+def _copy_fake_tensors_as_real_ones_are_copied() -> None:
+    """NOTE [ Deep copies of fake tensors ]
+    ``copy.deepcopy`` of a fake tensor (``nn.TransformerEncoder`` deep-copies its layer for
+    every layer after the first) takes ``Tensor.__deepcopy__``'s storage path: a storage copied,
+    then set into an empty tensor. The copy's views (``weight.t()`` in every linear layer) then
+    report another storage than the copy itself, so the ledger booked each as a new one, saved
+    for backward: 16 phantom storages, 2 MiB, on a 4-layer encoder that real tensors do not
+    have. A real parameter is copied by ``clone``; fake ones are copied the same way here.
+    Installed once, for every fake tensor of the process."""
+    if getattr(FakeTensor.__deepcopy__, "_memprop", False):
+        return
+
+    def __deepcopy__(self: FakeTensor, memo: dict[int, Any]) -> torch.Tensor:
+        if id(self) in memo:
+            return memo[id(self)]  # type: ignore[no-any-return]
+        with torch.no_grad():
+            copied = self.clone(memory_format=torch.preserve_format)
+        if isinstance(self, nn.Parameter):
+            copied = nn.Parameter(copied, self.requires_grad)
+        elif self.requires_grad:
+            copied.requires_grad_(True)
+        memo[id(self)] = copied
+        return copied
+
+    __deepcopy__._memprop = True  # type: ignore[attr-defined]
+    FakeTensor.__deepcopy__ = __deepcopy__  # type: ignore[method-assign,assignment]
 
 
 def fake_mode_of(workload: Workload) -> FakeTensorMode | None:

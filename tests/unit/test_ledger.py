@@ -409,3 +409,25 @@ def test_the_first_fake_hugging_face_model_of_a_process_equals_real() -> None:
                           text=True, check=True)
     fake, real = map(int, done.stdout.split())
     assert fake == real
+
+
+def _transformer_encoder() -> Workload:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, dropout=0.1,
+                                       batch_first=True, norm_first=True)
+    model = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
+    return Workload(model=model, inputs=(torch.randn(32, 8, 64),),
+                    optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def test_fake_equals_real_on_a_deep_copied_transformer_encoder() -> None:
+    # nn.TransformerEncoder deep-copies its layer (NOTE [ Deep copies of fake tensors ]): the
+    # fake trace kept a storage per weight transpose of every copied layer that real tensors
+    # view in place.
+    real = memprop.profile(_transformer_encoder())
+    with new_fake_mode():
+        fake_workload = _transformer_encoder()
+    fake = memprop.profile(fake_workload)
+    assert fake.memory == real.memory
+    assert [(t.op, t.module, t.bytes) for t in fake.saved_tensors] == [
+        (t.op, t.module, t.bytes) for t in real.saved_tensors]
