@@ -3,7 +3,8 @@
 Each block the plan recomputes gets an instance attribute ``forward`` that shadows its class's
 (the same parameter objects, the same ``state_dict`` keys, hooks still fire since ``__call__`` is
 untouched), so the model's own forward, whether an ``nn.Sequential`` or a Python loop over an
-``nn.ModuleList``, runs the plan without knowing it.
+``nn.ModuleList``, runs the plan without knowing it. The shadow runs the plan of the thread that
+calls it (NOTE [ Plans installed per thread ]): one model may run under plans in several threads.
 
 NOTE [ Spans ]
 A checkpointed segment of several blocks is one ``torch.utils.checkpoint`` (non-reentrant) that

@@ -4,9 +4,12 @@ The wrapper holds the model itself (the same parameter and buffer objects, so an
 before or after it works) and presents the model's own ``state_dict`` keys: it saves and loads
 checkpoints interchangeably with the bare model. Its forward installs the plan on the model's
 blocks (:func:`memprop.blocks.install.installed`) and calls the model, so the model's own
-forward, hooks and loss code run unchanged. It pickles (``torch.save(wrapped)``) as the bare model
-does. A model whose Hugging Face gradient checkpointing is on has it turned off while the plan
-runs (the plan replaces it; recomputing twice would cost twice), with a warning.
+forward, hooks and loss code run unchanged. It pickles (``torch.save(wrapped)``) whenever the
+bare model does (a loss function pickle cannot take is left behind, and said so if a new input
+shape needs it), and it may be called from several threads at once (NOTE [ Plans installed per
+thread ] in ``memprop.blocks.install``). A model whose Hugging Face gradient checkpointing is on
+has it turned off while the plan runs (the plan replaces it; recomputing twice would cost
+twice), with a warning.
 
 Plans are kept by the inputs' shapes, dtypes and devices. An input never seen before reuses the
 plan of one whose every dimension is at least as large (the same plan peaks no higher on smaller
