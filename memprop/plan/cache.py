@@ -22,6 +22,7 @@ import math
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -189,11 +190,28 @@ def locked() -> Iterator[None]:
         yield
         return
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-        except OSError as error:
-            if error.errno not in (errno.ENOLCK, errno.EINVAL, errno.EBADF):
-                raise
+        waited = 0.0
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if waited >= LOCK_WAIT_S:
+                    warn(f"{lock} stayed locked {LOCK_WAIT_S:.0f} s (a memprop stopped while "
+                         "measuring?): measured without it")
+                    break
+                time.sleep(_LOCK_POLL_S)
+                waited += _LOCK_POLL_S
+            except OSError as error:
+                if error.errno not in (errno.ENOLCK, errno.EINVAL, errno.EBADF):
+                    raise
+                break  # a file system without locks: unlocked
         yield
     finally:
         os.close(descriptor)  # closing releases the lock
+
+
+LOCK_WAIT_S = 120.0
+"""How long a process waits for another's measurement (a few seconds, ten times over on a busy
+machine) before it measures on its own rather than hang."""
+_LOCK_POLL_S = 0.05

@@ -251,3 +251,17 @@ def test_plans_are_the_same_run_to_run(tmp_path: Path, monkeypatch: pytest.Monke
     first, second = (CliRunner().invoke(app, args) for _ in range(2))
     assert first.exit_code == 0, first.output
     assert json.loads(first.stdout) == json.loads(second.stdout)
+
+
+def test_a_lock_held_forever_does_not_hang_a_measurement(
+        fresh: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    import fcntl
+
+    monkeypatch.setattr(cache, "LOCK_WAIT_S", 0.2)
+    lock = tmp_path / "memprop" / "rates.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as held:  # another process, stopped while it measured
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert costs.machine_rates("cpu").flops_per_s == KNOWN.flops_per_s
+    assert any("stayed locked" in w for w in _warnings(caplog))
