@@ -431,3 +431,35 @@ def test_fake_equals_real_on_a_deep_copied_transformer_encoder() -> None:
     assert fake.memory == real.memory
     assert [(t.op, t.module, t.bytes) for t in fake.saved_tensors] == [
         (t.op, t.module, t.bytes) for t in real.saved_tensors]
+
+
+class _AutocastMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256),
+                                 nn.LayerNorm(256), nn.Linear(256, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out: torch.Tensor = self.net(x)
+        return out
+
+
+def _autocast_mlp() -> Workload:
+    torch.manual_seed(0)
+    model = _AutocastMLP()
+    return Workload(model=model, inputs=(torch.randn(32, 64),),
+                    targets=torch.randint(0, 10, (32,)), loss_fn=nn.functional.cross_entropy,
+                    optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def test_fake_equals_real_under_autocast() -> None:
+    # NOTE [ Layer norm's statistics ]: the CPU kernel saves a bf16 input's mean and 1/std in
+    # float32; fake tensors gave them bf16, half the bytes.
+    real = memprop.profile(_autocast_mlp())
+    with new_fake_mode():
+        fake_workload = _autocast_mlp()
+    fake = memprop.profile(fake_workload)
+    assert fake.memory == real.memory
+    assert [(t.op, t.module, t.bytes) for t in fake.saved_tensors] == [
+        (t.op, t.module, t.bytes) for t in real.saved_tensors]
