@@ -66,7 +66,7 @@ def plan_command(
     from memprop.plan.api import chain_of
     from memprop.plan.solvers import STRATEGIES, solve
     from memprop.report.terminal_plan import render_plan
-    from memprop.run.verify import verify_plan
+    from memprop.run.verify import verify_plan_on
 
     console = console_for({"--json": json_path})
     check_plan_options(strategy, cost_model, fake=fake)
@@ -80,11 +80,11 @@ def plan_command(
         chain = chain_of(workload, cost_model=cost_model, fake=fake)
         chosen = solve(chain, cap.bytes, strategy)
         others = [solve(chain, cap.bytes, s, strict=False) for s in STRATEGIES if s != strategy]
-        traced = verify_plan(workload, chosen)
+        traced, traced_on = verify_plan_on(workload, chosen)
     if cap.source != "given":
         console.print(f"budget: {cap.source}")
     render_plan(chosen, others, console)
-    console.print(f"checked: the planned step traced on fake tensors peaks at "
+    console.print(f"checked: the planned step traced on {traced_on} tensors peaks at "
                   f"{format_bytes(traced)} (predicted {format_bytes(chosen.peak_bytes)})")
     if json_path is not None:
         document = chosen.to_dict()

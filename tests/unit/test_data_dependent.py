@@ -93,11 +93,13 @@ def test_a_mixture_of_experts_on_fake_tensors_is_bounded_from_above(
 
 
 def test_plan_on_the_command_line_says_how_it_traced(moe: tuple[nn.Module, torch.Tensor]) -> None:
-    for flags, said in (((), "traced on real tensors"), (("--fake",), "worst case")):
+    for flags, said, checked in (((), "traced on real tensors", "real"),
+                                 (("--fake",), "worst case", "fake")):
         result = CliRunner().invoke(app, ["plan", "--model", "moe.py:make", "--batch", "32",
                                           "--budget", "1GiB", *flags, "--json", "-"])
         assert result.exit_code == 0, result.output
         assert said in json.loads(result.stdout)["cost_note"]
+        assert f"checked: the planned step traced on {checked} tensors" in result.stderr
 
 
 def test_a_fake_profile_says_its_sizes_were_taken_at_the_worst_case(
