@@ -59,6 +59,7 @@ def _json(*args: str) -> dict[str, object]:
     return document
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("factory", "blocks"), [
     ("gpt2", [f"transformer.h.{i}" for i in range(4)]),
     ("resnet", [f"layer{i}.{j}" for i, n in zip(range(1, 5), (1, 2, 2, 1), strict=True)
