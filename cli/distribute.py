@@ -13,6 +13,7 @@ from memprop_cli.options import (
     OptionsFactory,
     WorkloadOptions,
     console_for,
+    output_path,
     parse_sizes,
     with_workload_options,
     working,
@@ -46,8 +47,8 @@ def distribute_command(
         help="The interconnect planned for: bandwidth and latency of one message (say 100,5). "
              "Default: timed on this machine across at most its cores.")] = None,
     json_path: Annotated[Path | None, typer.Option(
-        "--json", metavar="PATH", help="Write the distribution document; - is standard "
-                                       "output.")] = None,
+        "--json", metavar="PATH", parser=output_path,
+        help="Write the distribution document; - is standard output.")] = None,
 ) -> None:
     """Split the step across devices, or accumulate smaller microbatches on one?
 

@@ -144,6 +144,7 @@ def test_out_of_range_numbers_are_refused(command: list[str], flag: str) -> None
     ["profile", *SMALL, "--fake", "--json", "out/"],
     ["sweep", "--batch", "2", "--depth", "1", "--json", "out/"],
     ["plan", *SMALL, "--fake", "--budget", "1GiB", "--json", "out/"],
+    ["distribute", *SMALL, "--json", "out/"],
 ])
 def test_an_output_path_ending_in_a_slash_is_a_folder_not_a_file(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
