@@ -365,6 +365,10 @@ def preflight(options: WorkloadOptions, what: str, advice: str) -> Workload | No
     from memprop.trace.profile import profile
 
     get_device(options.device)  # no GPU for --device cuda: a clear error now
+    if options.model is None:
+        # The seed MLP's closed form answers at once what a deep trace takes minutes to.
+        refuse_unless_it_fits(_seed_least_bytes(options), options.device, what, advice,
+                              how="the closed form's least")
     try:
         with working("checking on fake tensors that the step fits"):
             fake = build_workload(options, fake=True, fallback=False)
@@ -375,6 +379,22 @@ def preflight(options: WorkloadOptions, what: str, advice: str) -> Workload | No
         raise
     refuse_unless_it_fits(required, str(device_of(fake)), what, advice)
     return fake
+
+
+def _seed_least_bytes(options: WorkloadOptions) -> int:
+    """The least the seed MLP's step holds at once, from its closed form: the training peak
+    where the formulas give it, else what is live at the end of forward (parameters, the
+    optimizer's state, the inputs and the saved activations)."""
+    from memprop.closed_form import SeedShape, closed_form
+
+    config = options.seed_config()
+    totals = closed_form(SeedShape(
+        input_dim=config.input_dim, hidden=config.hidden, classes=config.classes,
+        depth=config.depth, batch=config.batch, activation=config.activation, bias=config.bias,
+        weight_decay=config.weight_decay, dtype=config.dtype, optimizer=config.optimizer))
+    return totals.get("training_peak_bytes") or sum(
+        totals[k] for k in ("parameters_bytes", "optimizer_state_bytes", "inputs_bytes",
+                            "saved_activations_bytes"))
 
 
 def parse_list(text: str, flag: str) -> list[str]:

@@ -16,19 +16,21 @@ from memprop.units import format_bytes
 __all__ = ["refuse_unless_it_fits", "shortfall"]
 
 
-def shortfall(required_bytes: int, device: str, *, available_bytes: int | None = None
-              ) -> str | None:
-    """Why ``required_bytes`` cannot run on ``device`` now, or None when they fit."""
+def shortfall(required_bytes: int, device: str, *, available_bytes: int | None = None,
+              how: str = "traced on fake tensors") -> str | None:
+    """Why ``required_bytes`` (found ``how``) cannot run on ``device`` now, or None when they
+    fit."""
     available = (get_device(device).available_bytes() if available_bytes is None
                  else available_bytes)
     if required_bytes <= available:
         return None
-    return (f"needs {format_bytes(required_bytes)} (traced on fake tensors) and {device} has "
+    return (f"needs {format_bytes(required_bytes)} ({how}) and {device} has "
             f"{format_bytes(available)} available")
 
 
-def refuse_unless_it_fits(required_bytes: int, device: str, what: str, advice: str) -> None:
+def refuse_unless_it_fits(required_bytes: int, device: str, what: str, advice: str, *,
+                          how: str = "traced on fake tensors") -> None:
     """Raise :class:`OutOfMemoryError` (exit 3) when ``what`` would not fit ``device``."""
-    reason = shortfall(required_bytes, device)
+    reason = shortfall(required_bytes, device, how=how)
     if reason is not None:
         raise OutOfMemoryError(f"{what} {reason}: nothing was run; {advice}")

@@ -291,3 +291,9 @@ def test_memprops_warnings_are_one_line_of_the_report(monkeypatch: pytest.Monkey
     result = CliRunner().invoke(app, ["plan", *SMALL, "--fake", "--budget", "1GiB"])
     assert result.exit_code == 0, result.output
     assert result.stderr == "warning: the traced peak strays\n"
+
+
+def test_the_seed_mlp_too_deep_for_the_device_is_refused_from_its_closed_form() -> None:
+    # Its trace would take as long as its depth; the formulas answer at once.
+    err = _refused("profile", "--hidden", "65536", "--depth", "64", code=3)
+    assert "(the closed form's least)" in err and "nothing was run" in err
