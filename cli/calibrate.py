@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from memprop_cli.options import console_for, working
+from memprop_cli.options import console_for, output_path, working
 
 
 def calibrate_command(
@@ -16,7 +16,8 @@ def calibrate_command(
         "--fresh", help="Replace the cached rates outright (the machine changed); by default "
                         "each figure kept is the best of the new and the cached one.")] = False,
     json_path: Annotated[Path | None, typer.Option(
-        "--json", metavar="PATH", help="Write the rates as JSON; - is standard output.")] = None,
+        "--json", metavar="PATH", parser=output_path,
+        help="Write the rates as JSON; - is standard output.")] = None,
 ) -> None:
     """Measure the rates the roofline cost model prices recomputation by (matrix product, copy,
     op launch, selective policy), replace the cached ones and print both.
