@@ -508,7 +508,8 @@ def _stepper(model: _Model, c: _Contender) -> Callable[[], None]:
 @contextlib.contextmanager
 def _installed(model: _Model, c: _Contender) -> Iterator[None]:
     if c.tree is not None:
-        with installed(model.workload.model, model.names, c.tree, c.selective):
+        with installed(model.workload.model, model.names, c.tree, c.selective,
+                       [s.draws_random for s in model.chain.stages]):
             yield
     elif c.segments is not None:
         sequential = model.sequential

@@ -412,7 +412,8 @@ def _run(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(without_caches(model))
         if plan is not None:
-            stack.enter_context(installed(model, plan.stage_names, plan.tree, plan.selective))
+            stack.enter_context(installed(model, plan.stage_names, plan.tree, plan.selective,
+                                          plan.draws_random))
         step_s = _fastest_step_s(step, steps)
         ledger = StorageLedger()
         register_step_state(ledger, stepped, training=True)

@@ -12,6 +12,14 @@ outlives the sub-schedule) or the sub-schedule owns it as a flow. Either
   ``x_s``) and, when backward returns, re-run ``a..s-1`` with the same memory (``h = 1``: the
   checkpoint holds ``x_a``).
 
+A checkpoint of units whose stages draw random numbers also holds the generators' state
+(``stash``) from its first forward to the end of its backward, never shared, and fork_rng's copy
+through its re-run's forward (NOTE [ The memory model ] in ``memprop.plan.chain``): every moment
+of the rest of the segment and of the checkpoint's own re-run and backward is ``stash`` higher,
+and the re-run is the sub-problem's *variant* 1, in which every forward moment of its first
+sweep (its kept units' forwards, its nested checkpoints' first forwards: not their re-runs,
+which come in the backward) is ``stash`` higher again. Tables are indexed ``[v]`` by variant.
+
 The last unit of every segment is kept (checkpointing it would re-run it at once).
 ``g_b``, the gradient ``d_{b+1}`` that a re-run segment's context handed it, is live through the
 forward moments of ``a..b`` and freed by ``b``'s backward; so are the parameter gradients of every
@@ -32,9 +40,10 @@ the extra columns below (then the table is exact), else ``ceil(m/max_slots)``.
 Rounding is safe but loses plans: one whose exact peak is the budget is priced up to one slot
 too high per rounded term, and the budget one slot too low. A constraint sums at most ``2 U + 2``
 terms on ``U`` units (a tape and a stored input per unit on the way down, then a moment and a
-gradient), so every plan that fits in exact bytes is in the table ``2 U + 2`` columns above the
-budget's own. The table is built with those extra columns (:meth:`CostTable.column` gives the
-whole chain's cost at each); the budget's own column fits by the induction above, a column
+gradient), ``4 U + 2`` with the generators' states (two more per checkpoint), so every plan that
+fits in exact bytes is in the table that many columns above the budget's own. The table is
+built with those extra columns (:meth:`CostTable.column` gives the whole chain's cost at each);
+the budget's own column fits by the induction above, a column
 above it only if the simulator says so. ``solvers._optimal_table`` bisects over the columns
 where the cost drops for the cheapest plan that fits; the budget is never exceeded, since every
 plan it returns was either at the safe column or simulated within the budget. Not exact still:
@@ -106,13 +115,32 @@ class Units:
     """Per unit, each option's re-run forward moment (``fk[1]`` with the option's transient)."""
     opt_saved: tuple[np.ndarray, ...] = ()
     """Per unit, the recomputation each option saves."""
+    draws: np.ndarray | None = None
+    """Whether the unit's stages draw random numbers (None: none does)."""
+    stash: int = 0
+    """What a checkpoint around a unit that ``draws`` keeps of the generators' state."""
 
     _pinned_before: np.ndarray = field(init=False, repr=False, compare=False)
     """``_pinned_before[a]``: pinned units among the first ``a`` (for ``checkpointable``)."""
+    _draws_before: np.ndarray = field(init=False, repr=False, compare=False)
+    """``_draws_before[a]``: units that draw among the first ``a`` (for ``stashes``)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_pinned_before",
                            np.concatenate([[0], np.cumsum(self.pinned.astype(np.int64))]))
+        draws = (np.zeros(len(self.bounds), dtype=np.int64) if self.draws is None or not self.stash
+                 else self.draws.astype(np.int64))
+        object.__setattr__(self, "_draws_before", np.concatenate([[0], np.cumsum(draws)]))
+
+    def stashes(self, k: int, rows: int) -> np.ndarray:
+        """What a checkpoint of the ``k`` units from each start ``a < rows`` keeps of the
+        generators' state: ``stash`` or 0."""
+        inside = self._draws_before
+        return np.asarray(self.stash * (inside[k : k + rows] > inside[:rows]), dtype=np.int64)
+
+    def stash_of(self, a: int, k: int) -> int:
+        """:meth:`stashes` for the one checkpoint of units ``a..a+k-1``."""
+        return self.stash if self._draws_before[a + k] > self._draws_before[a] else 0
 
     def checkpointable(self, k: int, rows: int) -> np.ndarray:
         """Whether the ``k`` units from each start ``a < rows`` may form a checkpoint."""
@@ -134,11 +162,13 @@ class Units:
             cost_f=self.cost_f, cost_b=self.cost_b, pinned=self.pinned,
             opt_cache=tuple(up(c) for c in self.opt_cache),
             opt_fk=tuple(up(f) for f in self.opt_fk), opt_saved=self.opt_saved,
+            draws=self.draws, stash=-(-self.stash // u),
         )
 
     def gcd(self) -> int:
         parts = [self.xin, self.dout, self.fk, self.ret, self.bm, self.lm, self.fn_first,
-                 self.fn_flow, *self.opt_cache, *self.opt_fk]
+                 self.fn_flow, *self.opt_cache, *self.opt_fk,
+                 np.array([self.stash] if self._draws_before[-1] else [], dtype=np.int64)]
         return int(np.gcd.reduce(np.concatenate([np.ravel(p) for p in parts])))
 
 
@@ -238,6 +268,8 @@ def make_units(chain: Chain, bounds: list[tuple[int, int]]) -> Units:
         cost_f=np.array([sum(s.forward_cost for s in chain.stages[a:b]) for a, b in bounds]),
         cost_b=np.array([sum(s.backward_cost for s in chain.stages[a:b]) for a, b in bounds]),
         pinned=np.array([not chain.checkpointable(a, b) for a, b in bounds], dtype=bool),
+        draws=np.array([chain.stash_bytes(a, b) > 0 for a, b in bounds], dtype=bool),
+        stash=chain.rng_state_bytes,
         **_options(chain, bounds),
     )
 
@@ -276,6 +308,18 @@ def _shift(arr: np.ndarray, by: np.ndarray, ar: np.ndarray) -> np.ndarray:
     return out
 
 
+def _shift_rows(arr: np.ndarray, rows: np.ndarray, by: int) -> np.ndarray:
+    """``arr`` with the rows where ``rows`` is true shifted right by ``by`` (:func:`_shift`
+    where every row moves by ``by`` or not at all)."""
+    if not by or not rows.any():
+        return arr
+    out: np.ndarray = arr.copy()
+    out[rows] = _INF
+    if by < arr.shape[1]:
+        out[rows, by:] = arr[rows, : arr.shape[1] - by]
+    return out
+
+
 def _first_finite(arr: np.ndarray) -> np.ndarray:
     """Per row of a table non-increasing along ``m``: the first finite column (``m + 1`` when
     none is)."""
@@ -283,60 +327,82 @@ def _first_finite(arr: np.ndarray) -> np.ndarray:
 
 
 class CostTable:
-    """``D[h][L][a, m]``: least compute for units ``a..a+L`` with ``m`` slots, ``inf`` if none."""
+    """``D[h][L][a, m]``: least compute for units ``a..a+L`` with ``m`` slots, ``inf`` if none;
+    ``Dv[1]``, the same in variant 1 (a random checkpoint's re-run), when a unit draws."""
 
     def __init__(self, p: Units, slots: int) -> None:
         self.p, self.slots = p, slots
         n, ar = p.n, np.arange(slots + 1)
         self.fnw, self.sumf, self.g = fnw, sumf, g = _windows(p)
         self.fb = fb = p.cost_f + p.cost_b
-        D: list[list[Any]] = [[None] * n, [None] * n]
-        for h in (0, 1):
-            need = np.maximum(p.fk[h] + g, p.bm[h])
-            need[-1] = max(need[-1], p.lm[h][-1])
-            D[h][0] = np.where(ar[None, :] >= need[:, None], fb[:, None], _INF)
+        variants = (0, 1) if p.stash and p._draws_before[-1] else (0,)
+        Dv: list[list[list[Any]]] = [[[None] * n, [None] * n] for _ in variants]
+        for v in variants:
+            for h in (0, 1):
+                need = np.maximum(p.fk[h] + g + v * p.stash, p.bm[h])
+                need[-1] = max(need[-1], p.lm[h][-1])
+                Dv[v][h][0] = np.where(ar[None, :] >= need[:, None], fb[:, None], _INF)
+
+        def checkpointed(L: int) -> np.ndarray:
+            # A checkpoint of L + 1 units: its re-run (variant 1 where it draws) beside its
+            # state, then its first forward's cost.
+            draws = p.stashes(L + 1, n - L) > 0
+            rerun = Dv[0][1][L] if len(variants) == 1 else np.where(
+                draws[:, None], Dv[-1][1][L], Dv[0][1][L])
+            out = _shift_rows(rerun, draws, p.stash) + sumf[L][:, None]
+            out[~p.checkpointable(L + 1, n - L)] = _INF
+            return np.asarray(out)
+
         # C[k-1][a] = D[1][k-1][a] + sumf[k-1][a]: a checkpoint of k units, its first forward and
-        # its re-run, summed once rather than once per enclosing segment. lo0[L][a] and
-        # loC[k-1][a]: the first finite column of D[0][L][a] and of C[k-1][a] (rows are
+        # its re-run, summed once rather than once per enclosing segment. lo0[v][L][a] and
+        # loC[k-1][a]: the first finite column of Dv[v][0][L][a] and of C[k-1][a] (rows are
         # non-increasing in m, so finite from there on).
         C: list[Any] = [None] * n
-        lo0: list[Any] = [None] * n
+        lo0: list[list[Any]] = [[None] * n for _ in variants]
         loC: list[Any] = [None] * n
-        C[0] = D[1][0] + sumf[0][:, None]
-        C[0][~p.checkpointable(1, n)] = _INF
-        lo0[0], loC[0] = _first_finite(D[0][0]), _first_finite(C[0])
+        C[0] = checkpointed(0)
+        loC[0] = _first_finite(C[0])
+        for v in variants:
+            lo0[v][0] = _first_finite(Dv[v][0][0])
         tmp = np.empty((n, slots + 1))
         for L in range(1, n):
             rows, gb = n - L, g[L:]
-            best = np.full((rows, slots + 1), _INF)
-            t = tmp[:rows]
-            for k in range(1, L + 1):
-                np.add(C[k - 1][:rows], D[0][L - k][k : k + rows], out=t)
-                # The checkpoint's first forward, with the segment's gradient live, must fit: a
-                # bound that both parts' own first finite columns usually imply already.
-                need = fnw[k - 1][:rows] + gb
-                short = need > np.maximum(loC[k - 1][:rows], lo0[L - k][k : k + rows])
-                for r in np.flatnonzero(short):
-                    t[r, : need[r]] = _INF
-                np.minimum(best, t, out=best)
-            src = np.where(p.so[:rows, None], D[1][L - 1][1:], D[0][L - 1][1:])
-            for h in (0, 1):
-                ckpt = best if h == 1 else _shift(best, p.xin[:rows], ar)
-                keep = _shift(src, p.ret[h][:rows], ar) + fb[:rows, None]
-                need = np.maximum(p.fk[h][:rows] + gb, p.bm[h][:rows])
-                keep[ar[None, :] < need[:, None]] = _INF
-                D[h][L] = np.minimum(keep, ckpt)
+            for v in variants:
+                best = np.full((rows, slots + 1), _INF)
+                t = tmp[:rows]
+                for k in range(1, L + 1):
+                    # The rest of the segment beside the checkpoint's generators' state, if any.
+                    stash = p.stashes(k, rows)
+                    rest = _shift_rows(Dv[v][0][L - k][k : k + rows], stash > 0, p.stash)
+                    np.add(C[k - 1][:rows], rest, out=t)
+                    # The checkpoint's first forward, with the segment's gradient live, must
+                    # fit: a bound that both parts' own first finite columns usually imply.
+                    need = fnw[k - 1][:rows] + gb + stash + v * p.stash
+                    short = need > np.maximum(loC[k - 1][:rows],
+                                              lo0[v][L - k][k : k + rows] + stash)
+                    for r in np.flatnonzero(short):
+                        t[r, : need[r]] = _INF
+                    np.minimum(best, t, out=best)
+                src = np.where(p.so[:rows, None], Dv[v][1][L - 1][1:], Dv[v][0][L - 1][1:])
+                for h in (0, 1):
+                    ckpt = best if h == 1 else _shift(best, p.xin[:rows], ar)
+                    keep = _shift(src, p.ret[h][:rows], ar) + fb[:rows, None]
+                    need = np.maximum(p.fk[h][:rows] + gb + v * p.stash, p.bm[h][:rows])
+                    keep[ar[None, :] < need[:, None]] = _INF
+                    Dv[v][h][L] = np.minimum(keep, ckpt)
+                lo0[v][L] = _first_finite(Dv[v][0][L])
             # The top-level segment's row (it ends with the last unit): its first unit may be
             # checkpointed alone under a selective option.
+            D = Dv[0]
             a = rows - 1
             for o in range(len(p.opt_cache[a])):
                 t = self.option_cost(a, o, D[0][L - 1][a + 1])
                 D[1][L][a] = np.minimum(D[1][L][a], t)
                 D[0][L][a] = np.minimum(D[0][L][a], _shift(t[None, :], p.xin[a:a + 1], ar)[0])
-            C[L] = D[1][L] + sumf[L][:, None]
-            C[L][~p.checkpointable(L + 1, n - L)] = _INF
-            lo0[L], loC[L] = _first_finite(D[0][L]), _first_finite(C[L])
-        self.D, self.C = D, C
+            lo0[0][L] = _first_finite(D[0][L])
+            C[L] = checkpointed(L)
+            loC[L] = _first_finite(C[L])
+        self.Dv, self.D, self.C = Dv, Dv[0], C
 
     def option_cost(self, a: int, o: int, rest: np.ndarray) -> np.ndarray:
         """The least compute, at every ``m`` (the context holding ``x_a``), of top-level units
@@ -344,12 +410,14 @@ class CostTable:
         rest (``rest``: their least compute at each ``m``) beside the kept outputs, then its
         re-run, which the kept outputs make cheaper, and its backward."""
         p, ar = self.p, np.arange(self.slots + 1)
-        cache = int(p.opt_cache[a][o])
+        stash = p.stash_of(a, 1)
+        cache = int(p.opt_cache[a][o]) + stash
         t = np.full(self.slots + 1, _INF)
         if cache <= self.slots:
             t[cache:] = rest[: self.slots + 1 - cache]
         t += self.fb[a] + self.sumf[0][a] - p.opt_saved[a][o]
-        need = max(p.opt_fk[a][o] + self.g[a], p.bm[1][a], self.fnw[0][a])
+        need = max(p.opt_fk[a][o] + self.g[a] + 2 * stash, p.bm[1][a] + stash,
+                   self.fnw[0][a] + stash)
         t[ar < need] = _INF
         return t
 
@@ -363,25 +431,27 @@ class CostTable:
 
     def tree(self, chain_len: int, m: int | None = None) -> Segment:
         """The plan that attains :meth:`best` at ``m`` slots (which must be finite)."""
-        p, D = self.p, self.D
+        p = self.p
 
-        def choose(a: int, b: int, h: int, m: int) -> tuple[str, int, int]:
+        def choose(a: int, b: int, h: int, m: int, v: int) -> tuple[str, int, int]:
+            D = self.Dv[v]
             L, target = b - a, D[h][b - a][a, m]
-            if m >= max(p.fk[h][a] + self.g[b], p.bm[h][a]) and m >= p.ret[h][a]:
+            if m >= max(p.fk[h][a] + self.g[b] + v * p.stash, p.bm[h][a]) and m >= p.ret[h][a]:
                 keep = D[int(p.so[a])][L - 1][a + 1, m - p.ret[h][a]] + self.fb[a]
                 if keep == target:
                     return "keep", int(p.so[a]), int(m - p.ret[h][a])
             mp = int(m - (p.xin[a] if h == 0 else 0))
             for k in range(1, L + 1):
-                if mp < self.fnw[k - 1][a] + self.g[b]:
+                stash = p.stash_of(a, k)
+                if mp < self.fnw[k - 1][a] + self.g[b] + stash + v * p.stash:
                     continue
-                val = self.C[k - 1][a, mp] + D[0][L - k][a + k, mp]
+                val = self.C[k - 1][a, mp] + D[0][L - k][a + k, mp - stash]
                 if val == target:
                     return "ckpt", k, mp
             if b == p.n - 1:
                 for o in range(len(p.opt_cache[a])):
                     if self.option_cost(a, o, D[0][L - 1][a + 1])[mp] == target:
-                        return "option", o + 1, int(mp - p.opt_cache[a][o])
+                        return "option", o + 1, int(mp - p.opt_cache[a][o] - p.stash_of(a, 1))
             raise AssertionError(f"no choice attains the table at {a}..{b}, h={h}, m={m}")
 
         return _rebuild(p, chain_len, self.slots if m is None else m, choose)
@@ -392,46 +462,61 @@ def min_peak(p: Units) -> tuple[int, Segment, int]:
     and the chain length it covers."""
     n = p.n
     fnw, _, g = _windows(p)
-    # P[h][L, a]: the least peak of units a..a+L, as square arrays (the unused corner stays 0) so
-    # that each diagonal is one numpy expression over every split k and start a.
-    P = [np.zeros((n, n), dtype=np.int64), np.zeros((n, n), dtype=np.int64)]
+    variants = (0, 1) if p.stash and p._draws_before[-1] else (0,)
+    # P[v][h][L, a]: the least peak of units a..a+L in variant v, as square arrays (the unused
+    # corner stays 0) so that each diagonal is one numpy expression over every split k and
+    # start a.
+    P = [[np.zeros((n, n), dtype=np.int64), np.zeros((n, n), dtype=np.int64)]
+         for _ in variants]
     F = np.zeros((n, n), dtype=np.int64)  # F[k-1, a] = fnw[k-1][a]
     for k in range(n):
         F[k, : n - k] = fnw[k]
-    for h in (0, 1):
-        P[h][0] = np.maximum(p.fk[h] + g, p.bm[h])
-        P[h][0][-1] = max(P[h][0][-1], p.lm[h][-1])
+    for v in variants:
+        for h in (0, 1):
+            P[v][h][0] = np.maximum(p.fk[h] + g + v * p.stash, p.bm[h])
+            P[v][h][0][-1] = max(P[v][h][0][-1], p.lm[h][-1])
+    drawn = p._draws_before
     for L in range(1, n):
         rows, gb = n - L, g[L:]
         ks = np.arange(1, L + 1)[:, None]
         starts = ks + np.arange(rows)[None, :]
-        cand = np.maximum(np.maximum(P[1][:L, :rows], P[0][L - ks, starts]),
-                          F[:L, :rows] + gb[None, :])
+        stash = p.stash * (drawn[starts] > drawn[:rows][None, :]).astype(np.int64)
+        # A checkpoint's re-run and backward: variant 1 where it draws.
+        rerun = P[-1][1][:L, :rows] if len(variants) == 1 else np.where(
+            stash > 0, P[-1][1][:L, :rows], P[0][1][:L, :rows])
         allowed = np.array([p.checkpointable(k, rows) for k in range(1, L + 1)])
-        cand = np.where(allowed, cand, _NEVER)
-        best = cand.min(axis=0)
-        src = np.where(p.so[:rows], P[1][L - 1][1 : rows + 1], P[0][L - 1][1 : rows + 1])
-        for h in (0, 1):
-            keep = np.maximum(np.maximum(p.fk[h][:rows] + gb, p.bm[h][:rows]),
-                              p.ret[h][:rows] + src)
-            ckpt = best + (p.xin[:rows] if h == 0 else 0)
-            P[h][L, :rows] = np.minimum(keep, ckpt)
+        for v in variants:
+            cand = np.maximum(np.maximum(rerun + stash, P[v][0][L - ks, starts] + stash),
+                              F[:L, :rows] + gb[None, :] + stash + v * p.stash)
+            cand = np.where(allowed, cand, _NEVER)
+            best = cand.min(axis=0)
+            src = np.where(p.so[:rows], P[v][1][L - 1][1 : rows + 1],
+                           P[v][0][L - 1][1 : rows + 1])
+            for h in (0, 1):
+                keep = np.maximum(np.maximum(p.fk[h][:rows] + gb + v * p.stash,
+                                             p.bm[h][:rows]),
+                                  p.ret[h][:rows] + src)
+                ckpt = best + (p.xin[:rows] if h == 0 else 0)
+                P[v][h][L, :rows] = np.minimum(keep, ckpt)
 
-    def choose(a: int, b: int, h: int, m: int) -> tuple[str, int, int]:
-        L, target = b - a, P[h][b - a][a]
-        keep = max(p.fk[h][a] + g[b], p.bm[h][a],
-                   p.ret[h][a] + P[int(p.so[a])][L - 1][a + 1])
+    def choose(a: int, b: int, h: int, m: int, v: int) -> tuple[str, int, int]:
+        L, target = b - a, P[v][h][b - a][a]
+        keep = max(p.fk[h][a] + g[b] + v * p.stash, p.bm[h][a],
+                   p.ret[h][a] + P[v][int(p.so[a])][L - 1][a + 1])
         if keep == target:
             return "keep", int(p.so[a]), 0
         xa = p.xin[a] if h == 0 else 0
         for k in range(1, L + 1):
             if not p.checkpointable(k, a + 1)[a]:
                 continue
-            if xa + max(P[1][k - 1][a], P[0][L - k][a + k], fnw[k - 1][a] + g[b]) == target:
+            stash = p.stash_of(a, k)
+            rerun = P[-1 if stash else 0][1][k - 1][a]
+            if xa + max(rerun + stash, P[v][0][L - k][a + k] + stash,
+                        fnw[k - 1][a] + g[b] + stash + v * p.stash) == target:
                 return "ckpt", k, 0
         raise AssertionError(f"no choice attains the least peak at {a}..{b}, h={h}")
 
-    peak = int(P[1][n - 1][0])
+    peak = int(P[0][1][n - 1][0])
     length = p.bounds[-1][1]
     return peak, _rebuild(p, length, 0, choose), length
 
@@ -439,26 +524,28 @@ def min_peak(p: Units) -> tuple[int, Segment, int]:
 def _rebuild(p: Units, chain_len: int, m0: int, choose: Any) -> Segment:
     """Follow the choices from the top, without recursion (chains can be deeper than Python's
     stack), then build the Segments children-first."""
-    # A task: units a..b, h, m, and the selective option of a one-unit checkpoint (0: none).
-    tasks: list[tuple[int, int, int, int, int]] = [(0, p.n - 1, 1, m0, 0)]
+    # A task: units a..b, h, m, the selective option of a one-unit checkpoint (0: none), and
+    # the variant (1: a random checkpoint's re-run).
+    tasks: list[tuple[int, int, int, int, int, int]] = [(0, p.n - 1, 1, m0, 0, 0)]
     items: list[list[tuple[str, int, int]]] = []  # per task: ("keep", unit) or ("sub", task, k)
     i = 0
     while i < len(tasks):
-        a, b, h, m, _ = tasks[i]
+        a, b, h, m, _, v = tasks[i]
         out: list[tuple[str, int, int]] = []
         while a < b:
-            kind, x, m_next = choose(a, b, h, m)
+            kind, x, m_next = choose(a, b, h, m, v)
             if kind == "keep":
                 out.append(("keep", a, 1))
                 a, h, m = a + 1, x, m_next
             elif kind == "option":
-                tasks.append((a, a, 1, 0, x))
+                tasks.append((a, a, 1, 0, x, 0))
                 out.append(("sub", len(tasks) - 1, 1))
                 a, h, m = a + 1, 0, m_next
-            else:
-                tasks.append((a, a + x - 1, 1, m_next, 0))
+            else:  # the checkpoint's re-run and the rest beside it, its state apart
+                stash = p.stash_of(a, x)
+                tasks.append((a, a + x - 1, 1, m_next - stash, 0, int(stash > 0)))
                 out.append(("sub", len(tasks) - 1, x))
-                a, h, m = a + x, 0, m_next
+                a, h, m = a + x, 0, m_next - stash
         out.append(("keep", b, 1))
         items.append(out)
         i += 1

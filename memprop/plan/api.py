@@ -109,12 +109,13 @@ def priced(costs: ChainCosts, *, cost_model: str, device: str) -> Chain:
     ``device``: for the roofline, at this machine's rates and its pointwise calls' times
     (``memprop.plan.costs``), measured once and cached."""
     if cost_model != "roofline":
-        return Chain.from_chain_costs(costs, cost_model=cost_model)
+        return Chain.from_chain_costs(costs, cost_model=cost_model, device=device)
     rates = machine_rates(device)
     probes = {probe for stage in costs.stages
               for probe, _ in (*stage.forward_pointwise, *stage.backward_pointwise)}
     return Chain.from_chain_costs(costs, cost_model=cost_model, rates=rates,
-                                  pointwise=pointwise_seconds(device, probes, rates))
+                                  pointwise=pointwise_seconds(device, probes, rates),
+                                  device=device)
 
 
 READS_VALUES = ("traced on real tensors: the forward reads values, which fake tensors do not "

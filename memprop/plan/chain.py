@@ -39,6 +39,13 @@ however many holders share it (the simulator keeps a reference count per activat
   op outputs (``Stage.options``): they are live from its first run to the end of its re-run's
   forward (where they become part of the re-run's tape), and the re-run costs less by what they
   save.
+- Random state: a checkpointed segment ``[a, s)`` whose stages draw random numbers
+  (``Stage.draws_random``: dropout) keeps the generators' state for its re-run
+  (``torch.utils.checkpoint``'s ``preserve_rng_state``: ``rng_state_bytes``, 5,056 bytes on
+  the CPU), never shared, from its first forward until its backward is over; when backward
+  reaches it, its re-run saves the state it will put back (``torch.random.fork_rng``), one more
+  ``rng_state_bytes`` through the re-run's forward. A segment that draws nothing keeps no state
+  (``memprop.blocks.install``).
 - Transients: the moment of a stage's forward is the live total when it began plus
   ``max(forward_peak_bytes, output + tape)`` (no output term when it aliases its input); of its
   backward, the live total when it began (which holds ``d_{i+1}``) plus
@@ -70,6 +77,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+import torch
+
 from memprop.errors import UsageError
 from memprop.plan.costs import Rates, check_cost_model
 from memprop.plan.selective import Option, options
@@ -79,7 +88,7 @@ from memprop.trace.stages import BlockOp, ChainCosts, StageStats
 if TYPE_CHECKING:
     from memprop.plan.schedule import Segment
 
-__all__ = ["Chain", "CostModel", "Stage"]
+__all__ = ["Chain", "CostModel", "Stage", "rng_state_bytes_on"]
 
 CostModel = Literal["roofline", "flops", "measured"]
 
@@ -160,7 +169,13 @@ class Chain:
     """The size of ``d_n`` as the last stage's backward received it; ``None``: the size of
     ``x_n``. They differ when the model's output holds more than what the loss is taken of (a
     Hugging Face output: the loss the forward computed, beside the logits)."""
+    rng_state_bytes: int = 0
+    """What a checkpoint around stages that draw random numbers keeps of the generators' state
+    on the chain's device (NOTE [ The memory model ]): ``torch.get_rng_state()``, 5,056 bytes,
+    when the step runs on the CPU; 0 on a GPU, whose generators' states checkpoint keeps in
+    host memory."""
     _roots: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _draws_before: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _grads_from: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -179,7 +194,8 @@ class Chain:
                     f"{before}: give equal sizes or aliases_input=False"
                 )
         outside = (self.fixed_bytes, self.optimizer_peak_bytes,
-                   self.loss_peak_bytes or 0, self.loss_residual_bytes or 0)
+                   self.loss_peak_bytes or 0, self.loss_residual_bytes or 0,
+                   self.rng_state_bytes)
         if min(outside) < 0:
             raise UsageError(f"the chain's bytes outside the stages are negative: {outside}; "
                              "give numbers of bytes >= 0")
@@ -191,9 +207,19 @@ class Chain:
             grads[i] = grads[i + 1] + self.stages[i].gradient_bytes
         object.__setattr__(self, "_roots", tuple(roots))
         object.__setattr__(self, "_grads_from", tuple(grads))
+        draws = [0]
+        for stage in self.stages:
+            draws.append(draws[-1] + stage.draws_random)
+        object.__setattr__(self, "_draws_before", tuple(draws))
 
     def __len__(self) -> int:
         return len(self.stages)
+
+    def stash_bytes(self, start: int, stop: int) -> int:
+        """What a checkpoint of stages ``start..stop-1`` keeps of the generators' state: one
+        ``rng_state_bytes`` when a stage draws random numbers, else nothing."""
+        draws = self._draws_before[stop] > self._draws_before[start]
+        return self.rng_state_bytes if draws else 0
 
     def act_bytes(self, j: int) -> int:
         """Size of ``x_j`` (and of ``d_j``); ``x_0`` lives in ``fixed_bytes`` and weighs 0."""
@@ -300,6 +326,7 @@ class Chain:
         optimizer_peak_bytes: int = 0,
         output_grad_held: bool = False,
         output_grad_bytes: int | None = None,
+        rng_state_bytes: int = 0,
     ) -> Chain:
         """The chain of a traced step, priced by ``cost_model`` (``memprop.plan.costs``):
         ``roofline`` in seconds at ``rates`` (pointwise calls at their ``pointwise`` seconds
@@ -325,14 +352,17 @@ class Chain:
             optimizer_peak_bytes=optimizer_peak_bytes,
             output_grad_held=output_grad_held,
             output_grad_bytes=output_grad_bytes,
+            rng_state_bytes=rng_state_bytes,
         )
 
     @classmethod
     def from_chain_costs(cls, costs: ChainCosts, cost_model: str = "flops",
                          rates: Rates | None = None,
-                         pointwise: Mapping[Probe, float] | None = None) -> Chain:
+                         pointwise: Mapping[Probe, float] | None = None,
+                         device: str | None = None) -> Chain:
         """The chain of a profile (``profile.chain``), with the loss's and the optimizer's
-        moments: its unplanned peak is the ledger's traced peak."""
+        moments: its unplanned peak is the ledger's traced peak. On ``device``, checkpoints
+        keep the generators' state at its size there (:func:`rng_state_bytes_on`)."""
         return cls.from_stage_stats(
             costs.stages,
             fixed_bytes=costs.fixed_bytes,
@@ -344,7 +374,15 @@ class Chain:
             optimizer_peak_bytes=costs.optimizer_peak_bytes,
             output_grad_held=costs.output_grad_held,
             output_grad_bytes=costs.output_grad_bytes,
+            rng_state_bytes=0 if device is None else rng_state_bytes_on(device),
         )
+
+
+def rng_state_bytes_on(device: str) -> int:
+    """What ``torch.utils.checkpoint`` keeps of the generators' state on ``device`` for a
+    re-run (``preserve_rng_state``): the CPU generator's state (``torch.get_rng_state()``) when
+    the step runs on the CPU; nothing on other devices, whose states it keeps in host memory."""
+    return torch.get_rng_state().nbytes if torch.device(device).type == "cpu" else 0
 
 
 class _Pricing:

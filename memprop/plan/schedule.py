@@ -123,6 +123,7 @@ class _Ledger:
                 self._run(child, keep=True)
             else:
                 self.hold(child.start)  # the checkpoint's stored input
+                self.live += self.chain.stash_bytes(child.start, child.stop)
                 for i in range(child.start, child.stop):
                     self._run(i, keep=False)
                 option = self.chain.option_of(child)
@@ -160,15 +161,20 @@ class _Ledger:
                 self.live += stage.gradient_bytes
             else:
                 self.hold(child.start)  # the recompute's flow
+                # fork_rng's copy of the state to put back, live through the re-run's forward
+                stash = self.chain.stash_bytes(child.start, child.stop)
+                self.live += stash
                 self.rerun = self.chain.option_of(child)
                 if self.rerun is not None:  # the kept outputs become the re-run's tape
                     self.live -= self.rerun.cache_bytes
                     self.compute -= self.rerun.saved_cost
                 self.forward(child)
+                self.live -= stash
                 self.rerun = None
                 self.release(child.stop)  # the recomputed output is dropped
                 self.backward(child)
                 self.release(child.start)  # the checkpoint lets go of its input
+                self.live -= stash  # and of the generators' state
 
 
 def simulate(chain: Chain, tree: Segment) -> Simulation:

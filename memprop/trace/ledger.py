@@ -37,6 +37,14 @@ Two kinds of memory do not show through a plain tensor's storage, and FSDP2 uses
   as an op that allocated would be. The wrapper is installed by the first ledger entered and
   removed when the last one exits (ledgers nest; each active ledger is told).
 
+NOTE [ The generators' state a checkpoint keeps ]
+``torch.utils.checkpoint`` (``preserve_rng_state``) keeps ``torch.get_rng_state()``, a copy of
+the CPU generator's state (5,056 bytes), for each checkpoint around random ops, and one more
+while it re-runs one (``torch.random.fork_rng``). The copy is made below the dispatcher, so
+while a ledger is active ``torch.get_rng_state`` is wrapped like ``resize_`` above: its tensor
+is born at a new tick and dies when checkpoint lets it go. It counts only on a CPU step: on a
+GPU, where the ledger has seen CUDA storages, it is host memory, outside the device's peak.
+
 Known limitations:
 - Scratch buffers that a kernel allocates and frees inside one op are invisible (as they are to
   every dispatch-level tracker); cuBLAS and cuDNN workspaces are the main case on a GPU. So are
@@ -233,6 +241,17 @@ def _resize_seen(storage: torch.UntypedStorage, size: int) -> Any:
     return result
 
 
+_ORIGINAL_GET_RNG_STATE = torch.get_rng_state
+
+
+def _rng_state_seen() -> torch.Tensor:
+    state = _ORIGINAL_GET_RNG_STATE()
+    for ledger in list(_ACTIVE):
+        if not ledger._seen_cuda:
+            ledger._resized(state.untyped_storage(), "get_rng_state")
+    return state
+
+
 def _training_flag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return bool(kwargs.get("train", args[2] if len(args) > 2 else True))
 
@@ -358,6 +377,10 @@ class StorageLedger(TorchDispatchMode):
         self._pointwise: dict[Any, bool] = {}
         """Per op, whether it is pointwise (logged steps only): looked up once."""
         self._curves_cache: tuple[tuple[int, int], tuple[list[int], list[int]]] | None = None
+        self._seen_cuda = False
+        """Whether a CUDA tensor (real or fake) was seen: the step is a GPU's, and host memory (the
+        generators' states, NOTE [ The generators' state a checkpoint keeps ]) is not in its
+        peak."""
 
     def _make_free_callback(self) -> Any:
         # A plain function holding the ledger weakly: the callback must not keep the ledger
@@ -388,6 +411,7 @@ class StorageLedger(TorchDispatchMode):
         found = self._lookup(storage)
         if found is not None:
             return found
+        self._seen_cuda = self._seen_cuda or tensor.is_cuda
         record = StorageRecord(
             len(self.records),
             rounded_bytes(storage.nbytes(), tensor.device),
@@ -504,6 +528,7 @@ class StorageLedger(TorchDispatchMode):
     def __enter__(self) -> StorageLedger:
         if not _ACTIVE:
             torch.UntypedStorage.resize_ = _resize_seen  # type: ignore[method-assign,assignment]
+            torch.get_rng_state = _rng_state_seen
         _ACTIVE.append(self)
         try:
             super().__enter__()
@@ -523,6 +548,7 @@ class StorageLedger(TorchDispatchMode):
             _ACTIVE.remove(self)
         if not _ACTIVE:
             torch.UntypedStorage.resize_ = _ORIGINAL_RESIZE  # type: ignore[method-assign]
+            torch.get_rng_state = _ORIGINAL_GET_RNG_STATE
 
     def _resized(self, storage: torch.UntypedStorage, func: Any = "resize_") -> None:
         """A storage reallocated in place: its record dies, and a new one of its new size is
@@ -576,6 +602,7 @@ class StorageLedger(TorchDispatchMode):
         nbytes = storage.nbytes()
         if tensor.is_cuda:
             nbytes = rounded_bytes(nbytes, tensor.device)
+            self._seen_cuda = True
         record = StorageRecord(
             len(self.records),
             nbytes,

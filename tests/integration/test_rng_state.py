@@ -5,6 +5,7 @@ with dropout stay those of the unplanned step, bit for bit."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,10 +15,13 @@ from torch import nn
 
 import memprop
 from memprop.blocks.install import installed
-from memprop.plan.schedule import Segment
+from memprop.plan.api import chain_of
+from memprop.plan.chain import rng_state_bytes_on
+from memprop.plan.schedule import Segment, simulate
 from memprop.plan.solvers import Plan
 from memprop.run.measure import run_plan
 from memprop.workload import SeedConfig, Workload, seed_workload, to_workload
+from memprop.zoo import GPT, next_token_loss
 
 WIDTH = 32
 
@@ -108,6 +112,31 @@ def test_a_plan_of_blocks_without_random_ops_is_counted_to_the_byte() -> None:
                                           + loose.baseline_peak_bytes) // 2,
                         cost_model="flops", fake=True)
     assert not any(plan.draws_random) and any(_checkpoints(plan.tree))
+    result = run_plan(workload, plan, steps=1)
+    assert result.allocator_step_peaks_bytes[-1] == plan.peak_bytes
+    assert result.step_peaks_bytes[-1] == plan.peak_bytes
+    assert result.gradients_match is True
+
+
+def test_a_plan_of_dropout_blocks_counts_their_states_to_the_byte() -> None:
+    """memprop.zoo's GPT-2-shaped decoder with dropout, planned halfway between its least
+    feasible peak and its unplanned one: its checkpoints keep the CPU generator's state, which
+    the plan counts (it would predict less without them), and the allocator's count of the
+    planned step is the prediction exactly, as is the ledger's, which now sees the states (it
+    was one state below per checkpoint live at the peak, and the plan with it)."""
+    torch.manual_seed(0)
+    model = GPT(layers=4, width=64, heads=4, vocab=256, positions=32, dropout=0.1)
+    ids = torch.randint(0, 256, (4, 32))
+    workload = to_workload(model, ids, loss_fn=next_token_loss, targets=ids)
+    loose = memprop.plan(workload, budget="1TiB", cost_model="flops", fake=True)
+    plan = memprop.plan(workload, budget=(loose.min_feasible_bytes
+                                          + loose.baseline_peak_bytes) // 2,
+                        cost_model="flops", fake=True)
+    assert any(any(plan.draws_random[s.start:s.stop]) for s in _checkpoints(plan.tree))
+    chain = chain_of(workload, cost_model="flops", fake=True)
+    assert chain.rng_state_bytes == rng_state_bytes_on("cpu") > 0
+    without = simulate(dataclasses.replace(chain, rng_state_bytes=0), plan.tree).peak_bytes
+    assert plan.peak_bytes > without  # states live at the peak
     result = run_plan(workload, plan, steps=1)
     assert result.allocator_step_peaks_bytes[-1] == plan.peak_bytes
     assert result.step_peaks_bytes[-1] == plan.peak_bytes
