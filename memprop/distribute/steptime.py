@@ -15,13 +15,19 @@ overhead), ``q`` scales the roofline's rates to what this workload reaches. Ever
 candidates are made of (a microbatch's compute, a plan's recomputation, a pipeline stage's
 forward and backward) is multiplied by ``(p + q R(m)) / R(m)``; the optimizer's step, timed
 alone, is added once a step (FSDP2: its share of the parameters). The model's error is the
-largest relative miss of the fit over the sizes timed: a choice whose predicted margin is
-within it says so. Every time is the fastest of at least ``TIMED_STEPS`` steps (as ``--run``
-takes its own): the machine's, the least disturbed by other work on its cores.
+largest relative miss of the fit over the sizes timed, or of the median step over the
+fastest (what the machine's other work does to a step), whichever is larger: a choice whose
+predicted margin is within it says so. Every time is the fastest of several steps
+(``LEAST_TIMED_STEPS`` at least, more for ``TIMING_S``; as ``--run`` takes its own): the
+machine's, the least disturbed by other work on its cores. A larger size is timed only when
+the smallest's step, scaled by the roofline, says it takes under ``STEP_S``.
 
 Known limitations: sizes too large to run here are extrapolated along the roofline (their
 microbatches priced by the fit's ``p`` and ``q``); a workload that cannot run here at all
-(its state alone over ``CALIBRATION_BYTES``) is priced by the roofline alone, and said.
+(its state alone over ``CALIBRATION_BYTES``) is priced by the roofline alone, and said. What
+ranks add when they run at once (contention for the cores and memory of one machine, a
+pipeline's runtime beyond one timed action) is not modelled: ``--run`` on a machine shared
+with other work measures it, the model does not.
 """
 
 from __future__ import annotations
@@ -40,12 +46,14 @@ CALIBRATION_BYTES = 1 << 30
 """The most a timed step may hold (its predicted peak), or a quarter of the memory free."""
 CALIBRATION_S = 0.5
 """The most the roofline may price a timed microbatch at (a few of them run)."""
-TIMED_STEPS = 8
+LEAST_TIMED_STEPS = 3
 """Steps timed at each size, at least (after one that makes the optimizer's state)..."""
 MOST_TIMED_STEPS = 40
 """... and more, up to this many, until ``TIMING_S`` have passed: the fastest is then one
 that the machine's other work did not interrupt."""
 TIMING_S = 0.3
+STEP_S = 0.25
+"""A larger size is timed only if its step is expected within this (from the smallest's)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,7 +71,7 @@ class Calibration:
     makes them (``M - 1`` of every ``M``): measured, since the roofline prices those adds by
     the pointwise timings, which may be far off for in-place adds on a loaded machine."""
     error: float
-    """The fit's largest relative miss over the sizes timed."""
+    """The fit's largest relative miss over the sizes timed, or the timings' spread."""
     threads: int
     sizes: tuple[int, ...]
     """Microbatch sizes timed (empty: not calibrated)."""
@@ -108,11 +116,19 @@ def calibrate(factory: Callable[[int], object], sizes: Sequence[int],
             f"the smallest microbatch, of {smallest}, is predicted at "
             f"{peak_bytes(smallest) / 2**20:.0f} MiB and {roofline_s(smallest):.2f} s: over "
             f"what is timed here ({cap / 2**20:.0f} MiB, {CALIBRATION_S} s)"))
-    chosen = sorted({fitting[0], fitting[len(fitting) // 2], fitting[-1]})
-    timed, optimizer, accumulate = [], [], []
+    timed: list[float] = []
+    optimizer: list[float] = []
+    accumulate: list[float] = []
+    chosen: list[int] = []
+    spreads: list[float] = []
     with _threads(threads):
-        for size in chosen:
-            seconds, accumulating_s, optimizer_s = _timed_step(factory, size)
+        for size in sorted({fitting[0], fitting[len(fitting) // 2], fitting[-1]}):
+            if chosen and (timed[0] + optimizer[0]) * roofline_s(size) / roofline_s(
+                    chosen[0]) > STEP_S:
+                break  # the smallest's real time, scaled by the roofline: too long to time
+            seconds, accumulating_s, optimizer_s, spread = _timed_step(factory, size)
+            spreads.append(spread)
+            chosen.append(size)
             timed.append(seconds)
             accumulate.append(max(0.0, accumulating_s - seconds))
             optimizer.append(optimizer_s)
@@ -120,7 +136,7 @@ def calibrate(factory: Callable[[int], object], sizes: Sequence[int],
     fixed, scale = _fit(priced, timed)
     misses = [abs(fixed + scale * r - t) / t for r, t in zip(priced, timed, strict=True)]
     return Calibration(fixed_s=fixed, scale=scale, optimizer_s=statistics.median(optimizer),
-                       accumulate_s=statistics.median(accumulate), error=max(misses),
+                       accumulate_s=statistics.median(accumulate), error=max(*misses, *spreads),
                        threads=threads, sizes=tuple(chosen))
 
 
@@ -145,11 +161,13 @@ def _fit(priced: list[float], timed: list[float]) -> tuple[float, float]:
     return fixed, scale
 
 
-def _timed_step(factory: Callable[[int], object], size: int) -> tuple[float, float, float]:
+def _timed_step(factory: Callable[[int], object], size: int
+                ) -> tuple[float, float, float, float]:
     """The forward and backward of a real unplanned microbatch of ``size`` samples that makes
     the gradients, of one that accumulates into them, and the optimizer's step, each from the
     fastest of whole steps: the machine's own time, the least disturbed by other work on its
-    cores (as ``--run`` takes its steps' times)."""
+    cores (as ``--run`` takes its steps' times); and how far the median step is above the
+    fastest (relative): what the machine's other work does to one step."""
     from memprop.blocks.install import without_caches
     from memprop.loop import compute_loss
     from memprop.workload import Workload
@@ -181,14 +199,15 @@ def _timed_step(factory: Callable[[int], object], size: int) -> tuple[float, flo
 
         with without_caches(model):
             began = time.perf_counter()
-            while len(steps[0]) < TIMED_STEPS + 1 or (
+            while len(steps[0]) < LEAST_TIMED_STEPS + 1 or (
                     len(steps[0]) < MOST_TIMED_STEPS
                     and time.perf_counter() - began < TIMING_S):
                 step(1)
                 step(2)
     one, two, stepped = (min(s[1:]) for s in steps)  # the first makes the state
     made = max(0.0, one - stepped)
-    return made, max(made, two - one), stepped
+    spread = statistics.median(steps[0][1:]) / one - 1
+    return made, max(made, two - one), stepped, spread
 
 
 def _memory_cap() -> int:
@@ -235,8 +254,10 @@ def sharded_costs(factory: Callable[[int], object], micro: int, blocks: Sequence
             assert isinstance(workload, Workload)
             fsdp.shard(workload, blocks, mesh)
             step = fsdp.sharded_step(workload, microbatches)
-            times = []
-            for _ in range(TIMED_STEPS + 1):
+            times: list[float] = []
+            began = time.perf_counter()
+            while len(times) < LEAST_TIMED_STEPS + 1 or (
+                    len(times) < MOST_TIMED_STEPS and time.perf_counter() - began < TIMING_S):
                 started = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - started)

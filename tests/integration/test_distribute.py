@@ -397,9 +397,9 @@ def test_steps_are_priced_from_the_workloads_timed_steps(monkeypatch: pytest.Mon
     roofline = {m: request.unplanned(m).compute for m in (32, 64, 128, 256)}  # priced here,
     # at this process's threads (the timings run with a rank's)
 
-    def timed(factory: Any, size: int) -> tuple[float, float, float]:
+    def timed(factory: Any, size: int) -> tuple[float, float, float, float]:
         made = fixed + scale * roofline[size]
-        return made, made + accumulate, optimizer
+        return made, made + accumulate, optimizer, 0.0
 
     monkeypatch.setattr(steptime, "_timed_step", timed)
     result = distribute(mlp, batch_size=256, devices=1, microbatches=(1, 2, 4, 8))
