@@ -402,14 +402,17 @@ class _Request:
     def microbatches_s(self, micro: int, microbatches: int, compute: float) -> float:
         """``microbatches`` microbatches of ``micro`` samples, each priced ``compute`` by the
         roofline (with gradients accumulating from the second on, and a plan's recomputation),
-        and the optimizer's step. Calibrated, the accumulation is the measured one, not the
-        roofline's price of its adds."""
+        and the optimizer's step. Calibrated, the accumulating adds are priced as the bytes
+        they move (each gradient read twice and written once), at the calibrated copy rate,
+        not by the roofline's pointwise timings of in-place adds (which a loaded machine can
+        leave far off)."""
         if microbatches > 1 and self.calibration.sizes:
-            chain = self.chain(micro, set_to_none=False)[1]
+            workload, chain = self.chain(micro, set_to_none=False)
             accumulating = simulate(chain, flat(len(chain))).compute
             compute -= max(0.0, accumulating - self.unplanned(micro).compute)
+            adds = self.calibration.scale * 3 * _bucket_bytes(workload) / _copy_rate()
             return (microbatches * self.factor(micro) * compute + self.optimizer_s()
-                    + (microbatches - 1) * self.calibration.accumulate_s)
+                    + (microbatches - 1) * adds)
         return microbatches * self.factor(micro) * compute + self.optimizer_s()
 
     def optimizer_s(self, share: float = 1.0) -> float:
@@ -702,9 +705,13 @@ def _bucket_bytes(workload: Workload) -> int:
 def _bucket_copies_s(nbytes: int) -> float:
     """DDP copies every gradient into its bucket and the reduced bucket back: two copies,
     each reading and writing ``nbytes``, at this machine's copy rate."""
+    return 4 * nbytes / _copy_rate()
+
+
+def _copy_rate() -> float:
     from memprop.plan.costs import machine_rates
 
-    return 4 * nbytes / machine_rates("cpu").bytes_per_s
+    return machine_rates("cpu").bytes_per_s
 
 
 def _why_not(c: Candidate, best: Candidate, budget_bytes: int | None) -> Candidate:

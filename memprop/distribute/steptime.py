@@ -66,10 +66,6 @@ class Calibration:
     """``q``: the roofline's seconds to real ones."""
     optimizer_s: float
     """One optimizer step over all the parameters."""
-    accumulate_s: float
-    """What a microbatch whose gradients accumulate into existing ones takes beyond one that
-    makes them (``M - 1`` of every ``M``): measured, since the roofline prices those adds by
-    the pointwise timings, which may be far off for in-place adds on a loaded machine."""
     error: float
     """The fit's largest relative miss over the sizes timed, or the timings' spread."""
     threads: int
@@ -91,14 +87,12 @@ class Calibration:
         return (f"step times calibrated on real steps of this workload timed here with "
                 f"{self.threads} thread{'s' if self.threads > 1 else ''} a rank (microbatches "
                 f"of {', '.join(map(str, self.sizes))}): {self.fixed_s * 1e3:.2f} ms a "
-                f"microbatch + {self.scale:.2f}x the roofline, "
-                f"{self.accumulate_s * 1e3:.2f} ms more for one accumulating its gradients, "
-                f"the optimizer's step "
+                f"microbatch + {self.scale:.2f}x the roofline, the optimizer's step "
                 f"{self.optimizer_s * 1e3:.2f} ms; the model's error {self.error:.0%}")
 
 
-UNCALIBRATED = Calibration(fixed_s=0.0, scale=1.0, optimizer_s=0.0, accumulate_s=0.0,
-                           error=0.0, threads=1, sizes=(), why_not="not asked")
+UNCALIBRATED = Calibration(fixed_s=0.0, scale=1.0, optimizer_s=0.0, error=0.0, threads=1,
+                           sizes=(), why_not="not asked")
 
 
 def calibrate(factory: Callable[[int], object], sizes: Sequence[int],
@@ -118,7 +112,6 @@ def calibrate(factory: Callable[[int], object], sizes: Sequence[int],
             f"what is timed here ({cap / 2**20:.0f} MiB, {CALIBRATION_S} s)"))
     timed: list[float] = []
     optimizer: list[float] = []
-    accumulate: list[float] = []
     chosen: list[int] = []
     spreads: list[float] = []
     with _threads(threads):
@@ -126,22 +119,21 @@ def calibrate(factory: Callable[[int], object], sizes: Sequence[int],
             if chosen and (timed[0] + optimizer[0]) * roofline_s(size) / roofline_s(
                     chosen[0]) > STEP_S:
                 break  # the smallest's real time, scaled by the roofline: too long to time
-            seconds, accumulating_s, optimizer_s, spread = _timed_step(factory, size)
+            seconds, optimizer_s, spread = _timed_step(factory, size)
             spreads.append(spread)
             chosen.append(size)
             timed.append(seconds)
-            accumulate.append(max(0.0, accumulating_s - seconds))
             optimizer.append(optimizer_s)
     priced = [roofline_s(m) for m in chosen]
     fixed, scale = _fit(priced, timed)
     misses = [abs(fixed + scale * r - t) / t for r, t in zip(priced, timed, strict=True)]
     return Calibration(fixed_s=fixed, scale=scale, optimizer_s=statistics.median(optimizer),
-                       accumulate_s=statistics.median(accumulate), error=max(*misses, *spreads),
+                       error=max(*misses, *spreads),
                        threads=threads, sizes=tuple(chosen))
 
 
 def _uncalibrated(threads: int, why: str) -> Calibration:
-    return Calibration(fixed_s=0.0, scale=1.0, optimizer_s=0.0, accumulate_s=0.0, error=0.0,
+    return Calibration(fixed_s=0.0, scale=1.0, optimizer_s=0.0, error=0.0,
                        threads=threads, sizes=(), why_not=why)
 
 
@@ -161,13 +153,12 @@ def _fit(priced: list[float], timed: list[float]) -> tuple[float, float]:
     return fixed, scale
 
 
-def _timed_step(factory: Callable[[int], object], size: int
-                ) -> tuple[float, float, float, float]:
-    """The forward and backward of a real unplanned microbatch of ``size`` samples that makes
-    the gradients, of one that accumulates into them, and the optimizer's step, each from the
-    fastest of whole steps: the machine's own time, the least disturbed by other work on its
-    cores (as ``--run`` takes its steps' times); and how far the median step is above the
-    fastest (relative): what the machine's other work does to one step."""
+def _timed_step(factory: Callable[[int], object], size: int) -> tuple[float, float, float]:
+    """The forward and backward of a real unplanned microbatch of ``size`` samples and the
+    optimizer's step, from the fastest of whole steps as a rank runs them (the gradients freed,
+    the microbatch, the optimizer's step): the machine's own time, the least disturbed by other
+    work on its cores (as ``--run`` takes its steps' times); and how far the median step is
+    above the fastest (relative): what the machine's other work does to one step."""
     from memprop.blocks.install import without_caches
     from memprop.loop import compute_loss
     from memprop.workload import Workload
@@ -177,37 +168,28 @@ def _timed_step(factory: Callable[[int], object], size: int
         workload = factory(size)
         assert isinstance(workload, Workload)
         model, optimizer = workload.model, workload.optimizer
-        # Whole steps, as a rank runs them (the gradients freed, the microbatches, the
-        # optimizer's step), of one and of two microbatches in turn, and the optimizer's
-        # step within them: the differences split them.
-        steps: list[list[float]] = [[], [], []]  # one microbatch, two, the optimizer's
-
-        def step(microbatches: int) -> None:
-            started = time.perf_counter()
-            for parameter in model.parameters():
-                parameter.grad = None
-            for _ in range(microbatches):
+        whole: list[float] = []
+        stepping: list[float] = []
+        with without_caches(model):
+            began = time.perf_counter()
+            while len(whole) < LEAST_TIMED_STEPS + 1 or (
+                    len(whole) < MOST_TIMED_STEPS and time.perf_counter() - began < TIMING_S):
+                started = time.perf_counter()
+                for parameter in model.parameters():
+                    parameter.grad = None
                 loss, _ = compute_loss(workload, workload.forward())
                 loss.backward()
                 del loss
-            stepping = time.perf_counter()
-            if optimizer is not None:
-                optimizer.step()
-            ended = time.perf_counter()
-            steps[microbatches - 1].append(ended - started)
-            steps[2].append(ended - stepping)
-
-        with without_caches(model):
-            began = time.perf_counter()
-            while len(steps[0]) < LEAST_TIMED_STEPS + 1 or (
-                    len(steps[0]) < MOST_TIMED_STEPS
-                    and time.perf_counter() - began < TIMING_S):
-                step(1)
-                step(2)
-    one, two, stepped = (min(s[1:]) for s in steps)  # the first makes the state
-    made = max(0.0, one - stepped)
-    spread = statistics.median(steps[0][1:]) / one - 1
-    return made, max(made, two - one), stepped, spread
+                middle = time.perf_counter()
+                if optimizer is not None:
+                    optimizer.step()
+                ended = time.perf_counter()
+                whole.append(ended - started)
+                stepping.append(ended - middle)
+    whole, stepping = whole[1:], stepping[1:]  # the first makes the optimizer's state
+    fastest = min(whole)
+    optimizer_s = stepping[whole.index(fastest)]
+    return fastest - optimizer_s, optimizer_s, statistics.median(whole) / fastest - 1
 
 
 def _memory_cap() -> int:

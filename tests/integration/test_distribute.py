@@ -387,19 +387,23 @@ def test_a_launch_takes_no_more_ranks_than_cores_unless_asked(
 
 def test_steps_are_priced_from_the_workloads_timed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     # Timings that follow p + q R(m) exactly: the calibration recovers p and q with no error,
-    # and every one-device candidate is priced M (p + q R(m)) + (M - 1) accumulation + the
-    # optimizer's step (the roofline's own price of the accumulating adds replaced).
+    # and every one-device candidate is priced M (p + q R(m)) + the optimizer's step + for
+    # each accumulating microbatch its adds (each gradient read twice and written once, at q
+    # times the copy rate), in place of the roofline's own price of them.
     from memprop.distribute import steptime
     from memprop.distribute.api import _Request
+    from memprop.plan.costs import machine_rates
 
-    fixed, scale, accumulate, optimizer = 2e-3, 3.0, 5e-4, 1e-3
+    fixed, scale, optimizer = 2e-3, 3.0, 1e-3
+    with new_fake_mode():
+        gradients = sum(4 * p.numel() for p in mlp(1).model.parameters())
+    accumulate = scale * 3 * gradients / machine_rates("cpu").bytes_per_s
     request = _Request(mlp, 256, 1, None, None, "gloo")
     roofline = {m: request.unplanned(m).compute for m in (32, 64, 128, 256)}  # priced here,
     # at this process's threads (the timings run with a rank's)
 
-    def timed(factory: Any, size: int) -> tuple[float, float, float, float]:
-        made = fixed + scale * roofline[size]
-        return made, made + accumulate, optimizer, 0.0
+    def timed(factory: Any, size: int) -> tuple[float, float, float]:
+        return fixed + scale * roofline[size], optimizer, 0.0
 
     monkeypatch.setattr(steptime, "_timed_step", timed)
     result = distribute(mlp, batch_size=256, devices=1, microbatches=(1, 2, 4, 8))
