@@ -278,16 +278,18 @@ def test_a_deep_workload_says_how_long_its_trace_will_take(
 def test_memprops_warnings_are_one_line_of_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
     import warnings
 
-    import memprop.run.verify
+    import memprop_cli.plan
     from memprop.errors import PlanMismatchWarning
 
-    checked = memprop.run.verify.verify_plan
+    checked = memprop_cli.plan.check_plan_options
 
-    def verify_and_warn(*args: object, **kwargs: object) -> int:
+    def check_and_warn(*args: object, **kwargs: object) -> None:
+        # Any of memprop's warnings, raised while a command runs (here as its options are
+        # checked): the command shows it.
         warnings.warn("the traced peak strays", PlanMismatchWarning, stacklevel=2)
-        return checked(*args, **kwargs)  # type: ignore[arg-type]
+        checked(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(memprop.run.verify, "verify_plan", verify_and_warn)
+    monkeypatch.setattr(memprop_cli.plan, "check_plan_options", check_and_warn)
     result = CliRunner().invoke(app, ["plan", *SMALL, "--fake", "--budget", "1GiB"])
     assert result.exit_code == 0, result.output
     assert result.stderr == "warning: the traced peak strays\n"
