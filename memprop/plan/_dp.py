@@ -132,6 +132,11 @@ class Units:
                  else self.draws.astype(np.int64))
         object.__setattr__(self, "_draws_before", np.concatenate([[0], np.cumsum(draws)]))
 
+    @property
+    def keeps_states(self) -> bool:
+        """Whether some checkpoint would keep the generators' state (a unit draws)."""
+        return bool(self.stash and self._draws_before[-1])
+
     def stashes(self, k: int, rows: int) -> np.ndarray:
         """What a checkpoint of the ``k`` units from each start ``a < rows`` keeps of the
         generators' state: ``stash`` or 0."""
@@ -168,7 +173,7 @@ class Units:
     def gcd(self) -> int:
         parts = [self.xin, self.dout, self.fk, self.ret, self.bm, self.lm, self.fn_first,
                  self.fn_flow, *self.opt_cache, *self.opt_fk,
-                 np.array([self.stash] if self._draws_before[-1] else [], dtype=np.int64)]
+                 np.array([self.stash] if self.keeps_states else [], dtype=np.int64)]
         return int(np.gcd.reduce(np.concatenate([np.ravel(p) for p in parts])))
 
 
@@ -335,7 +340,7 @@ class CostTable:
         n, ar = p.n, np.arange(slots + 1)
         self.fnw, self.sumf, self.g = fnw, sumf, g = _windows(p)
         self.fb = fb = p.cost_f + p.cost_b
-        variants = (0, 1) if p.stash and p._draws_before[-1] else (0,)
+        variants = (0, 1) if p.keeps_states else (0,)
         Dv: list[list[list[Any]]] = [[[None] * n, [None] * n] for _ in variants]
         for v in variants:
             for h in (0, 1):
@@ -462,7 +467,7 @@ def min_peak(p: Units) -> tuple[int, Segment, int]:
     and the chain length it covers."""
     n = p.n
     fnw, _, g = _windows(p)
-    variants = (0, 1) if p.stash and p._draws_before[-1] else (0,)
+    variants = (0, 1) if p.keeps_states else (0,)
     # P[v][h][L, a]: the least peak of units a..a+L in variant v, as square arrays (the unused
     # corner stays 0) so that each diagonal is one numpy expression over every split k and
     # start a.

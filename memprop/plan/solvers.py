@@ -230,7 +230,7 @@ def _slot_size(units: _dp.Units, avail: int, max_slots: int) -> tuple[int, int, 
     """(slot size ``u``, the budget in slots rounded down, extra columns); see ``NOTE [ Slots
     and why rounding is safe ]``."""
     exact = max(units.gcd(), 1)
-    spare = (4 if units.stash else 2) * units.n + 2  # the most rounded terms one constraint sums
+    spare = (4 if units.keeps_states else 2) * units.n + 2  # most rounded terms of a constraint
     if avail // exact <= max_slots + spare:
         return exact, avail // exact, 0
     unit = -(-avail // max_slots)
