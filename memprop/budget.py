@@ -30,7 +30,8 @@ def resolve_budget(text: str | int | None, device: str = "cpu") -> Budget:
         if match is not None:
             fraction = float(match.group(1)) / 100
             if not 0 < fraction <= 1:
-                raise UsageError(f"budget {text!r}: a percentage must be above 0% and at most "
+                shown = text.strip() if len(text.strip()) <= 24 else f"{text.strip()[:20]}...%"
+                raise UsageError(f"budget {shown!r}: a percentage must be above 0% and at most "
                                  "100%")
             total = int(get_device(device).describe()["total_bytes"])
             return Budget(bytes=int(total * fraction),

@@ -106,6 +106,11 @@ def test_a_budget_of_hundreds_of_digits_is_refused(command: list[str]) -> None:
     assert "more than 8 EiB" in _refused(*command)
 
 
+def test_a_percentage_of_hundreds_of_digits_is_refused_without_echoing_them() -> None:
+    err = _refused("plan", *SMALL, "--fake", "--budget", HUGE + "%")
+    assert "a percentage must be above 0% and at most 100%" in err and HUGE not in err
+
+
 @pytest.mark.parametrize("command", [
     ["profile", "--bogus"],
     ["profile", "extra"],
