@@ -91,10 +91,13 @@ def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chai
     their worst case (NOTE [ Sizes that depend on values ] in ``memprop.trace.fake``). The
     chain's ``cost_note`` says which. A Hugging Face model is traced with its key/value cache
     off, as its planned steps run (:func:`memprop.blocks.install.without_caches`)."""
-    from memprop.blocks.install import without_caches
+    from memprop.blocks.install import caching_configs, without_caches
 
+    caching = bool(caching_configs(workload.model))
     with without_caches(workload.model):
         costs, traced_note = _trace_chain(workload, cost_model=cost_model, fake=fake)
+    if caching:
+        traced_note = "; ".join(n for n in (traced_note, CACHE_OFF_NOTE) if n)
     chain = priced(costs, cost_model=cost_model, device=str(device_of(workload)))
     if original(workload.model) is not workload.model:
         traced_note = "; ".join(n for n in (traced_note, COMPILED_NOTE) if n)
@@ -117,6 +120,12 @@ def priced(costs: ChainCosts, *, cost_model: str, device: str) -> Chain:
                                   pointwise=pointwise_seconds(device, probes, rates),
                                   device=device)
 
+
+CACHE_OFF_NOTE = ("traced with the key/value cache off, as plans run: the unplanned peak is the "
+                  "step without it (the model's config has use_cache=True, which keeps every "
+                  "layer's keys and values; memprop profile shows the step as configured)")
+"""Why plan's unplanned peak differs from profile's for a Hugging Face model that keeps a
+key/value cache in training: one figure per configuration, each named."""
 
 READS_VALUES = ("traced on real tensors: the forward reads values, which fake tensors do not "
                 "have")

@@ -73,6 +73,9 @@ def test_plan_run_and_fit_on_a_users_model(project: Path, factory: str,
     assert names == ["(prefix)", *blocks, "(suffix)"]
     least = generous["min_feasible_bytes"]
     unplanned = generous["baseline"]["peak_bytes"]  # type: ignore[index]
+    # The unplanned peak is the step as plans run it, and the plan names that configuration
+    # where it differs from the model's own (profile's figure): GPT-2 keeps a key/value cache.
+    assert ("key/value cache off" in str(generous["cost_note"])) == (factory == "gpt2")
     assert isinstance(least, int) and isinstance(unplanned, int) and least < unplanned
     budget = str((least + unplanned) // 2)
     run = _json("run", *model, "--batch", "8", "--budget", budget, "--steps", "1")
