@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,10 +228,14 @@ def _brute_force(quick: bool) -> tuple[list[dict[str, Any]], list[str]]:
         unplanned = distribute(factory, batch_size=batch, devices=1, microbatches=(1,),
                                calibrate=False)
         budget = int(0.7 * unplanned.candidates[0].peak_bytes)
+        load = os.getloadavg()[0]
         result = distribute(factory, batch_size=batch, devices=ranks, budget=budget,
                             microbatches=(1, 2, 4), run=True)
+        load = max(load, os.getloadavg()[0])
         trackers = _fsdp_mem_tracker(factory, result)
         lines += _case_lines(depth, width, batch, ranks, budget, result)
+        lines[-1] += (f" The machine's load average while it ran: {load:.1f} on "
+                      f"{available_cores()} cores.")
         for index, candidate in enumerate(result.candidates):
             row = _row("measured", depth, width, batch, family(candidate), candidate,
                        index == result.chosen)
@@ -339,11 +344,31 @@ def split_or_accumulate(*, quick: bool = False) -> BenchReport:
         "with other work):",
         *checks,
         "",
+        _together_sentence(measured),
+        "",
         _fsdp_sentence(measured),
     ]
     return BenchReport(name="split-or-accumulate",
                        title="Split across devices, or accumulate microbatches?",
                        summary=summary, columns=COLUMNS, rows=answer + curves + measured)
+
+
+def _together_sentence(rows: list[dict[str, Any]]) -> str:
+    """Predicted against measured steps, for candidates on one rank and on several."""
+    def span(ratios: list[float]) -> str:
+        return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "none"
+
+    ran = [r for r in rows if r.get("step_ratio")]
+    alone = [r["step_ratio"] for r in ran if r["family"] in ONE_DEVICE]
+    together = [r["step_ratio"] for r in ran if r["family"] not in ONE_DEVICE]
+    return (f"Predicted over measured step: {span(alone)} for the candidates on one rank (run "
+            f"while the other ranks wait), {span(together)} for those whose ranks run at once "
+            "(DDP, FSDP2, pipelines). The model prices dedicated devices; here the ranks share "
+            "this machine's cores with each other and with other work (the load averages "
+            "above), each getting part of a core, so on this machine the measured steps of "
+            "candidates on several ranks are not comparable with their predictions (nor with "
+            "one-rank candidates'), and the choice among them is checked against measurements "
+            "that carry that contention.")
 
 
 def _fsdp_sentence(rows: list[dict[str, Any]]) -> str:
