@@ -20,6 +20,7 @@ import signal
 import socket
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -106,8 +107,9 @@ def spawn(target: Callable[..., dict[str, Any]], world: int, backend: str,
         if signals.received:
             raise LaunchInterrupted(signals.received[0])
         results = [_read(Path(folder) / f"rank{r}.json") for r in range(world)]
+        said = [_last_line(Path(folder) / f"rank{r}.log") for r in range(world)]
     if failed is not None:
-        raise UsageError(_failure(processes, results, failed))
+        raise UsageError(_failure(processes, results, failed, said))
     return results
 
 
@@ -208,9 +210,11 @@ def _stop(processes: list[Any]) -> None:
             process.join()
 
 
-def _failure(processes: list[Any], results: list[dict[str, Any]], first_seen: int) -> str:
+def _failure(processes: list[Any], results: list[dict[str, Any]], first_seen: int,
+             said: list[str]) -> str:
     """The first rank that raised, with its own error (the others' errors are usually its
-    consequence: a peer gone); else the rank first seen dead, and how it died."""
+    consequence: a peer gone); else the rank first seen dead, how it died and the last line it
+    wrote to its standard error."""
     raised = [(r["raised_at"], rank, r["error"]) for rank, r in enumerate(results)
               if r.get("error") and isinstance(r.get("raised_at"), (int, float))]
     if raised:
@@ -219,7 +223,16 @@ def _failure(processes: list[Any], results: list[dict[str, Any]], first_seen: in
     code = processes[first_seen].exitcode
     how = (f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0
            and -code in signal.Signals._value2member_map_ else f"exited with status {code}")
-    return f"rank {first_seen} of the launch {how}, without an error of its own"
+    last = f"; its last words: {said[first_seen]}" if said[first_seen] else ""
+    return f"rank {first_seen} of the launch {how}, without an error of its own{last}"
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -249,6 +262,15 @@ def _in_group(target: Callable[..., dict[str, Any]], rank: int, world: int, port
               backend: str, folder: str, args: tuple[Any, ...]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # NOTE [ Stopping a launch ]
     _die_with_parent()
+    # A rank's standard error goes to a file beside its result, not into memprop's report:
+    # torch's own warnings (FSDP2 calls collectives torch deprecates; c10's allocator warns
+    # once about blocks made before the meter started) are nothing for the user to act on, and
+    # every rank would print them. A rank that dies without an error of its own is reported
+    # with the last line it wrote there.
+    log = os.open(Path(folder) / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(log, 2)
+    os.close(log)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
