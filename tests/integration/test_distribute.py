@@ -80,13 +80,16 @@ def _check_fsdp_rank(candidate: Candidate, rank: Rank,
                      factory: Callable[[int], Workload]) -> None:
     # Within 1% of the allocator (it reads some tens of bytes above the ledger on every FSDP2
     # rank), but gloo may release a reduce-scatter's input a moment after FSDP2 waited on it
-    # (its own thread drops the reference): then at most one unit's unsharded gradient more.
+    # (its own thread drops the reference): then up to a unit's unsharded gradient more per late
+    # collective (NOTE [ Predicting FSDP2 with a fake process group ]); seen here: one unit with
+    # one microbatch, two with two, never more than one a microbatch.
     with new_fake_mode():
         model = factory(2).model
     largest = max(unit_bytes(model, candidate.sharded))
     assert rank.independent_peak_bytes is not None  # the allocator's count
     extra = rank.independent_peak_bytes - rank.predicted_peak_bytes
-    assert 0 <= extra <= largest + 0.01 * rank.predicted_peak_bytes, (candidate, rank)
+    late = largest * candidate.microbatches
+    assert 0 <= extra <= late + 0.01 * rank.predicted_peak_bytes, (candidate, rank)
 
 
 def test_accumulation_and_ddp_on_two_ranks_with_recomputation() -> None:
