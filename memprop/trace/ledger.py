@@ -101,19 +101,23 @@ _IDENTITY_WHEN_NOT_TRAINING = frozenset(
 _PLAIN = "plain"
 _ALIAS = "alias"
 _IDENTITY = "identity"
+_RESIZE = "resize"
 # aten ops that may reallocate their tensor's storage in place (a known storage, a new size).
 _RESIZES = frozenset((torch.ops.aten.resize_.default, torch.ops.aten.resize_as_.default))
 
 
 def _classify(func: Any) -> Any:
     """How the hot path treats an op: a metadata query (it cannot allocate), dropout (identity
-    when not training), an op with a FLOP formula (``count(args, kwargs, out)``) or a plain op.
+    when not training), a resize (it may reallocate a known storage), an op with a FLOP formula
+    (``count(args, kwargs, out)``) or a plain op.
     Views are plain: a view of a tensor made outside the step (``lift_fresh`` of a constant) is
     the first sight of its storage."""
     if func in _METADATA_QUERIES:
         return _ALIAS
     if func in _IDENTITY_WHEN_NOT_TRAINING:
         return _IDENTITY
+    if func in _RESIZES:
+        return _RESIZE
     if func in _MATMULS:
         return _MATMULS[func]
     formula = flop_registry.get(func.overloadpacket)
@@ -463,7 +467,7 @@ class StorageLedger(TorchDispatchMode):
         # NOTE [ The hot path ] This runs at every aten op of the step, forward and backward:
         # one dict lookup classifies the op, and a storage already on the ledger (a view, an
         # in-place result) costs one more.
-        kind = self._kinds.get(func)
+        kind: Any = self._kinds.get(func)
         if kind is None:
             kind = self._kinds[func] = _classify(func)
         if kwargs is None:
@@ -485,7 +489,7 @@ class StorageLedger(TorchDispatchMode):
                 self.ticks.append((func, self.module, self.phase))
                 self._born(local, storage, func)
                 born = 1
-            elif func in _RESIZES:
+            elif kind is _RESIZE:  # classified once per op, like the rest
                 self._resized(storage, func)
         elif isinstance(out, (tuple, list)):
             for item in out:
@@ -562,35 +566,31 @@ class StorageLedger(TorchDispatchMode):
             if old is not None:
                 old.freed = self.clock
             return
-        self.clock += 1
+        record = self._tick_record(nbytes, func, storage.device, old)
         if old is not None:
             old.freed = self.clock
-        self.ticks.append((func, self.module, self.phase))
-        device = storage.device
-        record = StorageRecord(
-            len(self.records),
-            rounded_bytes(nbytes, device),
-            self.clock,
-            Category.TEMPORARIES if old is None else old.category,
-            func,
-            self.module,
-            (nbytes,) if old is None else old.shape,
-            torch.uint8 if old is None else old.dtype,
-            self.phase,
-        )
         self._track(storage, record)
 
     def transient(self, nbytes: int, func: Any, device: torch.device) -> StorageRecord:
         """A block that something below the dispatcher allocates and frees within one op (a
         communication backend's copy of its input): born and freed at a tick of its own."""
-        self.clock += 1
-        self.ticks.append((func, self.module, self.phase))
-        record = StorageRecord(len(self.records), rounded_bytes(nbytes, device), self.clock,
-                               Category.TEMPORARIES, func, self.module, (nbytes,), torch.uint8,
-                               self.phase)
+        record = self._tick_record(nbytes, func, device)
         record.freed = self.clock
         self.records.append(record)
         return record
+
+    def _tick_record(self, nbytes: int, func: Any, device: torch.device,
+                     like: StorageRecord | None = None) -> StorageRecord:
+        """A record born at a tick of its own for memory no op output shows (a resize, a
+        backend's copy): a block of bytes, or the shape, dtype and category of ``like``, the
+        record it replaces."""
+        self.clock += 1
+        self.ticks.append((func, self.module, self.phase))
+        return StorageRecord(
+            len(self.records), rounded_bytes(nbytes, device), self.clock,
+            Category.TEMPORARIES if like is None else like.category, func, self.module,
+            (nbytes,) if like is None else like.shape,
+            torch.uint8 if like is None else like.dtype, self.phase)
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:

@@ -94,7 +94,13 @@ def _exhaustive(chain: Chain) -> list[tuple[int, float]]:
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 7))
 def test_optimal_equals_exhaustive_search(seed: int, n: int) -> None:
-    chain = _random_chain(random.Random(seed), n)
+    assert_optimal_equals_exhaustive(_random_chain(random.Random(seed), n))
+
+
+def assert_optimal_equals_exhaustive(chain: Chain) -> None:
+    """At every budget from the least feasible peak up: the DP's table, its tree simulated and
+    ``solve`` cost exactly what exhaustive search finds, within the budget."""
+    n = len(chain.stages)
     front = _exhaustive(chain)
     least = min(p for p, _ in front)
     assert min_feasible_bytes(chain)[0] == least

@@ -11,9 +11,13 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memprop.plan import Chain, Segment, Stage, _dp, min_feasible_bytes, simulate, solve
+from memprop.plan import Chain, Segment, Stage, min_feasible_bytes, simulate, solve
 from memprop.plan.chain import rng_state_bytes_on
-from tests.unit.test_plan_optimal import _exhaustive, _random_chain
+from tests.unit.test_plan_optimal import (
+    _exhaustive,
+    _random_chain,
+    assert_optimal_equals_exhaustive,
+)
 
 
 def _drawing(rng: random.Random, chain: Chain) -> Chain:
@@ -29,19 +33,9 @@ def _drawing(rng: random.Random, chain: Chain) -> Chain:
 def test_optimal_equals_exhaustive_search_with_random_states(seed: int, n: int) -> None:
     rng = random.Random(seed)
     chain = _drawing(rng, _random_chain(rng, n))
-    front = _exhaustive(chain)
-    least = min(p for p, _ in front)
-    assert min_feasible_bytes(chain)[0] == least
+    least = min(p for p, _ in _exhaustive(chain))
     assert simulate(chain, min_feasible_bytes(chain)[1]).peak_bytes == least
-    units = _dp.make_units(chain, chain.atoms())
-    for budget in range(least, max(p for p, _ in front) + 2, 2):
-        best = min(c for p, c in front if p <= budget)
-        table = _dp.CostTable(units, budget - chain.fixed_bytes)  # 1-byte slots: exact
-        assert table.best() == best
-        sim = simulate(chain, table.tree(n))
-        assert sim.compute == best and sim.peak_bytes <= budget
-        plan = solve(chain, budget, "optimal")
-        assert plan.compute == best and plan.peak_bytes <= budget
+    assert_optimal_equals_exhaustive(chain)
 
 
 @settings(max_examples=30, deadline=None)
