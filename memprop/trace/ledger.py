@@ -226,8 +226,25 @@ def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[t
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor whose storage holds ``tensor``'s memory on this rank: a DTensor's local
     shard (NOTE [ Sharded tensors and storages resized in place ]), else the tensor itself."""
-    inner = getattr(tensor, "_local_tensor", None)
-    return tensor if inner is None else inner
+    return tensor._local_tensor if _is_sharded(tensor.__class__) else tensor  # type: ignore[attr-defined]
+
+
+_SHARDED: dict[type, bool] = {}
+"""Per tensor class, whether it is a DTensor: asked once per class, not at every op (a failed
+attribute lookup on every fake tensor the hot path sees would cost more)."""
+
+
+def _is_sharded(cls: type) -> bool:
+    found = _SHARDED.get(cls)
+    if found is None:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # a build of torch without torch.distributed
+            found = False
+        else:
+            found = issubclass(cls, DTensor)
+        _SHARDED[cls] = found
+    return found
 
 
 # The ledgers entered and not yet exited, innermost last: each is told of every storage resize
