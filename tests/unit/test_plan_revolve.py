@@ -3,7 +3,7 @@
 # NOTE [ Revolve in memprop's memory model ]
 Revolve reverses ``l`` steps with ``c`` checkpoint slots, ``x_0``'s included; a step is either
 *advanced* (no tape, cost 1) or *taped* and reversed at once, every step taped exactly once, and a
-schedule is priced by its advances, at least ``t(l, c)`` (:mod:`memprop.plan.revolve`).
+schedule is priced by its advances, at least ``t(l, c)`` (:mod:`tests.revolve`).
 
 The chain that realises it: ``l`` identical stages, forward cost 1, backward cost ``b``, output
 ``a`` bytes (so every state ``x_j`` and gradient ``d_j`` weighs ``a``; ``x_0`` is in
@@ -42,8 +42,8 @@ import pytest
 
 from memprop.errors import BudgetInfeasibleError
 from memprop.plan import Chain, Segment, Stage, min_feasible_bytes, simulate, solve
-from memprop.plan.revolve import beta, repetition_number, revolve_advances
 from memprop.plan.schedule import flat
+from tests.revolve import beta, repetition_number, revolve_advances
 
 FIXED = 7
 """Bytes under every moment (parameters, the input): only shift the budget."""

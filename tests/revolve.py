@@ -14,9 +14,10 @@ advanced at most ``r`` times, and ``r``, the repetition number, is the least ``r
 ``l <= beta(c, r)``. With ``c >= l - 1`` this is ``l - 1`` (one sweep storing every state but the
 last); with ``c = 1`` it is ``l (l - 1) / 2``.
 
-The tests (``tests/unit/test_plan_revolve.py``) hold this formula equal to the classic recursion
-(advance to ``x_s``, store it, reverse ``s..l`` with one slot fewer, then ``0..s`` with all of
-them), and ``optimal`` equal to it on uniform chains whose memory model coincides with Revolve's.
+The tests (``tests/unit/test_plan_revolve.py``, its only users: it lives under ``tests/``) hold
+this formula equal to the classic recursion (advance to ``x_s``, store it, reverse ``s..l`` with
+one slot fewer, then ``0..s`` with all of them), and ``optimal`` equal to it on uniform chains
+whose memory model coincides with Revolve's.
 """
 
 from __future__ import annotations
