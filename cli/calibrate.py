@@ -27,8 +27,8 @@ def calibrate_command(
     the new and the cached figures is kept), or with --fresh after the machine changed."""
     from dataclasses import asdict
 
-    from memprop.plan.cache import cache_file
-    from memprop.plan.costs import calibrate
+    from memprop.calibration.cache import cache_file
+    from memprop.calibration.rates import calibrate
     from memprop.report.json_report import write_json
 
     console = console_for({"--json": json_path})

@@ -51,11 +51,11 @@ from memprop.bench._runtime_compile import compiled_points
 from memprop.bench._runtime_workloads import CASES, QUICK_CASES, build
 from memprop.bench.common import BenchReport, interleaved_medians
 from memprop.blocks.install import installed
+from memprop.calibration.rates import machine_rates
 from memprop.devices.allocator import AllocatorMeter, step_state_tensors
 from memprop.loop import training_step, zero_gradients
 from memprop.plan.api import priced
 from memprop.plan.chain import Chain
-from memprop.plan.costs import machine_rates
 from memprop.plan.schedule import Segment, flat, simulate
 from memprop.plan.selective import Option, rerun_peak
 from memprop.plan.solvers import min_feasible_bytes, solve

@@ -709,7 +709,7 @@ def _bucket_copies_s(nbytes: int) -> float:
 
 
 def _copy_rate() -> float:
-    from memprop.plan.costs import machine_rates
+    from memprop.calibration.rates import machine_rates
 
     return machine_rates("cpu").bytes_per_s
 

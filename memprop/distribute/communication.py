@@ -51,8 +51,8 @@ class Link:
     @classmethod
     def from_cached(cls, found: Any) -> Link:
         """A cached link, refused (``ValueError``, ``TypeError``) unless plausible (NOTE [ A
-        cache is input ] in ``memprop.plan.cache``)."""
-        from memprop.plan.cache import checked_number
+        cache is input ] in ``memprop.calibration.cache``)."""
+        from memprop.calibration.cache import checked_number
 
         if not isinstance(found, dict):
             raise TypeError(f"a link is {type(found).__name__}, not an object")
@@ -151,8 +151,8 @@ def communication(backend: str, ranks: int, link: tuple[float, float] | None = N
 
 
 def _remembered(kind: str, backend: str, ranks: int) -> Link:
-    from memprop.plan.cache import remembered
-    from memprop.plan.costs import machine_key
+    from memprop.calibration.cache import remembered
+    from memprop.calibration.rates import machine_key
 
     key = f"{machine_key('cpu')}|link {kind} {backend} x{ranks}"
     return remembered(key, lambda: asdict(_timed(kind, backend, ranks)),
@@ -220,8 +220,8 @@ def pipeline_action_s(backend: str) -> float:
     the stage's compute and the transfers: a GPipe step of two one-layer stages, timed across
     two ranks on this machine once and cached. Its critical path is ``2 (M + 1)`` actions and
     two sends of almost nothing."""
-    from memprop.plan.cache import checked_number, remembered
-    from memprop.plan.costs import machine_key
+    from memprop.calibration.cache import checked_number, remembered
+    from memprop.calibration.rates import machine_key
 
     def timed() -> float:
         from memprop.distribute.launch import spawn

@@ -11,14 +11,10 @@ import torch
 from torch import nn
 
 from memprop.blame import is_fake_tensor_limit
+from memprop.calibration.rates import machine_rates, pointwise_seconds
 from memprop.errors import ModelError, UsageError
 from memprop.plan.chain import Chain
-from memprop.plan.costs import (
-    DEFAULT_COST_MODEL,
-    check_cost_model,
-    machine_rates,
-    pointwise_seconds,
-)
+from memprop.plan.costs import DEFAULT_COST_MODEL, check_cost_model
 from memprop.plan.solvers import STRATEGIES, Plan, solve
 from memprop.trace.compiled import COMPILED_NOTE, original
 from memprop.trace.fake import device_of, exact_sizes_only, fake_mode_of, sized_at_worst

@@ -79,10 +79,10 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from memprop.calibration.rates import Probe, Rates
 from memprop.errors import UsageError
-from memprop.plan.costs import Rates, check_cost_model
+from memprop.plan.costs import check_cost_model
 from memprop.plan.selective import Option, options
-from memprop.trace.ledger import Probe
 from memprop.trace.stages import BlockOp, ChainCosts, StageStats
 
 if TYPE_CHECKING:

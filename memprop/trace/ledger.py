@@ -64,6 +64,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from memprop.calibration.rates import Probe
+
 __all__ = ["Category", "OpEntry", "StorageLedger", "StorageRecord", "rounded_bytes"]
 
 
@@ -174,13 +176,6 @@ def _moved_bytes(value: Any) -> int:
     if isinstance(value, (tuple, list)):
         return sum(_moved_bytes(v) for v in value if isinstance(v, (torch.Tensor, list, tuple)))
     return 0
-
-
-Probe = tuple[str, tuple[Any, ...], tuple[tuple[str, Any], ...]]
-"""A pointwise op's call, as ``memprop.plan.costs`` times it: the op's name, its positional
-arguments and its keyword ones (``(name, value)`` pairs, sorted), each tensor as ``("tensor",
-dtype, whole)`` (``whole``: as many elements as the output; else broadcast from one), anything
-else as its value."""
 
 
 def _probe(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
@@ -350,7 +345,7 @@ class OpEntry(NamedTuple):
     """The records (by index) of the storages it wrote in place."""
     probe: Probe | None = None
     """For a pointwise op, its call with tensors replaced by their dtype (how
-    ``memprop.plan.costs`` times such an op on this machine); None for other ops."""
+    ``memprop.calibration.rates`` times such an op on this machine); None for other ops."""
     elements: int = 0
     """Elements of a pointwise op's (first) output (0 for other ops)."""
 

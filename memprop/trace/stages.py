@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from memprop.trace.ledger import Category, OpEntry, Probe, StorageLedger, StorageRecord
+from memprop.calibration.rates import Probe
+from memprop.trace.ledger import Category, OpEntry, StorageLedger, StorageRecord
 from memprop.units import format_bytes
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class BlockOp:
     flops: int
     moved_bytes: int
     probe: Probe | None = None
-    """Its call, when it is a pointwise op (``memprop.trace.ledger.Probe``)."""
+    """Its call, when it is a pointwise op (``memprop.calibration.rates.Probe``)."""
     elements: int = 0
     """Elements of its output, when it is a pointwise op."""
     rise_bytes: int = 0
@@ -129,7 +130,7 @@ class StageStats:
     backward_ops: int = 0
     """The same for the backward."""
     forward_pointwise: tuple[tuple[Probe, int], ...] = ()
-    """The forward's pointwise calls (``memprop.trace.ledger.Probe``) and the elements each
+    """The forward's pointwise calls (``memprop.calibration.rates.Probe``) and the elements each
     made, summed by call: what the roofline times on this machine (0 unless logged)."""
     backward_pointwise: tuple[tuple[Probe, int], ...] = ()
     """The same for the backward."""

@@ -394,9 +394,9 @@ def test_steps_are_priced_from_the_workloads_timed_steps(monkeypatch: pytest.Mon
     # and every one-device candidate is priced M (p + q R(m)) + the optimizer's step + for
     # each accumulating microbatch its adds (each gradient read twice and written once, at q
     # times the copy rate), in place of the roofline's own price of them.
+    from memprop.calibration.rates import machine_rates
     from memprop.distribute import steptime
     from memprop.distribute.api import _Request
-    from memprop.plan.costs import machine_rates
 
     fixed, scale, optimizer = 2e-3, 3.0, 1e-3
     with new_fake_mode():

@@ -12,27 +12,29 @@ import pytest
 import torch
 from torch import nn
 
+from memprop.calibration import rates as calibration
+from memprop.calibration.rates import Probe
 from memprop.errors import UsageError
-from memprop.plan import costs
 from memprop.plan.api import chain_of
-from memprop.trace.ledger import Probe
+from memprop.plan.costs import check_cost_model
 from memprop.workload import Workload
 
 
 def test_rates_are_measured_once_then_read_from_the_cache(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    first = costs.machine_rates("cpu")
-    assert costs.Rates.from_cached(asdict(first)) == first  # a measurement passes its own check
+    first = calibration.machine_rates("cpu")
+    # a measurement passes its own check
+    assert calibration.Rates.from_cached(asdict(first)) == first
     cached = json.loads((tmp_path / "memprop" / "rates.json").read_text())
     assert len(cached) == 1
-    monkeypatch.setattr(costs, "_measure", lambda kind: pytest.fail("measured again"))
-    assert costs.machine_rates("cpu") == first
+    monkeypatch.setattr(calibration, "_measure", lambda kind: pytest.fail("measured again"))
+    assert calibration.machine_rates("cpu") == first
 
 
 def test_an_unknown_cost_model_is_refused() -> None:
     with pytest.raises(UsageError, match="roofline, flops, measured"):
-        costs.check_cost_model("wallclock")
+        check_cost_model("wallclock")
 
 
 def test_the_roofline_prices_what_flops_call_free(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,7 +48,7 @@ def test_the_roofline_prices_what_flops_call_free(monkeypatch: pytest.MonkeyPatc
     workload = Workload(model=model, inputs=(torch.randn(128, 64),))
     flops = chain_of(workload, cost_model="flops", fake=True)
     roofline = chain_of(workload, cost_model="roofline", fake=True)
-    rates = costs.machine_rates("cpu")
+    rates = calibration.machine_rates("cpu")
     assert [s.forward_cost == 0 for s in flops.stages] == [False, True, True, False]
     assert all(s.forward_cost > 0 for s in roofline.stages)
     relu = roofline.stages[1]
@@ -62,9 +64,9 @@ def test_pointwise_calls_that_cost_more_than_their_bytes_are_timed_once(
     # No timing is asserted (a loaded machine times anything): the timer answers a known number
     # of seconds per call, and the excess is what those seconds leave beyond the call's bytes.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    rates = costs.Rates(flops_per_s=1e10, bytes_per_s=1e10, op_s=1e-6, selective_op_s=1e-5,
+    rates = calibration.Rates(flops_per_s=1e10, bytes_per_s=1e10, op_s=1e-6, selective_op_s=1e-5,
                         source="known")
-    n = costs.POINTWISE_ELEMENTS
+    n = calibration.POINTWISE_ELEMENTS
     per_call = {"aten.tanh.default": 1e-3, "aten.add.Tensor": 1e-6}
     called: list[str] = []
 
@@ -72,23 +74,23 @@ def test_pointwise_calls_that_cost_more_than_their_bytes_are_timed_once(
         name = called[-1]
         return per_call[name]
 
-    real_excess = costs._excess
+    real_excess = calibration._excess
 
-    def excess(probe: Probe, rates: costs.Rates) -> float:
+    def excess(probe: Probe, rates: calibration.Rates) -> float:
         called.append(probe[0])
         return real_excess(probe, rates)
 
-    monkeypatch.setattr(costs, "_best_of", timed)
-    monkeypatch.setattr(costs, "_excess", excess)
+    monkeypatch.setattr(calibration, "_best_of", timed)
+    monkeypatch.setattr(calibration, "_excess", excess)
     tanh = ("aten.tanh.default", (("tensor", "float32", True),), ())
     add = ("aten.add.Tensor", (("tensor", "float32", True), ("tensor", "float32", True)), ())
     unknown = ("aten.no_such_op.default", (("tensor", "float32", True),), ())
-    found = costs.pointwise_seconds("cpu", [tanh, add, unknown], rates)
+    found = calibration.pointwise_seconds("cpu", [tanh, add, unknown], rates)
     # tanh reads and writes n float32s: its seconds beyond those bytes, per element.
     assert found[tanh] == pytest.approx((1e-3 - 2 * 4 * n / 1e10) / n)
     # add reads two and writes one, in less time than its bytes take: nothing beyond them.
     assert found[add] == 0.0 and found[unknown] == 0.0
-    monkeypatch.setattr(costs, "_excess", lambda probe, rates: pytest.fail("timed again"))
-    assert costs.pointwise_seconds("cpu", [tanh, add], rates) == {tanh: found[tanh],
+    monkeypatch.setattr(calibration, "_excess", lambda probe, rates: pytest.fail("timed again"))
+    assert calibration.pointwise_seconds("cpu", [tanh, add], rates) == {tanh: found[tanh],
                                                                    add: found[add]}
-    assert costs.pointwise_seconds("cuda", [tanh], rates) == {tanh: 0.0}  # bytes bound there
+    assert calibration.pointwise_seconds("cuda", [tanh], rates) == {tanh: 0.0}  # bytes bound there

@@ -1,5 +1,5 @@
 """The rates cache is input: whatever stands at its path is checked, and what cannot be used is
-measured again with one warning line (NOTE [ A cache is input ] in memprop.plan.cache); rates
+measured again with one warning line (NOTE [ A cache is input ] in memprop.calibration.cache); rates
 are measured robustly and again on purpose by ``memprop calibrate``. No figure here is timed:
 the measurement is replaced by known rates."""
 
@@ -18,13 +18,14 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from memprop.plan import cache, costs
+from memprop.calibration import cache
+from memprop.calibration import rates as calibration
 from memprop.plan.api import chain_of
 from memprop.plan.solvers import solve
 from memprop.workload import Workload
 from memprop_cli.main import app
 
-KNOWN = costs.Rates(flops_per_s=2e10, bytes_per_s=1e10, op_s=2e-6, selective_op_s=2e-5,
+KNOWN = calibration.Rates(flops_per_s=2e10, bytes_per_s=1e10, op_s=2e-6, selective_op_s=2e-5,
                     source="known")
 
 
@@ -36,11 +37,11 @@ def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(cache, "_unwritten", {})
     measured: list[str] = []
 
-    def measure(kind: str) -> costs.Rates:
+    def measure(kind: str) -> calibration.Rates:
         measured.append(kind)
         return KNOWN
 
-    monkeypatch.setattr(costs, "_measure", measure)
+    monkeypatch.setattr(calibration, "_measure", measure)
     return measured
 
 
@@ -57,7 +58,7 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
 
-def _finite(rates: costs.Rates) -> bool:
+def _finite(rates: calibration.Rates) -> bool:
     return all(math.isfinite(v) and v >= 0 for v in
                (rates.flops_per_s, rates.bytes_per_s, rates.op_s, rates.selective_op_s))
 
@@ -84,13 +85,13 @@ GOOD = {"flops_per_s": 2e10, "bytes_per_s": 1e10, "op_s": 2e-6, "selective_op_s"
 ], ids=lambda e: json.dumps(e, allow_nan=True)[:40])
 def test_an_unusable_entry_is_measured_again_with_one_warning(
         entry: Any, fresh: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    key = costs.machine_key("cpu")
+    key = calibration.machine_key("cpu")
     _write(tmp_path, json.dumps({key: entry}))
-    rates = costs.machine_rates("cpu")
+    rates = calibration.machine_rates("cpu")
     assert rates.flops_per_s == KNOWN.flops_per_s and _finite(rates) and fresh
     assert len(_warnings(caplog)) == 1 and "measured again" in _warnings(caplog)[0]
     assert json.loads(_cache_path(tmp_path).read_text())[key]["flops_per_s"] == KNOWN.flops_per_s
-    costs.machine_rates("cpu")  # now good: neither measured nor warned again
+    calibration.machine_rates("cpu")  # now good: neither measured nor warned again
     assert len(_warnings(caplog)) == 1
 
 
@@ -98,17 +99,17 @@ def test_an_unusable_entry_is_measured_again_with_one_warning(
 def test_an_unreadable_cache_file_is_measured_again(
         text: str, fresh: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _write(tmp_path, text)
-    assert costs.machine_rates("cpu").flops_per_s == KNOWN.flops_per_s
+    assert calibration.machine_rates("cpu").flops_per_s == KNOWN.flops_per_s
     assert len(_warnings(caplog)) <= 1 and fresh
-    assert costs.machine_key("cpu") in json.loads(_cache_path(tmp_path).read_text())
+    assert calibration.machine_key("cpu") in json.loads(_cache_path(tmp_path).read_text())
 
 
 def test_a_fifo_at_the_cache_path_neither_hangs_nor_is_trusted(
         fresh: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _cache_path(tmp_path).parent.mkdir(parents=True)
     os.mkfifo(_cache_path(tmp_path))
-    found: list[costs.Rates] = []
-    worker = threading.Thread(target=lambda: found.append(costs.machine_rates("cpu")),
+    found: list[calibration.Rates] = []
+    worker = threading.Thread(target=lambda: found.append(calibration.machine_rates("cpu")),
                               daemon=True)
     worker.start()
     worker.join(60)
@@ -119,9 +120,9 @@ def test_a_fifo_at_the_cache_path_neither_hangs_nor_is_trusted(
 def test_a_folder_at_the_cache_path_is_measured_once_per_process(
         fresh: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _cache_path(tmp_path).mkdir(parents=True)
-    first = costs.machine_rates("cpu")
+    first = calibration.machine_rates("cpu")
     count = len(fresh)
-    assert costs.machine_rates("cpu") == first and len(fresh) == count
+    assert calibration.machine_rates("cpu") == first and len(fresh) == count
     assert len(_warnings(caplog)) == 2  # cannot read it; cannot write it
     assert len(set(_warnings(caplog))) == 2
 
@@ -140,17 +141,17 @@ def test_an_unusable_pointwise_timing_is_timed_again(
         value: Any, fresh: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:
     tanh = ("aten.tanh.default", (("tensor", "float32", True),), ())
-    key = costs.machine_key("cpu") + "|pointwise"
+    key = calibration.machine_key("cpu") + "|pointwise"
     _write(tmp_path, json.dumps({key: {json.dumps(tanh): value}}))
-    monkeypatch.setattr(costs, "_excess", lambda probe, rates: 3e-9)
-    assert costs.pointwise_seconds("cpu", [tanh], KNOWN) == {tanh: 3e-9}
+    monkeypatch.setattr(calibration, "_excess", lambda probe, rates: 3e-9)
+    assert calibration.pointwise_seconds("cpu", [tanh], KNOWN) == {tanh: 3e-9}
     assert len(_warnings(caplog)) == 1
     assert json.loads(_cache_path(tmp_path).read_text())[key] == {json.dumps(tanh): 3e-9}
 
 
 def test_a_plan_priced_from_a_poisoned_cache_is_finite_json(
         fresh: list[str], tmp_path: Path) -> None:
-    key = costs.machine_key("cpu")
+    key = calibration.machine_key("cpu")
     _write(tmp_path, json.dumps({key: {**GOOD, "flops_per_s": float("nan"),
                                        "bytes_per_s": float("inf")}}, allow_nan=True))
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
@@ -163,20 +164,20 @@ def test_a_plan_priced_from_a_poisoned_cache_is_finite_json(
 
 def test_the_fastest_of_rounds_is_kept_and_a_slower_one_says_so(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    slow = costs.Rates(flops_per_s=1e10, bytes_per_s=4e9, op_s=5e-6, selective_op_s=6e-5,
+    slow = calibration.Rates(flops_per_s=1e10, bytes_per_s=4e9, op_s=5e-6, selective_op_s=6e-5,
                        source="round")
-    fast = costs.Rates(flops_per_s=3e10, bytes_per_s=2e9, op_s=2e-6, selective_op_s=2e-5,
+    fast = calibration.Rates(flops_per_s=3e10, bytes_per_s=2e9, op_s=2e-6, selective_op_s=2e-5,
                        source="round")
     rounds = iter([slow, fast, fast])
-    monkeypatch.setattr(costs, "_measure", lambda kind: next(rounds))
-    rates = costs.measure_rates("cpu")
+    monkeypatch.setattr(calibration, "_measure", lambda kind: next(rounds))
+    rates = calibration.measure_rates("cpu")
     # Per figure the best: flops and bytes from different rounds, the least times.
     assert (rates.flops_per_s, rates.bytes_per_s, rates.op_s, rates.selective_op_s) == (
         3e10, 4e9, 2e-6, 2e-5)
     assert "best of 3 rounds" in rates.source and "slower" not in rates.source
     agreeing = iter([slow, slow])
-    monkeypatch.setattr(costs, "_measure", lambda kind: next(agreeing))
-    again = costs.measure_rates("cpu", previous=rates)
+    monkeypatch.setattr(calibration, "_measure", lambda kind: next(agreeing))
+    again = calibration.measure_rates("cpu", previous=rates)
     assert "best of 2 rounds" in again.source and "slower than" in again.source
 
 
@@ -185,14 +186,14 @@ def test_concurrent_processes_measure_once(fresh: list[str],
     calls: list[int] = []
     gate = threading.Event()
 
-    def measure(kind: str, previous: Any = None) -> costs.Rates:
+    def measure(kind: str, previous: Any = None) -> calibration.Rates:
         calls.append(1)
         gate.wait(5)  # the others reach the lock meanwhile
         return KNOWN
 
-    monkeypatch.setattr(costs, "measure_rates", measure)
-    found: list[costs.Rates] = []
-    workers = [threading.Thread(target=lambda: found.append(costs.machine_rates("cpu")))
+    monkeypatch.setattr(calibration, "measure_rates", measure)
+    found: list[calibration.Rates] = []
+    workers = [threading.Thread(target=lambda: found.append(calibration.machine_rates("cpu")))
                for _ in range(3)]
     for worker in workers:
         worker.start()
@@ -204,7 +205,7 @@ def test_concurrent_processes_measure_once(fresh: list[str],
 
 def test_memprop_calibrate_measures_again_and_prints_both(fresh: list[str],
                                                           tmp_path: Path) -> None:
-    key = costs.machine_key("cpu")
+    key = calibration.machine_key("cpu")
     older = {**GOOD, "flops_per_s": 1e9, "source": "older"}
     tanh = json.dumps(("aten.tanh.default", (("tensor", "float32", True),), ()))
     _write(tmp_path, json.dumps({key: older, key + "|pointwise": {tanh: 1e-9}}))
@@ -222,10 +223,10 @@ def test_memprop_calibrate_measures_again_and_prints_both(fresh: list[str],
 
 def test_calibrate_keeps_the_faster_cached_figures_unless_fresh(fresh: list[str],
                                                                 tmp_path: Path) -> None:
-    key = costs.machine_key("cpu")
+    key = calibration.machine_key("cpu")
     faster = {**GOOD, "flops_per_s": 5e10, "op_s": 1e-6, "source": "idle"}
     _write(tmp_path, json.dumps({key: faster}))
-    rates, previous = costs.calibrate("cpu")  # measured KNOWN: slower in both figures
+    rates, previous = calibration.calibrate("cpu")  # measured KNOWN: slower in both figures
     assert previous is not None and previous.flops_per_s == 5e10
     assert (rates.flops_per_s, rates.bytes_per_s, rates.op_s) == (5e10, 1e10, 1e-6)
     assert "slower than" in rates.source and "kept" in rates.source
@@ -238,9 +239,9 @@ def test_calibrate_keeps_the_faster_cached_figures_unless_fresh(fresh: list[str]
 def test_rates_measured_on_a_busy_machine_say_so(fresh: list[str],
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
-    assert "the machine was busy (load average 64.0" in costs.machine_rates("cpu").source
+    assert "the machine was busy (load average 64.0" in calibration.machine_rates("cpu").source
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert "busy" not in costs.measure_rates("cpu").source
+    assert "busy" not in calibration.measure_rates("cpu").source
 
 
 def test_plans_are_the_same_run_to_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -263,5 +264,5 @@ def test_a_lock_held_forever_does_not_hang_a_measurement(
     lock.parent.mkdir(parents=True)
     with open(lock, "w") as held:  # another process, stopped while it measured
         fcntl.flock(held, fcntl.LOCK_EX)
-        assert costs.machine_rates("cpu").flops_per_s == KNOWN.flops_per_s
+        assert calibration.machine_rates("cpu").flops_per_s == KNOWN.flops_per_s
     assert any("stayed locked" in w for w in _warnings(caplog))
