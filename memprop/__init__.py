@@ -8,8 +8,7 @@ and the packages' modules import as usual (``from memprop.plan.solvers import so
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from memprop._version import __version__
 from memprop.distribute.api import distribute
 from memprop.errors import BudgetInfeasibleError, MemPropError, PlanMismatchWarning
 from memprop.plan.api import plan

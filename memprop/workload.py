@@ -103,7 +103,7 @@ class Workload:
     blocks: str | None = None
     """The qualified name of the ``nn.Sequential`` or ``nn.ModuleList`` whose items are the
     blocks to plan; None: the run found in the traced step (NOTE [ What a run of blocks is ] in
-    ``memprop.blocks.find``)."""
+    ``memprop.trace.blocks``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -15,7 +15,7 @@ from typing import Any
 import psutil
 import torch
 
-from memprop import __version__
+from memprop._version import __version__
 from memprop.report.json_report import write_text
 
 __all__ = ["BenchReport", "interleaved_medians", "machine"]

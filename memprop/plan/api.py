@@ -16,6 +16,7 @@ from memprop.errors import ModelError, UsageError
 from memprop.plan.chain import Chain
 from memprop.plan.costs import DEFAULT_COST_MODEL, check_cost_model
 from memprop.plan.solvers import STRATEGIES, Plan, solve
+from memprop.trace.caches import caching_configs, without_caches
 from memprop.trace.compiled import COMPILED_NOTE, original
 from memprop.trace.fake import device_of, exact_sizes_only, fake_mode_of, sized_at_worst
 from memprop.trace.stages import ChainCosts
@@ -53,7 +54,7 @@ def plan(
     (``nonzero``: a mixture of experts' routing) are taken at their worst case (NOTE [ Sizes
     that depend on values ] in ``memprop.trace.fake``). ``set_to_none`` says how the loop
     zeroes gradients (``zero_grad(set_to_none=...)``). The planner's stages are the model's blocks
-    (NOTE [ What a run of blocks is ] in ``memprop.blocks.find``), found in the traced step or
+    (NOTE [ What a run of blocks is ] in ``memprop.trace.blocks``), found in the traced step or
     named by ``blocks`` (the qualified name of an ``nn.Sequential`` or ``nn.ModuleList``); a
     block checkpointed alone may keep some of its op outputs (``memprop.plan.selective``).
     Raises :class:`memprop.BudgetInfeasibleError` when nothing fits,
@@ -86,8 +87,7 @@ def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chai
     traced and the model put back after. A fake workload's data-dependent sizes are taken at
     their worst case (NOTE [ Sizes that depend on values ] in ``memprop.trace.fake``). The
     chain's ``cost_note`` says which. A Hugging Face model is traced with its key/value cache
-    off, as its planned steps run (:func:`memprop.blocks.install.without_caches`)."""
-    from memprop.blocks.install import caching_configs, without_caches
+    off, as its planned steps run (:func:`memprop.trace.caches.without_caches`)."""
 
     caching = bool(caching_configs(workload.model))
     with without_caches(workload.model):

@@ -3,7 +3,7 @@ storages go in and come out, and when the backward reaches it.
 
 The recorder knows nothing of chains: it records every call, and marks the backward at the
 calls that may be blocks (items of an ``nn.Sequential`` or an ``nn.ModuleList``) and at the
-model's own output. ``memprop.blocks`` reads the calls afterwards to find the run of blocks
+model's own output. ``memprop.trace.blocks`` reads the calls afterwards to find the run of blocks
 through which the activation flows; ``memprop.trace.stages`` turns the run into the planner's
 stages. One recorder serves every model, so nothing has to be known about a model before its
 step is traced.

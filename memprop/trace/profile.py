@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memprop import __version__
+from memprop._version import __version__
 from memprop.closed_form import closed_form_for
 from memprop.devices import get_device, gpu_layers
 from memprop.devices.allocator import AllocatorPeak, StepProbe

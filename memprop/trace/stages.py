@@ -1,6 +1,6 @@
 """Per-stage costs: what the planner needs to know about each link of the chain.
 
-The stages are the blocks of the run ``memprop.blocks`` found, with what runs before the first
+The stages are the blocks of the run ``memprop.trace.blocks`` found, with what runs before the first
 block (the prefix) and after the last (the suffix) as two more stages that are always kept.
 :func:`chain_costs` measures them on a traced step, from the calls ``memprop.trace.calls``
 recorded and the ledger's records.
@@ -36,7 +36,7 @@ from memprop.trace.ledger import Category, OpEntry, StorageLedger, StorageRecord
 from memprop.units import format_bytes
 
 if TYPE_CHECKING:
-    from memprop.blocks.find import BlockRun
+    from memprop.trace.blocks import BlockRun
     from memprop.trace.calls import Call, CallRecorder
 
 __all__ = ["PREFIX", "SUFFIX", "BlockOp", "ChainCosts", "StageStats", "chain_costs"]

@@ -3,7 +3,7 @@
 The driver owns everything that is not the ledger's hot path: registering what exists before the
 step, the saved-tensors hooks that mark what autograd keeps, the module calls
 (``memprop.trace.calls``), and the final categories (gradients, optimizer state). After the step,
-the run of blocks is found among the calls (``memprop.blocks``) and measured as the planner's
+the run of blocks is found among the calls (``memprop.trace.blocks``) and measured as the planner's
 stages (``memprop.trace.stages``).
 """
 
@@ -21,6 +21,8 @@ from torch import nn
 
 from memprop.blame import user_code
 from memprop.loop import compute_loss, state_signature, tensors_in, zero_gradients
+from memprop.trace.blocks import find_run, why_none
+from memprop.trace.caches import caching_configs
 from memprop.trace.calls import CallRecorder
 from memprop.trace.compiled import eager_model
 from memprop.trace.fake import sized_at_worst, worst_case_note
@@ -168,8 +170,6 @@ def _optimizer_moment(trace: StepTrace) -> int:
 
 
 def _note_caches(workload: Workload, trace: StepTrace, notes: list[str]) -> None:
-    from memprop.blocks.install import caching_configs
-
     if not caching_configs(workload.model):
         return
     kept = sum(s.persistent_bytes for s in trace.chain.stages) if trace.chain else 0
@@ -198,8 +198,6 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False,
     the state the workload is in (see :func:`trace_training` for the loop's steady state).
     ``log_ops`` also logs every op with its FLOPs and the bytes it moves (for a cost model
     that prices memory-bound work, and for the ops a block may keep)."""
-    from memprop.blocks.find import find_run, why_none
-
     ledger = StorageLedger(log_ops=log_ops)
     register_step_state(ledger, workload, training=True)
     recorder = CallRecorder(ledger, workload.model)
