@@ -23,8 +23,10 @@ peak is reported beside it, and a budget must cover both.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -33,8 +35,8 @@ from memprop.blame import user_code
 from memprop.errors import ModelError
 from memprop.workload import Workload
 
-__all__ = ["compute_loss", "remade_optimizer", "state_signature", "tensors_in", "training_step",
-           "zero_gradients"]
+__all__ = ["accumulated_step", "compute_loss", "remade_optimizer", "state_signature",
+           "tensors_in", "training_step", "zero_gradients"]
 
 
 def tensors_in(value: Any) -> Iterator[torch.Tensor]:
@@ -135,22 +137,67 @@ def _why_no_gradient(workload: Workload, output: Any) -> str:
             "computed only from frozen layers?")
 
 
-def training_step(workload: Workload) -> None:
-    """One plain training step, untraced: forward, loss, backward and the optimizer's step.
+def training_step(workload: Workload, *, create_graph: bool = False,
+                  on_phase: Callable[[str], None] | None = None) -> str:
+    """One training step: forward, loss, backward and the optimizer's step; the one place
+    memprop runs them (traced, planned, measured, timed or on a rank). Returns how the loss was
+    obtained (:func:`compute_loss`).
 
     The gradients are as the previous step left them (call :func:`zero_gradients` first, as
-    the loop does). The output and the loss stay held until the step ends, as in the traced
-    step and in a training loop that keeps them for logging: the peaks of both are the same
-    step's."""
-    with user_code("the model's forward"):
-        output = workload.forward()
-    loss, _ = compute_loss(workload, output)
-    with user_code("the backward pass"):
-        loss.backward()
+    the loop does, or :func:`accumulated_step`). The output and the loss stay held until the
+    step ends, as in a training loop that keeps them for logging: the peaks of every path are
+    the same step's. ``on_phase(name)`` is called as each phase begins: ``"forward"``,
+    ``"backward"`` (the loss computed), ``"optimizer"`` (backward done; called with or without
+    an optimizer) and ``"end"`` (the output and loss still held): where a tracer marks its
+    ledger."""
+    mark = on_phase if on_phase is not None else _unmarked
+    mark("forward")
+    output, loss, note = _forward_backward(workload, create_graph=create_graph, mark=mark)
+    mark("optimizer")
     if workload.optimizer is not None:
         with user_code("the optimizer's step"):
             workload.optimizer.step()
+    mark("end")
     del output, loss
+    return note
+
+
+def _unmarked(phase: str) -> None:
+    """No tracer watches the step."""
+
+
+def _forward_backward(workload: Workload, *, create_graph: bool = False,
+                      mark: Callable[[str], None] = _unmarked) -> tuple[Any, torch.Tensor, str]:
+    with user_code("the model's forward"):
+        output = workload.forward()
+    loss, note = compute_loss(workload, output)
+    mark("backward")
+    with user_code("the backward pass"):
+        loss.backward(create_graph=create_graph)
+    return output, loss, note
+
+
+def accumulated_step(workload: Workload, microbatches: int = 1, *,
+                     quiet: Callable[[], AbstractContextManager[Any]] | None = None,
+                     passes: Callable[[], Any] | None = None) -> None:
+    """One step of the loop with its gradients accumulated over ``microbatches`` forward and
+    backward passes of ``workload``'s inputs: the gradients zeroed as the loop does
+    (``set_to_none``), the passes (all but the last under ``quiet()``, DDP's ``no_sync``), then
+    the optimizer's step, the last output and loss held through it (:func:`training_step`).
+    ``passes`` replaces the passes where a runtime runs its microbatches itself (a pipeline's
+    schedule). The step of every distributed rank, real or predicted."""
+    zero_gradients(workload)
+    if passes is not None:
+        with user_code("the backward pass"):
+            passes()
+        if workload.optimizer is not None:
+            with user_code("the optimizer's step"):
+                workload.optimizer.step()
+        return
+    for _ in range(microbatches - 1):
+        with quiet() if quiet is not None else contextlib.nullcontext():
+            _forward_backward(workload)
+    training_step(workload)
 
 
 def remade_optimizer(workload: Workload, parameters: list[torch.nn.Parameter]

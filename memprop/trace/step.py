@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from memprop.blame import user_code
-from memprop.loop import compute_loss, state_signature, tensors_in, zero_gradients
+from memprop.loop import state_signature, tensors_in, training_step, zero_gradients
 from memprop.trace.blocks import find_run, why_none
 from memprop.trace.caches import caching_configs
 from memprop.trace.calls import CallRecorder
@@ -209,33 +209,35 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False,
     def unpack(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
-    started = time.perf_counter()
-    try:
-        with ledger, torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            ledger.phase = "forward"
-            with user_code("the model's forward"):
-                output = workload.forward()
-            loss, loss_note = compute_loss(workload, output)
-            forward_end = ledger.clock
-            ledger.phase = "backward"
+    marks: dict[str, int] = {}
+    backward_end_s = 0.0
+
+    def on_phase(phase: str) -> None:
+        nonlocal backward_end_s
+        if phase == "backward":
+            marks["forward_end"] = ledger.clock
             ledger.module = ""
-            with user_code("the backward pass"):
-                loss.backward(create_graph=create_graph)
-            backward_end = ledger.clock
+        elif phase == "optimizer":
+            marks["backward_end"] = ledger.clock
             backward_end_s = time.perf_counter()
-            if workload.optimizer is not None:
-                ledger.phase = "optimizer"
-                with user_code("the optimizer's step"):
-                    workload.optimizer.step()
-            ledger.phase = "end"
-            end = ledger.clock
+            if workload.optimizer is None:
+                return  # no optimizer phase: the step ends with the backward
+        elif phase == "end":
+            marks["end"] = ledger.clock
+        ledger.phase = phase
+        if phase == "end":
             grads = [p.grad for p in workload.model.parameters() if p.grad is not None]
             ledger.reclassify(grads, Category.GRADIENTS)
             if workload.optimizer is not None:
                 ledger.reclassify(optimizer_state(workload.optimizer), Category.OPTIMIZER_STATE)
-            del output, loss, grads
+
+    started = time.perf_counter()
+    try:
+        with ledger, torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            loss_note = training_step(workload, create_graph=create_graph, on_phase=on_phase)
     finally:
         recorder.remove()
+    forward_end, backward_end, end = marks["forward_end"], marks["backward_end"], marks["end"]
     ledger.close()
     wall_s = time.perf_counter() - started
     chain = None
