@@ -28,12 +28,14 @@ from typing import Any
 
 import torch
 
-from memprop.blocks.install import installed, without_caches
+from memprop.blocks.install import installed
 from memprop.devices.allocator import AllocatorMeter, allocator_source, step_state_tensors
 from memprop.errors import PlanCheckError, UsageError
 from memprop.loop import training_step, zero_gradients
 from memprop.plan.solvers import Plan
+from memprop.trace.caches import without_caches
 from memprop.trace.ledger import StorageLedger
+from memprop.trace.stages import StageRef
 from memprop.trace.step import register_step_state
 from memprop.units import format_bytes
 from memprop.workload import Workload, restore_state, save_state
@@ -249,7 +251,7 @@ def mismatch(predicted: int, measured: int, what: str) -> str | None:
 
 def not_run(model: torch.nn.Module, plan: Plan) -> str:
     """The message when a plan installed on a model's blocks never ran in its training step."""
-    blocks = [n for n in plan.stage_names if not n.startswith("(")]
+    blocks = [n for n in plan.stage_names if StageRef.named(n).is_block]
     where = f"{blocks[0]} .. {blocks[-1]}" if len(blocks) > 1 else ", ".join(blocks)
     return (f"the plan was installed on {type(model).__name__}'s blocks ({where}), but the "
             "training step never called them under it: the plan did not run. The blocks "

@@ -27,7 +27,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -39,12 +39,47 @@ if TYPE_CHECKING:
     from memprop.trace.blocks import BlockRun
     from memprop.trace.calls import Call, CallRecorder
 
-__all__ = ["PREFIX", "SUFFIX", "BlockOp", "ChainCosts", "StageStats", "chain_costs"]
+__all__ = ["PREFIX", "SUFFIX", "BlockOp", "ChainCosts", "StageKind", "StageRef", "StageStats",
+           "chain_costs"]
 
 _SEEDED = torch.Tag.nondeterministic_seeded
 
 PREFIX = "(prefix)"
+"""The prefix's name in plans and JSON; decode a name with :meth:`StageRef.named`."""
 SUFFIX = "(suffix)"
+"""The suffix's name in plans and JSON."""
+
+StageKind = Literal["prefix", "block", "suffix"]
+
+
+@dataclass(frozen=True, slots=True)
+class StageRef:
+    """Which stage of the chain a name stands for, typed: the prefix, a block or the suffix, and
+    the module whose forward runs it. Plans and JSON carry the stage's ``name`` (a block's
+    qualified module name, ``(prefix)``, ``(suffix)``); :meth:`named` is the one decoder of it."""
+
+    kind: StageKind
+    module: str
+    """The module that runs the stage: the block's qualified name (``transformer.h.3``); the
+    model itself (``""``) for the prefix and suffix, which run inside its forward."""
+
+    @classmethod
+    def named(cls, name: str) -> StageRef:
+        """The stage a plan's or a document's stage name stands for."""
+        if name == PREFIX:
+            return cls(kind="prefix", module="")
+        if name == SUFFIX:
+            return cls(kind="suffix", module="")
+        return cls(kind="block", module=name)
+
+    @property
+    def name(self) -> str:
+        """The stage's name in plans and JSON (the inverse of :meth:`named`)."""
+        return {"prefix": PREFIX, "suffix": SUFFIX}.get(self.kind, self.module)
+
+    @property
+    def is_block(self) -> bool:
+        return self.kind == "block"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -147,6 +182,11 @@ class StageStats:
     dropout), so that a checkpoint of it must keep the generators' state to re-run it the same;
     True when the ops were not logged (unknown)."""
 
+    @property
+    def stage(self) -> StageRef:
+        """Which stage this is, typed (prefix, block or suffix, and its module)."""
+        return StageRef.named(self.name)
+
     def to_dict(self) -> dict[str, Any]:
         document = asdict(self)
         for working in ("ops", "forward_pointwise", "backward_pointwise"):
@@ -202,7 +242,7 @@ class ChainCosts:
 class _Region:
     """Where a stage runs on the clock, and what flows in and out."""
 
-    name: str
+    stage: StageRef
     forward: tuple[int, int]
     forward_s: float
     inputs: tuple[StorageRecord, ...]
@@ -229,19 +269,21 @@ def _regions(run: BlockRun, recorder: CallRecorder, root: Call, forward_started_
     regions = []
     if first.start > 0:
         regions.append(_Region(
-            name=PREFIX, forward=(0, first.start), forward_s=first.started_s - forward_started_s,
+            stage=StageRef(kind="prefix", module=""), forward=(0, first.start),
+            forward_s=first.started_s - forward_started_s,
             inputs=(), outputs=tuple(first.inputs[:1]), saved=saved_between(0, first.first_event),
             mark=first.input_mark, pinned=True))
     for call in calls:
         regions.append(_Region(
-            name=call.name, forward=(call.start, call.stop),
+            stage=StageRef(kind="block", module=call.name), forward=(call.start, call.stop),
             forward_s=call.stopped_s - call.started_s, inputs=tuple(call.inputs[:1]),
             outputs=tuple(call.outputs[:1]), saved=saved_between(call.first_event, call.last_event),
             mark=call.output_mark, pinned=False))
     if root.stop > last.stop:
         outputs = tuple(r for r in root.outputs if r.born > last.stop)
         regions.append(_Region(
-            name=SUFFIX, forward=(last.stop, root.stop), forward_s=root.stopped_s - last.stopped_s,
+            stage=StageRef(kind="suffix", module=""), forward=(last.stop, root.stop),
+            forward_s=root.stopped_s - last.stopped_s,
             inputs=tuple(last.outputs[:1]), outputs=outputs,
             saved=saved_between(last.last_event, root.last_event), mark=root.output_mark,
             pinned=True))
@@ -296,7 +338,7 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
                if r.index in region.saved or (r.saved and r.index not in flow)}
         lasting = [r for r in mortal if r.index not in flow and r.index not in own
                    and _death(r) > stop]
-        if region.name == PREFIX:
+        if region.stage.kind == "prefix":
             # Constants the blocks read (attention masks, rotary tables, position ids): a
             # checkpointed block keeps what it received until its backward, so they count as
             # held to the prefix's backward (NOTE [ Whose storage is it ]).
@@ -305,13 +347,14 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
         held_to_forward_end = [r for r in lasting if r.index not in own
                                and _death(r) <= forward_end]
         back_start, back_stop, back_s = backward.get(index, (0, -1, 0.0))
-        call = run.calls[index - (regions[0].name == PREFIX)] if not region.pinned else None
+        call = (run.calls[index - (regions[0].stage.kind == "prefix")] if not region.pinned
+                else None)
         forward_ops = (ops[call.first_op:call.last_op] if call is not None
                        else _between(ops, start, stop))
         backward_ops = _between(ops, back_start, back_stop)
         stats.append(StageStats(
             index=index,
-            name=region.name,
+            name=region.stage.name,
             forward_s=region.forward_s,
             backward_s=back_s,
             flops=_sum(flops, start, stop),
