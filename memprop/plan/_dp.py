@@ -66,7 +66,9 @@ from typing import Any
 
 import numpy as np
 
+from memprop.plan.actions import Backward, Keep, Loss, Run
 from memprop.plan.chain import Chain
+from memprop.plan.memory import Ledger
 from memprop.plan.schedule import Child, Segment
 from memprop.plan.selective import Option
 
@@ -177,68 +179,63 @@ class Units:
         return int(np.gcd.reduce(np.concatenate([np.ravel(p) for p in parts])))
 
 
-def _kept_unit(chain: Chain, start: int, stop: int, h: int, option: Option | None = None
+def _context(chain: Chain, start: int, h: int, **margins: Any) -> tuple[Ledger, int]:
+    """A ledger entered as a sub-problem's context leaves unit ``start``: holding ``x_start``
+    (``h = 1``, a checkpoint or a tape that outlives the sub-schedule) or not (the unit owns it
+    as a flow), the flow reference on it taken; and the context's own bytes, which every moment
+    of the unit is counted above."""
+    ledger = Ledger(chain, **margins)
+    if h:
+        ledger.hold(start)
+    base = ledger.live
+    ledger.hold(start)
+    ledger.peak = base
+    return ledger, base
+
+
+def _kept_unit(chain: Chain, start: int, stop: int, h: int, option: int = 0
                ) -> tuple[int, int, int, int, bool]:
-    """Walk stages ``[start, stop)`` run normally: (forward moment, retained, backward moment,
-    loss moment, output held). With ``h = 1`` the context holds ``x_start``, so it weighs 0;
-    with an ``option``, the stage is the re-run of that selective option. The
-    backward moment counts the parameter gradients born inside the unit, not those of later
-    stages (:func:`make_units` adds them). The last unit keeps ``x_n`` (the caller's) and
-    starts its backward with what the loss left."""
-    refs: dict[int, int] = {}
-    live = 0
-    held = chain.storage_of(start)
-
-    def size(root: int) -> int:
-        return 0 if (root == held and h == 1) else chain.storage_bytes(root)
-
-    def hold(j: int) -> None:
-        nonlocal live
-        root = chain.storage_of(j)
-        refs[root] = refs.get(root, 0) + 1
-        live += size(root) if refs[root] == 1 else 0
-
-    def release(j: int) -> None:
-        nonlocal live
-        root = chain.storage_of(j)
-        refs[root] -= 1
-        live -= size(root) if refs[root] == 0 else 0
-
-    hold(start)
-    fk = 0
+    """Stages ``[start, stop)`` run normally, folded by the memory model: (forward moment,
+    retained, backward moment, loss moment, output held), above the context. With ``h = 1`` the
+    context holds ``x_start``; with an ``option``, the stage is the re-run of that selective
+    option. The backward moment counts the parameter gradients born inside the unit, not those
+    of later stages (:func:`make_units` adds them). The last unit keeps ``x_n`` (the caller's)
+    and starts its backward with what the loss left."""
     # The forward's locals (NOTE in plan/chain.py), counted at every forward moment, re-runs
     # included: the DP is safe there, the simulator exact.
-    locals_bytes = chain.forward_held_total()
-    for i in range(start, stop):
-        stage = chain.stages[i]
-        fk = max(fk, live + chain.forward_moment_bytes(i, option) + locals_bytes)
-        hold(i + 1)
-        live += stage.tape_bytes
-        if stage.saves_input:
-            hold(i)
-        if stage.saves_output:
-            hold(i + 1)
-        release(i)
+    ledger, base = _context(chain, start, h, forward_margin=chain.forward_held_total(),
+                            holds_locals=False)
+    ledger.fold(Run(i, Keep.TAPE, option) for i in range(start, stop))
+    fk = ledger.peak - base
     last = stop == len(chain)
-    lm = live + chain.loss_moment_bytes() if last else 0
     if not last:
-        release(stop)
-    ret, so = live, refs.get(chain.storage_of(stop), 0) > 0
-    live += chain.loss_left_bytes() if last else chain.act_bytes(stop)
-    bm = 0
-    for i in reversed(range(start, stop)):
-        stage = chain.stages[i]
-        bm = max(bm, live + chain.backward_moment_bytes(i))
-        live -= stage.tape_bytes
-        if stage.saves_input:
-            release(i)
-        if stage.saves_output:
-            release(i + 1)
-        live += chain.act_bytes(i) - chain.freed_grad_bytes(i) + stage.gradient_bytes
-    return fk, ret, bm, lm, so
+        ledger.release(stop)  # the flow handed on to the rest of the segment
+    ret, so = ledger.live - base, ledger.holds(stop)
+    ledger.peak = base
+    if last:
+        ledger.fold((Loss(),))
+        lm = ledger.peak - base
+    else:
+        lm = 0
+        ledger.live += chain.act_bytes(stop)  # d_stop, handed back by the rest
+    ledger.peak = base
+    ledger.fold(Backward(i) for i in reversed(range(start, stop)))
+    return fk, ret, ledger.peak - base, lm, so
+
+
+def _dropped_unit(chain: Chain, start: int, stop: int, h: int) -> int:
+    """The forward moment of stages ``[start, stop)`` run without tapes, above the context:
+    first in its checkpoint (``h = 1``: the checkpoint holds ``x_start``) or after other units
+    of it (``h = 0``: ``x_start`` a flow); the forward's locals counted at every moment."""
+    ledger, base = _context(chain, start, h, forward_margin=chain.forward_held_total(),
+                            holds_locals=False)
+    ledger.fold(Run(i, Keep.NOTHING) for i in range(start, stop))
+    return ledger.peak - base
 
 
 def make_units(chain: Chain, bounds: list[tuple[int, int]]) -> Units:
+    """The units' moments and costs, each folded by the memory model (:mod:`memprop.plan.memory`)
+    over the unit's own schedule, and the context a unit sees in the backward."""
     walks = [[_kept_unit(chain, a, b, h) for a, b in bounds] for h in (0, 1)]
 
     def col(c: int) -> np.ndarray:
@@ -247,12 +244,8 @@ def make_units(chain: Chain, bounds: list[tuple[int, int]]) -> Units:
     def x(j: int) -> int:  # x_j's storage (the model's input, which weighs 0, for a view of it)
         return chain.storage_bytes(chain.storage_of(j))
 
-    locals_bytes = chain.forward_held_total()
-    flow = [max(x(i) + chain.forward_moment_bytes(i) for i in range(a, b)) + locals_bytes
-            for a, b in bounds]
-    first = [max([chain.forward_moment_bytes(a)]
-                 + [x(i) + chain.forward_moment_bytes(i) for i in range(a + 1, b)])
-             + locals_bytes for a, b in bounds]
+    flow = [_dropped_unit(chain, a, b, 0) for a, b in bounds]
+    first = [_dropped_unit(chain, a, b, 1) for a, b in bounds]
     # Backward runs strictly in reverse: while a unit is differentiated, the parameter gradients
     # of every later stage are live, and so are they while a segment ending there is re-run; so
     # are the model's output, which the caller holds, and what the loss left besides d_n (the
@@ -286,7 +279,8 @@ def _options(chain: Chain, bounds: list[tuple[int, int]]) -> dict[str, tuple[np.
         for a, b in bounds]
     return {
         "opt_cache": tuple(np.array([o.cache_bytes for o in f], dtype=np.int64) for f in found),
-        "opt_fk": tuple(np.array([_kept_unit(chain, a, b, 1, o)[0] for o in f], dtype=np.int64)
+        "opt_fk": tuple(np.array([_kept_unit(chain, a, b, 1, o)[0]
+                                  for o in range(1, len(f) + 1)], dtype=np.int64)
                         for f, (a, b) in zip(found, bounds, strict=True)),
         "opt_saved": tuple(np.array([o.saved_cost for o in f], dtype=np.float64) for f in found),
     }

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memprop.plan import _dp, min_feasible_bytes, simulate, solve
-from memprop.plan import schedule as schedule_module
+from memprop.plan import _dp, memory, min_feasible_bytes, simulate, solve
+from memprop.plan.actions import Run
 from memprop.plan.bench import synthetic_chain
 from memprop.plan.schedule import Segment
 from memprop.plan.solvers import EXACT_MAX_UNITS, compute_of
@@ -44,20 +44,20 @@ def test_a_deeply_nested_plan_is_counted_as_simulated() -> None:
 
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
-    """How many stage forward runs the simulator walks, and the most units the least-peak
-    program is given."""
+    """How many stage forward runs the memory model folds (the simulator's and the dynamic
+    programs' units'), and the most units the least-peak program is given."""
     counts = {"runs": 0, "units": 0}
-    run, min_peak = schedule_module._Ledger._run, _dp.min_peak
+    run, min_peak = memory.Ledger._run, _dp.min_peak
 
-    def counting_run(self: Any, i: int, *, keep: bool) -> None:
+    def counting_run(self: Any, action: Run) -> None:
         counts["runs"] += 1
-        run(self, i, keep=keep)
+        run(self, action)
 
     def counting_min_peak(units: _dp.Units) -> Any:
         counts["units"] = max(counts["units"], units.n)
         return min_peak(units)
 
-    monkeypatch.setattr(schedule_module._Ledger, "_run", counting_run)
+    monkeypatch.setattr(memory.Ledger, "_run", counting_run)
     monkeypatch.setattr(_dp, "min_peak", counting_min_peak)
     yield counts
 
