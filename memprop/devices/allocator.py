@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from memprop.devices import cuda
 from memprop.errors import UsageError
 
 if TYPE_CHECKING:
@@ -151,9 +152,8 @@ class AllocatorMeter:
 
     def __enter__(self) -> AllocatorMeter:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self._before = int(torch.cuda.memory_allocated(self.device))
-            torch.cuda.reset_peak_memory_stats(self.device)
+            cuda.reset_peak(self.device)
+            self._before = cuda.allocated_bytes(self.device)
             return self
         if self.device.type != "cpu":
             raise UsageError(f"device {self.device}: the allocator's peak is measured on cpu "
@@ -170,9 +170,8 @@ class AllocatorMeter:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            rise = int(torch.cuda.max_memory_allocated(self.device)) - self._before
-            end = int(torch.cuda.memory_allocated(self.device)) - self._before
+            rise = cuda.peak_allocated_bytes(self.device) - self._before
+            end = cuda.allocated_bytes(self.device) - self._before
             entry = sum(-(-n // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
                         for n in self._entry.values())
             self.result = AllocatorPeak(

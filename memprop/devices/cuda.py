@@ -37,9 +37,12 @@ __all__ = [
     "CudaDevice",
     "CudaMemory",
     "NvmlMemory",
+    "allocated_bytes",
     "nvml_index",
     "nvml_memory",
     "nvml_status",
+    "peak_allocated_bytes",
+    "reset_peak",
 ]
 
 
@@ -181,6 +184,24 @@ class CudaMemory:
 _CUDA_NAME = re.compile(r"^cuda(?::(\d+))?$")
 
 
+def reset_peak(device: torch.device) -> None:
+    """Start the allocator's high-water mark for ``device`` afresh, its queued work done."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+
+
+def allocated_bytes(device: torch.device) -> int:
+    """Bytes of the live tensors the caching allocator holds for ``device``."""
+    return int(torch.cuda.memory_allocated(device))
+
+
+def peak_allocated_bytes(device: torch.device) -> int:
+    """The allocator's high-water mark for ``device`` since :func:`reset_peak`, its queued
+    work done: the one place memprop reads a GPU's peak."""
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
 class CudaDevice:
     """One GPU through ``torch.cuda`` (tensor bytes and the allocator's reserve) and NVML."""
 
@@ -211,15 +232,13 @@ class CudaDevice:
     # The interface every backend answers (memprop.devices.base.MemoryDevice).
 
     def reset_peak(self) -> None:
-        torch.cuda.synchronize(self.torch_device)
-        torch.cuda.reset_peak_memory_stats(self.torch_device)
+        reset_peak(self.torch_device)
 
     def current_bytes(self) -> int:
-        return int(torch.cuda.memory_allocated(self.torch_device))
+        return allocated_bytes(self.torch_device)
 
     def peak_bytes(self) -> int:
-        torch.cuda.synchronize(self.torch_device)
-        return int(torch.cuda.max_memory_allocated(self.torch_device))
+        return peak_allocated_bytes(self.torch_device)
 
     def available_bytes(self) -> int:
         free, _total = torch.cuda.mem_get_info(self.torch_device)
@@ -249,7 +268,7 @@ class CudaDevice:
         return CudaMemory(
             allocated_bytes=self.current_bytes(),
             reserved_bytes=self.reserved_bytes(),
-            peak_allocated_bytes=int(torch.cuda.max_memory_allocated(self.torch_device)),
+            peak_allocated_bytes=self.peak_bytes(),
             peak_reserved_bytes=self.peak_reserved_bytes(),
             nvml=self.nvml_memory(),
         )
