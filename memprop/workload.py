@@ -243,8 +243,9 @@ def to_workload(
     set_to_none: bool | None = None,
     blocks: str | None = None,
 ) -> Workload:
-    """The one conversion of what the Python API is given (a model and its inputs, or a
-    ``Workload``) into a ``Workload``; every public function that takes a model calls it."""
+    """The one conversion of a model and its inputs (or a ``Workload``) into a ``Workload``:
+    every public function that takes a model calls it, and :func:`as_workload` calls it for
+    what a factory returned."""
     if isinstance(model, Workload):
         given = [name for name, value in (("inputs", inputs), ("loss_fn", loss_fn),
                                           ("targets", targets), ("optimizer", optimizer))
@@ -298,7 +299,8 @@ def _as_inputs(inputs: Any, *, what: str
 def as_workload(
     result: Any, *, name: str, batch_size: int | None = None, depth: int | None = None
 ) -> Workload:
-    """Normalise what a factory returned into a ``Workload``."""
+    """What a factory returned, as a ``Workload``: a ``Workload`` as it is, ``(model, inputs)``
+    through :func:`to_workload` (the one conversion), named after the factory."""
     if isinstance(result, Workload):
         if result.batch_size is None:
             result.batch_size = batch_size
@@ -306,13 +308,6 @@ def as_workload(
             result.depth = depth
         return result
     if isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], nn.Module):
-        try:
-            inputs, keywords = _as_inputs(result[1], what="the inputs")
-        except UsageError:
-            raise WorkloadError(
-                f"factory {name} returned inputs of type {type(result[1]).__name__}: "
-                "return a tensor, a tuple of tensors or a dict of tensors"
-            ) from None
         if len(result) == 3:
             # As the Python API (to_workload): targets without a loss would reach no loss.
             raise WorkloadError(
@@ -320,8 +315,15 @@ def as_workload(
                 "the targets would reach no loss: return memprop.Workload(model=..., "
                 "inputs=..., targets=..., loss_fn=...) (called as loss_fn(output, targets)), "
                 "or (model, inputs) to train on the output's mean")
-        return Workload(model=result[0], inputs=inputs, keywords=keywords, name=name,
-                        batch_size=batch_size, depth=depth)
+        try:
+            workload = to_workload(result[0], result[1])
+        except UsageError:
+            raise WorkloadError(
+                f"factory {name} returned inputs of type {type(result[1]).__name__}: "
+                "return a tensor, a tuple of tensors or a dict of tensors"
+            ) from None
+        workload.name, workload.batch_size, workload.depth = name, batch_size, depth
+        return workload
     raise WorkloadError(
         f"factory {name} returned {type(result).__name__}: return (model, inputs), "
         "(model, inputs, targets) or a memprop.Workload"
