@@ -93,7 +93,7 @@ def bench_command(
             elif part == "distribute":
                 report = split_or_accumulate(quick=quick)
             else:
-                report = planner_solve_times((10, 30) if quick else (10, 30, 100, 300, 1000))
+                report = planner_solve_times((10, 30) if quick else (10, 30, 100, 200, 300, 1000))
         report = dataclasses.replace(report, command=command)
         for line in report.summary:
             console.print(line)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from memprop.bench.common import BenchReport
 from memprop.plan.bench import solve_times
+from memprop.plan.solvers import DEFAULT_MAX_UNITS
 
 __all__ = ["planner_solve_times"]
 
 GOALS_S = {100: 1.0, 1000: 30.0}
 
 
-def planner_solve_times(lengths: tuple[int, ...] = (10, 30, 100, 300, 1000)) -> BenchReport:
+def planner_solve_times(lengths: tuple[int, ...] = (10, 30, 100, 200, 300, 1000)
+                        ) -> BenchReport:
     rows = solve_times(lengths)
     summary = []
     for row in rows:
@@ -23,7 +25,8 @@ def planner_solve_times(lengths: tuple[int, ...] = (10, 30, 100, 300, 1000)) -> 
             )
     summary.append(
         "- Synthetic heterogeneous chains (seeded), budget a third of the way from the least "
-        "feasible peak to the unplanned peak; above 100 stages consecutive stages are grouped."
+        f"feasible peak to the unplanned peak; up to {DEFAULT_MAX_UNITS} stages the plan is "
+        f"exact, above it consecutive stages are grouped into {DEFAULT_MAX_UNITS} units."
     )
     return BenchReport(
         name="planner-solve-times",

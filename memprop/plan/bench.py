@@ -33,7 +33,7 @@ def synthetic_chain(n: int, *, seed: int = 0) -> Chain:
     return Chain(stages=tuple(stages), fixed_bytes=256 * _MIB)
 
 
-def solve_times(lengths: tuple[int, ...] = (10, 30, 100, 300, 1000)) -> list[dict[str, Any]]:
+def solve_times(lengths: tuple[int, ...] = (10, 30, 100, 200, 300, 1000)) -> list[dict[str, Any]]:
     """Seconds to plan a synthetic chain of each length with ``optimal``, at a budget a third of
     the way from the least feasible peak to the unplanned peak."""
     rows = []
