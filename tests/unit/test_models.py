@@ -1,5 +1,7 @@
 """The seed's MLP against the seed's closed-form gradients (its backward-propagation section)."""
 
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -53,14 +55,17 @@ def test_gradients_equal_the_seed_equations(activation: str, bias: bool) -> None
                                    atol=1e-12)
 
 
-def test_gradient_has_the_shape_of_what_it_is_taken_against() -> None:
-    """Seed exercise 1: for scalar f of an n×m matrix X, ∂f/∂X is n×m."""
-    model = SeedMLP(input_dim=7, hidden=5, classes=3, depth=3)
-    x = torch.randn(11, 7, requires_grad=True)
-    model(x).float().mean().backward()
-    assert x.grad is not None and x.grad.shape == x.shape
-    for parameter in model.parameters():
-        assert parameter.grad is not None and parameter.grad.shape == parameter.shape
+def test_the_ledger_books_each_gradient_at_the_shape_of_what_it_is_taken_against() -> None:
+    """Seed exercise 1: for scalar f of an n×m matrix X, ∂f/∂X is n×m. The oracle: each
+    parameter's shape times its element size, summed by hand; memprop's ledger must book
+    exactly that many bytes of gradients (no more: none doubled; no fewer: none missed)."""
+    from memprop.trace.profile import profile
+
+    model = SeedMLP(input_dim=7, hidden=5, classes=3, depth=3, bias=True)
+    expected = sum(math.prod(p.shape) * p.element_size() for p in model.parameters())
+    memory = profile(model, torch.randn(11, 7)).to_dict()["memory"]
+    assert memory["gradients_bytes"] == expected
+    assert memory["parameters_bytes"] == expected  # ∂J/∂W has W's shape and dtype
 
 
 def test_depth_and_bias_build_the_layers() -> None:
