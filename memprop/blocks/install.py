@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +56,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.torch_version import TorchVersion
 from torch.utils import checkpoint as torch_checkpoint
 
 from memprop.errors import UsageError
@@ -308,8 +308,30 @@ def _close(span: _Span, error: BaseException | None) -> None:
             generator.throw(error)
 
 
-_GENERATOR_TAKES_EARLY_STOP = "early_stop" in inspect.signature(
-    torch_checkpoint._checkpoint_without_reentrant_generator).parameters
+# NOTE [ Checkpoint's generator ]
+# A span needs a checkpoint that opens in one call and closes in another, which no public
+# ``torch.utils.checkpoint`` entry point offers; the generator behind ``checkpoint`` does (run
+# to its ``yield``, it has pushed its saved-tensor hooks). Its settings precede the function's
+# own ``*args``, so they cannot be passed by keyword: they are named in ``_generator_settings``
+# and laid out in the generator's declared order, which changed once in memprop's torch range
+# (>= 2.4): ``early_stop`` joined ``debug`` in torch 2.9 (pytorch/pytorch#160781, on the
+# 2.9 nightlies already, hence ``2.9.0a0``).
+_GENERATOR_HAS_EARLY_STOP = TorchVersion(torch.__version__) >= "2.9.0a0"
+
+
+def _generator_settings(*, preserve_rng_state: bool, context_fn: Any) -> dict[str, Any]:
+    """The generator's settings by name, in its declared order (NOTE [ Checkpoint's
+    generator ]). Early stop is off (NOTE [ What a recomputation must not change ]); the
+    ``set_checkpoint_early_stop`` context in :func:`_open` says so on every version too."""
+    settings: dict[str, Any] = {
+        "preserve_rng_state": preserve_rng_state,
+        "context_fn": context_fn or torch_checkpoint.noop_context_fn,
+        "determinism_check": "default",
+        "debug": False,
+    }
+    if _GENERATOR_HAS_EARLY_STOP:
+        settings["early_stop"] = False
+    return settings
 
 
 def _open(run: Any, args: tuple[Any, ...], kwargs: dict[str, Any], context_fn: Any = None,
@@ -317,13 +339,10 @@ def _open(run: Any, args: tuple[Any, ...], kwargs: dict[str, Any], context_fn: A
     """A non-reentrant checkpoint of ``run`` opened on the first block's arguments, its
     saved-tensor hooks pushed until the generator is resumed (NOTE [ Spans ]); ``context_fn``
     is checkpoint's own (a selective policy, NOTE [ Selective options ])."""
-    settings: list[Any] = [preserve_rng_state, context_fn or torch_checkpoint.noop_context_fn,
-                           "default", False]
-    if _GENERATOR_TAKES_EARLY_STOP:
-        settings.append(False)
+    settings = _generator_settings(preserve_rng_state=preserve_rng_state, context_fn=context_fn)
     with torch_checkpoint.set_checkpoint_early_stop(False):
         generator = torch_checkpoint._checkpoint_without_reentrant_generator(
-            run, *settings, *args, **kwargs)
+            run, *settings.values(), *args, **kwargs)
         next(generator)
     return generator
 
