@@ -62,8 +62,9 @@ from torch.utils import checkpoint as torch_checkpoint
 from memprop.errors import UsageError
 from memprop.plan.schedule import Segment
 from memprop.plan.selective import Option
+from memprop.trace.caches import caching_configs, without_caches
 from memprop.trace.compiled import original
-from memprop.trace.stages import PREFIX, SUFFIX
+from memprop.trace.stages import StageRef
 
 __all__ = ["Calls", "caching_configs", "installed", "without_caches"]
 
@@ -105,7 +106,7 @@ def _blocks(model: nn.Module, stage_names: Sequence[str], draws_random: Sequence
     modules = dict(model.named_modules())
     blocks: list[_Block | None] = []
     for index, name in enumerate(stage_names):
-        if name in (PREFIX, SUFFIX):
+        if not StageRef.named(name).is_block:
             blocks.append(None)
             continue
         module = modules.get(name)
@@ -120,29 +121,6 @@ def _blocks(model: nn.Module, stage_names: Sequence[str], draws_random: Sequence
 def _draws_random(blocks: list[_Block | None], segment: Segment) -> bool:
     """Whether a checkpoint of ``segment`` must keep the generators' state for its re-run."""
     return any(b is None or b.draws_random for b in blocks[segment.start:segment.stop])
-
-
-def caching_configs(model: nn.Module) -> list[Any]:
-    """The configs of a Hugging Face model's modules that keep a key/value cache
-    (``use_cache=True``)."""
-    configs = [getattr(m, "config", None) for m in model.modules()]
-    return [c for c in configs if getattr(c, "use_cache", None) is True]
-
-
-@contextlib.contextmanager
-def without_caches(model: nn.Module) -> Iterator[None]:
-    """A Hugging Face model's key/value cache off (``config.use_cache = False``) for the
-    block: a recomputed block would append its keys and values to the cache a second time, so
-    a planned step runs without one, as the library's own gradient checkpointing does; and the
-    plan is made on the step as it will run."""
-    configs = caching_configs(model)
-    for config in configs:
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        for config in configs:
-            config.use_cache = True
 
 
 @contextlib.contextmanager
