@@ -35,17 +35,15 @@ CostModel = Annotated[str, typer.Option(
 
 
 def check_plan_options(strategy: str, cost_model: str, *, fake: bool) -> None:
-    from memprop.plan.api import check_cost_model, check_strategy
+    from memprop.plan.api import check_strategy
+    from memprop.plan.costs import check_cost_model
 
     try:
         check_strategy(strategy)
-        check_cost_model(cost_model)
+        check_cost_model(cost_model, fake=fake)
     except UsageError as error:
         flag = "--strategy" if "strategy" in str(error) else "--cost-model"
         raise UsageError(f"{flag}: {error}") from None
-    if fake and cost_model == "measured":
-        raise UsageError("--cost-model measured needs real tensors: drop --fake or use "
-                         "--cost-model roofline")
 
 
 @with_workload_options()

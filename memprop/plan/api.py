@@ -23,7 +23,7 @@ from memprop.trace.stages import ChainCosts
 from memprop.units import parse_size
 from memprop.workload import Inputs, Workload, restore_state, save_state, to_workload
 
-__all__ = ["chain_of", "check_cost_model", "check_strategy", "plan", "priced"]
+__all__ = ["chain_of", "check_strategy", "plan", "priced"]
 
 
 def plan(
@@ -64,13 +64,8 @@ def plan(
                            set_to_none=set_to_none, blocks=blocks)
     budget_bytes = _budget(budget)
     check_strategy(strategy)
-    check_cost_model(cost_model)
     asked_fake, fake = fake, fake or fake_mode_of(workload) is not None
-    if fake and cost_model == "measured":
-        raise UsageError(
-            "cost model 'measured' was asked on fake tensors, which have no timings: "
-            "use the 'flops' cost model on fake tensors, or plan on real tensors"
-        )
+    check_cost_model(cost_model, fake=fake)
     # Sizes that depend on values are taken at their worst case only when fake was asked for:
     # a caller that built a fake mirror of a real workload traces the real one instead.
     with contextlib.nullcontext() if asked_fake else exact_sizes_only():

@@ -28,8 +28,13 @@ def on_fake_tensors(cost_model: str) -> str:
     return DEFAULT_COST_MODEL if cost_model == "measured" else cost_model
 
 
-def check_cost_model(cost_model: str) -> None:
-    """The one check of a cost model's name (every entry point calls it before tracing)."""
+def check_cost_model(cost_model: str, *, fake: bool = False) -> None:
+    """The one check of a cost model (every entry point calls it before tracing): its name, and
+    on ``fake`` tensors that it can price them."""
     if cost_model not in COST_MODELS:
         raise UsageError(f"cost model {cost_model!r} does not exist: use one of "
                          f"{', '.join(COST_MODELS)}")
+    if fake and cost_model == "measured":
+        raise UsageError("cost model 'measured' needs the times of real steps, which fake "
+                         "tensors do not have: price by roofline or flops on fake tensors, or "
+                         "plan on real tensors")

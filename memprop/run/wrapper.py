@@ -38,8 +38,8 @@ from torch import nn
 
 from memprop.blocks.install import installed
 from memprop.errors import PlanCheckError, UsageError
-from memprop.plan.api import check_cost_model, check_strategy, plan
-from memprop.plan.costs import DEFAULT_COST_MODEL, on_fake_tensors
+from memprop.plan.api import check_strategy, plan
+from memprop.plan.costs import DEFAULT_COST_MODEL, check_cost_model, on_fake_tensors
 from memprop.plan.solvers import Plan
 from memprop.run.measure import not_run
 from memprop.run.verify import verify_plan

@@ -35,6 +35,9 @@ def test_rates_are_measured_once_then_read_from_the_cache(tmp_path: Path,
 def test_an_unknown_cost_model_is_refused() -> None:
     with pytest.raises(UsageError, match="roofline, flops, measured"):
         check_cost_model("wallclock")
+    check_cost_model("measured")  # real tensors have the times it prices by
+    with pytest.raises(UsageError, match="on fake tensors"):
+        check_cost_model("measured", fake=True)
 
 
 def test_the_roofline_prices_what_flops_call_free(monkeypatch: pytest.MonkeyPatch) -> None:
