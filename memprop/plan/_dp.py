@@ -25,8 +25,9 @@ The last unit of every segment is kept (checkpointing it would re-run it at once
 forward moments of ``a..b`` and freed by ``b``'s backward; so are the parameter gradients of every
 stage after ``b`` (persistent schedules differentiate strictly in reverse, so a segment re-run
 during the backward sees them all live, and its budget shrinks by them). The top-level segment
-(the only one that ends with the last unit) has neither until the loss. Each moment below is
-the one the simulator sees (:mod:`memprop.plan.schedule`).
+(the only one that ends with the last unit) has neither until the loss. Each unit's moments are
+folds of its own schedule by the one memory model (:class:`memprop.plan.memory.Ledger`,
+:func:`make_units`), so each is the one the simulator sees.
 
 # NOTE [ Slots and why rounding is safe ]
 The cost table discretises bytes into slots of ``u`` bytes: every size is rounded *up* to whole

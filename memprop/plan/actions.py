@@ -60,11 +60,16 @@ class Run:
 
 
 @dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """A checkpoint of stages ``[start, stop)`` opens: its input and state stored."""
+class _OnCheckpoint:
+    """An action on the checkpoint of stages ``[start, stop)``."""
 
     start: int
     stop: int
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint(_OnCheckpoint):
+    """A checkpoint of stages ``[start, stop)`` opens: its input and state stored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,21 +78,16 @@ class Loss:
 
 
 @dataclass(frozen=True, slots=True)
-class Rerun:
+class Rerun(_OnCheckpoint):
     """The backward reaches the checkpoint of ``[start, stop)``: its re-run begins, from the op
     outputs of selective ``option`` if any."""
 
-    start: int
-    stop: int
     option: int = 0
 
 
 @dataclass(frozen=True, slots=True)
-class RerunDone:
+class RerunDone(_OnCheckpoint):
     """The re-run's forward of ``[start, stop)`` is over: its recomputed output is dropped."""
-
-    start: int
-    stop: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +98,8 @@ class Backward:
 
 
 @dataclass(frozen=True, slots=True)
-class Release:
+class Release(_OnCheckpoint):
     """The checkpoint of ``[start, stop)`` lets go of its input and state."""
-
-    start: int
-    stop: int
 
 
 Action = Run | Checkpoint | Loss | Rerun | RerunDone | Backward | Release

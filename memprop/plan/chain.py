@@ -56,10 +56,12 @@ however many holders share it (the simulator keeps a reference count per activat
   changes (every activation is gone by then, and what is left is the same in every plan).
 
 The peak of a schedule is the larger of the optimizer's moment and ``fixed_bytes`` plus the
-largest of the moments above. The same model drives the simulator
-(:func:`memprop.plan.schedule.simulate`, an event walk) and the dynamic programs
-(:mod:`memprop.plan._dp`, a recursion over the same moments); the tests hold them equal, and hold
-the unplanned schedule's peak equal to the ledger's traced peak on real models.
+largest of the moments above. The model is written once, as the fold of a schedule's actions
+(:mod:`memprop.plan.actions`) by :class:`memprop.plan.memory.Ledger`: the simulator
+(:func:`memprop.plan.schedule.simulate`) folds a plan's whole schedule, the dynamic programs
+(:mod:`memprop.plan._dp`) fold each unit's own and add the results up; the tests hold them equal
+(exhaustive search), and hold the unplanned schedule's peak equal to the ledger's traced peak on
+real models.
 
 Known limitations: stages with several inputs or outputs are outside the model (the prefix's
 other outputs, such as attention masks, count as its tape, and storages a stage leaves alive at
