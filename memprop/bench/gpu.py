@@ -16,7 +16,7 @@ import torch
 import memprop
 from memprop.bench.common import BenchReport
 from memprop.devices import gpu_layers
-from memprop.devices.cuda import CudaDevice
+from memprop.devices.cuda import CudaDevice, allocated_bytes
 from memprop.errors import BudgetInfeasibleError
 from memprop.loop import compute_loss
 from memprop.plan.api import plan as make_plan
@@ -65,7 +65,7 @@ def outside_bytes(workload: Workload, device: torch.device) -> int:
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     state = sum(-(-n // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES for n in storages.values())
-    return max(0, int(torch.cuda.memory_allocated(device)) - state)
+    return max(0, allocated_bytes(device) - state)
 
 
 def report_name(gpu: str) -> str:
