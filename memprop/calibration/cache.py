@@ -21,11 +21,12 @@ import logging
 import math
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
+
+from memprop.files import replace_atomically
 
 __all__ = ["cache_file", "checked_number", "locked", "read_cache", "remembered", "warn",
            "write_cache"]
@@ -154,18 +155,8 @@ def write_cache(cached: dict[str, Any]) -> bool:
     path = cache_file()
     try:
         text = json.dumps(cached, indent=2, allow_nan=False) + "\n"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".rates.",
-                                                 suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "w") as file:
-                file.write(text)
-            os.chmod(temporary, 0o644)  # as an ordinary file (mkstemp makes it private)
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        # As an ordinary file: mkstemp makes it private.
+        replace_atomically(path, text.encode(), adopt=lambda handle: os.fchmod(handle, 0o644))
     except (OSError, ValueError) as error:
         reason = error.strerror if isinstance(error, OSError) else str(error)
         warn(f"cannot write {path} ({reason}): rates are measured again in each process")

@@ -26,12 +26,12 @@ import contextlib
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import BinaryIO
 
 from memprop.errors import UsageError
+from memprop.files import replace_atomically
 
 __all__ = ["check_outputs", "write_output", "writes_to_stdout"]
 
@@ -228,26 +228,10 @@ def _write_in_place(name: str, payload: bytes) -> None:
 
 def _replace(name: str, found: os.stat_result | None, payload: bytes) -> None:
     target = os.path.realpath(name)  # the end of the link chain: the link itself stays
-    folder, base = os.path.split(target)
-    temporary: str | None = None
     try:
-        os.makedirs(folder, exist_ok=True)
-        # The name is cut short so that a target near the 255-byte limit still gets one.
-        handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{base[:64]}.", suffix=".tmp")
-        try:
-            _take_over(handle, found)
-            _write_all(handle, payload)
-            os.fsync(handle)  # the data is on disk before the name points at it
-        finally:
-            os.close(handle)
-        os.replace(temporary, target)
-        temporary = None
+        replace_atomically(target, payload, adopt=lambda handle: _take_over(handle, found))
     except OSError as error:
         raise UsageError(f"cannot write {name}: {error.strerror or error}") from error
-    finally:
-        if temporary is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
 
 
 def _take_over(handle: int, found: os.stat_result | None) -> None:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     # words every layer uses: errors, sizes, the version
-    ("memprop.errors", "memprop.units", "memprop.search", "memprop._version"),
+    ("memprop.errors", "memprop.units", "memprop.search", "memprop._version", "memprop.files"),
     # blame for the user's code; the built-in models
     ("memprop.blame", "memprop.models", "memprop.zoo", "memprop.closed_form"),
     # what a step is made of
