@@ -32,6 +32,6 @@ def planner_solve_times(lengths: tuple[int, ...] = (10, 30, 100, 200, 300, 1000)
         name="planner-solve-times",
         title="Planning time against chain length (optimal)",
         summary=summary,
-        columns=["stages", "solve_s", "budget_bytes", "peak_bytes", "compute_overhead"],
+        columns=["stages", "solve_s", "cpu_s", "budget_bytes", "peak_bytes", "compute_overhead"],
         rows=rows,
     )
