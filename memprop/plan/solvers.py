@@ -53,8 +53,10 @@ UNIFORM_SPACING = 1.25
 # least-peak plan (nested up to n deep, O(n^2) runs) is priced by counting its forward runs
 # (:func:`compute_of`), not simulated, unless it is the plan chosen; ``uniform`` simulates
 # O(log n) segment counts, not all n; the least peak's exact program runs on at most
-# ``EXACT_MAX_UNITS`` units. Tracing and pricing are linear too (``memprop.trace.stages``), so
-# ``plan --fake`` grows with depth as ``profile`` does.
+# ``EXACT_MAX_UNITS`` units, the cost table on at most ``DEFAULT_MAX_UNITS`` (both cubic in
+# their units: a constant beyond them). The dynamic programs' units are priced by folding each
+# unit's own schedule, O(n) runs in all. Tracing and pricing are linear too
+# (``memprop.trace.stages``), so ``plan --fake`` grows with depth as ``profile`` does.
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
