@@ -16,6 +16,17 @@ seconds' launch), ``t = a + b B`` by least squares, solved for the ring's latenc
 the send timed between two ranks. Both cached beside the roofline's rates. A world of 4096 ranks
 is priced from those, never launched.
 
+NOTE [ A pipeline action's own cost ]
+Every forward or backward action of a pipeline stage costs more than the stage's compute:
+torch's runtime posts its receives and sends, waits on them, detaches and checks what it
+receives, runs the stage's autograd call, and the action-list runtime of the looped schedules
+(``Interleaved1F1B``, ``LoopedBFS``) walks a longer list than the single-stage one of
+``GPipe`` and ``1F1B``. That cost is timed once a machine and backend, for each schedule, as
+the step of that schedule over two ranks whose stages are one ``Linear(4, 4)`` each (compute
+next to nothing), divided by the actions on its critical path, found by the schedule's own
+simulation with every action one unit (``critical_actions``): ``2 (M + 1)`` for GPipe and
+1F1B on two stages. Cached beside the links.
+
 Known limitations: gloo picks its own algorithm by size (ring, halving-doubling), NCCL rings and
 trees; the ring is the model, and a link timed between processes of one machine is that
 machine's memory, not a network.
@@ -212,42 +223,91 @@ def _timed_operations(rank: int, world: int, kind: str) -> dict[str, float]:
 
 
 PIPELINE_MICROBATCHES = 8
+PIPELINE_STEPS = 40
+"""Steps of each schedule timed (the fastest taken): enough for one the machine's other work
+did not interrupt."""
 
 
-def pipeline_action_s(backend: str) -> float:
-    """What torch's pipeline runtime adds to each forward or backward action of a stage (its
-    Python, the schedule, the stage's own autograd call, the waits on its receives), beyond
-    the stage's compute and the transfers: a GPipe step of two one-layer stages, timed across
-    two ranks on this machine once and cached. Its critical path is ``2 (M + 1)`` actions and
-    two sends of almost nothing."""
-    from memprop.calibration.cache import checked_number, remembered
+def pipeline_action_s(backend: str, schedule: str = "GPipe") -> float:
+    """What torch's pipeline runtime adds to each forward or backward action of a stage under
+    ``schedule`` (its Python, the schedule's bookkeeping, the stage's own autograd call, the
+    posting of and waits on its sends and receives), beyond the stage's compute and the
+    transfers (NOTE [ A pipeline action's own cost ])."""
+    from memprop.calibration.cache import remembered
     from memprop.calibration.rates import machine_key
 
-    def timed() -> float:
+    def timed() -> dict[str, float]:
         from memprop.distribute.launch import spawn
 
-        step_s = float(spawn(_timed_pipeline, 2, backend, ())[0]["step_s"])
-        send = _remembered("send", backend, 2).latency_s
-        return max(0.0, step_s - 2 * send) / (2 * (PIPELINE_MICROBATCHES + 1))
+        steps = spawn(_timed_pipelines, 2, backend, ())[0]
+        return {name: action_s(float(steps[name]), critical_actions(name, 2,
+                                                                      PIPELINE_MICROBATCHES))
+                for name in steps}
 
-    return remembered(f"{machine_key('cpu')}|pipeline action {backend}", timed,
-                      lambda found: checked_number(found, "pipeline action", 0.0, 10.0))
+    actions = remembered(f"{machine_key('cpu')}|pipeline actions {backend}", timed,
+                         _checked_actions)
+    return actions.get(schedule, actions["GPipe"])
 
 
-def _timed_pipeline(rank: int, world: int) -> dict[str, float]:
-    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+def _checked_actions(found: Any) -> dict[str, float]:
+    """A cached table of per-action costs, refused unless every figure is plausible (NOTE
+    [ A cache is input ] in ``memprop.calibration.cache``)."""
+    from memprop.calibration.cache import checked_number
+    from memprop.distribute.pipeline import SCHEDULES
 
-    torch.manual_seed(0)
-    stage = PipelineStage(torch.nn.Linear(4, 4), rank, world, torch.device("cpu"))
-    schedule = ScheduleGPipe(stage, n_microbatches=PIPELINE_MICROBATCHES,
-                             loss_fn=lambda output, target: output.sum())
+    if not isinstance(found, dict) or set(found) != set(SCHEDULES):
+        raise ValueError(f"pipeline actions: expected one figure for each of "
+                         f"{', '.join(SCHEDULES)}")
+    return {name: checked_number(found[name], f"pipeline action {name}", 0.0, 10.0)
+            for name in SCHEDULES}
+
+
+def critical_actions(schedule: str, ranks: int, microbatches: int) -> float:
+    """The actions on the critical path of a step of ``schedule`` whose every action takes one
+    unit and whose sends take none: the schedule's own simulation (``simulated_seconds``) on
+    one stage per item."""
+    from memprop.distribute import pipeline as pp
+
+    stages = ranks * pp.SCHEDULES[schedule]
+    shape = pp.PipelineShape(schedule=schedule, ranks=ranks, microbatches=microbatches,
+                             bounds=tuple(range(stages + 1)))
+    return pp.simulated_seconds(shape, [1.0] * stages, [1.0] * stages, lambda _: 0.0,
+                                [0] * (stages + 1))
+
+
+def action_s(step_s: float, critical: float) -> float:
+    """A timed step of actions that compute almost nothing, over the actions on its critical
+    path: what one action costs."""
+    return max(0.0, step_s) / critical
+
+
+def _timed_pipelines(rank: int, world: int) -> dict[str, float]:
+    """Rank 0's fastest step of each schedule, on stages of one ``Linear(4, 4)`` each (as many
+    a rank as the schedule places there): the runtime with next to no compute."""
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining.schedules import get_schedule_class
+
+    from memprop.distribute.pipeline import SCHEDULES, placement
+
+    found = {}
     inputs = torch.ones(PIPELINE_MICROBATCHES, 4)
-    samples = []
-    for _ in range(12):
-        started = time.perf_counter()
-        if rank == 0:
-            schedule.step(inputs)
-        else:
-            schedule.step(target=inputs, losses=[])
-        samples.append(time.perf_counter() - started)
-    return {"step_s": min(samples[2:])}
+    for name, per_rank in SCHEDULES.items():
+        torch.manual_seed(0)
+        stages = [PipelineStage(torch.nn.Linear(4, 4), s, world * per_rank, torch.device("cpu"))
+                  for s in placement(name, world)[rank]]
+        schedule = get_schedule_class(name)(stages[0] if per_rank == 1 else stages,
+                                            n_microbatches=PIPELINE_MICROBATCHES,
+                                            loss_fn=lambda output, target: output.sum())
+        first, last = 0 in placement(name, world)[rank], world * per_rank - 1 in placement(
+            name, world)[rank]
+        samples = []
+        for _ in range(PIPELINE_STEPS):  # as many on both ranks: their messages pair up
+            started = time.perf_counter()
+            arguments = (inputs,) if first else ()
+            if last:
+                schedule.step(*arguments, target=inputs, losses=[])
+            else:
+                schedule.step(*arguments)
+            samples.append(time.perf_counter() - started)
+        found[name] = min(samples[2:])
+    return found

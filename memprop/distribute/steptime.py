@@ -22,17 +22,29 @@ predicted margin is within it says so. Every time is the fastest of several step
 machine's, the least disturbed by other work on its cores. A larger size is timed only when
 the smallest's step, scaled by the roofline, says it takes under ``STEP_S``.
 
+NOTE [ Ranks that share a machine ]
+The calibration times one rank alone, with its share of the cores. When the ranks really run
+on this machine (``--run``), they step at once: each contends with the others for the memory
+bandwidth and caches, with gloo's threads, and with whatever else runs on the machine. That
+is measured, not assumed: one launch of the ranks that ``--run`` starts times a microbatch's
+step on rank 0 alone (the others waiting, as they do while a one-device candidate runs), then
+on every rank at once, ``TOGETHER_ROUNDS`` times alternately; ``together / alone`` (the
+slowest rank's fastest step at once over rank 0's fastest alone) multiplies the predicted
+step of every candidate on several ranks. On a quiet machine with no more ranks than cores
+it is near 1; on one busy with other work it is what that work takes from the ranks.
+
 Known limitations: sizes too large to run here are extrapolated along the roofline (their
 microbatches priced by the fit's ``p`` and ``q``); a workload that cannot run here at all
-(its state alone over ``CALIBRATION_BYTES``) is priced by the roofline alone, and said. What
-ranks add when they run at once (contention for the cores and memory of one machine, a
-pipeline's runtime beyond one timed action) is not modelled: ``--run`` on a machine shared
-with other work measures it, the model does not.
+(its state alone over ``CALIBRATION_BYTES``) is priced by the roofline alone, and said. The
+contention of ranks at once is measured only with ``--run`` (a prediction alone prices
+dedicated devices), at one microbatch size, and the machine's other work may change between
+that launch and the candidates' own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CALIBRATION_BYTES", "Calibration", "calibrate"]
+__all__ = ["CALIBRATION_BYTES", "Calibration", "Together", "calibrate", "timed_together"]
 
 CALIBRATION_BYTES = 1 << 30
 """The most a timed step may hold (its predicted peak), or a quarter of the memory free."""
@@ -73,6 +85,15 @@ class Calibration:
     """Microbatch sizes timed (empty: not calibrated)."""
     why_not: str = ""
     """Why nothing was timed (the roofline alone prices the steps)."""
+    together: Together | None = None
+    """Ranks stepping at once on this machine against one alone, when measured (NOTE
+    [ Ranks that share a machine ])."""
+
+    def on_ranks(self, step_s: float, devices: int) -> float:
+        """A candidate's predicted step on ``devices`` ranks, as they run at once here."""
+        if devices < 2 or self.together is None:
+            return step_s
+        return step_s * self.together.factor
 
     def factor(self, roofline_s: float) -> float:
         """What to multiply a microbatch's roofline prices by, the microbatch priced at
@@ -88,7 +109,80 @@ class Calibration:
                 f"{self.threads} thread{'s' if self.threads > 1 else ''} a rank (microbatches "
                 f"of {', '.join(map(str, self.sizes))}): {self.fixed_s * 1e3:.2f} ms a "
                 f"microbatch + {self.scale:.2f}x the roofline, the optimizer's step "
-                f"{self.optimizer_s * 1e3:.2f} ms; the model's error {self.error:.0%}")
+                f"{self.optimizer_s * 1e3:.2f} ms; the model's error {self.error:.0%}"
+                + ("" if self.together is None else "; " + self.together.describe()))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Together:
+    """A microbatch's step timed on rank 0 alone and on every rank at once, in one launch
+    (NOTE [ Ranks that share a machine ])."""
+
+    ranks: int
+    size: int
+    """The microbatch's samples."""
+    alone_s: float
+    """Rank 0's fastest step alone."""
+    together_s: float
+    """The slowest rank's fastest step with every rank stepping."""
+
+    @property
+    def factor(self) -> float:
+        return self.together_s / self.alone_s if self.alone_s > 0 else 1.0
+
+    def describe(self) -> str:
+        return (f"{self.ranks} ranks stepping at once here take {self.factor:.2f}x one alone "
+                f"(microbatches of {self.size}, {self.together_s * 1e3:.2f} against "
+                f"{self.alone_s * 1e3:.2f} ms), and the candidates on several ranks are priced "
+                "so")
+
+
+TOGETHER_ROUNDS = 2
+"""Alternations of rank 0 alone and every rank at once."""
+
+
+def together_of(ranks: int, size: int, alone: Sequence[float],
+                together: Sequence[Sequence[float]]) -> Together:
+    """``alone``: rank 0's fastest step of each round alone; ``together[r]``: rank ``r``'s of
+    each round with every rank stepping. A step at once waits for the slowest rank: the
+    slowest rank's fastest round, against rank 0's fastest alone."""
+    return Together(ranks=ranks, size=size, alone_s=min(alone),
+                    together_s=max(min(rounds) for rounds in together))
+
+
+def timed_together(calibration: Calibration, factory: Callable[[int], object], ranks: int,
+                   backend: str) -> Calibration:
+    """``calibration`` with the contention of ``ranks`` ranks stepping at once here (NOTE
+    [ Ranks that share a machine ]), timed on the middle of its sizes; as it was when
+    nothing was calibrated or the launch fails."""
+    if ranks < 2 or not calibration.sizes:
+        return calibration
+    from memprop.distribute.launch import spawn
+    from memprop.errors import MemPropError
+
+    size = calibration.sizes[len(calibration.sizes) // 2]
+    try:
+        found = spawn(_steps_together, ranks, backend, (factory, size))
+    except MemPropError:
+        return calibration
+    return dataclasses.replace(calibration, together=together_of(
+        ranks, size, found[0]["alone"], [r["together"] for r in found]))
+
+
+def _steps_together(rank: int, world: int, factory: Callable[[int], object], size: int
+                    ) -> dict[str, list[float]]:
+    """Rank 0's step alone (the others at a barrier), then every rank's at once, in turn."""
+    import torch.distributed as dist
+
+    alone: list[float] = []
+    together: list[float] = []
+    for _ in range(TOGETHER_ROUNDS):
+        dist.barrier()
+        if rank == 0:
+            alone.append(sum(_timed_step(factory, size)[:2]))
+        dist.barrier()
+        together.append(sum(_timed_step(factory, size)[:2]))
+    return {"alone": alone, "together": together}
 
 
 UNCALIBRATED = Calibration(fixed_s=0.0, scale=1.0, optimizer_s=0.0, error=0.0, threads=1,
