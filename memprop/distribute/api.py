@@ -254,6 +254,7 @@ def distribute(
                          f"{sorted(set(microbatches))} on 1 or {devices} devices: give a batch "
                          "divisible by devices x microbatches")
     if run:
+        candidates = _contended(request, candidates, max_ranks)
         candidates, said = _measured(factory, candidates, steps=steps, backend=backend,
                                      max_ranks=max_ranks)
         notes += said
@@ -309,6 +310,20 @@ def _within_error(candidates: list[Candidate], chosen: int, error: float) -> str
         return ""
     return (f"the choice is {margin:.0%} faster than {runner.describe()} as predicted, within "
             f"the step-time model's error ({error:.0%}): either may be the faster")
+
+
+def _contended(request: _Request, candidates: list[Candidate], max_ranks: int | None
+               ) -> list[Candidate]:
+    """Before they run here: the candidates on several ranks priced as their ranks step at
+    once on this machine (NOTE [ Ranks that share a machine ] in
+    ``memprop.distribute.steptime``)."""
+    from memprop.distribute.launch import available_cores
+
+    ranks = min(request.devices, available_cores() if max_ranks is None else max_ranks)
+    request.calibration = steptime.timed_together(request.calibration, request.factory, ranks,
+                                                  request.backend)
+    return [dataclasses.replace(c, predicted_step_s=request.calibration.on_ranks(
+        c.predicted_step_s, c.devices)) for c in candidates]
 
 
 def _measured(factory: Factory, candidates: list[Candidate], *, steps: int, backend: str,
@@ -390,14 +405,14 @@ class _Request:
         """What the roofline's prices of a microbatch of ``micro`` are multiplied by."""
         return self.calibration.factor(self.unplanned(micro).compute)
 
-    def pipeline_action_s(self) -> float:
-        """What the pipeline runtime adds to each action of a stage (timed once a machine),
-        when the steps are calibrated."""
+    def pipeline_action_s(self, schedule: str = "GPipe") -> float:
+        """What the pipeline runtime adds to each action of a stage under ``schedule`` (timed
+        once a machine), when the steps are calibrated."""
         if not self.calibration.sizes:
             return 0.0
         from memprop.distribute.communication import pipeline_action_s
 
-        return pipeline_action_s(self.backend)
+        return pipeline_action_s(self.backend, schedule)
 
     def microbatches_s(self, micro: int, microbatches: int, compute: float) -> float:
         """``microbatches`` microbatches of ``micro`` samples, each priced ``compute`` by the
@@ -594,7 +609,7 @@ def _pipeline_candidate(request: _Request, whole: Workload, items: list[Any],
     forward, backward, boundary = _item_costs(request, micro, item_names)
     factor = request.factor(micro)
     forward, backward = [f * factor for f in forward], [b * factor for b in backward]
-    action = request.pipeline_action_s()
+    action = request.pipeline_action_s(schedule)
 
     def seconds(shape: PipelineShape) -> float:
         """The simulated step; a recomputed stage runs its forward again in its backward."""
@@ -624,9 +639,23 @@ def _pipeline_candidate(request: _Request, whole: Workload, items: list[Any],
     return Candidate(
         strategy="pipeline", devices=devices, microbatches=m_count, microbatch_size=micro,
         pipeline=shape, fits=request.fits(max(peaks)),
-        predicted_step_s=seconds(shape) + request.optimizer_s(1 / devices),
+        predicted_step_s=seconds(shape) + request.optimizer_s(_largest_share(items, shape)),
         ranks=tuple(Rank(rank=r, predicted_peak_bytes=p) for r, p in enumerate(peaks)),
         least_budget_bytes=max(peaks))
+
+
+def _largest_share(items: list[Any], shape: PipelineShape) -> float:
+    """The largest share of the parameters one rank holds: its optimizer's step ends the
+    pipeline's step (the ranks step their own stages' parameters at once)."""
+    from memprop.distribute import pipeline as pp
+
+    sizes = [sum(p.numel() for item in items[a:b] for p in item.parameters())
+             for a, b in itertools.pairwise(shape.bounds)]
+    total = sum(sizes)
+    if not total:
+        return 0.0
+    held = pp.placement(shape.schedule, shape.ranks)
+    return float(max(sum(sizes[s] for s in stages) for stages in held.values()) / total)
 
 
 def _recompute_stages(whole: Workload, items: list[Any], shape: PipelineShape,
