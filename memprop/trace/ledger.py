@@ -66,7 +66,8 @@ from torch.utils.flop_counter import flop_registry
 
 from memprop.calibration.rates import Probe
 
-__all__ = ["Category", "OpEntry", "StorageLedger", "StorageRecord", "rounded_bytes"]
+__all__ = ["Category", "OpEntry", "StorageLedger", "StorageRecord", "active_ledger",
+           "rounded_bytes"]
 
 
 class Category(str, Enum):
@@ -248,6 +249,11 @@ _ACTIVE: list[StorageLedger] = []
 _ORIGINAL_RESIZE = torch.UntypedStorage.resize_
 
 
+def active_ledger() -> StorageLedger | None:
+    """The innermost ledger entered and not yet exited (None outside a traced step)."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 def _resize_seen(storage: torch.UntypedStorage, size: int) -> Any:
     before = storage.nbytes()
     result = _ORIGINAL_RESIZE(storage, size)
@@ -397,6 +403,20 @@ class StorageLedger(TorchDispatchMode):
         """Whether a CUDA tensor (real or fake) was seen: the step is a GPU's, and host memory (the
         generators' states, NOTE [ The generators' state a checkpoint keeps ]) is not in its
         peak."""
+
+    @classmethod
+    def from_records(cls, records: list[StorageRecord], ticks: list[tuple[Any, str, str]],
+                     tick_flops: dict[int, int], *, seen_cuda: bool) -> StorageLedger:
+        """A closed ledger of a step that was not run through it: its records and ticks built
+        elsewhere (``memprop.trace.repeated``: a deep model's step from a few blocks)."""
+        ledger = cls()
+        ledger.records = records
+        ledger.ticks = ticks
+        ledger.clock = len(ticks) - 1
+        ledger.tick_flops = tick_flops
+        ledger.flops = sum(tick_flops.values())
+        ledger._seen_cuda = seen_cuda
+        return ledger
 
     def _make_free_callback(self) -> Any:
         # A plain function holding the ledger weakly: the callback must not keep the ledger

@@ -9,6 +9,7 @@ it, by a mechanism that shares nothing with the ledger (``measured``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from memprop.trace.fake import (
     to_fake_workload,
 )
 from memprop.trace.ledger import Category, StorageLedger, op_name
+from memprop.trace.repeated import trace_reusing_blocks
 from memprop.trace.stages import ChainCosts, StageStats
 from memprop.trace.step import StepTrace, TrainingTrace, trace_inference, trace_training
 from memprop.workload import Inputs, Workload, to_workload
@@ -232,9 +234,17 @@ def profile(
     probes = None if fake else (StepProbe(workload, device, training=False),
                                 StepProbe(workload, device, training=True))
     with mode if mode is not None else contextlib.nullcontext():
-        inference = _traced(trace_inference, workload, None if probes is None else probes[0])
-        training = trace_training(workload, create_graph=create_graph,
-                                  device=None if probes is None else probes[1])
+        # NOTE [ Identical blocks traced once ] (memprop.trace.repeated)
+        reused = trace_reusing_blocks(workload, create_graph=create_graph) if fake else None
+        if reused is not None and reused.training is not None and reused.inference is not None:
+            inference, training = reused.inference, reused.training
+        else:
+            inference = _traced(trace_inference, workload,
+                                None if probes is None else probes[0])
+            training = trace_training(workload, create_graph=create_graph,
+                                      device=None if probes is None else probes[1])
+            if reused is not None:
+                training = dataclasses.replace(training, notes=(*training.notes, reused.note))
     measured = None
     if probes is not None and probes[0].last is not None and probes[1].last is not None:
         measured = _measured(training=probes[1].last, inference=probes[0].last)
@@ -247,7 +257,12 @@ def trace_chain(workload: Workload, *, fake: bool = False) -> ChainCosts:
     :class:`memprop.errors.UsageError` that says what was found."""
     workload, mode = _in_mode(workload, fake)
     with mode if mode is not None else contextlib.nullcontext():
-        steady = trace_training(workload, log_ops=True).steady
+        reused = trace_reusing_blocks(workload, inference=False, log_ops=True,
+                                      ledger=False) if mode is not None else None
+        if reused is not None and reused.training is not None:
+            steady = reused.training.steady
+        else:
+            steady = trace_training(workload, log_ops=True).steady
     if steady.chain is None:
         raise UsageError(steady.blocks_note or "the backward never reached the model's blocks")
     return steady.chain
