@@ -47,6 +47,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from memprop.trace.block_clocks import BlockClocks, Bounds
@@ -62,7 +63,7 @@ from memprop.trace.ledger import Category, StorageLedger
 from memprop.trace.stages import ChainCosts, StageStats
 from memprop.trace.step import StepTrace, TrainingTrace, trace_inference, trace_training
 from memprop.units import format_bytes
-from memprop.workload import Workload, restore_state, save_state
+from memprop.workload import Workload
 
 __all__ = ["DEPTHS", "Repeats", "Reused", "find_repeats", "trace_reusing_blocks",
            "traced_in_full"]
@@ -339,20 +340,37 @@ class Reused:
     note: str
 
 
+@contextlib.contextmanager
+def _state_kept(workload: Workload) -> Iterator[None]:
+    """The gradients, the optimizer's state and the generator put back after the block, so
+    that each depth starts where the full trace would. On fake tensors what a step starts
+    with is which of them exist (``memprop.loop.state_signature``), not values: the tensors
+    themselves are put back, not copies."""
+    grads = [(p, p.grad) for p in workload.model.parameters()]
+    optimizer = workload.optimizer
+    state = {} if optimizer is None else {p: dict(s) for p, s in optimizer.state.items()}
+    generator = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        for parameter, grad in grads:
+            parameter.grad = grad
+        if optimizer is not None:
+            optimizer.state.clear()
+            optimizer.state.update(state)
+        torch.set_rng_state(generator)
+
+
 def _trace_at(workload: Workload, repeats: Repeats, depth: int, *, inference: bool,
               create_graph: bool, log_ops: bool) -> _Traced:
     blocks = [repeats.container._modules[k] for k in repeats.keys[repeats.lo:repeats.lo + depth]]
-    state = save_state(workload)  # each depth starts where the full trace would
-    try:
-        with _cut(repeats, depth):
-            clocks = BlockClocks(workload.model, blocks, workload.optimizer)  # type: ignore[arg-type]
-            try:  # in profile's order: the inference pass, then the training step
-                served = trace_inference(workload) if inference else None
-                training = trace_training(workload, create_graph=create_graph, log_ops=log_ops)
-            finally:
-                clocks.remove()
-    finally:
-        restore_state(workload, state)
+    with _state_kept(workload), _cut(repeats, depth):
+        clocks = BlockClocks(workload.model, blocks, workload.optimizer)  # type: ignore[arg-type]
+        try:  # in profile's order: the inference pass, then the training step
+            served = trace_inference(workload) if inference else None
+            training = trace_training(workload, create_graph=create_graph, log_ops=log_ops)
+        finally:
+            clocks.remove()
     bounds = clocks.bounds.get(id(training.steady.ledger), Bounds())
     chain = training.steady.chain
     weight = 0 if chain is None else _run_weight(training.steady.ledger, bounds.calls,
