@@ -2,11 +2,15 @@
 inference pass, with PyTorch's MemTracker measured beside it in the same run, and the cost of
 the allocator's count alone (``memprop.devices.allocator``: the torch.profiler session that
 ``profile`` on real tensors runs around the same step and pass, so its time is inside
-``memprop.profile``'s). The peaks: the ledger's and the allocator's, from one profile call."""
+``memprop.profile``'s). The peaks: the ledger's and the allocator's, from one profile call.
+And the fake trace of a deep model against a shallow one of the same widths (NOTE [ Identical
+blocks traced once ] in ``memprop.trace.repeated``): Llama's 32 layers against 4, at sequence
+2048, with the peaks checked against the full trace of every layer."""
 
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import torch
@@ -15,6 +19,8 @@ import memprop
 from memprop.bench.common import BenchReport, interleaved_medians
 from memprop.devices.allocator import AllocatorMeter, step_state_tensors
 from memprop.loop import training_step
+from memprop.trace.fake import new_fake_mode
+from memprop.trace.repeated import traced_in_full
 from memprop.units import format_bytes
 from memprop.workload import SeedConfig, Workload, seed_workload
 
@@ -111,11 +117,14 @@ def ledger_overhead(*, repeats: int = 21) -> BenchReport:
         "that does nothing at all already costs about as much as the step itself, which sets "
         "the floor."
     )
+    deep_rows, deep_summary = deep_against_shallow(repeats=repeats)
+    rows += deep_rows
+    summary += deep_summary
     return BenchReport(
         name="ledger-overhead",
         title="The ledger's cost against a plain step",
         summary=summary,
-        columns=[c for c in rows[0] if not c.endswith("_bytes")],
+        columns=list(dict.fromkeys(c for row in rows for c in row if not c.endswith("_bytes"))),
         rows=rows,
     )
 
@@ -125,3 +134,74 @@ def _versus(ledger: int, allocator: int) -> str:
         return f"equals the allocator's to the byte ({format_bytes(allocator)})"
     return (f"{format_bytes(ledger)} against the allocator's {format_bytes(allocator)} "
             f"({(ledger - allocator) / allocator:+.3%})")
+
+
+# Llama 2 7B's widths; only the number of layers changes. Fake tensors: nothing is allocated.
+LLAMA_WIDTHS: dict[str, Any] = {"hidden_size": 4096, "intermediate_size": 11008,
+                                "num_attention_heads": 32, "num_key_value_heads": 32,
+                                "vocab_size": 32000}
+DEEP_LAYERS, SHALLOW_LAYERS, SEQUENCE = 32, 4, 2048
+DEEP_GOAL = 3.0
+"""Issue 19: the 32-layer fake trace at most 3x the 4-layer one."""
+
+
+def _llama(layers: int) -> Workload | None:
+    """A fake Llama of ``layers`` layers at ``LLAMA_WIDTHS``, one sequence of ``SEQUENCE``
+    tokens that are also the labels; None without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    transformers.logging.set_verbosity_error()
+    with new_fake_mode():
+        config = transformers.LlamaConfig(num_hidden_layers=layers,
+                                          max_position_embeddings=SEQUENCE, **LLAMA_WIDTHS)
+        model = transformers.LlamaForCausalLM(config)
+        ids = torch.randint(0, LLAMA_WIDTHS["vocab_size"], (1, SEQUENCE))
+    return Workload(model=model, inputs=(), keywords={"input_ids": ids, "labels": ids},
+                    name=f"llama-{layers}", batch_size=1)
+
+
+def deep_against_shallow(*, repeats: int) -> tuple[list[dict[str, Any]], list[str]]:
+    """The fake profile of the 32-layer Llama against the 4-layer one (medians of interleaved
+    runs), and the deep one's peaks against its full trace."""
+    deep, shallow = _llama(DEEP_LAYERS), _llama(SHALLOW_LAYERS)
+    if deep is None or shallow is None:
+        return [], ["- Llama 32 against 4 layers: skipped, transformers is not installed."]
+    medians = interleaved_medians(
+        {"deep": functools.partial(memprop.profile, deep),
+         "shallow": functools.partial(memprop.profile, shallow)},
+        repeats=repeats, warmup=1)
+    reused = memprop.profile(deep)
+    with traced_in_full():
+        started = time.perf_counter()
+        full = memprop.profile(deep)
+        full_s = time.perf_counter() - started
+    ratio = medians["deep"] / medians["shallow"]
+    same = (reused.training_peak_bytes, reused.inference_peak_bytes) == (
+        full.training_peak_bytes, full.inference_peak_bytes)
+    label = (f"fake profile, Llama at 7B widths, sequence {SEQUENCE}: {DEEP_LAYERS} layers "
+             f"against {SHALLOW_LAYERS}")
+    row = {
+        "model": label,
+        "memprop.profile (ms)": medians["deep"] * 1e3,
+        f"{SHALLOW_LAYERS} layers (ms)": medians["shallow"] * 1e3,
+        f"{DEEP_LAYERS} layers traced in full (ms)": full_s * 1e3,
+        f"{DEEP_LAYERS} / {SHALLOW_LAYERS} layers": ratio,
+        "goal": f"<= {DEEP_GOAL}x",
+        "met": "yes" if ratio <= DEEP_GOAL and same else "no",
+        "ledger training peak": format_bytes(reused.training_peak_bytes),
+        "ledger_training_peak_bytes": reused.training_peak_bytes,
+        "full_trace_training_peak_bytes": full.training_peak_bytes,
+        "ledger_inference_peak_bytes": reused.inference_peak_bytes,
+        "full_trace_inference_peak_bytes": full.inference_peak_bytes,
+    }
+    summary = [
+        f"- {label}: {ratio:.2f}x the time (goal <= {DEEP_GOAL}x: "
+        f"{'met' if ratio <= DEEP_GOAL else 'missed'}), identical blocks traced once; the "
+        f"full trace of every layer took {full_s:.1f} s against {medians['deep']:.1f} s. "
+        f"Peaks against the full trace: training {format_bytes(reused.training_peak_bytes)}, "
+        f"inference {format_bytes(reused.inference_peak_bytes)}, "
+        f"{'equal to the byte' if same else 'DIFFERENT'}."
+    ]
+    return [row], summary
