@@ -64,6 +64,7 @@ from memprop.plan.schedule import Segment
 from memprop.plan.selective import Option
 from memprop.trace.caches import caching_configs, without_caches
 from memprop.trace.compiled import original
+from memprop.trace.head import chunked_head
 from memprop.trace.stages import StageRef
 
 __all__ = ["Calls", "caching_configs", "installed", "without_caches"]
@@ -126,13 +127,15 @@ def _draws_random(blocks: list[_Block | None], segment: Segment) -> bool:
 @contextlib.contextmanager
 def installed(model: nn.Module, stage_names: Sequence[str], tree: Segment,
               selective: Mapping[int, Option] | None = None,
-              draws_random: Sequence[bool] = ()) -> Iterator[Calls]:
+              draws_random: Sequence[bool] = (), *, head_chunks: int = 0) -> Iterator[Calls]:
     """Make the model's forward run ``tree`` (a plan over the stages ``stage_names``: blocks by
     qualified name, and the prefix and suffix, which stay as they are) until the block exits,
     the stages in ``selective`` (``Plan.selective``) keeping their options' op outputs (NOTE
     [ Selective options ]), the generators' state kept only by checkpoints around stages that
-    ``draws_random`` (``Plan.draws_random``; empty: every checkpoint keeps it). The block
-    receives a :class:`Calls` that counts the training forwards that ran the plan."""
+    ``draws_random`` (``Plan.draws_random``; empty: every checkpoint keeps it), the head and
+    the loss in ``head_chunks`` chunks of tokens when it is not 0 (``Plan.head_chunks``,
+    ``memprop.trace.head``). The block receives a :class:`Calls` that counts the training
+    forwards that ran the plan."""
     if tree.start != 0 or tree.stop != len(stage_names):
         raise ValueError(f"the plan covers stages {tree.start}..{tree.stop}, the chain has "
                          f"{len(stage_names)}")
@@ -157,7 +160,7 @@ def installed(model: nn.Module, stage_names: Sequence[str], tree: Segment,
                                                   contexts)
     _shadow(planned)
     try:
-        with without_caches(model):
+        with without_caches(model), chunked_head(model, head_chunks):
             yield calls
     finally:
         try:

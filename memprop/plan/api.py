@@ -19,11 +19,12 @@ from memprop.plan.solvers import STRATEGIES, Plan, solve
 from memprop.trace.caches import caching_configs, without_caches
 from memprop.trace.compiled import COMPILED_NOTE, original
 from memprop.trace.fake import device_of, exact_sizes_only, fake_mode_of, sized_at_worst
-from memprop.trace.stages import ChainCosts
+from memprop.trace.head import HeadRefusedError, chunked_head, chunks_for, head_of
+from memprop.trace.stages import SUFFIX, ChainCosts
 from memprop.units import parse_size
 from memprop.workload import Inputs, Workload, restore_state, save_state, to_workload
 
-__all__ = ["chain_of", "check_strategy", "plan", "priced"]
+__all__ = ["chain_of", "check_strategy", "head_chunks_of", "plan", "priced"]
 
 
 def plan(
@@ -90,12 +91,47 @@ def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chai
     if caching:
         traced_note = "; ".join(n for n in (traced_note, CACHE_OFF_NOTE) if n)
     chain = priced(costs, cost_model=cost_model, device=str(device_of(workload)))
+    chunks = head_chunks_of(workload)
+    if chunks:
+        chunked = _head_chain(workload, chunks, cost_model=cost_model, fake=fake)
+        names = [stage.name for stage in chain.stages]
+        if (chunked is not None and names[-1] == SUFFIX
+                and [stage.name for stage in chunked.stages] == names):
+            # The blocks are the same in both steps: priced once, so that the two chains
+            # differ in their suffix and loss alone (measured times would differ by noise).
+            chain = dataclasses.replace(chain, head=dataclasses.replace(
+                chunked, stages=(*chain.stages[:-1], chunked.stages[-1])))
     if original(workload.model) is not workload.model:
         traced_note = "; ".join(n for n in (traced_note, COMPILED_NOTE) if n)
     if traced_note:
         chain = dataclasses.replace(chain, cost_note="; ".join(
             note for note in (chain.cost_note, traced_note) if note))
     return chain
+
+
+def head_chunks_of(workload: Workload) -> int:
+    """The chunks of the head option for ``workload`` (``memprop.trace.head``), 0 where the
+    option does not apply: a causal LM whose loss is its own, computed from ``labels``."""
+    head = head_of(original(workload.model))
+    labels = workload.keywords.get("labels")
+    if head is None or workload.loss_fn is not None or not isinstance(labels, torch.Tensor):
+        return 0
+    return chunks_for(labels.numel(), head.out_features, head.in_features)
+
+
+def _head_chain(workload: Workload, chunks: int, *, cost_model: str, fake: bool
+                ) -> Chain | None:
+    """The chain of the same step with the head and the loss in ``chunks`` chunks (NOTE [ The
+    head option ] in ``memprop.plan.chain``); None when the model's forward does not compute
+    its loss from its head's output (``HeadRefusedError``)."""
+    model = original(workload.model)
+    try:
+        with without_caches(model), chunked_head(model, chunks):
+            costs, _ = _trace_chain(workload, cost_model=cost_model, fake=fake)
+    except HeadRefusedError:
+        return None
+    chunked = priced(costs, cost_model=cost_model, device=str(device_of(workload)))
+    return dataclasses.replace(chunked, head_chunks=chunks)
 
 
 def priced(costs: ChainCosts, *, cost_model: str, device: str) -> Chain:

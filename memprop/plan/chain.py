@@ -63,6 +63,17 @@ largest of the moments above. The model is written once, as the fold of a schedu
 (exhaustive search), and hold the unplanned schedule's peak equal to the ledger's traced peak on
 real models.
 
+# NOTE [ The head option ]
+A causal language model's suffix (its last norm, its ``lm_head`` and the loss over a large
+vocabulary) may hold the step's peak: the logits, their log-softmax and their gradient. The
+head option computes the head and the loss in chunks of tokens, each chunk recomputed in the
+backward (``memprop.trace.head``): the same step with another suffix and another loss. Its
+chain (``Chain.head``) is traced so, not derived: its suffix's tape, moments and compute (one
+more forward of the head in its backward) and its loss's moments are what the chunked step
+did. The planner solves both chains and takes the one of least compute under the budget
+(``memprop.plan.solvers.solve``); the unplanned step is always the model's own, so a plan
+with the head option reports the option's price in its extra compute.
+
 Known limitations: stages with several inputs or outputs are outside the model (the prefix's
 other outputs, such as attention masks, count as its tape, and storages a stage leaves alive at
 the end of the step as held from the start); an aliasing stage
@@ -176,6 +187,12 @@ class Chain:
     on the chain's device (NOTE [ The memory model ]): ``torch.get_rng_state()``, 5,056 bytes,
     when the step runs on the CPU; 0 on a GPU, whose generators' states checkpoint keeps in
     host memory."""
+    head_chunks: int = 0
+    """In how many chunks of tokens this chain's step computes its head and loss
+    (``memprop.trace.head``): 0 for the model's own head."""
+    head: Chain | None = None
+    """The same step with the head and the loss in chunks (its suffix and loss traced so), when
+    the option applies: the planner's alternative to this chain (NOTE [ The head option ])."""
     _roots: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _draws_before: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _grads_from: tuple[int, ...] = field(init=False, repr=False, compare=False)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -97,6 +98,9 @@ class Plan:
     """Per stage, whether its forward draws random numbers (``Stage.draws_random``): a
     checkpoint keeps the generators' state only around such stages; empty when unknown (every
     checkpoint keeps it)."""
+    head_chunks: int = 0
+    """In how many chunks of tokens the step computes its head and loss, each recomputed in the
+    backward (``memprop.trace.head``); 0: the model's own head."""
 
     @property
     def compute_overhead(self) -> float:
@@ -142,6 +146,7 @@ class Plan:
                           "compute": self.compute},
             "baseline": {"peak_bytes": self.baseline_peak_bytes,
                          "compute": self.baseline_compute},
+            "head_chunks": self.head_chunks,
         }
 
 
@@ -323,7 +328,58 @@ def solve(
 ) -> Plan:
     """The plan of ``strategy`` for ``chain`` under ``budget_bytes`` (a cap on the training peak,
     ``fixed_bytes`` included). Raises :class:`BudgetInfeasibleError` when nothing fits, unless
-    ``strict=False``: then the returned plan has ``feasible=False`` and the lowest peak found."""
+    ``strict=False``: then the returned plan has ``feasible=False`` and the lowest peak found.
+    Where the chain has the head option (``Chain.head``, NOTE [ The head option ] in
+    ``memprop.plan.chain``), both chains are solved and the plan of least compute under the
+    budget is taken: the option only where it pays (``none`` never takes it)."""
+    if strategy not in STRATEGIES:
+        raise UsageError(
+            f"strategy {strategy!r} does not exist: use one of {', '.join(STRATEGIES)}"
+        )
+    plan = _solve_one(chain, budget_bytes, strategy, max_slots, max_units)
+    if chain.head is not None and strategy != "none":
+        chunked = _solve_one(chain.head, budget_bytes, strategy, max_slots, max_units)
+        plan = _cheaper(plan, chunked, chain.head.head_chunks)
+    if strict and not plan.feasible:
+        floor = plan.min_feasible_bytes
+        raise BudgetInfeasibleError(
+            f"budget {format_bytes(budget_bytes)} is below the smallest feasible peak, "
+            f"{format_bytes(floor)}, for this {len(chain)}-stage chain with strategy "
+            f"{strategy!r}: raise the budget to at least {_cli_size(floor)} or lower the batch "
+            "size",
+            budget_bytes=budget_bytes,
+            min_feasible_bytes=floor,
+        )
+    return plan
+
+
+def _cheaper(own: Plan, chunked: Plan, chunks: int) -> Plan:
+    """Of the plan with the model's own head and the plan with the head in ``chunks`` chunks,
+    the one of least compute under the budget (the lower peak when neither fits), measured
+    against the model's own unplanned step; ties keep the model's own head."""
+    floor = min(own.min_feasible_bytes, chunked.min_feasible_bytes)
+    if own.feasible and not (chunked.feasible and chunked.compute < own.compute):
+        take_chunked = False
+    elif chunked.feasible:
+        take_chunked = True
+    else:
+        take_chunked = chunked.peak_bytes < own.peak_bytes
+    if not take_chunked:
+        return dataclasses.replace(own, min_feasible_bytes=floor)
+    return dataclasses.replace(
+        chunked, min_feasible_bytes=floor, head_chunks=chunks,
+        baseline_peak_bytes=own.baseline_peak_bytes, baseline_compute=own.baseline_compute,
+        cost_note="; ".join(n for n in (chunked.cost_note, _head_note(chunks)) if n))
+
+
+def _head_note(chunks: int) -> str:
+    return (f"the head and the loss in {chunks} chunks of tokens, each recomputed in the "
+            "backward (the full logits never held)")
+
+
+def _solve_one(chain: Chain, budget_bytes: int, strategy: str, max_slots: int,
+               max_units: int) -> Plan:
+    """The plan of ``strategy`` for ``chain`` alone (its head as it is), feasible or not."""
     n = len(chain)
     baseline = simulate(chain, flat(n))
     if strategy == "none":
@@ -336,23 +392,11 @@ def solve(
         fits = [(s, t) for s, t in sims if s.peak_bytes <= budget_bytes]
         pool = fits or [(s, t) for s, t in sims if s.peak_bytes == floor]
         tree = min(pool, key=lambda st: (st[0].compute, st[0].peak_bytes))[1]
-    elif strategy == "optimal":
-        tree, floor = _optimal(chain, budget_bytes, max_slots, max_units)
     else:
-        raise UsageError(
-            f"strategy {strategy!r} does not exist: use one of {', '.join(STRATEGIES)}"
-        )
+        tree, floor = _optimal(chain, budget_bytes, max_slots, max_units)
     sim = simulate(chain, tree)
     feasible = sim.peak_bytes <= budget_bytes
     grouped = grouping_note(chain, max_units) if strategy == "optimal" else ""
-    if strict and not feasible:
-        raise BudgetInfeasibleError(
-            f"budget {format_bytes(budget_bytes)} is below the smallest feasible peak, "
-            f"{format_bytes(floor)}, for this {n}-stage chain with strategy {strategy!r}: "
-            f"raise the budget to at least {_cli_size(floor)} or lower the batch size",
-            budget_bytes=budget_bytes,
-            min_feasible_bytes=floor,
-        )
     return Plan(
         budget_bytes=budget_bytes,
         strategy=strategy,

@@ -56,7 +56,7 @@ def traced_plan_peak_on(workload: Workload, plan: Plan) -> tuple[int, str]:
 
 def _traced(workload: Workload, plan: Plan, mode: Any) -> int:
     with mode, installed(workload.model, plan.stage_names, plan.tree, plan.selective,
-                         plan.draws_random) as calls:
+                         plan.draws_random, head_chunks=plan.head_chunks) as calls:
         traced = trace_training(workload)
     if calls.expected and calls.count == 0:
         raise PlanCheckError(not_run(workload.model, plan))

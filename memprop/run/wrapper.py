@@ -221,7 +221,7 @@ class PlannedModule(nn.Module):
         module = original(self.module)
         with _without_hf_checkpointing(module), \
                 installed(module, chosen.stage_names, chosen.tree, chosen.selective,
-                          chosen.draws_random) as calls:
+                          chosen.draws_random, head_chunks=chosen.head_chunks) as calls:
             output = module(*inputs, **kwargs)
         if calls.expected and calls.count == 0:
             raise PlanCheckError(not_run(self.module, chosen))

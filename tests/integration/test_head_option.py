@@ -1,0 +1,149 @@
+"""The head option (``memprop.trace.head``): the head and the loss of a causal LM in chunks of
+tokens, priced and chosen by the planner (NOTE [ The head option ] in ``memprop.plan.chain``).
+
+Oracles: the unchunked step of the same model from the same parameters (loss and gradients);
+the storage ledger and the allocator's own count of the planned steps (peaks); each chain solved
+alone (the choice). The models: Hugging Face GPT-2 and Llama from small configurations, random
+init, a vocabulary of 8,192 at width 64, so that the logits dominate the step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from memprop.errors import BudgetInfeasibleError
+from memprop.plan.api import chain_of, head_chunks_of
+from memprop.plan.solvers import solve
+from memprop.run.measure import run_plan
+from memprop.trace.head import STEP_GRADIENT_RTOL, chunked_head
+from memprop.workload import Workload
+
+transformers = pytest.importorskip("transformers")
+
+VOCABULARY = 8192
+WIDTH = 64
+TOKENS = 32
+BATCH = 4
+
+
+def _gpt2() -> torch.nn.Module:
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=WIDTH, n_head=4, vocab_size=VOCABULARY, n_positions=TOKENS,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def _llama() -> torch.nn.Module:
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=WIDTH, intermediate_size=2 * WIDTH,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCABULARY,
+        max_position_embeddings=TOKENS))
+
+
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {"gpt2": _gpt2, "llama": _llama}
+
+
+def _workload(name: str, *, loss_fn: object = None) -> Workload:
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    ids = torch.randint(0, VOCABULARY, (BATCH, TOKENS),
+                        generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, : TOKENS // 4] = -100  # some tokens ignored: the mean is over the others
+    return Workload(model=model, inputs=(), keywords={"input_ids": ids, "labels": labels},
+                    loss_fn=loss_fn, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                    name=name, batch_size=BATCH)
+
+
+def _step(workload: Workload, chunks: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model = workload.model
+    model.zero_grad(set_to_none=True)
+    with chunked_head(model, chunks):
+        loss = model(**workload.keywords).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_chunked_loss_and_gradients_equal_the_unchunked_steps(name: str) -> None:
+    """Oracle: the model's own step (HF's loss over the whole logits) from the same parameters:
+    the loss within 1e-6 relative, every gradient within STEP_GRADIENT_RTOL of its largest
+    magnitude (NOTE [ How close the chunked gradients are ]); the logits were not made."""
+    workload = _workload(name)
+    own_loss, own = _step(workload, 0)
+    for chunks in (1, 5, 16):
+        loss, grads = _step(workload, chunks)
+        assert abs(loss - own_loss) <= 1e-6 * abs(own_loss)
+        for parameter, grad in grads.items():
+            scale = own[parameter].abs().max()
+            assert (grad - own[parameter]).abs().max() <= STEP_GRADIENT_RTOL * scale, parameter
+    with chunked_head(workload.model, 16):
+        logits = workload.model(**workload.keywords).logits
+    assert logits.untyped_storage().nbytes() <= logits.element_size()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_budget_only_the_head_option_meets_is_met_as_predicted(name: str) -> None:
+    """A budget one byte under the least peak any plan of the model's own head reaches
+    (solved on that chain alone): the planner takes the head option; the planned steps' peak at
+    step 3 is within the budget by the storage ledger and by the allocator's own count, and
+    within 1% of the prediction; the gradients match the unplanned steps'."""
+    workload = _workload(name)
+    chain = chain_of(workload, cost_model="flops")
+    assert chain.head is not None
+    own_floor = solve(chain.__class__(**{**_fields(chain), "head": None}), 1,
+                      strict=False).min_feasible_bytes
+    budget = own_floor - 1
+    plan = solve(chain, budget)
+    assert plan.head_chunks == chain.head.head_chunks > 0
+    result = run_plan(workload, plan, steps=3)
+    ledger, allocator = result.step_peaks_bytes[-1], result.allocator_step_peaks_bytes[-1]
+    assert ledger <= budget and allocator <= budget
+    assert abs(ledger - plan.peak_bytes) <= 0.01 * plan.peak_bytes
+    assert result.baseline_step_peaks_bytes is not None
+    assert result.baseline_step_peaks_bytes[-1] > budget  # the model's own step does not fit
+    assert result.gradients_match
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_the_head_option_is_taken_only_where_it_pays(name: str) -> None:
+    """Oracle: the two chains solved alone. At every budget from the least feasible to the
+    unplanned peak, the plan is the cheaper feasible one of the two, the model's own head on a
+    tie; at the unplanned peak (nothing to recompute) it is the model's own head."""
+    chain = chain_of(_workload(name), cost_model="flops")
+    assert chain.head is not None
+    own_chain = chain.__class__(**{**_fields(chain), "head": None})
+    unplanned = solve(own_chain, 1, "none", strict=False).peak_bytes
+    floor = solve(chain, 1, strict=False).min_feasible_bytes
+    taken = 0
+    for step in range(9):
+        budget = floor + (unplanned - floor) * step // 8
+        own = solve(own_chain, budget, strict=False)
+        chunked = solve(chain.head, budget, strict=False)
+        plan = solve(chain, budget)
+        pays = chunked.feasible and (not own.feasible or chunked.compute < own.compute)
+        assert (plan.head_chunks > 0) == pays, budget
+        assert plan.compute == (chunked.compute if pays else own.compute)
+        taken += pays
+    assert 0 < taken < 9
+    assert solve(chain, unplanned).head_chunks == 0
+    with pytest.raises(BudgetInfeasibleError):
+        solve(chain, floor - 1)
+
+
+def test_no_head_option_where_the_loss_is_the_users() -> None:
+    """A user's loss function over the logits is not HF's loss: the option does not apply
+    (the chain has none), whatever the model."""
+    workload = _workload("gpt2", loss_fn=lambda output: output.logits.float().mean())
+    assert head_chunks_of(workload) == 0
+    assert head_chunks_of(_workload("gpt2")) > 0
+
+
+def _fields(chain: object) -> dict[str, object]:
+    import dataclasses
+
+    return {f.name: getattr(chain, f.name) for f in dataclasses.fields(chain)  # type: ignore[arg-type]
+            if f.init}
