@@ -71,6 +71,9 @@ __all__ = ["DEPTHS", "Repeats", "Reused", "find_repeats", "trace_reusing_blocks"
 DEPTHS = (2, 3, 4)
 """The depths traced: the ledger is built from 3 (one middle block), its figures outside the
 blocks checked linear over all three, the construction checked against 4."""
+SHORTEST = 12
+"""The fewest identical blocks extended: 9 blocks are traced, so a shallower model is traced
+in full, sooner (an 8-layer Llama: 0.95 s extended against 0.58 s in full)."""
 
 
 _in_full: contextvars.ContextVar[bool] = contextvars.ContextVar("memprop_in_full",
@@ -163,8 +166,7 @@ def _longest_identical(items: Sequence[nn.Module]) -> tuple[int, int]:
 
 def find_repeats(model: nn.Module, named: str | None = None) -> Repeats | None:
     """The longest run of identical items of a container of ``model`` (of ``named`` when
-    given), the heaviest when several are as long; None when none is deeper than the depths
-    traced."""
+    given), the heaviest when several are as long; None when none has ``SHORTEST`` items."""
     found = []
     for name, module in model.named_modules():
         if not isinstance(module, CONTAINERS) or (named is not None and name != named):
@@ -173,7 +175,7 @@ def find_repeats(model: nn.Module, named: str | None = None) -> Repeats | None:
         if any(item is None for item in items):
             continue
         lo, hi = _longest_identical(items)
-        if hi - lo > DEPTHS[-1]:
+        if hi - lo >= SHORTEST:
             weight = sum(p.numel() for m in items[lo:hi] for p in m.parameters())
             found.append((hi - lo, weight, Repeats(name=name, container=module,
                                                    keys=tuple(module._modules), lo=lo, hi=hi)))
@@ -422,7 +424,7 @@ def trace_reusing_blocks(workload: Workload, *, inference: bool = True,
     tensors at its full depth, from traces of 2, 3 and 4 of its identical blocks (NOTE
     [ Identical blocks traced once ]). ``ledger=False`` builds the chain's statistics only
     (the planner's need): the step's ledger is then the 3-block trace's. None when the model
-    has no run of identical blocks deeper than that; a ``Reused`` without traces, whose note
+    has fewer than ``SHORTEST`` identical blocks; a ``Reused`` without traces, whose note
     says why, when the traced depths are not one block repeated (the caller traces in
     full)."""
     repeats = None if _in_full.get() else find_repeats(workload.model, workload.blocks)

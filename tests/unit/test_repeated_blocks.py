@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import memprop
+from memprop.trace import repeated
 from memprop.trace.profile import trace_chain
 from memprop.trace.repeated import find_repeats, traced_in_full
 from memprop.trace.stages import ChainCosts
@@ -23,6 +24,13 @@ from memprop.workload import SeedConfig, Workload, seed_workload
 from tests.models import gpt2, llama
 
 _TIMES = ("forward_s", "backward_s")
+
+
+@pytest.fixture(autouse=True)
+def _short_models_extended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Models of 7 blocks are extended here (memprop extends 12 or more, where it is faster
+    than the full trace), so that the oracle's full traces stay fast."""
+    monkeypatch.setattr(repeated, "SHORTEST", 6)
 
 
 def _comparable(profile: memprop.Profile) -> dict[str, Any]:
@@ -100,8 +108,8 @@ WORKLOADS: dict[str, Callable[[], Workload]] = {
     "seed MLP": lambda: seed_workload(SeedConfig(input_dim=24, hidden=32, classes=5, depth=7,
                                                  batch=4, optimizer="adam")),
     "residual MLP": lambda: _residual([32] * 7),
-    "Llama": lambda: llama(2, layers=6, width=32, tokens=16),
-    "GPT-2": lambda: gpt2(2, layers=6, width=32, tokens=16),
+    "Llama": lambda: llama(2, layers=7, width=32, tokens=16),
+    "GPT-2": lambda: gpt2(2, layers=7, width=32, tokens=16),
 }
 
 
@@ -158,3 +166,11 @@ def test_blocks_that_only_look_identical_fall_back_to_the_full_trace() -> None:
     chain = trace_chain(workload, fake=True)
     with traced_in_full():
         assert _untimed(chain) == _untimed(trace_chain(workload, fake=True))
+
+
+def test_few_blocks_are_traced_in_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below ``SHORTEST`` blocks the full trace is the faster: nothing is extended, no note."""
+    monkeypatch.setattr(repeated, "SHORTEST", 8)
+    workload = _residual([32] * 7)
+    assert find_repeats(workload.model) is None
+    assert not any("identical" in note for note in memprop.profile(workload, fake=True).notes)
