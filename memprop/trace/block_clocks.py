@@ -132,12 +132,14 @@ class BlockClocks:
                                self.bounds.setdefault(id(ledger), Bounds()))
         self._watch.__enter__()
 
-    def _after_step(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+    def _after_step(self, optimizer: torch.optim.Optimizer | None, *args: Any) -> None:
         if self._watch is not None:
             self._watch.__exit__(None, None, None)
             self._watch = None
 
     def remove(self) -> None:
+        """The hooks off (and the optimizer's watch, should its step have raised)."""
+        self._after_step(None)
         for handle in self._handles:
             handle.remove()
 

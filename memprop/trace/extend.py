@@ -14,8 +14,12 @@ from typing import Any
 from memprop.trace.block_clocks import Bounds
 from memprop.trace.ledger import StorageLedger, StorageRecord
 
-__all__ = ["TEMPLATE", "NotRepeating", "extended_ledger", "extended_tick", "same_ledger"]
+__all__ = ["DEPTHS", "TEMPLATE", "NotRepeating", "extended_ledger", "extended_tick",
+           "same_ledger"]
 
+DEPTHS = (2, 3, 4)
+"""The depths traced: the ledger is built from 3 (one middle block), its figures outside the
+blocks checked linear over all three, the construction checked against 4."""
 TEMPLATE = 3
 """The depth whose ledger is extended: one middle block, between the first and the last."""
 _MIDDLE = 1

@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import itertools
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -53,24 +52,21 @@ from torch import nn
 from memprop.trace.block_clocks import BlockClocks, Bounds
 from memprop.trace.calls import CONTAINERS
 from memprop.trace.extend import (
+    DEPTHS,
     TEMPLATE,
     NotRepeating,
     extended_ledger,
     extended_tick,
     same_ledger,
 )
-from memprop.trace.ledger import Category, StorageLedger
-from memprop.trace.stages import ChainCosts, StageStats
+from memprop.trace.extend_chain import extended_chain, linear, run_weight
+from memprop.trace.stages import ChainCosts
 from memprop.trace.step import StepTrace, TrainingTrace, trace_inference, trace_training
-from memprop.units import format_bytes
 from memprop.workload import Workload
 
 __all__ = ["DEPTHS", "Repeats", "Reused", "find_repeats", "trace_reusing_blocks",
            "traced_in_full"]
 
-DEPTHS = (2, 3, 4)
-"""The depths traced: the ledger is built from 3 (one middle block), its figures outside the
-blocks checked linear over all three, the construction checked against 4."""
 SHORTEST = 12
 """The fewest identical blocks extended: 9 blocks are traced, so a shallower model is traced
 in full, sooner (an 8-layer Llama: 0.95 s extended against 0.58 s in full)."""
@@ -198,102 +194,6 @@ def _cut(repeats: Repeats, depth: int) -> Iterator[None]:
         container._modules = original
 
 
-# -- the chain's statistics ----------------------------------------------------------------------
-
-def _linear(values: Sequence[Any], depth: int, what: str) -> Any:
-    """The value at ``depth`` of a figure traced at ``DEPTHS``: equal at each, or exactly
-    linear in depth (tuples and statistics figure by figure)."""
-    first, *rest = values
-    if all(v == first for v in rest):
-        return first
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        steps = {b - a for a, b in itertools.pairwise(values)}
-        if len(steps) != 1:
-            raise NotRepeating(f"{what} is not linear in depth")
-        return values[-1] + (depth - DEPTHS[-1]) * steps.pop()
-    if all(isinstance(v, tuple) and len(v) == len(first) for v in values):
-        return tuple(_linear([v[i] for v in values], depth, what) for i in range(len(first)))
-    if all(isinstance(v, StageStats) for v in values):
-        return dataclasses.replace(first, **{
-            f.name: _linear([getattr(v, f.name) for v in values], depth, f"{what}'s {f.name}")
-            for f in dataclasses.fields(StageStats) if f.name not in _TIMED})
-    raise NotRepeating(f"{what} changes with depth")
-
-
-_TIMED = ("forward_s", "backward_s", "name", "index")
-"""Stage fields not extended: times (the template's are kept), and what names the stage."""
-
-
-def _run_weight(ledger: StorageLedger, calls: dict[str, tuple[int, int]],
-                names: Sequence[str]) -> int:
-    """What the run's blocks save for backward, as ``memprop.blocks.find`` weighs a run: the
-    storages saved in the forward and born within each block's call."""
-    spans = [calls[n] for n in names if n in calls]
-    if len(spans) != len(names):
-        raise NotRepeating("a block of the run was not seen")
-    return sum(r.bytes for r in ledger.records
-               if r.saved and r.saved_in_phase == "forward"
-               and r.category is Category.SAVED_ACTIVATIONS
-               and any(start < r.born <= stop for start, stop in spans))
-
-
-def _chain_names(repeats: Repeats, template: int, depth: int,
-                 names: Sequence[str]) -> tuple[int, list[str]]:
-    """Where the template's blocks sit among ``names`` (the chain's stages or blocks), and the
-    names at ``depth``."""
-    ours = [repeats.block_name(j) for j in range(template)]
-    where = [i for i, n in enumerate(names) if n in ours]
-    if not where or [names[i] for i in where] != ours \
-            or where != list(range(where[0], where[0] + template)):
-        raise NotRepeating("the planner's blocks are not the repeated ones")
-    at = where[0]
-    return at, [*names[:at], *(repeats.block_name(c) for c in range(depth)),
-                *names[at + template:]]
-
-
-def _stages(chains: Sequence[ChainCosts], repeats: Repeats, depth: int
-            ) -> tuple[StageStats, ...]:
-    """The stages at ``depth`` from the chains traced at ``DEPTHS``: the middle block's
-    repeated (the next depth's middle blocks must be it), every other stage linear in depth
-    (the first stage's backward may hold the optimizer's ops, one per parameter)."""
-    roles = []
-    for k, chain in zip(DEPTHS, chains, strict=True):
-        at, _ = _chain_names(repeats, k, k, [s.name for s in chain.stages])
-        stages = chain.stages
-        roles.append((stages[:at], stages[at], stages[at + 1:at + k - 1], stages[at + k - 1],
-                      stages[at + k:]))
-    middle = roles[1][2][0]
-    if any(_untimed([s]) != _untimed([middle]) for s in roles[2][2]):
-        raise NotRepeating("the middle block's statistics, repeated, are not the next depth's")
-    template = roles[1]
-    before = [_linear([r[0][i] for r in roles], depth, "a stage before the blocks")
-              for i in range(len(template[0]))]
-    first, last = (_linear([r[role] for r in roles], depth, "a block's statistics")
-                   for role in (1, 3))
-    after = [_linear([r[4][i] for r in roles], depth, "a stage after the blocks")
-             for i in range(len(template[4]))]
-    blocks = [first, *([middle] * (depth - 2)), last]
-    grown = [*before, *(dataclasses.replace(s, name=repeats.block_name(c))
-                        for c, s in enumerate(blocks)), *after]
-    return tuple(dataclasses.replace(s, index=i) for i, s in enumerate(grown))
-
-
-def _untimed(stages: Sequence[StageStats]) -> list[StageStats]:
-    """The stages without their times, names and positions: what must repeat."""
-    return [dataclasses.replace(s, **{f: type(getattr(s, f))() for f in _TIMED})
-            for s in stages]
-
-
-def _description(model: nn.Module, blocks: Sequence[str], saved_bytes: int) -> str:
-    from memprop.trace.blocks import describe
-    from memprop.trace.calls import Call
-
-    modules = dict(model.named_modules())
-    calls = [Call(index=i, name=n, module=modules[n], container=None, depth=0, start=0)
-             for i, n in enumerate(blocks)]
-    return f"{describe(calls)}, saving {format_bytes(saved_bytes)} for backward"
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class _Traced:
     training: TrainingTrace
@@ -301,33 +201,6 @@ class _Traced:
     inference: StepTrace | None
     inference_bounds: Bounds | None
     weight: int
-
-
-def _chain(traced: dict[int, _Traced], repeats: Repeats, model: nn.Module, depth: int
-           ) -> ChainCosts | None:
-    chains = [traced[k].training.steady.chain for k in DEPTHS]
-    if all(c is None for c in chains):
-        return None
-    if any(c is None for c in chains):
-        raise NotRepeating("the chain of blocks is found at some depths only")
-    template = chains[1]
-    assert template is not None
-    _, blocks = _chain_names(repeats, TEMPLATE, depth, template.blocks)
-    weights = [traced[k].weight for k in DEPTHS]
-    for k, chain in zip(DEPTHS, chains, strict=True):
-        assert chain is not None
-        _, names = _chain_names(repeats, TEMPLATE, k, template.blocks)
-        if chain.blocks_found != _description(model, names, traced[k].weight):
-            raise NotRepeating("the run of blocks is not described as it is traced")
-    figures = {f.name: _linear([getattr(c, f.name) for c in chains], depth, f.name)
-               for f in dataclasses.fields(ChainCosts)
-               if f.name not in ("stages", "blocks", "blocks_found")}
-    return ChainCosts(
-        **figures,
-        stages=_stages(chains, repeats, depth),  # type: ignore[arg-type]
-        blocks=tuple(blocks),
-        blocks_found=_description(model, blocks, _linear(weights, depth, "the run's weight")),
-    )
 
 
 # -- the traces ----------------------------------------------------------------------------------
@@ -375,7 +248,7 @@ def _trace_at(workload: Workload, repeats: Repeats, depth: int, *, inference: bo
             clocks.remove()
     bounds = clocks.bounds.get(id(training.steady.ledger), Bounds())
     chain = training.steady.chain
-    weight = 0 if chain is None else _run_weight(training.steady.ledger, bounds.calls,
+    weight = 0 if chain is None else run_weight(training.steady.ledger, bounds.calls,
                                                  chain.blocks)
     return _Traced(training=training, bounds=bounds, inference=served,
                    inference_bounds=None if served is None
@@ -440,11 +313,13 @@ def trace_reusing_blocks(workload: Workload, *, inference: bool = True,
                       note=f"traced in full: {depth} blocks of {container} look identical, "
                            f"but the model fails with fewer ({type(error).__name__})")
     try:
-        chain = _chain(traced, repeats, workload.model, depth)
+        chain = extended_chain([traced[k].training.steady.chain for k in DEPTHS],
+                               [traced[k].weight for k in DEPTHS], repeats.block_name,
+                               workload.model, depth)
         trainings = [traced[k].training for k in DEPTHS]
-        notes = _linear([tuple(n for n in t.notes if n not in _cache_note(workload, t.steady))
+        notes = linear([tuple(n for n in t.notes if n not in _cache_note(workload, t.steady))
                          for t in trainings], depth, "the trace's notes")
-        first_peak = _linear([t.first_step_peak_bytes for t in trainings], depth,
+        first_peak = linear([t.first_step_peak_bytes for t in trainings], depth,
                              "the first step's peak")
         steady = [t.steady for t in trainings]
         if ledger:
