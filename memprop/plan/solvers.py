@@ -180,8 +180,12 @@ def _groups(atoms: list[tuple[int, int]], max_units: int) -> list[tuple[int, int
 
 def min_feasible_bytes(chain: Chain) -> tuple[int, Segment]:
     """The least training peak of any plan (exact up to ``EXACT_MAX_UNITS`` atoms), and a plan
-    that attains it."""
-    return _min_feasible(chain, _floor_units(chain, chain.atoms()))
+    that attains it; with the head option (``Chain.head``), the lesser of the two chains'
+    (the tree is the same stages' either way; ``solve`` says whether it takes the option)."""
+    own = _min_feasible(chain, _floor_units(chain, chain.atoms()))
+    if chain.head is None:
+        return own
+    return min(own, min_feasible_bytes(chain.head), key=lambda found: found[0])
 
 
 def _floor_units(chain: Chain, atoms: list[tuple[int, int]]) -> _dp.Units:

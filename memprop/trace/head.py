@@ -31,11 +31,12 @@ gradient is the sum of the chunks' products ``softmax_c^T hidden_c`` where the u
 forms one product over all tokens. In float32 both are within a few units of rounding of the
 exact sum. From the same parameters, every gradient is within ``STEP_GRADIENT_RTOL`` (1e-5) of
 the largest magnitude of the unchunked one, and the loss within 1e-6 relative (measured on
-GPT-2 and Llama, vocabulary 8,192, width 64: at most 6.6e-7). Over several steps the rounding
-moves the parameters apart and AdamW carries it on (its update divides by the gradient's own
-scale): the second and third steps' gradients agreed within 1.3e-5 there, and a planned run
-(``memprop.run.measure``) holds them within ``GRADIENT_RTOL`` (1e-4, as on a GPU, where
-kernels reduce in another order too).
+GPT-2 and Llama, vocabulary 8,192, width 64: at most 6.6e-7). Later steps are not comparable
+so: the optimizer carries each step's rounding into the next step's parameters, and AdamW's
+update, divided by the gradient's own scale, amplifies it where a gradient is near 0 (GPT-2
+with dropout, vocabulary 128: 1.4e-4 at the second step, 1.6e-4 at the third). A planned run
+(``memprop.run.measure``) therefore compares the first step's gradients, within
+``STEP_GRADIENT_RTOL``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ from torch.nn import functional as F
 
 from memprop.errors import UsageError
 
-__all__ = ["GRADIENT_RTOL", "IGNORE_INDEX", "MAX_CHUNKS", "STEP_GRADIENT_RTOL", "HeadRefusedError",
-           "chunked_head", "chunks_for", "head_of"]
+__all__ = ["IGNORE_INDEX", "MAX_CHUNKS", "STEP_GRADIENT_RTOL", "HeadRefusedError", "chunked_head",
+           "chunks_for", "head_of"]
 
 IGNORE_INDEX = -100
 """The label HF's causal LM loss ignores (``ForCausalLMLoss``'s ``ignore_index``)."""
@@ -63,9 +64,6 @@ MAX_CHUNKS = 16
 STEP_GRADIENT_RTOL = 1e-5
 """One step's chunked gradients against the unchunked step's from the same parameters, in units
 of each tensor's largest unchunked magnitude (NOTE [ How close the chunked gradients are ])."""
-GRADIENT_RTOL = 1e-4
-"""The same after steps of training: the rounding of earlier steps has moved the parameters
-apart, and the optimizer carries it on (NOTE [ How close the chunked gradients are ])."""
 
 
 class HeadRefusedError(UsageError):
