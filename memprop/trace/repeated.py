@@ -24,12 +24,13 @@ parameters (an optimizer that runs per parameter, AdamW on the CPU, updates bloc
 block); the construction itself is ``memprop.trace.extend``. The planner's chain is extended
 apart, by ``memprop.trace.extend_chain`` (its middle block's statistics repeated, the rest
 linear in depth over 2, 3 and 4: the first stage's backward holds the optimizer's in-place
-ops, one per parameter).
+ops, one per parameter); the planner's trace, which needs the chain alone, is held to the
+chain's checks alone.
 
 The cost: 9 blocks traced however deep the model is, plus the construction, linear in depth.
 Known limitations: an optimizer that updates every parameter in one op (``foreach``, the
 default on a GPU) makes a tick whose storages grow with depth: such steps fail the check and
-are traced in full. The extended stages' times are the middle block's (fake traces price
+are traced in full. The extended stages' times are a traced depth's (fake traces price
 recomputation in FLOPs, not times). A model whose blocks differ in a way that neither their
 attributes nor 4 blocks show (a pattern of layers with a period longer than 2, set outside
 the blocks) would be extended from the blocks it showed: every block must have the same
