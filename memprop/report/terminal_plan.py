@@ -10,6 +10,7 @@ from rich.text import Text
 
 from memprop.plan.solvers import Plan
 from memprop.run.measure import RunResult
+from memprop.trace.head import STEP_GRADIENT_RTOL
 from memprop.units import format_bytes
 
 __all__ = ["render_plan", "render_run"]
@@ -100,7 +101,9 @@ def render_run(result: RunResult, console: Console) -> None:
         ratio, baseline_ms = "", "not run"
     table.add_row("step time", f"{result.step_s * 1e3:.2f} ms", baseline_ms,
                   f"{ratio}{1 + plan.compute_overhead:.2f}x predicted")
-    table.add_row("gradients", _verdict(result.gradients_match), "", "bit for bit on the CPU")
+    table.add_row("gradients", _verdict(result.gradients_match), "",
+                  f"step 1 within {STEP_GRADIENT_RTOL:g} (the head in {plan.head_chunks} chunks)"
+                  if plan.head_chunks else "bit for bit on the CPU")
     table.add_row("buffers", _verdict(result.buffers_match), "", "BatchNorm statistics")
     console.print(table)
     sources = f"peak (ledger): {result.peak_source}"
