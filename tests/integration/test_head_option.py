@@ -142,6 +142,50 @@ def test_no_head_option_where_the_loss_is_the_users() -> None:
     assert head_chunks_of(_workload("gpt2")) > 0
 
 
+def test_a_forward_that_changes_the_logits_before_its_loss_gets_no_head_option() -> None:
+    """A model that scales its logits before HF's loss: the chunked loss would drop the scale,
+    so the option refuses to run (HeadRefusedError when the forward returns) and the planner
+    is not offered it (the chain has no head)."""
+    from transformers.modeling_outputs import CausalLMOutput
+
+    from memprop.trace.head import HeadRefusedError
+
+    class Scaled(transformers.GPT2LMHeadModel):  # type: ignore[misc,name-defined]
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                    **kwargs: object) -> CausalLMOutput:
+            logits = 2.0 * self.lm_head(self.transformer(input_ids).last_hidden_state)
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size)
+            return CausalLMOutput(loss=loss, logits=logits)
+
+    workload = _workload("gpt2")
+    scaled = Scaled(workload.model.config)
+    scaled.load_state_dict(workload.model.state_dict())
+    workload = Workload(model=scaled, inputs=(), keywords=workload.keywords,
+                        optimizer=torch.optim.AdamW(scaled.parameters()))
+    assert head_chunks_of(workload) > 0  # it looks like a causal LM
+    with pytest.raises(HeadRefusedError), chunked_head(scaled, 4):
+        scaled(**workload.keywords)
+    assert chain_of(workload, cost_model="flops").head is None
+
+
+def test_checkpoint_runs_the_head_option_the_planner_took() -> None:
+    """memprop.checkpoint at a budget only the head option meets: its plan (made on fake
+    tensors) takes the option, and the wrapped model's loss is the bare model's (1e-6)."""
+    import memprop
+
+    workload = _workload("llama")
+    chain = chain_of(workload, cost_model="flops")
+    own_floor = solve(chain.__class__(**{**_fields(chain), "head": None}), 1,
+                      strict=False).min_feasible_bytes
+    bare = workload.model(**workload.keywords).loss
+    wrapped = memprop.checkpoint(workload.model, workload.keywords, budget=own_floor - 1,
+                                 optimizer=workload.optimizer, cost_model="flops")
+    loss = wrapped(**workload.keywords).loss
+    loss.backward()
+    assert [plan.head_chunks > 0 for plan in wrapped.plans.values()] == [True]
+    assert abs(loss - bare) <= 1e-6 * abs(bare)
+
+
 def _fields(chain: object) -> dict[str, object]:
     import dataclasses
 
