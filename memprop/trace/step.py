@@ -24,7 +24,13 @@ from memprop.loop import state_signature, tensors_in, training_step, zero_gradie
 from memprop.trace.blocks import find_run, why_none
 from memprop.trace.caches import caching_configs
 from memprop.trace.calls import CallRecorder
-from memprop.trace.compiled import eager_model
+from memprop.trace.compiled import (
+    COMPILED_BLOCKS_NOTE,
+    eager_model,
+    measured_compiled_step,
+    original,
+    step_as_traced,
+)
 from memprop.trace.fake import sized_at_worst, worst_case_note
 from memprop.trace.ledger import Category, StorageLedger
 from memprop.trace.stages import ChainCosts, StageStats, chain_costs
@@ -121,9 +127,11 @@ def trace_training(
     is how a training loop runs it; the notes say so. ``device`` (a memory backend) measures
     its own high-water mark over the steady step."""
     notes: list[str] = []
-    # NOTE [ Compiled models are traced eagerly ] (memprop.trace.compiled); NOTE [ Sizes that
-    # depend on values ] (memprop.trace.fake)
-    with eager_model(workload, notes), _training_mode(workload.model, notes), \
+    # NOTE [ Compiled models are traced eagerly ] (memprop.trace.compiled): a compiled model's
+    # step is traced from its graphs, but for planning (log_ops), where the eager module that
+    # plans run is; NOTE [ Sizes that depend on values ] (memprop.trace.fake)
+    traced_as = step_as_traced(workload, notes, planning=log_ops, create_graph=create_graph)
+    with _training_mode(original(workload.model), notes), traced_as as graphs, \
             sized_at_worst() as worst:
         zero_gradients(workload)
         before = state_signature(workload)
@@ -137,7 +145,11 @@ def trace_training(
             # first unless the workload arrived with state (gradients kept, optimizer state).
             steady = first
             first_peak = None if any(before) else first[0].ledger.peak()[0]
+        if graphs is not None and device is not None:  # the allocator counts inductor's step
+            steady = (steady[0], measured_compiled_step(workload, device))
     trace, rise = steady
+    if graphs is not None:
+        trace = dataclasses.replace(trace, blocks_note=COMPILED_BLOCKS_NOTE)
     if worst:
         notes.append(worst_case_note(worst))
     _note_caches(workload, trace, notes)
@@ -174,7 +186,8 @@ def _note_caches(workload: Workload, trace: StepTrace, notes: list[str]) -> None
         return
     kept = sum(s.persistent_bytes for s in trace.chain.stages) if trace.chain else 0
     held = f" ({format_bytes(kept)} here)" if kept else ""
-    notes.append(f"{type(workload.model).__name__}'s config has use_cache=True: its forward "
+    name = type(original(workload.model)).__name__
+    notes.append(f"{name}'s config has use_cache=True: its forward "
                  f"keeps every layer's keys and values{held}, which a training step never "
                  "reads; set model.config.use_cache = False in your loop to save them. Plans "
                  "run with it off, and plan's unplanned peak is without it")
