@@ -9,6 +9,7 @@ init, a vocabulary of 8,192 at width 64, so that the logits dominate the step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -94,7 +95,7 @@ def test_a_budget_only_the_head_option_meets_is_met_as_predicted(name: str) -> N
     workload = _workload(name)
     chain = chain_of(workload, cost_model="flops")
     assert chain.head is not None
-    own_floor = solve(chain.__class__(**{**_fields(chain), "head": None}), 1,
+    own_floor = solve(dataclasses.replace(chain, head=None), 1,
                       strict=False).min_feasible_bytes
     budget = own_floor - 1
     plan = solve(chain, budget)
@@ -115,7 +116,7 @@ def test_the_head_option_is_taken_only_where_it_pays(name: str) -> None:
     tie; at the unplanned peak (nothing to recompute) it is the model's own head."""
     chain = chain_of(_workload(name), cost_model="flops")
     assert chain.head is not None
-    own_chain = chain.__class__(**{**_fields(chain), "head": None})
+    own_chain = dataclasses.replace(chain, head=None)
     unplanned = solve(own_chain, 1, "none", strict=False).peak_bytes
     floor = solve(chain, 1, strict=False).min_feasible_bytes
     taken = 0
@@ -175,7 +176,7 @@ def test_checkpoint_runs_the_head_option_the_planner_took() -> None:
 
     workload = _workload("llama")
     chain = chain_of(workload, cost_model="flops")
-    own_floor = solve(chain.__class__(**{**_fields(chain), "head": None}), 1,
+    own_floor = solve(dataclasses.replace(chain, head=None), 1,
                       strict=False).min_feasible_bytes
     bare = workload.model(**workload.keywords).loss
     wrapped = memprop.checkpoint(workload.model, workload.keywords, budget=own_floor - 1,
@@ -185,9 +186,3 @@ def test_checkpoint_runs_the_head_option_the_planner_took() -> None:
     assert [plan.head_chunks > 0 for plan in wrapped.plans.values()] == [True]
     assert abs(loss - bare) <= 1e-6 * abs(bare)
 
-
-def _fields(chain: object) -> dict[str, object]:
-    import dataclasses
-
-    return {f.name: getattr(chain, f.name) for f in dataclasses.fields(chain)  # type: ignore[arg-type]
-            if f.init}
