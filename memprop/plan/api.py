@@ -103,8 +103,10 @@ def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chai
                 chunked, stages=(*chain.stages[:-1], chunked.stages[-1])))
     if original(workload.model) is not workload.model:
         traced_note = "; ".join(n for n in (traced_note, COMPILED_NOTE) if n)
-    if traced_note:
-        chain = dataclasses.replace(chain, cost_note="; ".join(
+    if traced_note:  # the head option's chain was traced as this one: the same notes
+        head = chain.head and dataclasses.replace(chain.head, cost_note="; ".join(
+            note for note in (chain.head.cost_note, traced_note) if note))
+        chain = dataclasses.replace(chain, head=head, cost_note="; ".join(
             note for note in (chain.cost_note, traced_note) if note))
     return chain
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from memprop.errors import BudgetInfeasibleError
-from memprop.plan.api import chain_of, head_chunks_of
+from memprop.plan.api import CACHE_OFF_NOTE, chain_of, head_chunks_of
 from memprop.plan.solvers import solve
 from memprop.run.measure import run_plan
 from memprop.trace.head import STEP_GRADIENT_RTOL, chunked_head
@@ -91,7 +91,8 @@ def test_a_budget_only_the_head_option_meets_is_met_as_predicted(name: str) -> N
     """A budget one byte under the least peak any plan of the model's own head reaches
     (solved on that chain alone): the planner takes the head option; the planned steps' peak at
     step 3 is within the budget by the storage ledger and by the allocator's own count, and
-    within 1% of the prediction; the gradients match the unplanned steps'."""
+    within 1% of the prediction; the gradients match the unplanned steps'; the plan's note
+    says how the step was traced (the key/value cache off), as the model's own plans do."""
     workload = _workload(name)
     chain = chain_of(workload, cost_model="flops")
     assert chain.head is not None
@@ -100,6 +101,7 @@ def test_a_budget_only_the_head_option_meets_is_met_as_predicted(name: str) -> N
     budget = own_floor - 1
     plan = solve(chain, budget)
     assert plan.head_chunks == chain.head.head_chunks > 0
+    assert CACHE_OFF_NOTE in plan.cost_note  # traced as the model's own step was, and said
     result = run_plan(workload, plan, steps=3)
     ledger, allocator = result.step_peaks_bytes[-1], result.allocator_step_peaks_bytes[-1]
     assert ledger <= budget and allocator <= budget
