@@ -115,13 +115,16 @@ class Plan:
 
     def stages(self) -> list[dict[str, Any]]:
         """One row per stage: its tape ``kept``, ``dropped``, or ``selective`` (dropped but for
-        some op outputs: ``keeps``, as ``op#occurrence``, holding ``keeps_bytes``)."""
+        some op outputs: ``keeps``, as ``op#occurrence``, holding ``keeps_bytes``); under the
+        head option, the suffix's row says in how many chunks (``head_chunks``)."""
         kept = kept_at_top(self.tree)
         rows = []
         for i, name in enumerate(self.stage_names):
             row: dict[str, Any] = {"index": i, "name": name,
                                    "tape": "kept" if i in kept else "dropped",
                                    "recomputes": self.forward_runs[i] - 1}
+            if self.head_chunks and i == len(self.stage_names) - 1:
+                row["head_chunks"] = self.head_chunks  # the suffix's head and loss, chunked
             option = self.selective.get(i)
             if option is not None:
                 row.update(tape="selective", keeps_bytes=option.cache_bytes,

@@ -24,7 +24,10 @@ def render_plan(plan: Plan, alternatives: list[Plan], console: Console) -> None:
     for name in ("stage", "tape", "forward runs"):
         stages.add_column(name, justify="left" if name != "forward runs" else "right")
     for row in plan.stages():
-        if row["tape"] == "kept":
+        if row.get("head_chunks"):
+            tape = Text(f"kept, the head and loss in {row['head_chunks']} chunks",
+                        style="green")
+        elif row["tape"] == "kept":
             tape = Text("kept", style="green")
         elif row["tape"] == "selective":
             tape = Text(f"dropped but {len(row['keeps'])} op outputs "

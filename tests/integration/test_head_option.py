@@ -102,6 +102,7 @@ def test_a_budget_only_the_head_option_meets_is_met_as_predicted(name: str) -> N
     plan = solve(chain, budget)
     assert plan.head_chunks == chain.head.head_chunks > 0
     assert CACHE_OFF_NOTE in plan.cost_note  # traced as the model's own step was, and said
+    assert [row.get("head_chunks") for row in plan.stages()][-1] == plan.head_chunks
     result = run_plan(workload, plan, steps=3)
     ledger, allocator = result.step_peaks_bytes[-1], result.allocator_step_peaks_bytes[-1]
     assert ledger <= budget and allocator <= budget
