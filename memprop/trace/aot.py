@@ -72,14 +72,16 @@ class CapturedGraphs:
                 if not str(n.target).startswith("tangents")]
 
     @property
-    def saved_bytes(self) -> int:
-        """Bytes of what the forward graph keeps for backward, parameters and inputs (the
-        graph's own inputs) left out: the saved activations."""
-        if self.forward is None:
-            return 0
+    def saved_activations(self) -> list[torch.fx.Node]:
+        """What the forward graph keeps for backward, parameters and inputs (the graph's own
+        inputs) left out, each once: the saved activations."""
         saved = self.forward_outputs[self.user_outputs:]
-        return sum(_bytes(n) for n in dict.fromkeys(saved)
-                   if isinstance(n, torch.fx.Node) and n.op != "placeholder")
+        return [n for n in dict.fromkeys(saved)
+                if isinstance(n, torch.fx.Node) and n.op != "placeholder"]
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(_bytes(n) for n in self.saved_activations)
 
     @property
     def forward_outputs(self) -> list[Any]:

@@ -189,8 +189,8 @@ def _graphs_note(graphs: CapturedGraphs) -> str:
     return (f"{COMPILED_GRAPHS_NOTE} (AOTAutograd's partitioned forward and backward, run op "
             "by op). Exact: parameters, gradients, optimizer state, inputs and the saved "
             f"activations, what the partitioner keeps for backward "
-            f"({format_bytes(graphs.saved_bytes)} in {len(graphs.saved_values)} tensors, "
-            "parameters and inputs among them). Modelled: the temporaries inside each graph, "
+            f"({format_bytes(graphs.saved_bytes)} in {len(graphs.saved_activations)} tensors). "
+            "Modelled: the temporaries inside each graph, "
             "as inductor fuses them (a pointwise result read only by pointwise ops and "
             "reductions is never stored); stored op by op, they would add at most "
             f"{format_bytes(bound)} to the peak. The inference pass is the eager module's")
