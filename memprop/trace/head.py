@@ -22,8 +22,11 @@ returns a zero view of the logits' shape (one element of storage) and remembers 
 (:class:`_LinearCrossEntropy`). The output's ``logits`` are then that zero view: under the
 option the step computes the loss, not the logits. A forward whose loss did not take that view
 (a model that soft-caps or scales its logits before the loss) is refused when it returns, so the
-option never runs where it would change the loss. Without labels, or without gradients
-(evaluation, generation), the head runs as it is.
+option never runs where it would change the loss. Without labels, without gradients
+(evaluation, generation), or under autocast, the head runs as it is: the backward's re-run of a
+chunk would not run under the forward's autocast (a custom autograd Function's backward runs
+outside it), so its logits, and its gradients, would not be the step's. Traced so, the option's
+chain is the model's own and the planner never takes it (a tie keeps the model's own head).
 
 NOTE [ How close the chunked gradients are ]
 The loss sums the same per-token terms in another order (chunk by chunk); the head's weight
@@ -163,7 +166,8 @@ class _Installed:
 
 def _armed(state: _Installed, module: nn.Module, args: tuple[Any, ...],
            kwargs: dict[str, Any]) -> None:
-    state.armed = torch.is_grad_enabled() and kwargs.get("labels") is not None
+    state.armed = (torch.is_grad_enabled() and kwargs.get("labels") is not None
+                   and not torch.is_autocast_enabled(state.head.weight.device.type))
     state.hidden = state.logits = None
     state.used = False
 

@@ -172,6 +172,21 @@ def test_a_forward_that_changes_the_logits_before_its_loss_gets_no_head_option()
     assert chain_of(workload, cost_model="flops").head is None
 
 
+def test_under_autocast_the_head_runs_as_it_is() -> None:
+    """Under autocast (bfloat16 on the CPU) the option stands aside: the loss and gradients are
+    the model's own step's, bit for bit, and the logits are made (NOTE [ How the chunked head
+    is installed ])."""
+    workload = _workload("llama")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        own_loss, own = _step(workload, 0)
+        loss, grads = _step(workload, 16)
+        with chunked_head(workload.model, 16):
+            logits = workload.model(**workload.keywords).logits
+    assert torch.equal(loss, own_loss)
+    assert all(torch.equal(grads[name], own[name]) for name in own)
+    assert logits.untyped_storage().nbytes() == logits.numel() * logits.element_size()
+
+
 def test_checkpoint_runs_the_head_option_the_planner_took() -> None:
     """memprop.checkpoint at a budget only the head option meets: its plan (made on fake
     tensors) takes the option, and the wrapped model's loss is the bare model's (1e-6)."""
