@@ -26,6 +26,10 @@ BudgetOption = Annotated[str | None, typer.Option(
     help="Cap on the training peak, every step of the loop: 2GiB, 512MiB, 2GB, or 90% of the "
          "device; default: what the device has free.")]
 Strategy = Annotated[str, typer.Option(help="optimal, uniform (checkpoint_sequential) or none.")]
+ChunkHead = Annotated[bool, typer.Option(
+    "--chunk-head", help="Let the plan compute a Hugging Face causal LM's head and loss in "
+    "chunks of tokens, each recomputed in backward (the logits are never made whole; the "
+    "model's output logits are then zeros: for loops that read the loss alone).")]
 CostModel = Annotated[str, typer.Option(
     "--cost-model",
     help="How recomputation is priced: roofline (FLOPs and bytes moved at this machine's "
@@ -53,6 +57,7 @@ def plan_command(
     fake: Annotated[bool, typer.Option("--fake", help="Plan on fake tensors.")] = False,
     strategy: Strategy = "optimal",
     cost_model: CostModel = "roofline",
+    chunk_head: ChunkHead = False,
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", parser=output_path,
         help="Write the plan document; - is standard output.")] = None,
@@ -75,6 +80,7 @@ def plan_command(
                   "plan it with --fake (nothing is allocated), or lower --batch")
     with working("planning"):
         workload = build_workload(options, fake=fake, say=console.print)
+        workload.chunk_head = chunk_head
         chain = chain_of(workload, cost_model=cost_model, fake=fake)
         chosen = solve(chain, cap.bytes, strategy)
         others = [solve(chain, cap.bytes, s, strict=False) for s in STRATEGIES if s != strategy]

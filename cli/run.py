@@ -20,7 +20,7 @@ from memprop_cli.options import (
     with_workload_options,
     working,
 )
-from memprop_cli.plan import BudgetOption, CostModel, Strategy, check_plan_options
+from memprop_cli.plan import BudgetOption, ChunkHead, CostModel, Strategy, check_plan_options
 
 
 @with_workload_options()
@@ -30,6 +30,7 @@ def run_command(
     steps: Annotated[int, typer.Option(help="Timed training steps, each way.")] = 5,
     strategy: Strategy = "optimal",
     cost_model: CostModel = "roofline",
+    chunk_head: ChunkHead = False,
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", parser=output_path,
         help="Write the run document; - is standard output.")] = None,
@@ -60,7 +61,7 @@ def run_command(
             fake = build_workload(options, fake=True, fallback=False, say=console.print)
             device = str(device_of(fake))
             plan = memprop.plan(fake, budget=cap.bytes, strategy=strategy,
-                                cost_model=on_fake_tensors(cost_model))
+                                cost_model=on_fake_tensors(cost_model), chunk_head=chunk_head)
             traced = verify_plan(fake, plan)
         except ModelError as error:
             if not is_fake_tensor_limit(error):
@@ -80,7 +81,7 @@ def run_command(
         unfinite = _not_finite(workload)
         if plan is None or cost_model == "measured":
             plan = memprop.plan(workload, budget=cap.bytes, strategy=strategy,
-                                cost_model=cost_model)
+                                cost_model=cost_model, chunk_head=chunk_head)
         result = run_plan(workload, plan, steps=steps, baseline=baseline)
     if cap.source != "given":
         console.print(f"budget: {cap.source}")

@@ -104,6 +104,11 @@ class Workload:
     """The qualified name of the ``nn.Sequential`` or ``nn.ModuleList`` whose items are the
     blocks to plan; None: the run found in the traced step (NOTE [ What a run of blocks is ] in
     ``memprop.trace.blocks``)."""
+    chunk_head: bool = False
+    """Whether the planner may compute a causal LM's head and loss in chunks of tokens, each
+    recomputed in the backward (NOTE [ The head option ] in ``memprop.plan.chain``). Off unless
+    asked: under it the model's output ``logits`` is a zero view (the logits are never made),
+    which a loop that reads them (accuracy, sampling) must not be given silently."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -242,6 +247,7 @@ def to_workload(
     optimizer: torch.optim.Optimizer | None = None,
     set_to_none: bool | None = None,
     blocks: str | None = None,
+    chunk_head: bool | None = None,
 ) -> Workload:
     """The one conversion of a model and its inputs (or a ``Workload``) into a ``Workload``:
     every public function that takes a model calls it, and :func:`as_workload` calls it for
@@ -258,6 +264,8 @@ def to_workload(
             model.set_to_none = set_to_none
         if blocks is not None:
             model.blocks = blocks
+        if chunk_head is not None:
+            model.chunk_head = chunk_head
         return model
     if blocks is None:
         named = getattr(model, "memprop_chain", None)  # the older way to name the blocks
@@ -275,7 +283,8 @@ def to_workload(
     return Workload(model=model, inputs=positional, keywords=keywords, targets=targets,
                     loss_fn=loss_fn, optimizer=optimizer, name=type(model).__name__,
                     batch_size=_batch_of((*positional, *keywords.values())),
-                    set_to_none=True if set_to_none is None else set_to_none, blocks=blocks)
+                    set_to_none=True if set_to_none is None else set_to_none, blocks=blocks,
+                    chunk_head=bool(chunk_head))
 
 
 def _batch_of(tensors: tuple[torch.Tensor, ...]) -> int | None:

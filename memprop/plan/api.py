@@ -40,6 +40,7 @@ def plan(
     fake: bool = False,
     set_to_none: bool | None = None,
     blocks: str | None = None,
+    chunk_head: bool | None = None,
 ) -> Plan:
     """The plan of ``strategy`` that keeps every training step of ``model(*inputs)`` under
     ``budget`` (bytes, or a size such as ``"2GiB"``) at the least extra compute.
@@ -58,11 +59,14 @@ def plan(
     (NOTE [ What a run of blocks is ] in ``memprop.trace.blocks``), found in the traced step or
     named by ``blocks`` (the qualified name of an ``nn.Sequential`` or ``nn.ModuleList``); a
     block checkpointed alone may keep some of its op outputs (``memprop.plan.selective``).
+    ``chunk_head=True`` lets the plan compute a Hugging Face causal LM's head and loss in chunks
+    of tokens (NOTE [ The head option ] in ``memprop.plan.chain``): the model's output
+    ``logits`` is then a zero view, so it is off unless asked (None: the Workload's own).
     Raises :class:`memprop.BudgetInfeasibleError` when nothing fits,
     :class:`memprop.errors.UsageError` for a model that is not a chain or a bad argument.
     """
     workload = to_workload(model, inputs, loss_fn=loss_fn, targets=targets, optimizer=optimizer,
-                           set_to_none=set_to_none, blocks=blocks)
+                           set_to_none=set_to_none, blocks=blocks, chunk_head=chunk_head)
     budget_bytes = _budget(budget)
     check_strategy(strategy)
     asked_fake, fake = fake, fake or fake_mode_of(workload) is not None
@@ -113,7 +117,10 @@ def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chai
 
 def head_chunks_of(workload: Workload) -> int:
     """The chunks of the head option for ``workload`` (``memprop.trace.head``), 0 where the
-    option does not apply: a causal LM whose loss is its own, computed from ``labels``."""
+    option was not asked for (``Workload.chunk_head``) or does not apply: it applies to a causal
+    LM whose loss is its own, computed from ``labels``."""
+    if not workload.chunk_head:
+        return 0
     head = head_of(original(workload.model))
     labels = workload.keywords.get("labels")
     if head is None or workload.loss_fn is not None or not isinstance(labels, torch.Tensor):

@@ -106,6 +106,7 @@ class _Planner:
     """Each parameter group's settings and its parameters' positions in ``parameters()``."""
     set_to_none: bool
     blocks: str | None
+    chunk_head: bool
 
     def __call__(self, model: nn.Module, inputs: tuple[Any, ...],
                  keywords: dict[str, Any]) -> Plan:
@@ -119,7 +120,8 @@ class _Planner:
             ])
         real = Workload(model=model, inputs=tuple(inputs), keywords=dict(keywords),
                         loss_fn=self.loss_fn, optimizer=optimizer, name=type(model).__name__,
-                        set_to_none=self.set_to_none, blocks=self.blocks)
+                        set_to_none=self.set_to_none, blocks=self.blocks,
+                        chunk_head=self.chunk_head)
         fake = to_fake_workload(real, mode)
         if self.targets is not None:
             tensors = real.input_tensors
@@ -289,6 +291,7 @@ def checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     set_to_none: bool = True,
     blocks: str | None = None,
+    chunk_head: bool = False,
 ) -> PlannedModule:
     """``model`` wrapped so that every step of its training loop keeps under ``budget`` (bytes
     or a size such as ``"2GiB"``), planned now for ``inputs`` and again for larger inputs.
@@ -302,6 +305,9 @@ def checkpoint(
     - ``optimizer``: its state (Adam's two moments, SGD's momentum) is live through every step
       from the second on, and the plan keeps room for it; only its class and settings are kept.
     - ``set_to_none``: how the loop zeroes gradients, ``zero_grad(set_to_none=...)``.
+    - ``chunk_head``: let the plans compute a Hugging Face causal LM's head and loss in chunks
+      of tokens (NOTE [ The head option ] in ``memprop.plan.chain``); the model's output
+      ``logits`` is then a zero view, so give it only to a loop that reads the loss alone.
 
     ``cost_model`` prices recomputation (``memprop.plan.costs``). ``"roofline"`` (the default)
     and ``"flops"`` plan on fake tensors: nothing is allocated, which matters when the unplanned
@@ -317,7 +323,7 @@ def checkpoint(
     while isinstance(model, PlannedModule):
         model = model.module
     first = to_workload(model, inputs, loss_fn=loss_fn, targets=targets, optimizer=optimizer,
-                        set_to_none=set_to_none, blocks=blocks)
+                        set_to_none=set_to_none, blocks=blocks, chunk_head=chunk_head)
     budget_bytes = parse_size(budget)
     check_strategy(strategy)
     check_cost_model(cost_model)
@@ -338,6 +344,7 @@ def checkpoint(
             for group in optimizer.param_groups),
         set_to_none=set_to_none,
         blocks=first.blocks,
+        chunk_head=chunk_head,
     )
     wrapper = PlannedModule(model, planner)
     if cost_model == "measured":

@@ -323,6 +323,7 @@ def to_fake_workload(workload: Workload, mode: FakeTensorMode) -> Workload:
         depth=workload.depth,
         config=dict(workload.config),
         set_to_none=workload.set_to_none,
+        chunk_head=workload.chunk_head,
         blocks=workload.blocks,
     )
 

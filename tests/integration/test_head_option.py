@@ -56,7 +56,7 @@ def _workload(name: str, *, loss_fn: object = None) -> Workload:
     labels[0, : TOKENS // 4] = -100  # some tokens ignored: the mean is over the others
     return Workload(model=model, inputs=(), keywords={"input_ids": ids, "labels": labels},
                     loss_fn=loss_fn, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
-                    name=name, batch_size=BATCH)
+                    name=name, batch_size=BATCH, chunk_head=True)
 
 
 def _step(workload: Workload, chunks: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -165,7 +165,7 @@ def test_a_forward_that_changes_the_logits_before_its_loss_gets_no_head_option()
     scaled = Scaled(workload.model.config)
     scaled.load_state_dict(workload.model.state_dict())
     workload = Workload(model=scaled, inputs=(), keywords=workload.keywords,
-                        optimizer=torch.optim.AdamW(scaled.parameters()))
+                        optimizer=torch.optim.AdamW(scaled.parameters()), chunk_head=True)
     assert head_chunks_of(workload) > 0  # it looks like a causal LM
     with pytest.raises(HeadRefusedError), chunked_head(scaled, 4):
         scaled(**workload.keywords)
@@ -198,9 +198,32 @@ def test_checkpoint_runs_the_head_option_the_planner_took() -> None:
                       strict=False).min_feasible_bytes
     bare = workload.model(**workload.keywords).loss
     wrapped = memprop.checkpoint(workload.model, workload.keywords, budget=own_floor - 1,
-                                 optimizer=workload.optimizer, cost_model="flops")
+                                 optimizer=workload.optimizer, cost_model="flops",
+                                 chunk_head=True)
     loss = wrapped(**workload.keywords).loss
     loss.backward()
     assert [plan.head_chunks > 0 for plan in wrapped.plans.values()] == [True]
     assert abs(loss - bare) <= 1e-6 * abs(bare)
 
+
+
+def test_the_head_option_is_taken_only_when_asked() -> None:
+    """Under the option the model's output logits are zeros, which a loop reading them would not
+    expect: without ``chunk_head`` the chain has no head option, and a budget that only the
+    option meets is refused (as it was before the option existed), by ``memprop.plan`` and by
+    ``memprop.checkpoint`` alike; the same budget with ``chunk_head=True`` is met."""
+    import memprop
+
+    workload = _workload("gpt2")
+    asked = chain_of(workload, cost_model="flops")
+    own_floor = solve(dataclasses.replace(asked, head=None), 1, strict=False).min_feasible_bytes
+    workload.chunk_head = False
+    assert head_chunks_of(workload) == 0
+    assert chain_of(workload, cost_model="flops").head is None
+    with pytest.raises(BudgetInfeasibleError):
+        memprop.plan(workload, budget=own_floor - 1, cost_model="flops")
+    with pytest.raises(BudgetInfeasibleError):
+        memprop.checkpoint(workload.model, workload.keywords, budget=own_floor - 1,
+                           optimizer=workload.optimizer, cost_model="flops")
+    assert memprop.plan(workload, budget=own_floor - 1, cost_model="flops",
+                        chunk_head=True).head_chunks > 0
