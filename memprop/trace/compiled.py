@@ -63,8 +63,9 @@ def eager_model(workload: Any, notes: list[str], why: str = "") -> Iterator[None
         workload.model = compiled
 
 
-class _GraphStep(nn.Module):
-    """The workload's model while a compiled step is traced: calls the graphs' compiled module
+class InductorGraphs(nn.Module):
+    """The workload's model while a compiled step is traced (reports name it as the module
+    that made the graphs' storages; not exported): calls the graphs' compiled module
     outside the dispatch modes (NOTE [ Tracing a compiled step ]); its parameters and buffers
     are the original's. The original is not a submodule, so that no hook is put on its
     children (dynamo guards on them, and the graphs run no module)."""
@@ -136,7 +137,7 @@ def compiled_step(workload: Any, notes: list[str]) -> Iterator[CapturedGraphs | 
             yield None
         return
     notes.append(_graphs_note(graphs))
-    workload.model = _GraphStep(plain, stepper, graphs, compiled)
+    workload.model = InductorGraphs(plain, stepper, graphs, compiled)
     try:
         yield graphs
     finally:
