@@ -188,12 +188,13 @@ def fused_away(graph: torch.fx.GraphModule) -> frozenset[torch.fx.Node]:
         if any(user.op != "call_function" or _kind(user) == "stored"
                or (user in stored and _kind(user) == "view") for user in node.users):
             stored.add(node)
+    heavy = _HEAVY_ON_CPU if _on_cpu(graph) else frozenset()
     inlined: dict[torch.fx.Node, _Inlined] = {}
     for node in nodes:  # then what inductor stores because several kernels would recompute it
         inputs = [inlined.get(n) or _Inlined.stored(n) for n in node.all_input_nodes
                   if n not in stored]
         inputs += [_Inlined.stored(n) for n in node.all_input_nodes if n in stored]
-        mine = _Inlined.combine(node, inputs)
+        mine = _Inlined.combine(node, inputs, heavy)
         if node not in stored and len(node.users) > 1 and mine.heavy_when_reused:
             stored.add(node)
         if node not in stored:
@@ -215,11 +216,12 @@ class _Inlined:
         return _Inlined(reads=frozenset((node,)), ops=0, heavy=False)
 
     @staticmethod
-    def combine(node: torch.fx.Node, inputs: list[_Inlined]) -> _Inlined:
+    def combine(node: torch.fx.Node, inputs: list[_Inlined], heavy: frozenset[str]
+                ) -> _Inlined:
         reads = frozenset().union(*(i.reads for i in inputs))
         name = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
         return _Inlined(reads=reads, ops=1 + sum(i.ops for i in inputs),
-                        heavy=name in _HEAVY_ON_CPU or any(i.heavy for i in inputs))
+                        heavy=name in heavy or any(i.heavy for i in inputs))
 
     @property
     def heavy_when_reused(self) -> bool:
@@ -232,6 +234,14 @@ class _Inlined:
 _REALIZE_READS_THRESHOLD = 4
 _REALIZE_OPCOUNT_THRESHOLD = 30
 _HEAVY_ON_CPU = frozenset(("exp", "log", "log10", "log1p", "log2", "sigmoid", "tanh"))
+
+
+def _on_cpu(graph: torch.fx.GraphModule) -> bool:
+    for node in graph.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            return value.device.type == "cpu"
+    return True
 
 
 def _bytes(node: torch.fx.Node) -> int:
