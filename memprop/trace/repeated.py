@@ -53,6 +53,7 @@ from torch import nn
 
 from memprop.trace.block_clocks import BlockClocks, Bounds
 from memprop.trace.calls import CONTAINERS
+from memprop.trace.compiled import original
 from memprop.trace.extend import (
     DEPTHS,
     TEMPLATE,
@@ -302,7 +303,11 @@ def trace_reusing_blocks(workload: Workload, *, inference: bool = True,
     has fewer than ``SHORTEST`` identical blocks; a ``Reused`` without traces, whose note
     says why, when the traced depths are not one block repeated (the caller traces in
     full)."""
-    repeats = None if _in_full.get() else find_repeats(workload.model, workload.blocks)
+    # A compiled model's step is inductor's graphs (memprop.trace.compiled), which have no blocks
+    # to cut: traced whole, with no note about blocks it never had.
+    compiled = original(workload.model) is not workload.model
+    repeats = (None if _in_full.get() or compiled
+               else find_repeats(workload.model, workload.blocks))
     if repeats is None:
         return None
     started = time.perf_counter()

@@ -177,3 +177,18 @@ def test_few_blocks_are_traced_in_full(monkeypatch: pytest.MonkeyPatch) -> None:
     workload = _residual([32] * 7)
     assert find_repeats(workload.model) is None
     assert not any("identical" in note for note in memprop.profile(workload, fake=True).notes)
+
+
+def test_a_compiled_model_is_traced_from_its_graphs_not_cut(monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """A compiled model's step is inductor's graphs, which have no blocks to cut: its fake
+    profile says it was traced from the compiled graphs and says nothing of identical blocks
+    (cutting it failed and said "traced in full" before)."""
+    from memprop.trace.compiled import COMPILED_GRAPHS_NOTE
+
+    monkeypatch.setattr(repeated, "SHORTEST", 6)
+    workload = _residual([32] * 7)
+    workload.model = torch.compile(workload.model)
+    notes = memprop.profile(workload, fake=True).notes
+    assert any(note.startswith(COMPILED_GRAPHS_NOTE) for note in notes), notes
+    assert not any("identical" in note for note in notes), notes
