@@ -40,8 +40,9 @@ def distribute_command(
                                               "nccl (GPU).")] = "gloo",
     strategy: Annotated[str, typer.Option(
         "--strategy", metavar="S,...",
-        help="Strategies to consider: accumulate, ddp, fsdp (FSDP2), pipeline (the model an "
-             "nn.Sequential).")] = "accumulate,ddp,fsdp,pipeline",
+        help="Strategies to consider: accumulate, ddp, zero1 (DDP with ZeroRedundancyOptimizer), "
+             "fsdp (FSDP2), pipeline (the model an nn.Sequential).")
+    ] = "accumulate,ddp,fsdp,pipeline",
     link: Annotated[str | None, typer.Option(
         "--link", metavar="GB/s,us",
         help="The interconnect planned for: bandwidth and latency of one message (say 100,5). "
@@ -53,17 +54,17 @@ def distribute_command(
     """Split the step across devices, or accumulate smaller microbatches on one?
 
     Every candidate (one device with M microbatches; DDP on --devices ranks with M microbatches
-    each; FSDP2 over --devices ranks; a pipeline over --devices ranks for each of torch's
-    GPipe, 1F1B, Interleaved1F1B and LoopedBFS schedules, cut between the items of an
-    nn.Sequential), with memprop's recomputation plan where the budget needs one, is predicted
+    each; ZeRO-1 when asked for; FSDP2 over --devices ranks; a pipeline over --devices ranks for
+    each of torch's GPipe, 1F1B, Interleaved1F1B and LoopedBFS schedules, cut between the items
+    of an nn.Sequential), with memprop's recomputation plan where the budget needs one, is predicted
     per rank from the ledger; the fastest predicted step that fits the budget is chosen.
     --batch is the global batch. With --run every candidate on at most as many ranks as this
     machine has cores runs and every rank's steady-state peak is measured; larger worlds are
     predicted only (communication priced by each collective's algorithm, never launched)."""
     from memprop.budget import resolve_budget
     from memprop.distribute import distribute
-    from memprop.distribute.api import STRATEGIES
     from memprop.distribute.communication import parse_link
+    from memprop.distribute.strategies import chosen
     from memprop.report.output import write_output
     from memprop.report.terminal_distribute import render_distribution
 
@@ -71,9 +72,8 @@ def distribute_command(
     if devices < 1:
         raise UsageError(f"--devices {devices}: give at least 1")
     counts = parse_sizes(microbatches, "--microbatches")
-    strategies = [s.strip() for s in strategy.split(",") if s.strip()]
-    if not strategies or set(strategies) - set(STRATEGIES):
-        raise UsageError(f"--strategy {strategy}: choose among {', '.join(STRATEGIES)}")
+    strategies = [s.name for s in chosen([s.strip() for s in strategy.split(",") if s.strip()],
+                                         f"--strategy {strategy}")]
     given_link = None if link is None else parse_link(link)
     cap = resolve_budget(budget, options.device)
     with working("predicting every candidate" + (" and running them" if run else "")):

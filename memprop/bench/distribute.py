@@ -65,12 +65,10 @@ class SeedFactory:
 
 
 def family(candidate: Candidate) -> str:
-    """The exercise's answer a candidate stands for."""
-    if candidate.strategy == "accumulate":
-        if candidate.microbatches > 1:
-            return "microbatches"
-        return "recompute" if candidate.plan is not None else "one device"
-    return {"ddp": "DDP", "fsdp": "FSDP2", "pipeline": "pipeline"}[candidate.strategy]
+    """The exercise's answer a candidate stands for (its strategy's word for it)."""
+    from memprop.distribute.strategies import strategy_of
+
+    return strategy_of(candidate).family(candidate)
 
 
 def _seed(depth: int, width: int) -> SeedFactory:

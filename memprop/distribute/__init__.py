@@ -2,13 +2,16 @@
 candidate predicted per rank from the ledger, the fastest that fits chosen, and, with
 ``run=True``, run on ``torch.distributed`` and measured per rank.
 
-The candidates:
+The candidates come from the registered strategies (``memprop.distribute.strategies``; NOTE
+[ One contract for a strategy ] in ``memprop.distribute.strategy``), one module each:
 
 - ``accumulate``: one device, the batch in ``M`` microbatches, gradients accumulated in place
   across them, one optimizer step; with memprop's recomputation plan when the microbatch step
   does not fit the budget alone.
 - ``ddp``: ``N`` ranks, each with ``batch / N`` (in ``M`` microbatches, ``no_sync`` until the
   last), ``DistributedDataParallel`` over them.
+- ``zero1``: DDP with the optimizer's state sharded by ``ZeroRedundancyOptimizer`` (NOTE
+  [ What a ZeRO-1 rank holds ]); asked for by name.
 - ``fsdp``: ``N`` ranks under FSDP2, each block a unit (``memprop.distribute.fsdp``; NOTE
   [ Predicting FSDP2 with a fake process group ]).
 - ``pipeline``: ``N`` ranks running one of ``torch.distributed.pipelining``'s schedules over

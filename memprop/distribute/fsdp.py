@@ -46,8 +46,8 @@ from torch import nn
 
 from memprop.workload import Workload
 
-__all__ = ["fake_group", "fake_rank", "local_state", "measured_peak", "rank_peak_bytes", "shard",
-           "sharded_step", "unit_bytes", "why_not"]
+__all__ = ["fake_group", "fake_rank", "local_state", "measured_peak", "rank_ledger",
+           "rank_peak_bytes", "shard", "sharded_step", "unit_bytes", "why_not"]
 
 
 def why_not() -> str:
@@ -64,12 +64,15 @@ def why_not() -> str:
 
 @contextlib.contextmanager
 def fake_group(rank: int, world: int) -> Iterator[Any]:
-    """torch's fake process group as the default one, and a 1-D CPU device mesh over it."""
+    """torch's fake process group as the default one, and a 1-D CPU device mesh over it.
+
+    ``init_process_group`` with the ``fake`` backend (``Backend.FAKE``, public) and no store:
+    torch makes the store and registers the backend itself (memprop imports nothing from
+    ``torch.testing``)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    dist.init_process_group(dist.Backend.FAKE, rank=rank, world_size=world)
     try:
         yield init_device_mesh("cpu", (world,))
     finally:
@@ -93,25 +96,20 @@ def shard(workload: Workload, blocks: Sequence[str], mesh: Any = None) -> None:
 def sharded_step(workload: Workload, microbatches: int) -> Callable[[], None]:
     """A training step of ``microbatches`` forward and backward passes of the rank's
     microbatch, the gradients reduce-scattered after each (FSDP2's default) and accumulated in
-    their shards, one optimizer step; gradients freed at the start (as DDP's candidates run)."""
-    from memprop.loop import compute_loss
+    their shards, one optimizer step (``memprop.loop.accumulated_step``: the gradients zeroed
+    as the workload's loop does)."""
+    from memprop.loop import accumulated_step
 
     def step() -> None:
-        if workload.optimizer is not None:
-            workload.optimizer.zero_grad(set_to_none=True)
-        for _ in range(microbatches):
-            loss, _ = compute_loss(workload, workload.forward())
-            loss.backward()
-            del loss
-        if workload.optimizer is not None:
-            workload.optimizer.step()
+        accumulated_step(workload, microbatches)
 
     return step
 
 
 def local_state(workload: Workload) -> dict[str, list[torch.Tensor]]:
-    """What a rank holds before the step, by ledger category: its shards of the parameters and
-    of the optimizer's state, and its inputs."""
+    """What a rank holds before the step, by ledger category: its shards of the parameters,
+    of the gradients the loop keeps (``set_to_none=False``) and of the optimizer's state, and
+    its inputs."""
     from memprop.loop import tensors_in
 
     def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -123,7 +121,9 @@ def local_state(workload: Workload) -> dict[str, list[torch.Tensor]]:
     inputs = list(workload.input_tensors)
     if workload.targets is not None:
         inputs.append(workload.targets)
-    return {"parameters": [local(p) for p in workload.model.parameters()],
+    parameters = list(workload.model.parameters())
+    return {"parameters": [local(p) for p in parameters],
+            "gradients": [local(p.grad) for p in parameters if p.grad is not None],
             "buffers": list(workload.model.buffers()), "optimizer_state": state,
             "inputs": inputs}
 
@@ -149,17 +149,23 @@ def _gloo_ledger() -> Any:
     return _GlooLedger()
 
 
-def measured_peak(workload: Workload, step: Callable[[], None], backend: str = "") -> int:
-    """The ledger's peak over ``step``, with what the rank holds before it registered;
-    ``backend="gloo"`` adds gloo's copies of the reduce-scatter inputs."""
+def rank_ledger(workload: Workload, backend: str = "") -> Any:
+    """A ledger holding what the rank holds before its step (``local_state``);
+    ``backend="gloo"`` adds gloo's copies of the collectives' arguments."""
     from memprop.trace.ledger import Category, StorageLedger
 
     ledger = _gloo_ledger() if backend == "gloo" else StorageLedger()
     for category, tensors in local_state(workload).items():
         ledger.register(tensors, Category(category), category)
+    return ledger
+
+
+def measured_peak(workload: Workload, step: Callable[[], None], backend: str = "") -> int:
+    """The ledger's peak over ``step`` (``rank_ledger``)."""
+    ledger = rank_ledger(workload, backend)
     with ledger:
         step()
-    return ledger.peak()[0]
+    return int(ledger.peak()[0])
 
 
 @contextlib.contextmanager
@@ -181,9 +187,12 @@ def rank_peak_bytes(factory: Callable[[int], Workload], microbatch_size: int, mi
                     ranks: int, rank: int, blocks: Sequence[str], backend: str = "gloo") -> int:
     """Rank ``rank``'s steady-state peak under FSDP2 on ``backend``: a step to make the
     optimizer's state, then the step under the ledger."""
+    from memprop.loop import zero_gradients
+
     with fake_rank(factory, microbatch_size, microbatches, ranks, rank, blocks) as (
             workload, step):
         step()
+        zero_gradients(workload)  # as the step does first, before the count (as on a rank)
         return measured_peak(workload, step, backend)
 
 

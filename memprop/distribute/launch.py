@@ -2,12 +2,10 @@
 largest number of ranks any candidate uses, every candidate run in turn (a launch costs
 seconds; a candidate on fewer ranks runs on the first ones while the others wait).
 
-Each rank builds its own workload from the factory (seeded alike), runs ``steps`` steps of
-the candidate (``M`` microbatches, DDP's ``no_sync`` until the last, one optimizer step, the
-recomputation plan installed when there is one) and measures its last step with the ledger:
-the steady state. DDP's gradient buckets exist before the step and are touched only in the
-backward, so a communication hook notes them during the first steps and they are put on the
-ledger with what else exists before the step.
+Each rank builds its own workload from the factory (seeded alike) and the candidate's
+strategy builds, runs and measures it there (``Strategy.run_rank``, NOTE [ One contract for a
+strategy ] in ``memprop.distribute.strategy``): ``steps`` steps, the last counted by the ledger
+and by the allocator (:func:`measured`): the steady state.
 """
 
 from __future__ import annotations
@@ -23,14 +21,15 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from memprop.errors import MemPropError, UsageError
 from memprop.workload import Workload
 
-__all__ = ["LaunchInterrupted", "available_cores", "measure", "spawn"]
+__all__ = ["LaunchInterrupted", "available_cores", "device_of", "measure", "measured",
+           "spawn"]
 
 LAUNCH_TIMEOUT_S = 900.0
 
@@ -292,164 +291,41 @@ def _in_group(target: Callable[..., dict[str, Any]], rank: int, world: int, port
 
 def _run_candidates(rank: int, world: int, factory: Any, candidates: list[Any], steps: int
                     ) -> dict[str, Any]:
-    """Every candidate in turn, on the ranks it uses; the others wait at the barrier."""
+    """Every candidate in turn, built and run by its strategy on the ranks it uses; the
+    others wait at the barrier."""
     import torch.distributed as dist
+
+    from memprop.distribute.strategies import strategy_of
 
     results: dict[str, Any] = {}
     for index, candidate in enumerate(candidates):
-        if candidate.strategy == "pipeline":
-            results[str(index)] = _run_pipeline(factory, candidate, steps, rank)
-        elif candidate.strategy == "fsdp":
-            results[str(index)] = _run_fsdp(factory, candidate, steps)
-        elif rank < candidate.devices:
-            results[str(index)] = _run(factory, candidate, steps)
+        if rank < candidate.devices:
+            results[str(index)] = strategy_of(candidate).run_rank(factory, candidate, steps,
+                                                                  rank)
         dist.barrier()
     return results
 
 
-def _run_fsdp(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
-    """FSDP2 over the candidate's blocks on the launch's group, the last step measured with the
-    ledger (the rank's shards, optimizer state and inputs registered before it)."""
-    from memprop.devices.allocator import AllocatorMeter, step_state_tensors
-    from memprop.distribute import fsdp
+def measured(built: Any, steps: int) -> dict[str, Any]:
+    """A rank's figures for the launcher (``built``: a ``BuiltRank``): ``steps`` steps timed
+    (the fastest after the first, ``step_s``), then one more counted by the ledger
+    (``peak_bytes``) and by the allocator (``allocator_peak_bytes``). The gradients are zeroed
+    as the rank's loop does before either count starts (the step does it first; NOTE [ What
+    c10 reports on the CPU ] in ``memprop.devices.allocator``)."""
+    from memprop.devices.allocator import AllocatorMeter
+    from memprop.loop import zero_gradients
 
-    torch.manual_seed(0)
-    workload: Workload = factory(candidate.microbatch_size)
-    fsdp.shard(workload, candidate.sharded)
-    step = fsdp.sharded_step(workload, candidate.microbatches)
-    step_s = _fastest_step_s(step, steps)
-    # The step frees the gradients first; freed here instead, before the allocator's count
-    # starts (NOTE [ What c10 reports on the CPU ] in memprop.devices.allocator).
-    for parameter in workload.model.parameters():
-        parameter.grad = None
-    meter = AllocatorMeter(_device_of(workload), step_state_tensors(workload))
-    with meter:
-        peak_bytes = fsdp.measured_peak(workload, step)
-    return {"peak_bytes": peak_bytes, **_allocator(meter, step_state_tensors(workload)),
+    step_s = _fastest_step_s(built.step, steps)
+    zero_gradients(built.loop)
+    counted = built.ledger()
+    meter = AllocatorMeter(built.device, built.held())
+    with meter, counted:
+        built.step()
+    return {"peak_bytes": counted.peak()[0], **_allocator(meter, built.held()),
             "step_s": step_s}
 
 
-def _run_pipeline(factory: Any, candidate: Any, steps: int, rank: int) -> dict[str, Any]:
-    """This rank's stages of ``candidate.pipeline`` run by torch's schedule; the last step
-    measured with the ledger (what exists before it: the rank's parameters, optimizer state,
-    the inputs or targets its stages use, the schedule's receive buffers)."""
-    from torch.distributed.pipelining import PipelineStage
-    from torch.distributed.pipelining.schedules import get_schedule_class
-
-    from memprop.devices.allocator import AllocatorMeter
-    from memprop.distribute.pipeline import (
-        placement,
-        rank_ledger,
-        sequential_items,
-        stage_modules,
-    )
-    from memprop.loop import remade_optimizer, tensors_in
-
-    shape = candidate.pipeline
-    torch.manual_seed(0)
-    workload: Workload = factory(candidate.microbatch_size * shape.microbatches)
-    items = sequential_items(workload)
-    assert not isinstance(items, str), items
-    modules = stage_modules(items, shape)
-    mine = placement(shape.schedule, shape.ranks)[rank]
-    device = workload.inputs[0].device
-    stages = [PipelineStage(modules[s], s, shape.stages, device) for s in mine]
-    parameters = [p for s in mine for p in modules[s].parameters()]
-    optimizer = remade_optimizer(workload, parameters)
-    kind = get_schedule_class(shape.schedule)
-    schedule = kind(stages[0] if len(stages) == 1 else stages,
-                    n_microbatches=shape.microbatches, loss_fn=workload.loss_fn)
-    first, last = 0 in mine, shape.stages - 1 in mine
-
-    def step() -> None:
-        for parameter in parameters:
-            parameter.grad = None
-        arguments = workload.inputs if first else ()
-        if last:
-            schedule.step(*arguments, target=workload.targets, losses=[])
-        else:
-            schedule.step(*arguments)
-        if optimizer is not None:
-            optimizer.step()
-
-    step_s = _fastest_step_s(step, steps)
-    for parameter in parameters:  # freed before either count starts (as the step does first)
-        parameter.grad = None
-    received = [info.buffer for stage in stages
-                for kept in (*stage.args_recv_info.values(), *stage.grad_recv_info.values())
-                for info in kept if info.buffer is not None]
-    ledger = rank_ledger(workload, shape, rank, parameters, optimizer, received)
-    held = [*parameters, *(b for s in mine for b in modules[s].buffers()), *received,
-            *(tensors_in(list(optimizer.state.values())) if optimizer is not None else ()),
-            *(workload.input_tensors if first else ()),
-            *((workload.targets,) if last and workload.targets is not None else ())]
-    meter = AllocatorMeter(device, held)
-    with meter, ledger:
-        step()
-    held.extend(p.grad for p in parameters if p.grad is not None)
-    return {"peak_bytes": ledger.peak()[0], **_allocator(meter, held), "step_s": step_s}
-
-
-def _run(factory: Any, candidate: Any, steps: int) -> dict[str, Any]:
-    from memprop.blocks.install import installed, without_caches
-    from memprop.devices.allocator import AllocatorMeter, step_state_tensors
-    from memprop.loop import compute_loss
-    from memprop.trace.ledger import Category, StorageLedger
-    from memprop.trace.step import register_step_state
-
-    torch.manual_seed(0)
-    workload: Workload = factory(candidate.microbatch_size)
-    model = workload.model
-    buckets: list[torch.Tensor] = []
-    stepped = workload
-    ddp = None
-    if candidate.devices > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model)
-        # A lambda: DDP checks a hook's annotations, which this module's are strings.
-        ddp.register_comm_hook(buckets, lambda state, bucket: _noting_allreduce(state, bucket))
-        stepped = dataclasses.replace(workload, model=ddp)
-    plan = candidate.plan
-
-    def step() -> None:
-        buckets.clear()  # DDP rebuilds its buckets after the first step: note this step's
-        for parameter in model.parameters():
-            parameter.grad = None  # zero_grad(set_to_none=True), then accumulate
-        last = candidate.microbatches - 1
-        for m in range(candidate.microbatches):
-            quiet = ddp.no_sync() if ddp is not None and m < last else contextlib.nullcontext()
-            with quiet:
-                output = stepped.forward()
-                loss, _ = compute_loss(stepped, output)
-                loss.backward()
-            if m < last:
-                del output, loss
-        # The last microbatch's output and loss are held through the optimizer's step, as in
-        # memprop's training step (a loop that logs them).
-        if workload.optimizer is not None:
-            workload.optimizer.step()
-        del output, loss
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(without_caches(model))
-        if plan is not None:
-            stack.enter_context(installed(model, plan.stage_names, plan.tree, plan.selective,
-                                          plan.draws_random))
-        step_s = _fastest_step_s(step, steps)
-        ledger = StorageLedger()
-        register_step_state(ledger, stepped, training=True)
-        ledger.register(buckets, Category.GRADIENTS, "DDP's gradient buckets")
-        for parameter in model.parameters():
-            parameter.grad = None
-        meter = AllocatorMeter(_device_of(workload), [*step_state_tensors(workload), *buckets])
-        with meter, ledger:
-            step()
-    return {"peak_bytes": ledger.peak()[0],
-            **_allocator(meter, [*step_state_tensors(workload), *buckets]), "step_s": step_s}
-
-
-def _device_of(workload: Workload) -> torch.device:
+def device_of(workload: Workload) -> torch.device:
     return next((p.device for p in workload.model.parameters()),
                 workload.input_tensors[0].device)
 
@@ -485,14 +361,3 @@ def _fastest_step_s(step: Callable[[], None], steps: int) -> float:
         step()
         times.append(time.perf_counter() - started)
     return min(times[1:])
-
-
-def _noting_allreduce(buckets: list[torch.Tensor], bucket: Any) -> Any:
-    """DDP's own all-reduce (torch's ``allreduce_hook``), noting each bucket's buffer."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    buffer = bucket.buffer()
-    if not any(b.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
-               for b in buckets):
-        buckets.append(buffer)
-    return allreduce_hook(cast(Any, None), bucket)  # None: the default process group

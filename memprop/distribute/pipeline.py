@@ -262,7 +262,7 @@ def rank_peak_bytes(workload: Workload, items: Sequence[nn.Module], shape: Pipel
             boundary.append(module(boundary[-1]))
     parameters = [p for s in mine for p in modules[s].parameters()]
     optimizer = remade_optimizer(workload, parameters)
-    _steady_state(parameters, optimizer)
+    _steady_state(parameters, optimizer, keep_gradients=not workload.set_to_none)
     received = {s: [torch.empty_like(boundary[s]).requires_grad_(True)
                     for _ in range(m_count)] for s in mine if s > 0}
     gradients_in = {s: [torch.empty_like(boundary[s + 1]) for _ in range(m_count)]
@@ -285,14 +285,17 @@ def rank_peak_bytes(workload: Workload, items: Sequence[nn.Module], shape: Pipel
 def rank_ledger(workload: Workload, shape: PipelineShape, rank: int,
                 parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer | None,
                 receive_buffers: list[torch.Tensor]) -> StorageLedger:
-    """A ledger holding what a rank holds before its step: its stages' parameters, buffers and
-    optimizer state, the batch's inputs if it runs the first stage and targets if the last,
-    and the schedule's receive buffers."""
+    """A ledger holding what a rank holds before its step: its stages' parameters, the
+    gradients the loop keeps (``set_to_none=False``), buffers and optimizer state, the batch's
+    inputs if it runs the first stage and targets if the last, and the schedule's receive
+    buffers."""
     from memprop.trace.step import optimizer_state
 
     mine = placement(shape.schedule, shape.ranks)[rank]
     ledger = StorageLedger()
     ledger.register(parameters, Category.PARAMETERS, "parameters")
+    ledger.register([p.grad for p in parameters if p.grad is not None], Category.GRADIENTS,
+                    "gradients")
     items = list(_items(workload.model))
     ledger.register([b for s in mine for item in items[shape.bounds[s]:shape.bounds[s + 1]]
                      for b in item.buffers()], Category.BUFFERS, "buffers")
@@ -313,15 +316,17 @@ def _items(model: nn.Module) -> nn.Sequential:
     return inner
 
 
-def _steady_state(parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer | None
-                  ) -> None:
-    """The optimizer's state made by a step before, the gradients freed (set_to_none)."""
+def _steady_state(parameters: list[nn.Parameter], optimizer: torch.optim.Optimizer | None,
+                  *, keep_gradients: bool) -> None:
+    """The optimizer's state made by a step before, the gradients freed as the loop does
+    (``set_to_none``) or kept."""
     for parameter in parameters:
         parameter.grad = torch.zeros_like(parameter)
     if optimizer is not None:
         optimizer.step()
-    for parameter in parameters:
-        parameter.grad = None
+    if not keep_gradients:
+        for parameter in parameters:
+            parameter.grad = None
 
 
 def _replay(actions: list[Action], schedule: str, stages: int, modules: list[nn.Module],

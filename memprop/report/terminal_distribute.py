@@ -7,6 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memprop.distribute import Distribution
+from memprop.distribute.strategies import REGISTRY
 from memprop.units import format_bytes
 
 __all__ = ["render_distribution"]
@@ -40,8 +41,11 @@ def render_distribution(result: Distribution, console: Console) -> None:
         cells.append(Text("yes", style="green") if c.fits else Text("no", style="red"))
         table.add_row(*cells)
     console.print(table)
+    present = {c.strategy for c in result.candidates}
+    how = "; ".join(f"{s.label}: {s.predicted_as}" for name, s in REGISTRY.items()
+                    if name in present)
     console.print(Text("rank peak and step: predicted (the highest rank's steady-state peak; "
-                       "a pipeline's replayed from its schedule, its step simulated)"
+                       f"{how})"
                        + ("; measured: every rank run, counted by the ledger and by the "
                           "allocator; the step, the fastest of its timed steps on rank 0"
                           if ran else ""),

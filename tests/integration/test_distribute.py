@@ -92,14 +92,24 @@ def _check_fsdp_rank(candidate: Candidate, rank: Rank,
     assert 0 <= extra <= late + 0.01 * rank.predicted_peak_bytes, (candidate, rank)
 
 
-def test_accumulation_and_ddp_on_two_ranks_with_recomputation() -> None:
+def test_accumulation_ddp_and_zero1_on_two_ranks_with_recomputation() -> None:
     # The budget is below some candidates' unplanned peaks: those recompute, and the others
-    # that cannot fit say so.
+    # that cannot fit say so. ZeRO-1 in the same launch: built, run and measured by its module.
     result = distribute(mlp, batch_size=256, devices=2, microbatches=(1, 2), budget=4_350_000,
-                        run=True, strategies=("accumulate", "ddp"))
+                        run=True, strategies=("accumulate", "ddp", "zero1"))
     _check_measured(result, mlp)
     kinds = {(c.strategy, c.microbatches) for c in result.candidates}
-    assert kinds == {("accumulate", 1), ("accumulate", 2), ("ddp", 1), ("ddp", 2)}
+    assert kinds == {("accumulate", 1), ("accumulate", 2), ("ddp", 1), ("ddp", 2),
+                     ("zero1", 1), ("zero1", 2)}
+    for zero in (c for c in result.candidates if c.strategy == "zero1"):
+        ddp = next(c for c in result.candidates
+                   if c.strategy == "ddp" and c.microbatches == zero.microbatches)
+        for rank, same in zip(zero.ranks, ddp.ranks, strict=True):
+            # Each rank keeps the optimizer's state of its share only: below DDP's rank, as
+            # the allocator counts too (c10d's scalars above the ledger, as on DDP's ranks).
+            assert rank.allocator_peak_bytes is not None and same.allocator_peak_bytes
+            assert rank.allocator_peak_bytes < same.allocator_peak_bytes
+            assert 0 <= rank.allocator_peak_bytes - rank.predicted_peak_bytes <= 64, rank
     assert any(c.plan is not None for c in result.candidates)
     chosen = result.candidates[result.chosen]
     assert chosen.fits and not chosen.why
@@ -396,13 +406,13 @@ def test_steps_are_priced_from_the_workloads_timed_steps(monkeypatch: pytest.Mon
     # times the copy rate), in place of the roofline's own price of them.
     from memprop.calibration.rates import machine_rates
     from memprop.distribute import steptime
-    from memprop.distribute.api import _Request
+    from memprop.distribute.strategy import Request
 
     fixed, scale, optimizer = 2e-3, 3.0, 1e-3
     with new_fake_mode():
         gradients = sum(4 * p.numel() for p in mlp(1).model.parameters())
     accumulate = scale * 3 * gradients / machine_rates("cpu").bytes_per_s
-    request = _Request(mlp, 256, 1, None, None, "gloo")
+    request = Request(mlp, 256, 1, None, None, "gloo")
     roofline = {m: request.unplanned(m).compute for m in (32, 64, 128, 256)}  # priced here,
     # at this process's threads (the timings run with a rank's)
 

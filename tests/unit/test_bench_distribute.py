@@ -16,7 +16,7 @@ def _candidate(strategy: str, microbatches: int = 1, *, fits: bool = True, step:
     return Candidate(strategy=strategy, devices=1 if strategy == "accumulate" else devices,
                      microbatches=microbatches, microbatch_size=8, fits=fits,
                      predicted_step_s=step, ranks=(Rank(rank=0, predicted_peak_bytes=peak),),
-                     least_budget_bytes=peak, plan=plan, pipeline=shape)  # type: ignore[arg-type]
+                     least_budget_bytes=peak, plan=plan, layout=shape)  # type: ignore[arg-type]
 
 
 def test_family_names_the_answer() -> None:
