@@ -157,6 +157,7 @@ def distribute(
                          f"{sorted(set(microbatches))} on 1 or {devices} devices: give a batch "
                          "divisible by devices x microbatches")
     if run:
+        candidates = _contended(request, candidates, max_ranks)
         candidates, said = _measured(factory, candidates, steps=steps, backend=backend,
                                      max_ranks=max_ranks)
         notes += said
@@ -200,6 +201,23 @@ def _within_error(candidates: list[Candidate], chosen: int, error: float) -> str
         return ""
     return (f"the choice is {margin:.0%} faster than {runner.describe()} as predicted, within "
             f"the step-time model's error ({error:.0%}): either may be the faster")
+
+
+def _contended(request: Request, candidates: list[Candidate], max_ranks: int | None
+               ) -> list[Candidate]:
+    """Before they run here: the candidates on several ranks priced as their ranks step at
+    once on this machine (NOTE [ Ranks that share a machine ] in
+    ``memprop.distribute.steptime``)."""
+    from memprop.distribute import steptime
+    from memprop.distribute.launch import available_cores
+
+    ranks = min(request.devices, available_cores() if max_ranks is None else max_ranks)
+    if not any(c.devices > 1 for c in candidates):
+        return candidates
+    request.calibration = steptime.timed_together(request.calibration, request.factory, ranks,
+                                                  request.backend)
+    return [dataclasses.replace(c, predicted_step_s=request.calibration.on_ranks(
+        c.predicted_step_s, c.devices)) for c in candidates]
 
 
 def _measured(factory: Factory, candidates: list[Candidate], *, steps: int, backend: str,

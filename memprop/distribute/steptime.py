@@ -52,6 +52,8 @@ from dataclasses import dataclass
 
 import torch
 
+from memprop.workload import Workload
+
 __all__ = ["CALIBRATION_BYTES", "Calibration", "Together", "calibrate", "timed_together"]
 
 CALIBRATION_BYTES = 1 << 30
@@ -154,17 +156,15 @@ def timed_together(calibration: Calibration, factory: Callable[[int], object], r
                    backend: str) -> Calibration:
     """``calibration`` with the contention of ``ranks`` ranks stepping at once here (NOTE
     [ Ranks that share a machine ]), timed on the middle of its sizes; as it was when
-    nothing was calibrated or the launch fails."""
+    nothing was calibrated. A launch that fails or is stopped (Ctrl-C) raises as the
+    candidates' own would: the user's signal and a factory that fails on a rank are theirs to
+    see, not a reason to go on to the next launch."""
     if ranks < 2 or not calibration.sizes:
         return calibration
     from memprop.distribute.launch import spawn
-    from memprop.errors import MemPropError
 
     size = calibration.sizes[len(calibration.sizes) // 2]
-    try:
-        found = spawn(_steps_together, ranks, backend, (factory, size))
-    except MemPropError:
-        return calibration
+    found = spawn(_steps_together, ranks, backend, (factory, size))
     return dataclasses.replace(calibration, together=together_of(
         ranks, size, found[0]["alone"], [r["together"] for r in found]))
 
@@ -174,14 +174,17 @@ def _steps_together(rank: int, world: int, factory: Callable[[int], object], siz
     """Rank 0's step alone (the others at a barrier), then every rank's at once, in turn."""
     import torch.distributed as dist
 
+    # Every rank builds its workload first: building is not stepping, and a factory that
+    # waits for its ranks (a collective of its own) must find all of them there.
+    workload = _built(factory, size)
     alone: list[float] = []
     together: list[float] = []
     for _ in range(TOGETHER_ROUNDS):
         dist.barrier()
         if rank == 0:
-            alone.append(sum(_timed_step(factory, size)[:2]))
+            alone.append(sum(_timed_steps(workload)[:2]))
         dist.barrier()
-        together.append(sum(_timed_step(factory, size)[:2]))
+        together.append(sum(_timed_steps(workload)[:2]))
     return {"alone": alone, "together": together}
 
 
@@ -253,14 +256,24 @@ def _timed_step(factory: Callable[[int], object], size: int) -> tuple[float, flo
     the microbatch, the optimizer's step): the machine's own time, the least disturbed by other
     work on its cores (as ``--run`` takes its steps' times); and how far the median step is
     above the fastest (relative): what the machine's other work does to one step."""
-    from memprop.blocks.install import without_caches
-    from memprop.loop import compute_loss
-    from memprop.workload import Workload
+    return _timed_steps(_built(factory, size))
 
+
+def _built(factory: Callable[[int], object], size: int) -> Workload:
+    """The factory's workload of ``size`` samples, built from seed 0."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         workload = factory(size)
-        assert isinstance(workload, Workload)
+    assert isinstance(workload, Workload)
+    return workload
+
+
+def _timed_steps(workload: Workload) -> tuple[float, float, float]:
+    """:func:`_timed_step` of a built workload."""
+    from memprop.loop import compute_loss
+    from memprop.trace.caches import without_caches
+
+    with torch.random.fork_rng(devices=[]):
         model, optimizer = workload.model, workload.optimizer
         whole: list[float] = []
         stepping: list[float] = []
