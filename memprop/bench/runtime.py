@@ -50,7 +50,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from memprop.bench._runtime_compile import compiled_points
 from memprop.bench._runtime_workloads import CASES, QUICK_CASES, build
 from memprop.bench.common import BenchReport, interleaved_medians
-from memprop.blocks.install import installed
 from memprop.calibration.rates import machine_rates
 from memprop.devices.allocator import AllocatorMeter, step_state_tensors
 from memprop.loop import training_step, zero_gradients
@@ -60,6 +59,7 @@ from memprop.plan.schedule import Segment, flat, simulate
 from memprop.plan.selective import Option, rerun_peak
 from memprop.plan.solvers import min_feasible_bytes, solve
 from memprop.report.output import write_output
+from memprop.run.install import installed
 from memprop.search import largest_true
 from memprop.trace.ledger import StorageLedger
 from memprop.trace.profile import profile, trace_chain

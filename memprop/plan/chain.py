@@ -45,7 +45,7 @@ however many holders share it (the simulator keeps a reference count per activat
   the CPU), never shared, from its first forward until its backward is over; when backward
   reaches it, its re-run saves the state it will put back (``torch.random.fork_rng``), one more
   ``rng_state_bytes`` through the re-run's forward. A segment that draws nothing keeps no state
-  (``memprop.blocks.install``).
+  (``memprop.run.install``).
 - Transients: the moment of a stage's forward is the live total when it began plus
   ``max(forward_peak_bytes, output + tape)`` (no output term when it aliases its input); of its
   backward, the live total when it began (which holds ``d_{i+1}``) plus
@@ -146,7 +146,7 @@ class Stage:
     (``memprop.plan.selective``): op outputs kept until its re-run, which then costs less."""
     draws_random: bool = True
     """Whether the forward draws random numbers (dropout): only a checkpoint around such a
-    stage keeps the generators' state to re-run it the same (``memprop.blocks.install``)."""
+    stage keeps the generators' state to re-run it the same (``memprop.run.install``)."""
 
     @property
     def tape_bytes(self) -> int:

@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from memprop.blocks.install import installed
 from memprop.devices.allocator import AllocatorMeter, allocator_source, step_state_tensors
 from memprop.errors import PlanCheckError, UsageError
 from memprop.loop import training_step, zero_gradients
 from memprop.plan.solvers import Plan
+from memprop.run.install import installed
 from memprop.trace.caches import without_caches
 from memprop.trace.head import STEP_GRADIENT_RTOL
 from memprop.trace.ledger import StorageLedger

@@ -15,9 +15,9 @@ import warnings
 from typing import Any
 
 from memprop.blame import is_fake_tensor_limit
-from memprop.blocks.install import installed
 from memprop.errors import ModelError, PlanCheckError, PlanMismatchWarning
 from memprop.plan.solvers import Plan
+from memprop.run.install import installed
 from memprop.run.measure import mismatch, not_run
 from memprop.trace.fake import exact_sizes_only, fake_mode_of, new_fake_mode, to_fake_workload
 from memprop.trace.step import trace_training

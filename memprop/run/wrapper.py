@@ -3,11 +3,11 @@
 The wrapper holds the model itself (the same parameter and buffer objects, so an optimizer built
 before or after it works) and presents the model's own ``state_dict`` keys: it saves and loads
 checkpoints interchangeably with the bare model. Its forward installs the plan on the model's
-blocks (:func:`memprop.blocks.install.installed`) and calls the model, so the model's own
+blocks (:func:`memprop.run.install.installed`) and calls the model, so the model's own
 forward, hooks and loss code run unchanged. It pickles (``torch.save(wrapped)``) whenever the
 bare model does (a loss function pickle cannot take is left behind, and said so if a new input
 shape needs it), and it may be called from several threads at once (NOTE [ Plans installed per
-thread ] in ``memprop.blocks.install``). A model whose Hugging Face gradient checkpointing is on
+thread ] in ``memprop.run.install``). A model whose Hugging Face gradient checkpointing is on
 has it turned off while the plan runs (the plan replaces it; recomputing twice would cost
 twice), with a warning.
 
@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from memprop.blocks.install import installed
 from memprop.errors import PlanCheckError, UsageError
 from memprop.plan.api import check_strategy, plan
 from memprop.plan.costs import DEFAULT_COST_MODEL, check_cost_model, on_fake_tensors
 from memprop.plan.solvers import Plan
+from memprop.run.install import installed
 from memprop.run.measure import not_run
 from memprop.run.verify import verify_plan
 from memprop.trace.compiled import original
@@ -182,7 +182,7 @@ class PlannedModule(nn.Module):
         """The plans in use, by the inputs' (shape, dtype, device), most recent last."""
         self._plans_lock = threading.RLock()
         """Held while the plans are looked up or made: threads share them (NOTE [ Plans
-        installed per thread ] in ``memprop.blocks.install``)."""
+        installed per thread ] in ``memprop.run.install``)."""
         self.register_state_dict_post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
 

@@ -45,7 +45,7 @@ _TIMED = ("forward_s", "backward_s", "name", "index")
 
 def run_weight(ledger: StorageLedger, calls: dict[str, tuple[int, int]],
                 names: Sequence[str]) -> int:
-    """What the run's blocks save for backward, as ``memprop.blocks.find`` weighs a run: the
+    """What the run's blocks save for backward, as ``memprop.trace.blocks`` weighs a run: the
     storages saved in the forward and born within each block's call."""
     spans = [calls[n] for n in names if n in calls]
     if len(spans) != len(names):

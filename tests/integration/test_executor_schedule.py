@@ -1,4 +1,4 @@
-"""The executor (memprop.blocks.install) runs a plan's schedule form: the forwards and backwards
+"""The executor (memprop.run.install) runs a plan's schedule form: the forwards and backwards
 torch performs under an installed plan, logged by the blocks themselves, are the schedule's
 ``Run`` and ``Backward`` actions in order (memprop.plan.actions), re-runs included."""
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from memprop.blocks.install import installed
 from memprop.plan.actions import Backward, Run, actions_of
 from memprop.plan.schedule import Segment
 from memprop.plan.selective import Option
+from memprop.run.install import installed
 from tests.unit.test_plan_optimal import _plans
 
 Log = list[tuple[str, int]]

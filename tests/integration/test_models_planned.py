@@ -117,8 +117,8 @@ def test_selective_plans_run_the_flops_they_were_priced_at(name: str) -> None:
     # kept op outputs' ops not run again: FlopCounterMode over the planned step counts the same.
     from torch.utils.flop_counter import FlopCounterMode
 
-    from memprop.blocks.install import installed, without_caches
     from memprop.loop import training_step, zero_gradients
+    from memprop.run.install import installed, without_caches
 
     chain = chain_of(MODELS[name](), cost_model="flops", fake=True)
     least = min_feasible_bytes(chain)[0]

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 import memprop
-from memprop.blocks.install import installed
 from memprop.plan.api import chain_of
 from memprop.plan.chain import rng_state_bytes_on
 from memprop.plan.schedule import Segment, simulate
 from memprop.plan.solvers import Plan
+from memprop.run.install import installed
 from memprop.run.measure import run_plan
 from memprop.workload import SeedConfig, Workload, seed_workload, to_workload
 from memprop.zoo import GPT, next_token_loss

@@ -12,12 +12,12 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import memprop
-from memprop.blocks import installed
 from memprop.errors import UsageError
 from memprop.plan import Segment, min_feasible_bytes, simulate, solve
 from memprop.plan.api import chain_of
 from memprop.plan.schedule import flat
 from memprop.run import PlannedModule, run_plan
+from memprop.run.install import installed
 from memprop.workload import Workload
 from tests import zoo
 

@@ -1,5 +1,5 @@
 """memprop.checkpoint from several threads (NOTE [ Plans installed per thread ] in
-memprop.blocks.install), checkpointed twice, and pickled with a loss pickle cannot take."""
+memprop.run.install), checkpointed twice, and pickled with a loss pickle cannot take."""
 
 from __future__ import annotations
 

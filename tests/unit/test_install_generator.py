@@ -1,5 +1,5 @@
 """The executor's call of torch's checkpoint generator (NOTE [ Checkpoint's generator ] in
-memprop.blocks.install): its settings, named by memprop, against torch's own signature."""
+memprop.run.install): its settings, named by memprop, against torch's own signature."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import inspect
 import torch
 from torch.utils import checkpoint as torch_checkpoint
 
-from memprop.blocks.install import _generator_settings, _open
+from memprop.run.install import _generator_settings, _open
 
 
 def test_settings_are_the_generators_parameters_in_its_declared_order() -> None:

@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # planning: the chain, the schedule, the solvers
     ("memprop.plan",),
     # running a plan (installing it on the blocks, measuring); estimates over many traces
-    ("memprop.run", "memprop.blocks", "memprop.estimate"),
+    ("memprop.run", "memprop.estimate"),
     # spreading a step over ranks
     ("memprop.distribute",),
     # the public Python API (``import memprop``)

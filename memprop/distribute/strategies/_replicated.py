@@ -68,10 +68,10 @@ def replicated_rank(factory: Factory, candidate: Candidate, *, ddp: bool,
     DDP's gradient buckets exist before the step and are touched only in the backward, so a
     communication hook notes them during the first steps and they are put on the ledger with
     what else exists before the step."""
-    from memprop.blocks.install import installed, without_caches
     from memprop.devices.allocator import step_state_tensors
     from memprop.distribute.launch import device_of
     from memprop.loop import accumulated_step
+    from memprop.run.install import installed, without_caches
     from memprop.trace.ledger import Category, StorageLedger
     from memprop.trace.step import register_step_state
 
