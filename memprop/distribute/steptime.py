@@ -66,7 +66,7 @@ MOST_TIMED_STEPS = 40
 """... and more, up to this many, until ``TIMING_S`` have passed: the fastest is then one
 that the machine's other work did not interrupt."""
 TIMING_S = 0.3
-STEP_S = 0.25
+STEP_S = 0.5
 """A larger size is timed only if its step is expected within this (from the smallest's)."""
 
 
@@ -213,9 +213,11 @@ def calibrate(factory: Callable[[int], object], sizes: Sequence[int],
     spreads: list[float] = []
     with _threads(threads):
         for size in sorted({fitting[0], fitting[len(fitting) // 2], fitting[-1]}):
-            if chosen and (timed[0] + optimizer[0]) * roofline_s(size) / roofline_s(
-                    chosen[0]) > STEP_S:
-                break  # the smallest's real time, scaled by the roofline: too long to time
+            # The smallest's real forward and backward, scaled by the roofline, and the
+            # optimizer's step as it was (it does not grow with the microbatch): too long to time?
+            scaled = timed[0] * roofline_s(size) / roofline_s(chosen[0]) if chosen else 0.0
+            if chosen and scaled + optimizer[0] > STEP_S:
+                break
             seconds, optimizer_s, spread = _timed_step(factory, size)
             spreads.append(spread)
             chosen.append(size)

@@ -98,3 +98,25 @@ def test_a_cached_action_table_is_refused_unless_complete_and_plausible() -> Non
         _checked_actions({**good, "GPipe": -1.0})
     with pytest.raises(ValueError):
         _checked_actions([0.0003])
+
+
+def test_a_long_optimizer_step_does_not_stop_larger_microbatches_being_timed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hand-made timings: a microbatch's forward and backward of 25 ms per 32 samples and an
+    optimizer's step of 77 ms, whatever the microbatch (a 6.3M-parameter AdamW). The
+    optimizer's step does not grow with the microbatch, so the larger sizes fit the time given
+    to a timed step and are timed, and the fit recovers the compute's slope exactly (the
+    optimizer's step scaled with the roofline stopped the timing at the smallest, and one size
+    fits a scale alone, which is not what the step does)."""
+    from memprop.distribute import steptime
+
+    def timed(factory: object, size: int) -> tuple[float, float, float]:
+        return 0.025 * size / 32, 0.077, 0.0
+
+    monkeypatch.setattr(steptime, "_timed_step", timed)
+    found = steptime.calibrate(lambda m: None, [32, 64, 128, 256], roofline_s=lambda m: m * 1e-4,
+                               peak_bytes=lambda m: 1, threads=1)
+    assert found.sizes == (32, 128, 256)
+    assert found.fixed_s == pytest.approx(0.0, abs=1e-12)
+    assert found.scale == pytest.approx(0.025 / 32 / 1e-4)
+    assert found.optimizer_s == pytest.approx(0.077)
