@@ -92,6 +92,11 @@ class Communication:
     source: str
     """Where the links come from: given, or timed here (across how many ranks)."""
 
+    @property
+    def timed_here(self) -> bool:
+        """Whether the links are this machine's (not a ``--link`` given for another)."""
+        return self.source != _GIVEN
+
     def allreduce_s(self, nbytes: int) -> float:
         n = self.ranks
         return 0.0 if n < 2 else 2 * (n - 1) * self.ring.latency_s + (
@@ -113,6 +118,9 @@ class Communication:
                 f"{self.gather.describe()} (all-gather), {self.scatter.describe()} "
                 f"(reduce-scatter); a send between stages {self.send.describe()} "
                 f"({self.source})")
+
+
+_GIVEN = "link given"
 
 
 def _half_ring(ranks: int, link: Link, nbytes: int) -> float:
@@ -150,7 +158,7 @@ def communication(backend: str, ranks: int, link: tuple[float, float] | None = N
     if link is not None:
         given = Link(latency_s=link[1], bytes_per_s=link[0])
         return Communication(ranks=ranks, ring=given, gather=given, scatter=given, send=given,
-                             source="link given")
+                             source=_GIVEN)
     timed = timed_ranks(ranks)
     return Communication(
         ranks=ranks, ring=_remembered("ring", backend, timed),

@@ -328,6 +328,11 @@ class ShardedCosts:
     """Beyond the microbatch's calibrated compute."""
     per_step_s: float
     """The optimizer's step on the rank's shards, and FSDP2's work once a step."""
+    microbatch_s: float = 0.0
+    """A microbatch's whole step under the fake group (``T(2) - T(1)``), compute included."""
+    collectives_scale: float = 1.0
+    """FSDP2's collectives as it runs them on real ranks over their price by the timed links
+    (NOTE [ FSDP2's collectives on real ranks ]); 1 when not measured."""
 
 
 def sharded_costs(factory: Callable[[int], object], micro: int, blocks: Sequence[str],
@@ -361,7 +366,67 @@ def sharded_costs(factory: Callable[[int], object], micro: int, blocks: Sequence
         return None
     per_microbatch = max(0.0, two - one)
     return ShardedCosts(per_microbatch_s=max(0.0, per_microbatch - compute_s),
-                        per_step_s=max(0.0, one - per_microbatch))
+                        per_step_s=max(0.0, one - per_microbatch), microbatch_s=per_microbatch)
+
+
+SHARDED_REAL_STEPS = 9
+"""Steps each rank runs at each microbatch count when FSDP2 is timed on real ranks (a fixed
+count: every rank must issue the same collectives); the first is left out, the fastest kept."""
+SHARDED_REAL_MICROBATCHES = 3
+"""Timed with one microbatch and with this many: the wider apart, the less a step's noise
+weighs on the microbatch's share."""
+
+
+def collectives_scale(real_microbatch_s: float, fake_microbatch_s: float, priced_s: float
+                      ) -> float:
+    """NOTE [ FSDP2's collectives on real ranks ]
+    FSDP2 does not run its collectives as they are timed alone (``communication``: one
+    collective at a time, the ranks lined up by a barrier, the main thread waiting): it issues
+    them from its hooks, the all-gather of the next unit prefetched while the current one
+    computes, the reduce-scatter with ``ReduceOp.AVG`` (gloo runs it as an all-reduce: the
+    profiler shows ``gloo:all_reduce``, not ``gloo:reduce_scatter``), on gloo's worker thread,
+    which shares the rank's core with its compute. On this 2-core machine the seed MLP of
+    depth 8 width 512 spent about twice its priced time in them. So a microbatch's step is
+    timed once a workload on real ranks (``real_microbatch_s``) and under the fake group, where the
+    collectives move nothing: what the real ranks spend beyond the fake group's step is their
+    collectives as FSDP2 runs them, and its ratio to the same collectives priced over the
+    timed links scales every FSDP2 candidate's collectives (a world too large to launch here
+    is priced at the ratio of the one launched)."""
+    if priced_s <= 0:
+        return 1.0
+    return max(0.0, real_microbatch_s - fake_microbatch_s) / priced_s
+
+
+def real_microbatch_s(factory: Callable[[int], object], micro: int, blocks: Sequence[str],
+                      ranks: int, backend: str) -> float:
+    """A microbatch's step (``(T(M) - T(1)) / (M - 1)``, each the fastest of its steps on
+    rank 0, ``M`` = ``SHARDED_REAL_MICROBATCHES``) under
+    FSDP2 over ``blocks`` on ``ranks`` real ranks launched here."""
+    from memprop.distribute.launch import spawn
+
+    found = spawn(_real_sharded_steps, ranks, backend, (factory, micro, tuple(blocks)))[0]
+    return max(0.0, float(found["many"] - found["one"]) / (SHARDED_REAL_MICROBATCHES - 1))
+
+
+def _real_sharded_steps(rank: int, world: int, factory: Callable[[int], object], micro: int,
+                        blocks: tuple[str, ...]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    from memprop.distribute import fsdp
+
+    workload = _built(factory, micro)
+    fsdp.shard(workload, blocks)
+    fastest: dict[str, float] = {}
+    for name, microbatches in (("one", 1), ("many", SHARDED_REAL_MICROBATCHES)):
+        step = fsdp.sharded_step(workload, microbatches)
+        times: list[float] = []
+        for _ in range(SHARDED_REAL_STEPS):
+            dist.barrier()
+            started = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - started)
+        fastest[name] = min(times[1:])
+    return fastest
 
 
 @contextlib.contextmanager
