@@ -15,7 +15,7 @@ from memprop.calibration.rates import machine_rates, pointwise_seconds
 from memprop.errors import ModelError, UsageError
 from memprop.plan.chain import Chain
 from memprop.plan.costs import DEFAULT_COST_MODEL, check_cost_model
-from memprop.plan.solvers import STRATEGIES, Plan, solve
+from memprop.plan.solvers import Plan, check_strategy, solve
 from memprop.trace.caches import caching_configs, without_caches
 from memprop.trace.compiled import COMPILED_NOTE, original
 from memprop.trace.fake import device_of, exact_sizes_only, fake_mode_of, sized_at_worst
@@ -194,12 +194,6 @@ def _trace_chain(workload: Workload, *, cost_model: str, fake: bool) -> tuple[An
     with sized_at_worst() as ops:
         costs = trace_chain(workload, fake=True)
     return costs, at_worst(ops) if ops else ""
-
-
-def check_strategy(strategy: str) -> None:
-    if strategy not in STRATEGIES:
-        raise UsageError(f"strategy {strategy!r} does not exist: use one of "
-                         f"{', '.join(STRATEGIES)}")
 
 
 def _budget(budget: int | str | None) -> int:

@@ -22,7 +22,7 @@ from memprop.plan.selective import Option
 from memprop.search import last_true
 from memprop.units import format_bytes
 
-__all__ = ["Plan", "min_feasible_bytes", "solve", "uniform_tree"]
+__all__ = ["Plan", "check_strategy", "min_feasible_bytes", "solve", "uniform_tree"]
 
 Strategy = Literal["optimal", "uniform", "none"]
 STRATEGIES: tuple[str, ...] = ("optimal", "uniform", "none")
@@ -324,6 +324,14 @@ def _uniform_net(chain: Chain, budget_bytes: int, best: Segment, bar: float) -> 
     return best
 
 
+def check_strategy(strategy: str) -> None:
+    """The one check of a planner strategy's name (``memprop.plan``, ``memprop.checkpoint``,
+    the CLI and :func:`solve` all call it)."""
+    if strategy not in STRATEGIES:
+        raise UsageError(f"strategy {strategy!r} does not exist: use one of "
+                         f"{', '.join(STRATEGIES)}")
+
+
 def solve(
     chain: Chain,
     budget_bytes: int,
@@ -339,10 +347,7 @@ def solve(
     Where the chain has the head option (``Chain.head``, NOTE [ The head option ] in
     ``memprop.plan.chain``), both chains are solved and the plan of least compute under the
     budget is taken: the option only where it pays (``none`` never takes it)."""
-    if strategy not in STRATEGIES:
-        raise UsageError(
-            f"strategy {strategy!r} does not exist: use one of {', '.join(STRATEGIES)}"
-        )
+    check_strategy(strategy)
     plan = _solve_one(chain, budget_bytes, strategy, max_slots, max_units)
     if chain.head is not None and strategy != "none":
         chunked = _solve_one(chain.head, budget_bytes, strategy, max_slots, max_units)
