@@ -211,9 +211,9 @@ def _contended(request: Request, candidates: list[Candidate], max_ranks: int | N
     from memprop.distribute import steptime
     from memprop.distribute.launch import available_cores
 
-    ranks = min(request.devices, available_cores() if max_ranks is None else max_ranks)
     if not any(c.devices > 1 for c in candidates):
         return candidates
+    ranks = min(request.devices, available_cores() if max_ranks is None else max_ranks)
     request.calibration = steptime.timed_together(request.calibration, request.factory, ranks,
                                                   request.backend)
     return [dataclasses.replace(c, predicted_step_s=request.calibration.on_ranks(

@@ -243,6 +243,11 @@ class Request:
 
         return simulate(self.chain(micro)[1], flat(len(self.chain(micro)[1])))
 
+    def blocks(self, micro: int) -> tuple[str, ...]:
+        """The blocks of the microbatch's chain (its stages but the pinned prefix and suffix):
+        FSDP2's units."""
+        return tuple(s.name for s in self.chain(micro)[1].stages if not s.pinned)
+
     def time_sharded(self, micro: int) -> None:
         """FSDP2's own costs on a microbatch of ``micro``, timed when the workload was
         calibrated and the microbatch is small enough to run here."""
@@ -252,11 +257,10 @@ class Request:
         if (not self.calibration.sizes or unplanned.compute > steptime.CALIBRATION_S
                 or unplanned.peak_bytes > steptime.CALIBRATION_BYTES):
             return
-        blocks = tuple(s.name for s in self.chain(micro)[1].stages if not s.pinned)
         cores = available_cores()
         self.sharded = steptime.sharded_costs(
-            self.factory, micro, blocks, self.devices, max(1, cores // min(self.devices, cores)),
-            self.factor(micro) * unplanned.compute)
+            self.factory, micro, self.blocks(micro), self.devices,
+            max(1, cores // min(self.devices, cores)), self.factor(micro) * unplanned.compute)
 
     def factor(self, micro: int) -> float:
         """What the roofline's prices of a microbatch of ``micro`` are multiplied by."""

@@ -52,7 +52,7 @@ class _FSDP(Strategy):
         if micro is None:
             return None
         workload, chain = request.chain(micro)
-        blocks = tuple(s.name for s in chain.stages if not s.pinned)
+        blocks = request.blocks(micro)
         kinds = _alike_ranks(workload.model, devices)
         traced = {kind: fsdp.rank_peak_bytes(request.factory, micro, microbatches, devices,
                                              kinds[kind][0], blocks, request.backend)
@@ -122,8 +122,7 @@ def _time_collectives(request: Request, micro: int) -> None:
         pickle.dumps(request.factory)
     except (pickle.PicklingError, AttributeError, TypeError):
         return
-    workload, chain = request.chain(micro)
-    blocks = tuple(s.name for s in chain.stages if not s.pinned)
+    workload, blocks = request.chain(micro)[0], request.blocks(micro)
     ranks = timed_ranks(request.devices)
     fake = own if ranks == request.devices else steptime.sharded_costs(
         request.factory, micro, blocks, ranks, max(1, available_cores() // ranks), 0.0)
