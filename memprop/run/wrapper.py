@@ -31,15 +31,17 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
 
 from memprop.errors import PlanCheckError, UsageError
 from memprop.plan.api import check_strategy, plan
+from memprop.plan.compiled import plan_compiled
 from memprop.plan.costs import DEFAULT_COST_MODEL, check_cost_model, on_fake_tensors
 from memprop.plan.solvers import Plan
+from memprop.run.compiled import CompiledPlanModule, compiled_module
 from memprop.run.install import installed
 from memprop.run.measure import not_run
 from memprop.run.verify import verify_plan
@@ -279,6 +281,22 @@ def _rename(state_dict: dict[str, Any], old: str, new: str) -> None:
             metadata[renamed(key, old, new)] = value
 
 
+@overload
+def checkpoint(model: nn.Module, inputs: Inputs, budget: int | str, strategy: str = ...,
+               cost_model: str = ..., *, loss_fn: Any = ..., targets: torch.Tensor | None = ...,
+               optimizer: torch.optim.Optimizer | None = ..., set_to_none: bool = ...,
+               blocks: str | None = ..., chunk_head: bool = ...,
+               compile: Literal[False] = ...) -> PlannedModule: ...
+
+
+@overload
+def checkpoint(model: nn.Module, inputs: Inputs, budget: int | str, strategy: str = ...,
+               cost_model: str = ..., *, loss_fn: Any = ..., targets: torch.Tensor | None = ...,
+               optimizer: torch.optim.Optimizer | None = ..., set_to_none: bool = ...,
+               blocks: str | None = ..., chunk_head: bool = ...,
+               compile: Literal[True]) -> CompiledPlanModule: ...
+
+
 def checkpoint(
     model: nn.Module,
     inputs: Inputs,
@@ -292,7 +310,8 @@ def checkpoint(
     set_to_none: bool = True,
     blocks: str | None = None,
     chunk_head: bool = False,
-) -> PlannedModule:
+    compile: bool = False,
+) -> PlannedModule | CompiledPlanModule:
     """``model`` wrapped so that every step of its training loop keeps under ``budget`` (bytes
     or a size such as ``"2GiB"``), planned now for ``inputs`` and again for larger inputs.
 
@@ -319,12 +338,24 @@ def checkpoint(
     new budget replaces the old one (one step runs one plan). A ``torch.compile``'d model is
     planned, and runs its plans, on its original module (NOTE [ Compiled models are traced
     eagerly ] in ``memprop.trace.compiled``).
+
+    ``compile=True`` plans and runs the step ``torch.compile``'d instead
+    (``memprop.plan.compiled``): the partitioner's ``activation_memory_budget`` and the head
+    option (with ``chunk_head``) are chosen for ``budget``, each candidate traced on fake
+    tensors, and the returned :class:`memprop.run.compiled.CompiledPlanModule` compiles the
+    model under them (its ``plan`` says which). It is planned for ``inputs``' shapes; the
+    strategy does not apply (the partitioner recomputes), and the cost model prices the graphs
+    (``roofline`` or ``flops``).
     """
-    while isinstance(model, PlannedModule):
+    while isinstance(model, (PlannedModule, CompiledPlanModule)):
         model = model.module
     first = to_workload(model, inputs, loss_fn=loss_fn, targets=targets, optimizer=optimizer,
                         set_to_none=set_to_none, blocks=blocks, chunk_head=chunk_head)
     budget_bytes = parse_size(budget)
+    if compile:
+        check_cost_model(cost_model)
+        return compiled_module(model, plan_compiled(
+            first, budget_bytes, chunk_head=chunk_head, cost_model=on_fake_tensors(cost_model)))
     check_strategy(strategy)
     check_cost_model(cost_model)
     positions = {id(p): i for i, p in enumerate(model.parameters())}

@@ -45,8 +45,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CapturedGraphs", "GraphCapture", "capture_step", "fused_away", "fused_away_bytes",
-           "suspended_modes"]
+__all__ = ["CapturedGraphs", "GraphCapture", "capture_step", "fresh_call", "fused_away",
+           "fused_away_bytes", "suspended_modes"]
 
 
 @dataclass(slots=True)
@@ -61,6 +61,9 @@ class CapturedGraphs:
     """How many times the forward graph ran (0 after a call means it did not run here)."""
     suspended: list[Any] = field(default_factory=list)
     """The dispatch modes the compiled call suspended, pushed back while its graphs run."""
+    fused: bool = True
+    """Whether the graphs run as inductor fuses them (NOTE [ What inductor fuses ]); False:
+    op by op, every result stored until its last reader (a bound on the fused step's peak)."""
 
     @property
     def saved_values(self) -> list[torch.fx.Node]:
@@ -131,7 +134,8 @@ class _GraphRunner:
         # In the instance's own dict: AOTAutograd wraps the backward in torch._dynamo.disable,
         # whose functools.wraps copies the dict, and calls it boxed only if it finds the flag.
         self._boxed_call = True
-        self.interpreter = _FusingInterpreter(graph, fused_away(graph))
+        self.away = fused_away(graph)
+        self.interpreter = _FusingInterpreter(graph, self.away)
         self.graphs = graphs
         self.backward = backward
 
@@ -141,6 +145,7 @@ class _GraphRunner:
         boxed = args[0] if len(args) == 1 and isinstance(args[0], list) else list(args)
         if not self.backward:
             self.graphs.forward_runs += 1
+        self.interpreter.away = self.away if self.graphs.fused else frozenset()
         try:
             with _pushed(self.graphs.suspended):
                 return self.interpreter.boxed_run(boxed)
@@ -321,7 +326,7 @@ def capture_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     import torch._functorch.config as functorch_config
 
     capture = GraphCapture()
-    compiled = torch.compile(_fresh_call(), backend=capture, fullgraph=True, dynamic=False)
+    compiled = torch.compile(fresh_call(), backend=capture, fullgraph=True, dynamic=False)
 
     def step(*args: Any, **kwargs: Any) -> Any:
         return compiled(model, args, kwargs)
@@ -334,8 +339,8 @@ def capture_step(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     return step, capture.graphs
 
 
-def _fresh_call() -> Callable[..., Any]:
-    """``call(model, args, kwargs)``, a function with a code object of its own.
+def fresh_call(name: str = "memprop_compiled_step") -> Callable[..., Any]:
+    """``call(model, args, kwargs)``, a function with a code object of its own, named ``name``.
 
     dynamo keeps its compiled code on the code object of the frame it compiles, and a lookup
     finds code that another ``torch.compile`` of the same forward made (the user's, with
@@ -346,5 +351,5 @@ def _fresh_call() -> Callable[..., Any]:
     def call(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return model(*args, **kwargs)
 
-    code = call.__code__.replace(co_name="memprop_compiled_step")
+    code = call.__code__.replace(co_name=name)
     return types.FunctionType(code, call.__globals__, code.co_name)
