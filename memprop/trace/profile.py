@@ -24,6 +24,7 @@ from memprop.devices import get_device, gpu_layers
 from memprop.devices.allocator import AllocatorPeak, StepProbe
 from memprop.devices.reconcile import Layer
 from memprop.errors import UsageError
+from memprop.trace.compiled import COMPILED_GRAPHS_NOTE, original
 from memprop.trace.fake import (
     device_of,
     fake_mode_of,
@@ -247,7 +248,8 @@ def profile(
                 training = dataclasses.replace(training, notes=(*training.notes, reused.note))
     measured = None
     if probes is not None and probes[0].last is not None and probes[1].last is not None:
-        measured = _measured(training=probes[1].last, inference=probes[0].last)
+        measured = _measured(training=probes[1].last, inference=probes[0].last,
+                             what=_what_was_measured(workload, training.notes))
     return _assemble(workload, training, inference, device, fake, measured, backend)
 
 
@@ -386,12 +388,26 @@ def _totals_at_end(ledger: StorageLedger) -> dict[Category, int]:
     return totals
 
 
-def _measured(*, training: AllocatorPeak, inference: AllocatorPeak) -> Measured:
+def _measured(*, training: AllocatorPeak, inference: AllocatorPeak, what: str) -> Measured:
     # The probes count the state live before each region themselves (parameters, buffers,
     # inputs, gradients, optimizer state), not from the ledger.
     return Measured(training_peak_bytes=training.peak_bytes,
                     inference_peak_bytes=inference.peak_bytes,
-                    source=f"the allocator: {training.source}")
+                    source=f"{what}the allocator: {training.source}")
+
+
+def _what_was_measured(workload: Workload, notes: tuple[str, ...]) -> str:
+    """Which step the allocator counted, where that is not plainly the one traced: a compiled
+    model's training step is inductor's code, run apart from the traced graphs; a compiled
+    model traced eagerly was measured eagerly too (NOTE [ Compiled models are traced eagerly ])."""
+    if original(workload.model) is workload.model:
+        return ""
+    if any(note.startswith(COMPILED_GRAPHS_NOTE) for note in notes):
+        return ("training: your compiled step itself (inductor's code, one more real step "
+                "run outside memprop's tracing); inference: the original module, eagerly; "
+                "each by ")
+    return ("the original module's eager step and inference pass (the ones traced), not "
+            "your compiled step; by ")
 
 
 def _describe(device: torch.device, backend: Any) -> dict[str, Any]:

@@ -1,0 +1,80 @@
+"""What `memprop profile` says about models its authors did not write (compiled, bfloat16, a
+loss computed in the forward), checked against facts that do not come from the ledger: which
+step the allocator counted, the allocator's own figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from memprop_cli.main import app
+
+MODELS = '''
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(32, 32), nn.Tanh())
+                                    for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def compiled(batch_size=8):
+    torch.manual_seed(0)
+    return torch.compile(Residual()), torch.randn(batch_size, 32)
+
+
+def compiled_eager_backend(batch_size=8):
+    torch.manual_seed(0)
+    return torch.compile(Residual(), backend="eager"), torch.randn(batch_size, 32)
+'''
+
+
+@pytest.fixture
+def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "models.py").write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _profile(spec: str, *flags: str) -> dict:  # type: ignore[type-arg]
+    result = CliRunner().invoke(app, ["profile", "--model", spec, "--json", "-", *flags])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def test_a_compiled_models_measured_figure_says_it_is_the_compiled_step(models: Path) -> None:
+    """Oracle: torch.compile with inductor makes memprop trace inductor's graphs and count the
+    user's compiled step by the allocator (memprop.trace.compiled.measured_compiled_step):
+    the report's measured source must say so, terminal and JSON alike."""
+    result = CliRunner().invoke(app, ["profile", "--model", "models.py:compiled", "--json",
+                                      "-"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert any(note.startswith("the model is torch.compile'd: the training step was traced "
+                               "from the graphs") for note in document["notes"])
+    source = document["measured"]["source"]
+    assert "your compiled step itself" in source
+    assert "inference: the original module, eagerly" in source
+    assert "your compiled step itself" in " ".join(result.stderr.split())
+
+
+def test_a_compiled_model_traced_eagerly_is_not_said_to_be_measured_compiled(
+        models: Path) -> None:
+    """Oracle: a backend other than inductor is traced eagerly (the notes say so); the
+    allocator then counted the eager step, so the measured source must say it is not the
+    compiled step."""
+    document = _profile("models.py:compiled_eager_backend")
+    assert any("not the compiled one" in note for note in document["notes"])
+    assert "not your compiled step" in document["measured"]["source"]
