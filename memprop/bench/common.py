@@ -7,7 +7,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ def machine() -> dict[str, Any]:
 
 
 def interleaved_medians(
-    contenders: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 2
+    contenders: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int = 2
 ) -> dict[str, float]:
     """Median seconds of each contender, run in turn (a, b, c, a, b, c...) so that a slow patch
     of the machine slows them all."""

@@ -48,7 +48,8 @@ from torch.utils.checkpoint import checkpoint_sequential
 from torch.utils.flop_counter import FlopCounterMode
 
 from memprop.bench._runtime_compile import compiled_points
-from memprop.bench._runtime_workloads import CASES, QUICK_CASES, build
+from memprop.bench._runtime_hf import hf_case
+from memprop.bench._runtime_workloads import CASES, HF_GPT2, QUICK_CASES, build
 from memprop.bench.common import BenchReport, interleaved_medians
 from memprop.calibration.rates import machine_rates
 from memprop.devices.allocator import AllocatorMeter, step_state_tensors
@@ -146,8 +147,9 @@ def _sequential(model: nn.Module, chain: Chain) -> nn.Sequential | None:
 
 
 def runtime_curves(*, quick: bool = False) -> BenchReport:
-    """Run the benchmark (several minutes; seconds with ``quick``, which uses tiny models, one
-    repeat and no torch.compile: it checks the machinery, not the goals)."""
+    """Run the benchmark (a quarter of an hour; seconds with ``quick``, which uses tiny models,
+    one repeat, and torch.compile only on the Hugging Face case, without code generation: it
+    checks the machinery, not the goals)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -158,6 +160,9 @@ def runtime_curves(*, quick: bool = False) -> BenchReport:
             case_rows, case_summary = _case(name, batch, description, quick=quick)
             rows += case_rows
             summary += case_summary
+        hf_rows, hf_summary = hf_case(quick=quick)
+        rows += hf_rows
+        summary += hf_summary
         repeats = 1 if quick else _REPEATS
         summary.append(_agreement(rows))
         summary.append(
@@ -181,7 +186,8 @@ _REPEATS = 9
 def _agreement(rows: list[dict[str, Any]]) -> str:
     """The ledger's peaks against the allocator's, measured in the same steps."""
     pairs = [(r["peak_bytes"], r["allocator_peak_bytes"]) for r in rows
-             if r.get("allocator_peak_bytes") and r["contender"] != "torch.compile"]
+             if r.get("allocator_peak_bytes") and r["contender"] != "torch.compile"
+             and r["model"] != HF_GPT2]  # the HF case's peaks are the allocator's alone
     if not pairs:
         return "- The allocator's peaks were not read."
     same = sum(ledger == allocator for ledger, allocator in pairs)
@@ -445,31 +451,33 @@ def _goal_batch(name: str, batch: int, budget_bytes: int, *, quick: bool
 
 def _compiled(name: str, batch: int, base: _Point) -> tuple[list[dict[str, Any]], str]:
     found, reason = compiled_points(name, batch, repeats=_REPEATS, timeout_s=_COMPILE_CAP_S)
+    timed = [p for p in found if "step_s" in p]
     rows = [{
         "model": name, "contender": "torch.compile",
         "setting": f"activation_memory_budget={p['activation_memory_budget']}", "batch": batch,
         "budget_bytes": None, "predicted_peak_bytes": None, "peak_bytes": p["peak_bytes"],
         "allocator_peak_bytes": p["peak_bytes"], "step_s": p["step_s"],
-        # Against the eager step timed in the same child process: the two processes' times
-        # are not interleaved, so a ratio across them would carry the machine's drift.
+        # Against the eager step interleaved with it in the child process: a ratio across
+        # the two processes would carry the machine's drift.
         "step_vs_unplanned": p["step_s"] / p["eager_step_s"], "flops": None,
         "flops_vs_unplanned": None,
-    } for p in found]
-    if not found:
+    } for p in timed]
+    if not timed:
         return rows, f"- torch.compile: did not run: {reason}."
     described = "; ".join(
         f"budget {p['activation_memory_budget']}: peak {format_bytes(p['peak_bytes'])}, "
         f"step {p['step_s'] / p['eager_step_s']:.2f}x eager (compiled in {p['compile_s']:.0f} s)"
-        for p in found)
-    eager = found[0]["eager_peak_bytes"]
+        for p in timed)
+    eager = timed[0]["eager_peak_bytes"]
     check = ("agrees with the ledger to the byte" if eager == base.peak_bytes
              else f"reads {format_bytes(eager)} against the ledger's "
                   f"{format_bytes(base.peak_bytes)}")
     tail = f" Stopped early: {reason}." if reason else ""
     return rows, (f"- torch.compile (inductor, C++ on the CPU) with activation_memory_budget: "
-                  f"{described}. Peaks from the profiler's allocation events, which on the "
-                  f"eager step {check}; times against the eager step in the same process "
-                  f"(FLOPs not counted inside compiled code).{tail}")
+                  f"{described}. Peaks by the allocator's count (the profiler's allocation "
+                  f"events), which on the eager step {check}; times against the eager step, "
+                  f"interleaved with it in one child process (FLOPs not counted inside "
+                  f"compiled code).{tail}")
 
 
 _COMPILE_CAP_S = 240.0
@@ -544,7 +552,9 @@ def write_runtime_plot(report: BenchReport, path: Path) -> Path:
     styles = {"optimal": ("o", "tab:blue"), "checkpoint_sequential": ("s", "tab:orange"),
               "every block": ("D", "tab:red"), "every 2nd block": ("d", "tab:purple"),
               "op-level SAC": ("P", "tab:brown"), "none": ("*", "black"),
-              "torch.compile": ("^", "tab:green")}
+              "torch.compile": ("^", "tab:green"), "HF checkpointing": ("X", "tab:olive"),
+              "memprop": ("o", "tab:cyan"), "memprop, head option": ("h", "tab:blue"),
+              "memprop compiled": ("v", "tab:pink")}
     for axis, model in zip(axes[0], models, strict=True):
         rows = [r for r in report.rows if r["model"] == model]
         for contender, (marker, color) in styles.items():
