@@ -105,6 +105,7 @@ _PLAIN = "plain"
 _ALIAS = "alias"
 _IDENTITY = "identity"
 _RESIZE = "resize"
+_COMPOSITE = "composite"
 # aten ops that may reallocate their tensor's storage in place (a known storage, a new size).
 _RESIZES = frozenset((torch.ops.aten.resize_.default, torch.ops.aten.resize_as_.default))
 
@@ -121,6 +122,8 @@ def _classify(func: Any) -> Any:
         return _IDENTITY
     if func in _RESIZES:
         return _RESIZE
+    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+        return _COMPOSITE
     if func in _MATMULS:
         return _MATMULS[func]
     formula = flop_registry.get(func.overloadpacket)
@@ -508,6 +511,15 @@ class StorageLedger(TorchDispatchMode):
             # NOTE [ Fake dropout ] Eager dropout in eval mode hands back its input; fake
             # tensors make a fresh output instead. Answer as eager does, so fake equals real.
             return args[0]
+        if kind is _COMPOSITE:
+            # NOTE [ Composite ops under inference_mode ] Autograd decomposes a composite op
+            # (cross_entropy, linear, matmul, scaled_dot_product_attention) before a dispatch
+            # mode sees it, except under torch.inference_mode, which skips autograd: the mode
+            # is then handed the whole op, and what it allocates inside (cross_entropy's
+            # log_softmax) is never seen. Decompose it here, as autograd would.
+            out = self._decomposed(func, args, kwargs)
+            if out is not NotImplemented:
+                return out
         out = func(*args, **kwargs)
         if kind is _ALIAS:
             return out
@@ -542,6 +554,15 @@ class StorageLedger(TorchDispatchMode):
         if self.ops is not None:
             self._log(func, args, kwargs, out, born, count)
         return out
+
+    def _decomposed(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """``func``'s composite decomposition run with this mode active again (it is off
+        while its own hook runs), so that every op inside is seen."""
+        TorchDispatchMode.__enter__(self)
+        try:
+            return func.decompose(*args, **kwargs)
+        finally:
+            TorchDispatchMode.__exit__(self, None, None, None)
 
     def _log(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
              born: int, flops: int) -> None:

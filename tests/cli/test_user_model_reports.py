@@ -30,6 +30,23 @@ class Residual(nn.Module):
         return x
 
 
+class ScoredInForward(nn.Module):
+    """A classifier that computes its loss in its forward, as a Hugging Face model given
+    labels does."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 512))
+
+    def forward(self, x, labels):
+        return F.cross_entropy(self.body(x), labels)
+
+
+def scored_in_forward(batch_size=64):
+    torch.manual_seed(0)
+    return ScoredInForward(), (torch.randn(batch_size, 32), torch.randint(0, 512, (batch_size,)))
+
+
 def compiled(batch_size=8):
     torch.manual_seed(0)
     return torch.compile(Residual()), torch.randn(batch_size, 32)
@@ -78,3 +95,17 @@ def test_a_compiled_model_traced_eagerly_is_not_said_to_be_measured_compiled(
     document = _profile("models.py:compiled_eager_backend")
     assert any("not the compiled one" in note for note in document["notes"])
     assert "not your compiled step" in document["measured"]["source"]
+
+
+def test_the_inference_peak_of_a_loss_computed_in_the_forward_is_the_allocators(
+        models: Path) -> None:
+    """Oracle: the allocator's count of the same inference pass (c10's CPU allocator through
+    torch.profiler, the JSON's measured section). Under torch.inference_mode the ledger was
+    handed cross_entropy whole and missed the log-softmax it makes inside: it read the logits'
+    size low."""
+    document = _profile("models.py:scored_in_forward")
+    assert document["measured"]["inference_peak_bytes"] == \
+        document["memory"]["inference_peak_bytes"]
+    assert document["measured"]["training_peak_bytes"] == \
+        document["memory"]["training_peak_bytes"]
+    assert _profile("models.py:scored_in_forward", "--fake")["memory"] == document["memory"]
