@@ -46,13 +46,13 @@ def render_profile(profile: Profile, console: Console, *, top: int = 12) -> None
         f"loss: {profile.loss_note}",
         profile.blocks_note,
         _steady_state_note(profile),
+        # What measured is, before the notes that say how far it strays from the ledger.
+        *([f"measured: {profile.measured.source}"] if profile.measured is not None else []),
         *profile.notes,
     ]
     if profile.stages and profile.workload.get("mode") == "fake":
         notes.append("stage times: none on fake tensors (nothing is computed); the planner "
                      "prices stages by their FLOPs and bytes moved")
-    if profile.measured is not None:
-        notes.append(f"measured: {profile.measured.source}")
     notes.append(
         "peak: the most bytes held at once by live tensor storages, each counted once; "
         f"the training peak falls in the {profile.peak_phase} pass"

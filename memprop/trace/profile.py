@@ -35,6 +35,7 @@ from memprop.trace.ledger import Category, StorageLedger, op_name
 from memprop.trace.repeated import trace_reusing_blocks
 from memprop.trace.stages import ChainCosts, StageStats
 from memprop.trace.step import StepTrace, TrainingTrace, trace_inference, trace_training
+from memprop.units import format_bytes
 from memprop.workload import Inputs, Workload, to_workload
 
 __all__ = ["Measured", "MemoryTotals", "Profile", "SavedTensor", "Timeline", "profile",
@@ -362,7 +363,7 @@ def _assemble(
         gpu_layers=gpu_layers(backend, peak_bytes),
         closed_form=closed_form_for(workload),
         trace_s=training.wall_s + inference.wall_s,
-        notes=traced.notes,
+        notes=(*traced.notes, *_gap_notes(memory, measured)),
     )
 
 
@@ -394,6 +395,34 @@ def _measured(*, training: AllocatorPeak, inference: AllocatorPeak, what: str) -
     return Measured(training_peak_bytes=training.peak_bytes,
                     inference_peak_bytes=inference.peak_bytes,
                     source=f"{what}the allocator: {training.source}")
+
+
+MEASURED_GAP_NOTED = 0.02
+"""A measured peak this far from the ledger's, as a share of it, is explained in the notes (as
+``memprop run`` warns past the same share)."""
+
+
+def _gap_notes(memory: MemoryTotals, measured: Measured | None) -> tuple[str, ...]:
+    """What the report should say where the allocator's count strays from the ledger's."""
+    if measured is None:
+        return ()
+    notes = []
+    for what, predicted, counted in (
+            ("training", memory.training_peak_bytes, measured.training_peak_bytes),
+            ("inference", memory.inference_peak_bytes, measured.inference_peak_bytes)):
+        gap = counted - predicted
+        if abs(gap) <= MEASURED_GAP_NOTED * predicted:
+            continue
+        figures = (f"measured {what} peak: the allocator counted {format_bytes(abs(gap))} "
+                   f"({abs(gap) / max(1, predicted):.0%}) {'more' if gap > 0 else 'less'} than "
+                   "the ledger")
+        if gap > 0:
+            figures += (": memory a kernel allocates and frees inside one op (scratch, such "
+                        "as oneDNN's in convolutions and bfloat16 matmuls on a CPU) is "
+                        "invisible to the ledger, whose figures the planner uses; leave that "
+                        "room in a budget")
+        notes.append(figures)
+    return tuple(notes)
 
 
 def _what_was_measured(workload: Workload, notes: tuple[str, ...]) -> str:
