@@ -30,6 +30,10 @@ ChunkHead = Annotated[bool, typer.Option(
     "--chunk-head", help="Let the plan compute a Hugging Face causal LM's head and loss in "
     "chunks of tokens, each recomputed in backward (the logits are never made whole; the "
     "model's output logits are then zeros: for loops that read the loss alone).")]
+Compile = Annotated[bool, typer.Option(
+    "--compile", help="Plan the step torch.compile'd: choose torch's activation_memory_budget "
+    "(and with --chunk-head the head's chunks) so that the compiled step's peak, op by op, "
+    "fits the budget; each candidate is traced on fake tensors.")]
 CostModel = Annotated[str, typer.Option(
     "--cost-model",
     help="How recomputation is priced: roofline (FLOPs and bytes moved at this machine's "
@@ -50,6 +54,14 @@ def check_plan_options(strategy: str, cost_model: str, *, fake: bool) -> None:
         raise UsageError(f"{flag}: {error}") from None
 
 
+def check_compiled_options(cost_model: str) -> None:
+    from memprop.plan.compiled import COMPILED_COST_MODELS
+
+    if cost_model not in COMPILED_COST_MODELS:
+        raise UsageError(f"--cost-model {cost_model}: a compiled step is priced by its graphs, "
+                         f"with {' or '.join(COMPILED_COST_MODELS)}")
+
+
 @with_workload_options()
 def plan_command(
     options: WorkloadOptions,
@@ -58,6 +70,7 @@ def plan_command(
     strategy: Strategy = "optimal",
     cost_model: CostModel = "roofline",
     chunk_head: ChunkHead = False,
+    compile: Compile = False,
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", parser=output_path,
         help="Write the plan document; - is standard output.")] = None,
@@ -65,7 +78,8 @@ def plan_command(
     """What to recompute so the training peak fits the budget, at the least extra compute.
 
     Shows uniform (checkpoint_sequential) and no checkpointing beside the chosen strategy, and
-    checks the plan by tracing the planned step on fake tensors."""
+    checks the plan by tracing the planned step on fake tensors. With --compile, the knobs of
+    the torch.compile'd step instead (activation_memory_budget, the head's chunks)."""
     from memprop.plan.api import chain_of
     from memprop.plan.solvers import STRATEGIES, solve
     from memprop.report.terminal_plan import render_plan
@@ -74,6 +88,21 @@ def plan_command(
     console = console_for({"--json": json_path})
     check_plan_options(strategy, cost_model, fake=fake)
     cap = resolve_budget(budget, options.device)
+    if compile:
+        from memprop.plan.compiled import plan_compiled
+        from memprop.report.terminal_compiled import render_compiled_plan
+
+        check_compiled_options(cost_model)
+        with working("planning the compiled step"):
+            workload = build_workload(options, fake=fake, say=console.print)
+            compiled = plan_compiled(workload, cap.bytes, chunk_head=chunk_head,
+                                     cost_model=cost_model)
+        if cap.source != "given":
+            console.print(f"budget: {cap.source}")
+        render_compiled_plan(compiled, console)
+        if json_path is not None:
+            console.print(f"wrote {write_json(json_path, compiled.to_dict())}")
+        return
     if not fake:
         # A plan on real tensors times the unplanned step, which must fit the device first.
         preflight(options, "planning on real tensors runs the unplanned step, which",

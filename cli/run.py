@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -20,7 +20,15 @@ from memprop_cli.options import (
     with_workload_options,
     working,
 )
-from memprop_cli.plan import BudgetOption, ChunkHead, CostModel, Strategy, check_plan_options
+from memprop_cli.plan import (
+    BudgetOption,
+    ChunkHead,
+    Compile,
+    CostModel,
+    Strategy,
+    check_compiled_options,
+    check_plan_options,
+)
 
 
 @with_workload_options()
@@ -31,6 +39,7 @@ def run_command(
     strategy: Strategy = "optimal",
     cost_model: CostModel = "roofline",
     chunk_head: ChunkHead = False,
+    compile: Compile = False,
     json_path: Annotated[Path | None, typer.Option(
         "--json", metavar="PATH", parser=output_path,
         help="Write the run document; - is standard output.")] = None,
@@ -40,7 +49,9 @@ def run_command(
     The first three steps are measured one by one (the loop's first step, then its steady
     state), then --steps more are timed: measured peak against predicted and budget, step time
     against the unplanned step, and whether the gradients match. When the unplanned step does
-    not fit the device, only the planned steps run."""
+    not fit the device, only the planned steps run. With --compile, the steps run
+    torch.compile'd under the compiled plan (memprop plan --compile), against eager unplanned
+    steps."""
     import memprop
     from memprop.blame import is_fake_tensor_limit
     from memprop.estimate.preflight import refuse_unless_it_fits, shortfall
@@ -55,6 +66,10 @@ def run_command(
         raise UsageError(f"--steps {steps}: give at least 1")
     check_plan_options(strategy, cost_model, fake=False)
     cap = resolve_budget(budget, options.device)
+    if compile:
+        _run_compiled(options, cap, steps=steps, cost_model=cost_model, chunk_head=chunk_head,
+                      json_path=json_path, console=console)
+        return
     plan, baseline = None, True
     with working("planning on fake tensors"):
         try:
@@ -105,6 +120,39 @@ def run_command(
         console.print(f"warning: {mismatch}", style="yellow")
     if failure is not None:
         raise failure
+    console.print(f"every measured step within the budget of {format_bytes(plan.budget_bytes)}")
+
+
+def _run_compiled(options: WorkloadOptions, cap: Any, *, steps: int, cost_model: str,
+                  chunk_head: bool, json_path: Path | None, console: Any) -> None:
+    """``memprop run --compile``: the compiled plan, made on fake tensors, run for real and
+    measured by the allocator against the budget."""
+    from memprop.errors import PlanCheckError
+    from memprop.plan.compiled import plan_compiled
+    from memprop.report.terminal_compiled import render_compiled_run
+    from memprop.run.compiled import run_compiled
+
+    check_compiled_options(cost_model)
+    with working("planning the compiled step on fake tensors"):
+        fake = build_workload(options, fake=True, say=console.print)
+        plan = plan_compiled(fake, cap.bytes, chunk_head=chunk_head, cost_model=cost_model)
+    with working("running the compiled steps"):
+        result = run_compiled(build_workload(options, fake=False), plan, steps=steps)
+    if cap.source != "given":
+        console.print(f"budget: {cap.source}")
+    render_compiled_run(result, console)
+    if json_path is not None:
+        console.print(f"wrote {write_json(json_path, result.to_dict())}")
+    if not result.gradients_match:
+        console.print("warning: the compiled step's gradients differ from the eager step's by "
+                      f"more than {result.gradients_rtol:g} of their largest magnitude",
+                      style="yellow")
+    if result.allocator_peak_bytes > plan.budget_bytes:
+        raise PlanCheckError(
+            f"the compiled steps peaked at {format_bytes(result.allocator_peak_bytes)} by the "
+            f"allocator's count, over the budget of {format_bytes(plan.budget_bytes)} (held "
+            f"{format_bytes(plan.bound_peak_bytes)} op by op): memprop's bound on this compiled "
+            "step is wrong, which is a memprop bug: please report it with the run's JSON")
     console.print(f"every measured step within the budget of {format_bytes(plan.budget_bytes)}")
 
 

@@ -181,6 +181,8 @@ def plan_compiled(workload: Workload, budget_bytes: int, *, chunk_head: bool = F
                          f"{', '.join(COMPILED_COST_MODELS)}")
     probes = probes if probes is not None else CompiledProbes(cost_model=cost_model)
     reference = probes.get(workload, 1.0, 0)
+    if budget_bytes < _floor_bytes(workload):  # no knob goes below it: no search
+        raise _infeasible(workload, budget_bytes, [reference])
     heads = [0]
     chunks = _head_chunks(workload) if chunk_head else 0
     if chunks:
@@ -205,14 +207,7 @@ def plan_compiled(workload: Workload, budget_bytes: int, *, chunk_head: bool = F
     tried = list(dict.fromkeys(tried))
     fitting = [c for c in tried if c.bound_peak_bytes <= budget_bytes]
     if not fitting:
-        least = min(c.bound_peak_bytes for c in tried)
-        raise BudgetInfeasibleError(
-            f"budget {format_bytes(budget_bytes)} is below every compiled step memprop tried "
-            f"for {workload.name}: the least peak held was {format_bytes(least)} (op by op, "
-            f"activation_memory_budget "
-            f"{min(tried, key=lambda c: c.bound_peak_bytes).activation_memory_budget:g}): raise "
-            f"--budget to at least {format_bytes(least)} or lower --batch",
-            budget_bytes=budget_bytes, min_feasible_bytes=least)
+        raise _infeasible(workload, budget_bytes, tried)
     chosen = min(fitting, key=lambda c: (c.cost, -c.activation_memory_budget, c.head_chunks))
     return CompiledPlan(
         budget_bytes=budget_bytes,
@@ -227,6 +222,30 @@ def plan_compiled(workload: Workload, budget_bytes: int, *, chunk_head: bool = F
         candidates=tuple(tried),
         notes=(HELD_NOTE,),
     )
+
+
+def _infeasible(workload: Workload, budget_bytes: int, tried: list[CompiledCandidate]
+                ) -> BudgetInfeasibleError:
+    least = min(tried, key=lambda c: c.bound_peak_bytes)
+    head = f"in {least.head_chunks} chunks" if least.head_chunks else "as it is"
+    return BudgetInfeasibleError(
+        f"budget {format_bytes(budget_bytes)} is below every compiled step memprop tried for "
+        f"{workload.name}: the least peak held was {format_bytes(least.bound_peak_bytes)} (op "
+        f"by op, activation_memory_budget {least.activation_memory_budget:g}, the head "
+        f"{head}): raise "
+        f"--budget to at least {format_bytes(least.bound_peak_bytes)} or lower --batch",
+        budget_bytes=budget_bytes, min_feasible_bytes=least.bound_peak_bytes)
+
+
+def _floor_bytes(workload: Workload) -> int:
+    """Bytes every compiled step holds at once whatever its knobs: the parameters, their
+    gradients (all live when backward ends) and the inputs, each storage once."""
+    model = original(workload.model)
+    storages: dict[Any, int] = {}
+    for tensor in (*model.parameters(), *workload.input_tensors):
+        storages[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+    gradients = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return sum(storages.values()) + gradients
 
 
 HELD_NOTE = ("the peak held to the budget is the compiled step's op by op (every fused-away "
