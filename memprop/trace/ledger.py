@@ -517,7 +517,14 @@ class StorageLedger(TorchDispatchMode):
             # mode sees it, except under torch.inference_mode, which skips autograd: the mode
             # is then handed the whole op, and what it allocates inside (cross_entropy's
             # log_softmax) is never seen. Decompose it here, as autograd would.
-            out = self._decomposed(func, args, kwargs)
+            # The mode is off while its own hook runs: entered again for the ops inside.
+            # Inline, not a helper: an error in the user's model then passes through this
+            # hook alone, which NOTE [ Blame ] (memprop.blame) counts as a relay.
+            TorchDispatchMode.__enter__(self)
+            try:
+                out = func.decompose(*args, **kwargs)
+            finally:
+                TorchDispatchMode.__exit__(self, None, None, None)
             if out is not NotImplemented:
                 return out
         out = func(*args, **kwargs)
@@ -554,15 +561,6 @@ class StorageLedger(TorchDispatchMode):
         if self.ops is not None:
             self._log(func, args, kwargs, out, born, count)
         return out
-
-    def _decomposed(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """``func``'s composite decomposition run with this mode active again (it is off
-        while its own hook runs), so that every op inside is seen."""
-        TorchDispatchMode.__enter__(self)
-        try:
-            return func.decompose(*args, **kwargs)
-        finally:
-            TorchDispatchMode.__exit__(self, None, None, None)
 
     def _log(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
              born: int, flops: int) -> None:

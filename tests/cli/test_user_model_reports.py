@@ -55,6 +55,23 @@ def patch_embedding(batch_size=8):
     return model, torch.randn(batch_size, 3, 64, 64)
 
 
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.l(x)
+        if h.sum() > 0:  # bool(tensor): aten.is_nonzero, a composite op that reads a value
+            return h
+        return -h
+
+
+def branches(batch_size=8):
+    torch.manual_seed(0)
+    return Branches(), torch.randn(batch_size, 16)
+
+
 def compiled(batch_size=8):
     torch.manual_seed(0)
     return torch.compile(Residual()), torch.randn(batch_size, 32)
@@ -136,3 +153,14 @@ def test_a_measured_peak_above_the_ledgers_is_explained_with_the_gap(models: Pat
                      - document["memory"]["inference_peak_bytes"])
     assert any(note.startswith("measured inference peak") for note in document["notes"]) == \
         (abs(inference_gap) > 0.02 * document["memory"]["inference_peak_bytes"])
+
+
+def test_a_forward_that_branches_on_a_value_is_the_users_not_a_bug(models: Path) -> None:
+    """Oracle: NOTE [ Blame ]'s contract, exit 0 on real tensors (the fake pre-check skipped, as
+    for any code that reads values) and one line, exit 2, with --fake. bool(tensor) reaches the
+    ledger as a composite op under inference_mode; decomposing it there must not make the
+    fake tensors' refusal look like memprop's own error (it exited 1 with a traceback)."""
+    assert CliRunner().invoke(app, ["profile", "--model", "models.py:branches"]).exit_code == 0
+    fake = CliRunner().invoke(app, ["profile", "--model", "models.py:branches", "--fake"])
+    assert fake.exit_code == 2
+    assert fake.stderr.startswith("memprop: error: ") and "Traceback" not in fake.output
