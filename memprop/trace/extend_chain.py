@@ -73,8 +73,8 @@ def _chain_names(block_name: Callable[[int], str], template: int, depth: int,
 def _stages(chains: Sequence[ChainCosts], block_name: Callable[[int], str], depth: int
             ) -> tuple[StageStats, ...]:
     """The stages at ``depth`` from the chains traced at ``DEPTHS``: the middle block's
-    repeated (the next depth's middle blocks must be it), every other stage linear in depth
-    (the first stage's backward may hold the optimizer's ops, one per parameter)."""
+    repeated (the next depth's middle blocks must be it), the first and last blocks linear in
+    depth, the stages around the blocks the same at every depth."""
     roles = []
     for k, chain in zip(DEPTHS, chains, strict=True):
         at, _ = _chain_names(block_name, k, k, [s.name for s in chain.stages])
@@ -85,16 +85,23 @@ def _stages(chains: Sequence[ChainCosts], block_name: Callable[[int], str], dept
     if any(_untimed([s]) != _untimed([middle]) for s in roles[2][2]):
         raise NotRepeating("the middle block's statistics, repeated, are not the next depth's")
     template = roles[1]
-    before = [linear([r[0][i] for r in roles], depth, "a stage before the blocks")
+    before = [_same([r[0][i] for r in roles], "a stage before the blocks")
               for i in range(len(template[0]))]
     first, last = (linear([r[role] for r in roles], depth, "a block's statistics")
                    for role in (1, 3))
-    after = [linear([r[4][i] for r in roles], depth, "a stage after the blocks")
+    after = [_same([r[4][i] for r in roles], "a stage after the blocks")
              for i in range(len(template[4]))]
     blocks = [first, *([middle] * (depth - 2)), last]
     grown = [*before, *(dataclasses.replace(s, name=block_name(c))
                         for c, s in enumerate(blocks)), *after]
     return tuple(dataclasses.replace(s, index=i) for i, s in enumerate(grown))
+
+
+def _same(stages: Sequence[StageStats], what: str) -> StageStats:
+    """A stage outside the blocks, which must not change with depth (its times aside)."""
+    if any(_untimed([s]) != _untimed(stages[:1]) for s in stages[1:]):
+        raise NotRepeating(f"{what} changes with depth")
+    return stages[0]
 
 
 def _untimed(stages: Sequence[StageStats]) -> list[StageStats]:

@@ -22,10 +22,10 @@ The blocks' segments of the clock come from hooks (``memprop.trace.block_clocks`
 block's forward, the backward's arrival at its output, and the optimizer's first touch of its
 parameters (an optimizer that runs per parameter, AdamW on the CPU, updates block after
 block); the construction itself is ``memprop.trace.extend``. The planner's chain is extended
-apart, by ``memprop.trace.extend_chain`` (its middle block's statistics repeated, the rest
-linear in depth over 2, 3 and 4: the first stage's backward holds the optimizer's in-place
-ops, one per parameter); the planner's trace, which needs the chain alone, is held to the
-chain's checks alone.
+apart, by ``memprop.trace.extend_chain`` (its middle block's statistics repeated, the first
+and last blocks' linear in depth over 2, 3 and 4, the stages around the blocks the same at
+every depth); the planner's trace, which needs the chain alone, is held to the chain's checks
+alone.
 
 The cost: 9 blocks traced however deep the model is, plus the construction, linear in depth.
 Known limitations: an optimizer that updates every parameter in one op (``foreach``, the

@@ -295,9 +295,12 @@ def _regions(run: BlockRun, recorder: CallRecorder, root: Call, forward_started_
 def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *, root: Call,
                 forward_started_s: float, forward_end: int, backward_end: int,
                 backward_end_s: float, end: int, has_optimizer: bool,
-                ) -> ChainCosts | None:
+                backward_end_op: int | None = None) -> ChainCosts | None:
     """The stages of ``run`` and the memory around them, from one traced step (NOTE [ Whose
-    storage is it ]). None when the backward never reached the blocks."""
+    storage is it ]). None when the backward never reached the blocks. ``backward_end_op``:
+    where the optimizer's ops begin in the op log (None: all ops are the step's forward and
+    backward); an optimizer that updates in place makes no storage, so its ops share the
+    backward's last tick and the clock alone would count them in the first stage's backward."""
     regions = _regions(run, recorder, root, forward_started_s)
     if any(r.mark is None for r in regions if not r.pinned):
         return None
@@ -313,6 +316,7 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
     read_by_blocks = {r.index for call in run.calls for r in call.inputs}
     held = (Category.SAVED_ACTIVATIONS, Category.TEMPORARIES)
     flops, ops = ledger.tick_flops, ledger.ops or []
+    backward_log = ops if backward_end_op is None else ops[:backward_end_op]
     # Records by birth, so that a stage's are a slice: time linear in depth, not quadratic.
     by_birth = sorted(ledger.records, key=lambda r: r.born)
     births = [r.born for r in by_birth]
@@ -351,7 +355,7 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
                 else None)
         forward_ops = (ops[call.first_op:call.last_op] if call is not None
                        else _between(ops, start, stop))
-        backward_ops = _between(ops, back_start, back_stop)
+        backward_ops = _between(backward_log, back_start, back_stop)
         stats.append(StageStats(
             index=index,
             name=region.stage.name,

@@ -232,6 +232,9 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False,
             ledger.module = ""
         elif phase == "optimizer":
             marks["backward_end"] = ledger.clock
+            # The optimizer's in-place updates make no storage: they share the backward's last
+            # tick, and only their place in the op log tells them apart.
+            marks["backward_end_op"] = len(ledger.ops or ())
             backward_end_s = time.perf_counter()
             if workload.optimizer is None:
                 return  # no optimizer phase: the step ends with the backward
@@ -261,6 +264,7 @@ def trace_training_step(workload: Workload, *, create_graph: bool = False,
         chain = chain_costs(run, recorder, ledger, root=root, forward_started_s=started,
                             forward_end=forward_end, backward_end=backward_end,
                             backward_end_s=backward_end_s, end=end,
+                            backward_end_op=marks["backward_end_op"],
                             has_optimizer=workload.optimizer is not None)
     note = "" if chain is not None else why_none(recorder.calls, workload.model)
     return StepTrace(
