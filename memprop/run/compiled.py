@@ -12,8 +12,10 @@ would be found there. So each module compiles a function with a code object of i
 (``memprop.trace.aot``'s fresh call) that calls the model: dynamo traces it, and the model's
 forward inlined in it, afresh. AOTAutograd's cache keys on functorch's config (the budget
 included) and inductor's on the partitioned graph, so a hit there is the same step. The head
-option is installed around each call and the key/value cache of a Hugging Face model is off,
-as when the plan was traced.
+option is installed once, while the module lives (``remove_head`` takes it off: installed per
+call, its hooks would be new objects at each step, which dynamo guards on, and every step
+would recompile); the key/value cache of a Hugging Face model is off in each call, as when the
+plan was traced.
 
 Known limitations: a graph break resumes in the model's own frames, whose compiled code is
 shared with other compiles of the class (planning refuses graph breaks: ``fullgraph``).
@@ -62,6 +64,8 @@ class CompiledPlanModule(nn.Module):
         self.module = module
         self.plan = plan
         self._compiled = torch.compile(fresh_call("memprop_planned_step"), dynamic=False)
+        self._head = contextlib.ExitStack()
+        self._head.enter_context(chunked_head(original(module), plan.head_chunks))
         self.register_state_dict_post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
 
@@ -71,8 +75,14 @@ class CompiledPlanModule(nn.Module):
         plain = original(self.module)
         with functorch_config.patch(activation_memory_budget=self.plan.activation_memory_budget,
                                     force_non_lazy_backward_lowering=True), \
-                without_caches(plain), chunked_head(plain, self.plan.head_chunks):
+                without_caches(plain):
             return self._compiled(plain, args, kwargs)
+
+    def remove_head(self) -> None:
+        """Take the head option off the model (it stays installed while this module lives:
+        installed per call, its hooks would be new objects each step, and dynamo's guards on
+        them would recompile the step every time)."""
+        self._head.close()
 
 
 def compiled_module(model: nn.Module, plan: CompiledPlan) -> CompiledPlanModule:
@@ -158,6 +168,7 @@ def run_compiled(workload: Workload, plan: CompiledPlan, steps: int = 5,
         workload.forward()  # the compile, outside the measured steps
         restore_state(workload, start)
         planned = _run(workload, steps, measured_steps, device)
+    compiled.remove_head()
     restore_state(workload, start)
     with _model(workload, plain), without_caches(plain):
         eager = _run(workload, steps, measured_steps, device)
