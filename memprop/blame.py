@@ -32,7 +32,7 @@ import torch
 
 from memprop.errors import MemPropError, ModelError, OutOfMemoryError
 
-__all__ = ["is_fake_tensor_limit", "is_out_of_memory", "user_code"]
+__all__ = ["is_fake_kernel_refusal", "is_fake_tensor_limit", "is_out_of_memory", "user_code"]
 
 _MEMPROP = str(Path(__file__).resolve().parent) + os.sep
 _TORCH = str(Path(torch.__file__).resolve().parent) + os.sep
@@ -69,6 +69,22 @@ def is_fake_tensor_limit(error: BaseException) -> bool:
     """Whether ``error`` (or what it wraps) is fake tensors refusing code that reads values."""
     while error is not None:
         if type(error).__name__ in _FAKE_TENSOR_LIMITS:
+            return True
+        error = error.__cause__  # type: ignore[assignment]
+    return False
+
+
+_FAKE_TENSOR_FILE = os.path.join(_TORCH, "_subclasses", "fake_tensor.py")
+
+
+def is_fake_kernel_refusal(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps) was raised inside torch's fake-tensor dispatch, by
+    an op's fake (meta) kernel: one that can be stricter than the real kernel (the meta kernel
+    of ``grouped_mm`` asks for bfloat16, which the CPU kernel does not), so a model that fails
+    there may still run on real tensors."""
+    while error is not None:
+        frames = traceback.extract_tb(error.__traceback__)
+        if any(os.path.realpath(frame.filename) == _FAKE_TENSOR_FILE for frame in frames):
             return True
         error = error.__cause__  # type: ignore[assignment]
     return False
@@ -164,4 +180,8 @@ def user_code(what: str) -> Iterator[None]:
         if name in _FAKE_TENSOR_LIMITS:
             message += (" (fake tensors have shapes but no values, so code that reads values "
                         "cannot be traced on them: trace on real tensors instead)")
+        elif is_fake_kernel_refusal(error):
+            message += (" (on fake tensors, in torch's fake kernel of an op, which can refuse "
+                        "what the real kernel runs: if the model trains in plain PyTorch, "
+                        "trace it on real tensors)")
         raise ModelError(message + (f" (at {where})" if where else "")) from error

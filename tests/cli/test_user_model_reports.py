@@ -5,6 +5,8 @@ step the allocator counted, the allocator's own figures."""
 from __future__ import annotations
 
 import json
+import sys
+from importlib import import_module
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,24 @@ class Branches(nn.Module):
 def branches(batch_size=8):
     torch.manual_seed(0)
     return Branches(), torch.randn(batch_size, 16)
+
+
+class Grouped(nn.Module):
+    """Experts as one grouped matrix product, as transformers' MoE layers run them: the CPU
+    kernel takes float32, the fake (meta) kernel of torch asks for bfloat16."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.Parameter(torch.randn(2, 16, 16) / 4)
+
+    def forward(self, x):
+        offsets = torch.tensor([x.shape[0] // 2, x.shape[0]], dtype=torch.int32)
+        return torch.tanh(F.grouped_mm(x, self.experts, offs=offsets))
+
+
+def grouped(batch_size=8):
+    torch.manual_seed(0)
+    return Grouped(), torch.randn(batch_size, 16)
 
 
 def compiled(batch_size=8):
@@ -164,3 +184,25 @@ def test_a_forward_that_branches_on_a_value_is_the_users_not_a_bug(models: Path)
     fake = CliRunner().invoke(app, ["profile", "--model", "models.py:branches", "--fake"])
     assert fake.exit_code == 2
     assert fake.stderr.startswith("memprop: error: ") and "Traceback" not in fake.output
+
+
+def test_an_op_whose_fake_kernel_is_stricter_runs_for_real_and_fake_says_why(
+        models: Path) -> None:
+    """Oracle: plain PyTorch trains the model (torch's CPU kernel of grouped_mm takes float32);
+    torch's meta kernel refuses float32. The real profile must run, unchecked on fake tensors
+    as for code that reads values (it exited 2 blaming the model), its gradients the size of
+    the parameter's; --fake must say the refusal is the fake kernel's."""
+    sys.path.insert(0, str(models))
+    try:
+        model, inputs = import_module("models").grouped()
+    finally:
+        sys.path.remove(str(models))
+        sys.modules.pop("models", None)
+    model(inputs).mean().backward()
+    assert model.experts.grad is not None
+    real = CliRunner().invoke(app, ["profile", "--model", "models.py:grouped", "--json", "-"])
+    assert real.exit_code == 0, real.output
+    assert json.loads(real.stdout)["memory"]["gradients_bytes"] == model.experts.grad.nbytes
+    fake = CliRunner().invoke(app, ["profile", "--model", "models.py:grouped", "--fake"])
+    assert fake.exit_code == 2
+    assert "(on fake tensors, in torch's fake kernel of an op" in fake.stderr
