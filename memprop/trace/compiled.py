@@ -9,7 +9,9 @@ activations are the partitioner's, exactly, and the temporaries inside the graph
 bound. Where that cannot be done (a graph break, dynamic shapes, a backend other than
 inductor), and for what runs eagerly under a plan (planning traces, the inference pass), the
 module that ``torch.compile`` wrapped (``_orig_mod``, the same parameters) is traced eagerly,
-and the report says so.
+and the report says so. A compiled step planned as such (``memprop.plan.compiled``: the
+partitioner's activation memory budget and the head option chosen for a peak budget) is
+traced from its graphs too, each candidate on fake tensors.
 """
 
 from __future__ import annotations
