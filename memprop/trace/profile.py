@@ -363,7 +363,7 @@ def _assemble(
         gpu_layers=gpu_layers(backend, peak_bytes),
         closed_form=closed_form_for(workload),
         trace_s=training.wall_s + inference.wall_s,
-        notes=(*traced.notes, *_gap_notes(memory, measured)),
+        notes=(*traced.notes, *_frozen_note(workload), *_gap_notes(memory, measured)),
     )
 
 
@@ -395,6 +395,22 @@ def _measured(*, training: AllocatorPeak, inference: AllocatorPeak, what: str) -
     return Measured(training_peak_bytes=training.peak_bytes,
                     inference_peak_bytes=inference.peak_bytes,
                     source=f"{what}the allocator: {training.source}")
+
+
+def _frozen_note(workload: Workload) -> tuple[str, ...]:
+    """Where some parameters are frozen (a LoRA adapter's base, a fine-tuned head alone), how
+    many bytes of them train: only those have gradients and optimizer state."""
+    trained = frozen = 0
+    for parameter in original(workload.model).parameters():
+        size = parameter.numel() * parameter.element_size()
+        if parameter.requires_grad:
+            trained += size
+        else:
+            frozen += size
+    if not (trained and frozen):
+        return ()
+    return (f"parameters: {format_bytes(trained)} of them trainable, {format_bytes(frozen)} "
+            "frozen (requires_grad=False: no gradients, no optimizer state)",)
 
 
 MEASURED_GAP_NOTED = 0.02

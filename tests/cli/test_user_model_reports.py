@@ -92,6 +92,17 @@ def grouped(batch_size=8):
     return Grouped(), torch.randn(batch_size, 16)
 
 
+def adapted(batch_size=8):
+    """A frozen base with a trainable low-rank adapter beside it, as LoRA makes one."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 64)
+    base.requires_grad_(False)
+    adapter = nn.Sequential(nn.Linear(64, 4, bias=False), nn.Linear(4, 64, bias=False))
+    model = nn.ModuleDict({"base": base, "adapter": adapter})
+    model.forward = lambda x: model["base"](x) + model["adapter"](x)
+    return model, torch.randn(batch_size, 64)
+
+
 def compiled(batch_size=8):
     torch.manual_seed(0)
     return torch.compile(Residual()), torch.randn(batch_size, 32)
@@ -206,3 +217,15 @@ def test_an_op_whose_fake_kernel_is_stricter_runs_for_real_and_fake_says_why(
     fake = CliRunner().invoke(app, ["profile", "--model", "models.py:grouped", "--fake"])
     assert fake.exit_code == 2
     assert "(on fake tensors, in torch's fake kernel of an op" in fake.stderr
+
+
+def test_frozen_parameters_are_told_apart_from_the_trained(models: Path) -> None:
+    """Oracle: the adapter's parameter shapes by hand (64x4 and 4x64 float32, the trained ones;
+    the base's 64x64 weight and 64 bias, frozen), and the gradients' total, which only the
+    trained parameters have."""
+    document = _profile("models.py:adapted")
+    trained, frozen = 2 * 64 * 4 * 4, (64 * 64 + 64) * 4
+    assert document["memory"]["gradients_bytes"] == trained
+    assert document["memory"]["parameters_bytes"] == trained + frozen
+    assert (f"parameters: {format_bytes(trained)} of them trainable, {format_bytes(frozen)} "
+            "frozen") in " ".join(document["notes"])
