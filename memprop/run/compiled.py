@@ -24,8 +24,6 @@ shared with other compiles of the class (planning refuses graph breaks: ``fullgr
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +34,7 @@ from torch import nn
 from memprop.devices.allocator import AllocatorMeter, allocator_source, step_state_tensors
 from memprop.loop import training_step, zero_gradients
 from memprop.plan.compiled import CompiledPlan
+from memprop.run.measure import gradients_close, timed_steps
 from memprop.trace.aot import fresh_call
 from memprop.trace.caches import without_caches
 from memprop.trace.compiled import original
@@ -178,7 +177,8 @@ def run_compiled(workload: Workload, plan: CompiledPlan, steps: int = 5,
         baseline_allocator_step_peaks_bytes=eager.peaks,
         allocator_source=allocator_source(device),
         step_s=planned.step_s, baseline_step_s=eager.step_s,
-        gradients_match=_close(planned.first_gradients, eager.first_gradients))
+        gradients_match=gradients_close(planned.first_gradients, eager.first_gradients, device,
+                                        COMPILED_GRADIENT_RTOL))
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,32 +200,7 @@ def _run(workload: Workload, steps: int, measured_steps: int, device: torch.devi
         if index == 0:
             first = [None if p.grad is None else p.grad.detach().clone()
                      for p in workload.model.parameters()]
-    times = []
-    for _ in range(steps):
-        zero_gradients(workload)
-        _sync(device)
-        started = time.perf_counter()
-        training_step(workload)
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return _Steps(tuple(peaks), first, statistics.median(times))
-
-
-def _close(planned: list[torch.Tensor | None], eager: list[torch.Tensor | None]) -> bool:
-    if len(planned) != len(eager):
-        return False
-    for x, y in zip(planned, eager, strict=True):
-        if x is None or y is None:
-            if x is not y:
-                return False
-        elif (x - y).abs().max() > COMPILED_GRADIENT_RTOL * y.abs().max():
-            return False
-    return True
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return _Steps(tuple(peaks), first, timed_steps(workload, steps, device))
 
 
 @contextlib.contextmanager

@@ -41,7 +41,8 @@ from memprop.trace.step import register_step_state
 from memprop.units import format_bytes
 from memprop.workload import Workload, restore_state, save_state
 
-__all__ = ["PREDICTION_TOLERANCE", "RunResult", "check_run", "not_run", "run_plan"]
+__all__ = ["PREDICTION_TOLERANCE", "RunResult", "check_run", "gradients_close", "not_run",
+           "run_plan", "timed_steps"]
 
 GPU_GRADIENT_RTOL = 1e-4
 """Relative tolerance for gradients on a GPU, where a recomputed kernel may reduce in another
@@ -274,6 +275,16 @@ def _run(workload: Workload, steps: int, measured_steps: int, device: torch.devi
         allocator_peaks.append(allocator_peak)
         gradients.append([None if p.grad is None else p.grad.detach().clone()
                           for p in workload.model.parameters()])
+    step_s = timed_steps(workload, steps, device)
+    buffers = [b.detach().clone() for b in workload.model.buffers()]
+    return _Measured(peaks=tuple(peaks), allocator_peaks=tuple(allocator_peaks),
+                     gradients=gradients, buffers=buffers, step_s=step_s,
+                     measured_step_s=statistics.median(measured_times))
+
+
+def timed_steps(workload: Workload, steps: int, device: torch.device) -> float:
+    """The median seconds of ``steps`` training steps of ``workload``, untraced, each from the
+    loop's ``zero_grad``."""
     times = []
     for _ in range(steps):
         zero_gradients(workload)
@@ -282,10 +293,7 @@ def _run(workload: Workload, steps: int, measured_steps: int, device: torch.devi
         training_step(workload)
         _sync(device)
         times.append(time.perf_counter() - started)
-    buffers = [b.detach().clone() for b in workload.model.buffers()]
-    return _Measured(peaks=tuple(peaks), allocator_peaks=tuple(allocator_peaks),
-                     gradients=gradients, buffers=buffers, step_s=statistics.median(times),
-                     measured_step_s=statistics.median(measured_times))
+    return statistics.median(times)
 
 
 def _measured_step(workload: Workload, device: torch.device) -> tuple[int, int]:
@@ -316,6 +324,13 @@ def _comparable(plan: Plan, planned: list[list[torch.Tensor | None]],
     update, divided by the gradient's own scale, amplifies it where gradients are near 0)."""
     pairs = list(zip(planned, unplanned, strict=True))
     return pairs[:1] if plan.head_chunks else pairs
+
+
+def gradients_close(a: list[torch.Tensor | None], b: list[torch.Tensor | None],
+                    device: torch.device, rtol: float) -> bool:
+    """Whether each tensor of ``a`` is within ``rtol`` times the largest magnitude of its
+    counterpart in ``b`` (None only against None)."""
+    return _same(a, b, device, rtol=rtol)
 
 
 def _same(a: list[torch.Tensor | None], b: list[torch.Tensor | None], device: torch.device,
