@@ -14,6 +14,9 @@ from typer.testing import CliRunner
 
 from memprop_cli.main import app
 
+# memprop.blame tells the user's frames from memprop's by where memprop is installed.
+pytestmark = pytest.mark.install
+
 MODELS = textwrap.dedent('''
     import torch
     from torch import nn

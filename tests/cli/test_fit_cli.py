@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from memprop.closed_form import SeedShape, closed_form
@@ -18,6 +19,7 @@ def _peak(batch: int) -> int:
     return closed_form(shape)["training_peak_bytes"]
 
 
+@pytest.mark.install
 def test_fit_real_writes_its_document(tmp_path: Path) -> None:
     out = tmp_path / "fit.json"
     budget = _peak(200) + 10

@@ -199,6 +199,7 @@ def test_sys_exit_in_a_factory_is_said(project: Path) -> None:
     assert "called sys.exit(3)" in err and "factories.py:" in err
 
 
+@pytest.mark.install
 def test_a_package_file_with_relative_imports_is_imported_as_part_of_its_package(
         project: Path) -> None:
     (project / "pkg").mkdir()

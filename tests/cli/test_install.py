@@ -2,11 +2,15 @@
 
 The other tests run on an editable install, which imports from the checkout and so cannot see a
 package that the wheel leaves out (``memprop.blocks`` and ``memprop.distribute`` once were).
-CI also installs the wheel in a fresh environment and runs the CLI tests against it.
+CI also installs the wheel in a fresh environment and runs there, from a folder outside the
+checkout, the tests marked ``install``: those that can see a broken install (every module
+imported, every command once, a ``--model`` file, launched ranks that import memprop).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import shutil
 import subprocess
 import sys
@@ -14,6 +18,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+import memprop
+import memprop_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 """The checkout (absent when these tests run against an installed memprop, as CI's wheel job
@@ -55,3 +62,14 @@ def test_the_wheel_holds_every_package_and_the_command(tmp_path: Path) -> None:
     entry_points = next(name for name in files if name.endswith("entry_points.txt"))
     assert "memprop = memprop_cli.main:main" in zipfile.ZipFile(wheel).read(
         entry_points).decode()
+
+
+@pytest.mark.install
+def test_every_module_of_the_installed_packages_imports() -> None:
+    # Most modules are imported lazily, by the command that needs them: a dependency the
+    # install lacks, or a module the wheel left out that another imports at its top, shows
+    # only when that command runs, or here. (A module no other imports at its top is seen by
+    # the command tests marked install, and by the wheel's file list above.)
+    for package in (memprop, memprop_cli):
+        for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            importlib.import_module(module.name)

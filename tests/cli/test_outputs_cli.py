@@ -63,6 +63,7 @@ def test_sweep_plot_without_matplotlib_is_refused_before_the_sweep(
     assert "pip install 'memprop[plot]'" in result.stderr
 
 
+@pytest.mark.install
 def test_bench_keeps_reports_on_disk_unless_asked(tmp_path: Path) -> None:
     (tmp_path / "planner-solve-times.md").write_text("mine")
     runner = CliRunner()

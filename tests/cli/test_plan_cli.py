@@ -27,6 +27,7 @@ def _plan(runner: CliRunner, tmp_path: Path, budget: str, *extra: str) -> dict[s
     return document
 
 
+@pytest.mark.install
 def test_plan_fits_a_budget_below_the_unplanned_peak(runner: CliRunner, tmp_path: Path) -> None:
     generous = _plan(runner, tmp_path, "1GiB", "--cost-model", "flops")
     baseline = generous["baseline"]["peak_bytes"]  # type: ignore[index]
@@ -77,6 +78,7 @@ def test_plan_bad_input_exits_2(runner: CliRunner, args: list[str], message: str
     assert message in result.stderr
 
 
+@pytest.mark.install
 def test_run_measures_the_plan_and_matches_gradients(runner: CliRunner, tmp_path: Path) -> None:
     planned = _plan(runner, tmp_path, "1GiB", "--cost-model", "flops")
     floor, baseline = planned["min_feasible_bytes"], planned["baseline"]["peak_bytes"]  # type: ignore[index]

@@ -21,6 +21,7 @@ def runner() -> CliRunner:
     return CliRunner()
 
 
+@pytest.mark.install
 def test_profile_prints_the_report_and_writes_design_json(
     runner: CliRunner, tmp_path: Path
 ) -> None:
@@ -99,6 +100,7 @@ def factory_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.install
 def test_model_factory_from_a_file(runner: CliRunner, factory_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "p.json"
     result = runner.invoke(app, ["profile", "--model", f"{factory_file}:build", "--batch", "4",
@@ -168,6 +170,7 @@ def test_profile_flags_are_pinned() -> None:
     }
 
 
+@pytest.mark.install
 def test_version(runner: CliRunner) -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and memprop.__version__ in result.stdout

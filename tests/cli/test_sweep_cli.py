@@ -18,6 +18,7 @@ from memprop_cli.main import app
 SMALL = ["--input-dim", "16", "--hidden", "32", "--classes", "4"]
 
 
+@pytest.mark.install
 def test_sweep_writes_its_document(tmp_path: Path) -> None:
     out = tmp_path / "sweep.json"
     result = CliRunner().invoke(app, ["sweep", *SMALL, "--batch", "1,8,64", "--depth", "1,2",
@@ -36,6 +37,7 @@ def test_sweep_writes_its_document(tmp_path: Path) -> None:
                              "saved_activations_bytes", "status"}
 
 
+@pytest.mark.install
 def test_sweep_plot(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "sweep.svg"

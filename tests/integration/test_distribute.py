@@ -273,6 +273,7 @@ def _rank_factory(folder: Path) -> str:
     return f"{folder / 'ranks.py'}:make"
 
 
+@pytest.mark.install
 def test_the_rank_that_raised_is_named_and_the_factory_shadows_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A checkout named memprop beside the factory: the ranks must still import the real one.

@@ -203,6 +203,7 @@ def test_concurrent_processes_measure_once(fresh: list[str],
     assert len(calls) == 1 and found == [KNOWN] * 3
 
 
+@pytest.mark.install
 def test_memprop_calibrate_measures_again_and_prints_both(fresh: list[str],
                                                           tmp_path: Path) -> None:
     key = calibration.machine_key("cpu")
