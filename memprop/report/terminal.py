@@ -46,9 +46,11 @@ def render_profile(profile: Profile, console: Console, *, top: int = 12) -> None
         f"loss: {profile.loss_note}",
         profile.blocks_note,
         _steady_state_note(profile),
-        # What measured is, before the notes that say how far it strays from the ledger.
+        # How the step was traced, then what measured is, then how far it strays (the notes
+        # memprop.trace.profile writes about it start with "measured ").
+        *[note for note in profile.notes if not note.startswith("measured ")],
         *([f"measured: {profile.measured.source}"] if profile.measured is not None else []),
-        *profile.notes,
+        *[note for note in profile.notes if note.startswith("measured ")],
     ]
     if profile.stages and profile.workload.get("mode") == "fake":
         notes.append("stage times: none on fake tensors (nothing is computed); the planner "

@@ -179,7 +179,9 @@ def test_a_measured_peak_above_the_ledgers_is_explained_with_the_gap(models: Pat
     assert gap > 0.02 * document["memory"]["training_peak_bytes"]
     said = (f"measured training peak: the allocator counted {format_bytes(gap)}")
     assert any(note.startswith(said) for note in document["notes"])
-    assert said in " ".join(result.stderr.split())
+    report = " ".join(result.stderr.split())
+    assert said in report
+    assert report.index("measured: ") < report.index(said), "what measured is, then its gap"
     inference_gap = (document["measured"]["inference_peak_bytes"]
                      - document["memory"]["inference_peak_bytes"])
     assert any(note.startswith("measured inference peak") for note in document["notes"]) == \
