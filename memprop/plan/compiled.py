@@ -19,7 +19,12 @@ A compiled step's trace gives two figures. ``predicted_peak_bytes`` models induc
 (NOTE [ What inductor fuses ] in ``memprop.trace.aot``): exact at AMB 1.0 on the tests' models,
 but below the allocator where the partitioner recomputes: the residual MLP of the tests read
 6.9% low at AMB 0.3, 2.7% at 0.1, 4.0% at 0.0 (2.1% high at 0.5), since inductor stores the
-backward's recomputed forward ops otherwise than the model assumes. ``bound_peak_bytes`` is the
+backward's recomputed forward ops otherwise than the model assumes: its output code (2-block
+MLP of the tests, AMB 0.1, 3.7% low) fuses each recomputed LayerNorm into the kernel of its
+block's backward, runs kernels out of the graph's order and hands a dead buffer to a new value
+("reuse"), so one or two activation-sized buffers (16 KiB each there) live across kernels that
+the graph's order frees them before. Modelling inductor's scheduler is not attempted.
+``bound_peak_bytes`` is the
 same trace with every fused-away pointwise result stored until its last reader (the op-by-op
 step, no fusion): the fused trace's peak plus the most bytes of fused-away results live at once
 in either graph (``fused_away_bytes``). Fusion only removes storages from the op-by-op step, so
