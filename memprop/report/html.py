@@ -109,11 +109,29 @@ def render_html(document: dict[str, Any]) -> str:
         _stages(document),
         f'<p class="dim">loss: {escape(str(document.get("loss", "")))}. Peak: the most bytes '
         "held at once by live tensor storages, each storage counted once.</p>",
+        _notes(document),
         f'<script type="application/json" id="memprop-data">{data}</script>',
         f"<script>{_SCRIPT}</script>",
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
+
+
+def _notes(document: dict[str, Any]) -> str:
+    """What the terminal report says below its tables: how the step was traced, the blocks,
+    and the allocator's measured peaks beside what they are."""
+    notes = [escape(note) for note in (document.get("blocks_note"), *document.get("notes", ()))
+             if note and not note.startswith("measured ")]
+    measured = document.get("measured")
+    if measured is not None:
+        notes.append(
+            "measured: training peak "
+            f"{_figure('measured.training_peak_bytes', measured['training_peak_bytes'])}, "
+            "inference peak "
+            f"{_figure('measured.inference_peak_bytes', measured['inference_peak_bytes'])}; "
+            f"{escape(measured['source'])}")
+    notes += [escape(note) for note in document.get("notes", ()) if note.startswith("measured ")]
+    return '<ul class="dim">' + "".join(f"<li>{note}</li>" for note in notes) + "</ul>"
 
 
 def _figure(field: str, value: int, tag: str = "span", attrs: str = "") -> str:

@@ -4,6 +4,7 @@ step the allocator counted, the allocator's own figures."""
 
 from __future__ import annotations
 
+import html
 import json
 import sys
 from importlib import import_module
@@ -231,3 +232,21 @@ def test_frozen_parameters_are_told_apart_from_the_trained(models: Path) -> None
     assert document["memory"]["parameters_bytes"] == trained + frozen
     assert (f"parameters: {format_bytes(trained)} of them trainable, {format_bytes(frozen)} "
             "frozen") in " ".join(document["notes"])
+
+
+def test_the_html_report_says_what_the_terminal_notes_say(models: Path, tmp_path: Path) -> None:
+    """Oracle: the JSON document of the same run. Every note of the profile, the blocks and
+    the allocator's measured peaks (the figures and where they come from) must be on the
+    HTML page too; it showed none of them."""
+    page = tmp_path / "p.html"
+    result = CliRunner().invoke(app, ["profile", "--model", "models.py:patch_embedding",
+                                      "--json", "-", "--html", str(page)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    text = html.unescape(page.read_text())
+    for note in (document["blocks_note"], *document["notes"], document["measured"]["source"]):
+        assert note in text
+    for field in ("training_peak_bytes", "inference_peak_bytes"):
+        value = document["measured"][field]
+        assert f'data-field="measured.{field}" data-bytes="{value}">{format_bytes(value)}' in \
+            page.read_text()
