@@ -154,7 +154,7 @@ def _planned(workload: Workload, plan: Plan, contender: str, setting: str) -> _E
 
 
 def _own_head(chain: Chain) -> Chain:
-    return dataclasses.replace(chain, head=None)
+    return dataclasses.replace(chain, heads=())
 
 
 def _eager_plans(workload: Workload, chain: Chain, budgets: dict[str, int]) -> list[_Entry]:

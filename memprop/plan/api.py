@@ -14,17 +14,18 @@ from memprop.blame import is_fake_tensor_limit
 from memprop.calibration.rates import machine_rates, pointwise_seconds
 from memprop.errors import ModelError, UsageError
 from memprop.plan.chain import Chain
-from memprop.plan.costs import DEFAULT_COST_MODEL, check_cost_model
+from memprop.plan.costs import DEFAULT_COST_MODEL, check_cost_model, mapped_seconds_per_byte
 from memprop.plan.solvers import Plan, check_strategy, solve
 from memprop.trace.caches import caching_configs, without_caches
 from memprop.trace.compiled import COMPILED_NOTE, original
 from memprop.trace.fake import device_of, exact_sizes_only, fake_mode_of, sized_at_worst
-from memprop.trace.head import HeadRefusedError, chunked_head, chunks_for, head_of
+from memprop.trace.head import HeadRefusedError, chunk_counts, chunked_head, head_of
 from memprop.trace.stages import SUFFIX, ChainCosts
 from memprop.units import parse_size
 from memprop.workload import Inputs, Workload, restore_state, save_state, to_workload
 
-__all__ = ["chain_of", "check_strategy", "head_chunks_of", "plan", "priced"]
+__all__ = ["chain_of", "check_strategy", "head_chunk_counts_of", "head_chunks_of", "plan",
+           "priced"]
 
 
 def plan(
@@ -95,37 +96,46 @@ def chain_of(workload: Workload, *, cost_model: str, fake: bool = False) -> Chai
     if caching:
         traced_note = "; ".join(n for n in (traced_note, CACHE_OFF_NOTE) if n)
     chain = priced(costs, cost_model=cost_model, device=str(device_of(workload)))
-    chunks = head_chunks_of(workload)
-    if chunks:
+    heads = []
+    names = [stage.name for stage in chain.stages]
+    for chunks in head_chunk_counts_of(workload):
         chunked = _head_chain(workload, chunks, cost_model=cost_model, fake=fake)
-        names = [stage.name for stage in chain.stages]
-        if (chunked is not None and names[-1] == SUFFIX
-                and [stage.name for stage in chunked.stages] == names):
-            # The blocks are the same in both steps: priced once, so that the two chains
-            # differ in their suffix and loss alone (measured times would differ by noise).
-            chain = dataclasses.replace(chain, head=dataclasses.replace(
-                chunked, stages=(*chain.stages[:-1], chunked.stages[-1])))
+        if (chunked is None or names[-1] != SUFFIX
+                or [stage.name for stage in chunked.stages] != names):
+            break
+        # The blocks are the same in every step: priced once, so that the chains differ in
+        # their suffix and loss alone (measured times would differ by noise).
+        heads.append(dataclasses.replace(chunked, stages=(*chain.stages[:-1],
+                                                          chunked.stages[-1])))
+    chain = dataclasses.replace(chain, heads=tuple(heads))
     if original(workload.model) is not workload.model:
         traced_note = "; ".join(n for n in (traced_note, COMPILED_NOTE) if n)
-    if traced_note:  # the head option's chain was traced as this one: the same notes
-        head = chain.head and dataclasses.replace(chain.head, cost_note="; ".join(
-            note for note in (chain.head.cost_note, traced_note) if note))
-        chain = dataclasses.replace(chain, head=head, cost_note="; ".join(
+    if traced_note:  # the head option's chains were traced as this one: the same notes
+        heads = [dataclasses.replace(head, cost_note="; ".join(
+            note for note in (head.cost_note, traced_note) if note)) for head in chain.heads]
+        chain = dataclasses.replace(chain, heads=tuple(heads), cost_note="; ".join(
             note for note in (chain.cost_note, traced_note) if note))
     return chain
 
 
-def head_chunks_of(workload: Workload) -> int:
-    """The chunks of the head option for ``workload`` (``memprop.trace.head``), 0 where the
-    option was not asked for (``Workload.chunk_head``) or does not apply: it applies to a causal
-    LM whose loss is its own, computed from ``labels``."""
+def head_chunk_counts_of(workload: Workload) -> tuple[int, ...]:
+    """The chunk counts of the head option the planner prices for ``workload``
+    (``memprop.trace.head.chunk_counts``), none where the option was not asked for
+    (``Workload.chunk_head``) or does not apply: it applies to a causal LM whose loss is its
+    own, computed from ``labels``."""
     if not workload.chunk_head:
-        return 0
+        return ()
     head = head_of(original(workload.model))
     labels = workload.keywords.get("labels")
     if head is None or workload.loss_fn is not None or not isinstance(labels, torch.Tensor):
-        return 0
-    return chunks_for(labels.numel(), head.out_features, head.in_features)
+        return ()
+    return chunk_counts(labels.numel())
+
+
+def head_chunks_of(workload: Workload) -> int:
+    """The most chunks of the head option the planner prices for ``workload``, 0 where the
+    option does not apply (:func:`head_chunk_counts_of`)."""
+    return max(head_chunk_counts_of(workload), default=0)
 
 
 def _head_chain(workload: Workload, chunks: int, *, cost_model: str, fake: bool
@@ -154,7 +164,8 @@ def priced(costs: ChainCosts, *, cost_model: str, device: str) -> Chain:
               for probe, _ in (*stage.forward_pointwise, *stage.backward_pointwise)}
     return Chain.from_chain_costs(costs, cost_model=cost_model, rates=rates,
                                   pointwise=pointwise_seconds(device, probes, rates),
-                                  device=device)
+                                  device=device,
+                                  mapped_s_per_byte=mapped_seconds_per_byte(device))
 
 
 CACHE_OFF_NOTE = ("traced with the key/value cache off, as plans run: the unplanned peak is the "

@@ -68,11 +68,23 @@ A causal language model's suffix (its last norm, its ``lm_head`` and the loss ov
 vocabulary) may hold the step's peak: the logits, their log-softmax and their gradient. The
 head option computes the head and the loss in chunks of tokens, each chunk recomputed in the
 backward (``memprop.trace.head``): the same step with another suffix and another loss. Its
-chain (``Chain.head``) is traced so, not derived: its suffix's tape, moments and compute (one
-more forward of the head in its backward) and its loss's moments are what the chunked step
-did. The planner solves both chains and takes the one of least compute under the budget
-(``memprop.plan.solvers.solve``); the unplanned step is always the model's own, so a plan
-with the head option reports the option's price in its extra compute.
+chains (``Chain.heads``, one per chunk count: ``memprop.trace.head.chunk_counts``) are traced
+so, not derived: their suffix's tape, moments and compute (one more forward of the head in its
+backward) and their loss's moments are what the chunked step did. More chunks hold less of the
+logits at once; each chunk reads the head's weight once more in the forward, twice more in the
+backward, and adds its share into the weight's whole gradient. The planner solves every chain
+and takes the one of least compute under the budget (``memprop.plan.solvers.solve``); the
+unplanned step is always the model's own, so a plan with the head option reports the option's
+price in its extra compute.
+
+What the roofline sees there (NOTE [ Storages the CPU maps fresh ] in
+``memprop.trace.stages``): on a CPU the model's own head makes its full logits, their
+log-softmax and their gradients as storages of hundreds of MiB, each mapped fresh by the
+allocator at every step, where one chunk's are reused from malloc's free lists; priced by their
+bytes alone, the model's own head looked cheap and the option dear (on HF GPT-2, width 256,
+vocabulary 50,257, 1,024 tokens: the option priced at +400 ms of the step where it measured
++256-321 ms). ``x[rows, labels]`` read or written in place moves the elements it selects,
+not the whole tensor (``memprop.trace.ledger``).
 
 Known limitations: stages with several inputs or outputs are outside the model (the prefix's
 other outputs, such as attention masks, count as its tape, and storages a stage leaves alive at
@@ -190,9 +202,10 @@ class Chain:
     head_chunks: int = 0
     """In how many chunks of tokens this chain's step computes its head and loss
     (``memprop.trace.head``): 0 for the model's own head."""
-    head: Chain | None = None
-    """The same step with the head and the loss in chunks (its suffix and loss traced so), when
-    the option applies: the planner's alternative to this chain (NOTE [ The head option ])."""
+    heads: tuple[Chain, ...] = ()
+    """The same step with the head and the loss in chunks (its suffix and loss traced so), one
+    chain per chunk count, fewest chunks first, when the option applies: the planner's
+    alternatives to this chain (NOTE [ The head option ])."""
     _roots: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _draws_before: tuple[int, ...] = field(init=False, repr=False, compare=False)
     _grads_from: tuple[int, ...] = field(init=False, repr=False, compare=False)
@@ -340,6 +353,7 @@ class Chain:
         cost_model: str = "flops",
         rates: Rates | None = None,
         pointwise: Mapping[Probe, float] | None = None,
+        mapped_s_per_byte: float = 0.0,
         loss_peak_bytes: int | None = None,
         loss_residual_bytes: int | None = None,
         optimizer_peak_bytes: int = 0,
@@ -349,13 +363,15 @@ class Chain:
     ) -> Chain:
         """The chain of a traced step, priced by ``cost_model`` (``memprop.plan.costs``):
         ``roofline`` in seconds at ``rates`` (pointwise calls at their ``pointwise`` seconds
-        per element beyond their bytes), ``flops`` in counted floating-point operations,
+        per element beyond their bytes, storages mapped fresh at ``mapped_s_per_byte``: NOTE
+        [ Storages the CPU maps fresh ] in ``memprop.trace.stages``), ``flops`` in counted
+        floating-point operations,
         ``measured`` in the stages' timed seconds. Blocks whose ops were logged get their
         selective options (``memprop.plan.selective``)."""
         check_cost_model(cost_model)
         if cost_model == "roofline" and rates is None:
             raise UsageError("the roofline cost model needs the machine's rates")
-        price = _Pricing(cost_model, rates, pointwise or {})
+        price = _Pricing(cost_model, rates, pointwise or {}, mapped_s_per_byte)
         stages = tuple(price.stage(s) for s in sorted(stats, key=lambda s: s.index))
         # Persistent storages (a cache a block returns) are held from their stage's forward to
         # the end of the step, whatever the plan: counted as held throughout, which over-states
@@ -378,7 +394,7 @@ class Chain:
     def from_chain_costs(cls, costs: ChainCosts, cost_model: str = "flops",
                          rates: Rates | None = None,
                          pointwise: Mapping[Probe, float] | None = None,
-                         device: str | None = None) -> Chain:
+                         device: str | None = None, mapped_s_per_byte: float = 0.0) -> Chain:
         """The chain of a profile (``profile.chain``), with the loss's and the optimizer's
         moments: its unplanned peak is the ledger's traced peak. On ``device``, checkpoints
         keep the generators' state at its size there (:func:`rng_state_bytes_on`)."""
@@ -388,6 +404,7 @@ class Chain:
             cost_model=cost_model,
             rates=rates,
             pointwise=pointwise,
+            mapped_s_per_byte=mapped_s_per_byte,
             loss_peak_bytes=costs.loss_peak_bytes,
             loss_residual_bytes=costs.loss_residual_bytes,
             optimizer_peak_bytes=costs.optimizer_peak_bytes,
@@ -408,17 +425,20 @@ class _Pricing:
     """Stage and op costs under one cost model (``memprop.plan.costs``)."""
 
     def __init__(self, cost_model: str, rates: Rates | None,
-                 pointwise: Mapping[Probe, float]) -> None:
+                 pointwise: Mapping[Probe, float], mapped_s_per_byte: float = 0.0) -> None:
         self.cost_model, self.rates, self.pointwise = cost_model, rates, pointwise
+        self.mapped_s_per_byte = mapped_s_per_byte
 
     def stage(self, s: StageStats) -> Stage:
         """The chain's stage for ``s``, priced, with its selective options."""
         stage = Stage(
             name=s.name,
             forward_cost=self._phase(s.flops, s.forward_s, s.forward_moved_bytes,
-                                     s.forward_ops, s.forward_pointwise),
+                                     s.forward_ops, s.forward_pointwise,
+                                     s.forward_mapped_bytes),
             backward_cost=self._phase(s.backward_flops, s.backward_s, s.backward_moved_bytes,
-                                      s.backward_ops, s.backward_pointwise),
+                                      s.backward_ops, s.backward_pointwise,
+                                      s.backward_mapped_bytes),
             input_bytes=s.input_bytes,
             output_bytes=s.output_bytes,
             saved_bytes=s.saved_bytes,
@@ -440,13 +460,14 @@ class _Pricing:
             overhead=self.selective_overhead(s)))
 
     def _phase(self, flops: int, seconds: float, moved: int, ops: int,
-               pointwise: Sequence[tuple[Probe, int]]) -> float:
+               pointwise: Sequence[tuple[Probe, int]], mapped: int) -> float:
         """A forward or a backward: its FLOPs, its timed seconds, or its roofline price."""
         if self.cost_model == "flops":
             return float(flops)
         if self.cost_model == "measured" or self.rates is None:
             return float(seconds)
-        return self.rates.seconds(flops, moved, ops) + self._beyond_bytes(pointwise)
+        return (self.rates.seconds(flops, moved, ops) + self._beyond_bytes(pointwise)
+                + mapped * self.mapped_s_per_byte)
 
     def _beyond_bytes(self, made: Sequence[tuple[Probe, int]]) -> float:
         return sum(self.pointwise.get(probe, 0.0) * elements for probe, elements in made)

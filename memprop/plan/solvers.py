@@ -183,12 +183,11 @@ def _groups(atoms: list[tuple[int, int]], max_units: int) -> list[tuple[int, int
 
 def min_feasible_bytes(chain: Chain) -> tuple[int, Segment]:
     """The least training peak of any plan (exact up to ``EXACT_MAX_UNITS`` atoms), and a plan
-    that attains it; with the head option (``Chain.head``), the lesser of the two chains'
-    (the tree is the same stages' either way; ``solve`` says whether it takes the option)."""
+    that attains it; with the head option (``Chain.heads``), the least of the chains' (the
+    tree is the same stages' either way; ``solve`` says whether it takes the option)."""
     own = _min_feasible(chain, _floor_units(chain, chain.atoms()))
-    if chain.head is None:
-        return own
-    return min(own, min_feasible_bytes(chain.head), key=lambda found: found[0])
+    return min((own, *(min_feasible_bytes(head) for head in chain.heads)),
+               key=lambda found: found[0])
 
 
 def _floor_units(chain: Chain, atoms: list[tuple[int, int]]) -> _dp.Units:
@@ -344,14 +343,15 @@ def solve(
     """The plan of ``strategy`` for ``chain`` under ``budget_bytes`` (a cap on the training peak,
     ``fixed_bytes`` included). Raises :class:`BudgetInfeasibleError` when nothing fits, unless
     ``strict=False``: then the returned plan has ``feasible=False`` and the lowest peak found.
-    Where the chain has the head option (``Chain.head``, NOTE [ The head option ] in
-    ``memprop.plan.chain``), both chains are solved and the plan of least compute under the
-    budget is taken: the option only where it pays (``none`` never takes it)."""
+    Where the chain has the head option (``Chain.heads``, NOTE [ The head option ] in
+    ``memprop.plan.chain``), every chunk count's chain is solved too and the plan of least
+    compute under the budget is taken: the option only where it pays, and the count that pays
+    most (``none`` never takes it)."""
     check_strategy(strategy)
     plan = _solve_one(chain, budget_bytes, strategy, max_slots, max_units)
-    if chain.head is not None and strategy != "none":
-        chunked = _solve_one(chain.head, budget_bytes, strategy, max_slots, max_units)
-        plan = _cheaper(plan, chunked, chain.head.head_chunks)
+    for head in chain.heads if strategy != "none" else ():
+        chunked = _solve_one(head, budget_bytes, strategy, max_slots, max_units)
+        plan = _cheaper(plan, chunked, head.head_chunks)
     if strict and not plan.feasible:
         floor = plan.min_feasible_bytes
         raise BudgetInfeasibleError(
@@ -366,9 +366,10 @@ def solve(
 
 
 def _cheaper(own: Plan, chunked: Plan, chunks: int) -> Plan:
-    """Of the plan with the model's own head and the plan with the head in ``chunks`` chunks,
-    the one of least compute under the budget (the lower peak when neither fits), measured
-    against the model's own unplanned step; ties keep the model's own head."""
+    """Of the plan taken so far (the model's own head, or fewer chunks) and the plan with the
+    head in ``chunks`` chunks, the one of least compute under the budget (the lower peak when
+    neither fits), measured against the model's own unplanned step; ties keep the plan taken
+    so far."""
     floor = min(own.min_feasible_bytes, chunked.min_feasible_bytes)
     if own.feasible and not (chunked.feasible and chunked.compute < own.compute):
         take_chunked = False

@@ -57,13 +57,14 @@ from torch.nn import functional as F
 
 from memprop.errors import UsageError
 
-__all__ = ["IGNORE_INDEX", "MAX_CHUNKS", "STEP_GRADIENT_RTOL", "HeadRefusedError", "chunked_head",
-           "chunks_for", "head_of"]
+__all__ = ["IGNORE_INDEX", "MAX_CHUNKS", "STEP_GRADIENT_RTOL", "HeadRefusedError", "chunk_counts",
+           "chunked_head", "head_of"]
 
 IGNORE_INDEX = -100
 """The label HF's causal LM loss ignores (``ForCausalLMLoss``'s ``ignore_index``)."""
 MAX_CHUNKS = 16
-"""The most chunks the planner's head option takes (:func:`chunks_for`)."""
+"""The most chunks the planner's head option takes (:func:`chunk_counts`): the logits are then a
+sixteenth of the whole, and smaller matrix products slow the head more than they save."""
 STEP_GRADIENT_RTOL = 1e-5
 """One step's chunked gradients against the unchunked step's from the same parameters, in units
 of each tensor's largest unchunked magnitude (NOTE [ How close the chunked gradients are ])."""
@@ -89,12 +90,18 @@ def head_of(model: nn.Module) -> nn.Linear | None:
     return head
 
 
-def chunks_for(tokens: int, vocabulary: int, width: int) -> int:
-    """How many chunks the planner's head option takes: as many as the logits weigh times the
-    hidden states (``vocabulary / width``), so that one chunk's logits weigh about the hidden
-    states, at most ``MAX_CHUNKS`` (the logits are then a sixteenth of the whole, and smaller
-    matrix products would slow the head more than they save) and at most one per token."""
-    return max(1, min(MAX_CHUNKS, tokens, math.ceil(vocabulary / max(1, width))))
+def chunk_counts(tokens: int) -> tuple[int, ...]:
+    """The chunk counts the planner prices for the head option, fewest first: 2, 4, 8... up to
+    ``MAX_CHUNKS`` and at most one chunk per token (1 for a single token). More chunks hold less
+    of the logits at once, and each costs one more pass over the head's weight and its
+    gradient (``memprop.plan.chain``'s NOTE [ The head option ]): the planner takes the count of
+    least compute under the budget."""
+    counts = []
+    chunks = 2
+    while chunks <= min(MAX_CHUNKS, tokens):
+        counts.append(chunks)
+        chunks *= 2
+    return tuple(counts) or (1,)
 
 
 def _row_slices(tokens: int, chunks: int) -> list[slice]:

@@ -182,6 +182,25 @@ def _moved_bytes(value: Any) -> int:
     return 0
 
 
+_INDEXED_READ = torch.ops.aten.index.Tensor
+_INDEXED_WRITES = frozenset((torch.ops.aten.index_put_.default,
+                             torch.ops.aten._index_put_impl_.default))
+_NO_COPY = torch.ops.aten._unsafe_view.default
+
+
+def _op_moved_bytes(func: Any, args: tuple[Any, ...], out: Any) -> int:
+    """What an op reads and writes: its tensors, but for ops that touch a few elements of a
+    large one (``x[rows, labels]``, read or written in place: the elements selected and their
+    indices) and ``_unsafe_view`` (a view that is not marked as one: nothing)."""
+    if func is _NO_COPY:
+        return 0
+    if func is _INDEXED_READ:
+        return 2 * _moved_bytes(out) + _moved_bytes(args[1])
+    if func in _INDEXED_WRITES:
+        return 2 * _moved_bytes(args[2]) + _moved_bytes(args[1])
+    return _moved_bytes(args) + _moved_bytes(out)
+
+
 def _probe(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
            ) -> tuple[Probe | None, int]:
     """A pointwise op's call and the elements of its (first) output; ``(None, 0)`` when the
@@ -566,7 +585,7 @@ class StorageLedger(TorchDispatchMode):
              born: int, flops: int) -> None:
         """The op's entry in the op log (``log_ops``: planning traces, not the hot path of a
         profile): what it made, read and wrote, and its call when it is pointwise."""
-        moved = 0 if func.is_view else _moved_bytes(args) + _moved_bytes(out)
+        moved = 0 if func.is_view else _op_moved_bytes(func, args, out)
         written: tuple[int, ...] = ()
         if func._schema.is_mutable:
             written = tuple(r.index for r in map(self.record_of, _written(func, args, kwargs))

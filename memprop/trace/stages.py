@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 import operator
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,10 +40,27 @@ if TYPE_CHECKING:
     from memprop.trace.blocks import BlockRun
     from memprop.trace.calls import Call, CallRecorder
 
-__all__ = ["PREFIX", "SUFFIX", "BlockOp", "ChainCosts", "StageKind", "StageRef", "StageStats",
-           "chain_costs"]
+__all__ = ["MAPPED_BYTES", "PREFIX", "SUFFIX", "BlockOp", "ChainCosts", "StageKind", "StageRef",
+           "StageStats", "chain_costs"]
 
 _SEEDED = torch.Tag.nondeterministic_seeded
+
+# NOTE [ Storages the CPU maps fresh ]
+# torch's CPU allocator asks glibc's malloc, which maps a request at or above its mmap
+# threshold fresh from the kernel and unmaps it when freed: every page of it faults and is
+# zeroed when first written, at each birth (on this project's 2-core VM, 0.2-0.4 ms per MiB
+# beyond its bytes, ~5x a copy of the same bytes). The threshold adapts upwards to the largest
+# freed block, up to DEFAULT_MMAP_THRESHOLD_MAX (32 MiB on 64-bit, glibc's malloc.c), so in a
+# training loop smaller storages come back from malloc's free lists, already touched, and
+# larger ones are mapped fresh every step: a language model's full logits are, one chunk of
+# them is not. MALLOC_MMAP_THRESHOLD_ in the environment fixes the threshold (glibc's
+# mallopt). A GPU's caching allocator reuses its blocks: the pricing charges these bytes on a
+# CPU only (memprop.plan.costs.mapped_seconds_per_byte).
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
+_THRESHOLD = os.environ.get("MALLOC_MMAP_THRESHOLD_", "")
+MAPPED_BYTES = int(_THRESHOLD) if _THRESHOLD.isdigit() else _GLIBC_MMAP_THRESHOLD_MAX
+"""The size from which a CPU storage is mapped fresh at each birth (NOTE [ Storages the CPU
+maps fresh ])."""
 
 PREFIX = "(prefix)"
 """The prefix's name in plans and JSON; decode a name with :meth:`StageRef.named`."""
@@ -159,6 +177,12 @@ class StageStats:
     forward_moved_bytes: int = 0
     """Bytes the forward's ops read and wrote (0 unless counted): memory-bound work's price."""
     backward_moved_bytes: int = 0
+    """The same for the backward."""
+    forward_mapped_bytes: int = 0
+    """Storages born in the forward at or above :data:`MAPPED_BYTES`: on a CPU the allocator
+    maps them fresh from the kernel, and every page faults and is zeroed when first written
+    (NOTE [ Storages the CPU maps fresh ])."""
+    backward_mapped_bytes: int = 0
     """The same for the backward."""
     forward_ops: int = 0
     """Ops the forward dispatched (0 unless logged): each costs a launch, whatever its size."""
@@ -375,6 +399,8 @@ def chain_costs(run: BlockRun, recorder: CallRecorder, ledger: StorageLedger, *,
                 regions[index - 1].mark if index > 0 else None)),
             persistent_bytes=sum(r.bytes for r in persistent),
             forward_held_bytes=sum(r.bytes for r in held_to_forward_end),
+            forward_mapped_bytes=_mapped(born_in(start, stop)),
+            backward_mapped_bytes=_mapped(born_in(back_start, back_stop)),
             forward_moved_bytes=sum(o.moved for o in forward_ops),
             backward_moved_bytes=sum(o.moved for o in backward_ops),
             forward_ops=len(forward_ops),
@@ -448,6 +474,10 @@ def _between(ops: Sequence[OpEntry], start: int, stop: int) -> Sequence[OpEntry]
         return ()
     tick = operator.attrgetter("tick")
     return ops[bisect.bisect_right(ops, start, key=tick):bisect.bisect_right(ops, stop, key=tick)]
+
+
+def _mapped(records: Sequence[StorageRecord]) -> int:
+    return sum(r.bytes for r in records if r.bytes >= MAPPED_BYTES)
 
 
 def _pointwise(entries: Sequence[OpEntry]) -> tuple[tuple[Probe, int], ...]:

@@ -4,7 +4,8 @@ tokens, priced and chosen by the planner (NOTE [ The head option ] in ``memprop.
 Oracles: the unchunked step of the same model from the same parameters (loss and gradients);
 the storage ledger and the allocator's own count of the planned steps (peaks); each chain solved
 alone (the choice). The models: Hugging Face GPT-2 and Llama from small configurations, random
-init, a vocabulary of 8,192 at width 64, so that the logits dominate the step.
+init, a vocabulary of 8,192 at width 64, so that the logits dominate the step (and 4,096 at
+width 16 over 1,024 tokens, where one chunk's logits hold the peak, for the chunk counts).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import pytest
 import torch
 
 from memprop.errors import BudgetInfeasibleError
-from memprop.plan.api import CACHE_OFF_NOTE, chain_of, head_chunks_of
+from memprop.plan.api import CACHE_OFF_NOTE, chain_of, head_chunk_counts_of, head_chunks_of
 from memprop.plan.solvers import solve
 from memprop.run.measure import run_plan
-from memprop.trace.head import STEP_GRADIENT_RTOL, chunked_head
+from memprop.trace.head import STEP_GRADIENT_RTOL, chunk_counts, chunked_head
 from memprop.workload import Workload
 
 transformers = pytest.importorskip("transformers")
@@ -95,12 +96,12 @@ def test_a_budget_only_the_head_option_meets_is_met_as_predicted(name: str) -> N
     says how the step was traced (the key/value cache off), as the model's own plans do."""
     workload = _workload(name)
     chain = chain_of(workload, cost_model="flops")
-    assert chain.head is not None
-    own_floor = solve(dataclasses.replace(chain, head=None), 1,
+    assert [head.head_chunks for head in chain.heads] == list(chunk_counts(BATCH * TOKENS))
+    own_floor = solve(dataclasses.replace(chain, heads=()), 1,
                       strict=False).min_feasible_bytes
     budget = own_floor - 1
     plan = solve(chain, budget)
-    assert plan.head_chunks == chain.head.head_chunks > 0
+    assert plan.head_chunks in chunk_counts(BATCH * TOKENS)
     assert CACHE_OFF_NOTE in plan.cost_note  # traced as the model's own step was, and said
     assert [row.get("head_chunks") for row in plan.stages()][-1] == plan.head_chunks
     result = run_plan(workload, plan, steps=3)
@@ -114,24 +115,26 @@ def test_a_budget_only_the_head_option_meets_is_met_as_predicted(name: str) -> N
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_the_head_option_is_taken_only_where_it_pays(name: str) -> None:
-    """Oracle: the two chains solved alone. At every budget from the least feasible to the
-    unplanned peak, the plan is the cheaper feasible one of the two, the model's own head on a
-    tie; at the unplanned peak (nothing to recompute) it is the model's own head."""
+    """Oracle: the chains solved alone (the model's own head, each chunk count's). At every
+    budget from the least feasible to the unplanned peak, the plan is the cheapest feasible one,
+    the model's own head on a tie, then the fewest chunks; at the unplanned peak (nothing to
+    recompute) it is the model's own head."""
     chain = chain_of(_workload(name), cost_model="flops")
-    assert chain.head is not None
-    own_chain = dataclasses.replace(chain, head=None)
+    assert len(chain.heads) > 1
+    own_chain = dataclasses.replace(chain, heads=())
     unplanned = solve(own_chain, 1, "none", strict=False).peak_bytes
     floor = solve(chain, 1, strict=False).min_feasible_bytes
     taken = 0
     for step in range(9):
         budget = floor + (unplanned - floor) * step // 8
-        own = solve(own_chain, budget, strict=False)
-        chunked = solve(chain.head, budget, strict=False)
+        alone = [(0, solve(own_chain, budget, strict=False))] + [
+            (head.head_chunks, solve(head, budget, strict=False)) for head in chain.heads]
+        chunks, best = min(((k, p) for k, p in alone if p.feasible),
+                           key=lambda found: found[1].compute)
         plan = solve(chain, budget)
-        pays = chunked.feasible and (not own.feasible or chunked.compute < own.compute)
-        assert (plan.head_chunks > 0) == pays, budget
-        assert plan.compute == (chunked.compute if pays else own.compute)
-        taken += pays
+        assert plan.head_chunks == chunks, budget
+        assert plan.compute == best.compute
+        taken += chunks > 0
     assert 0 < taken < 9
     assert solve(chain, unplanned).head_chunks == 0
     with pytest.raises(BudgetInfeasibleError):
@@ -142,7 +145,7 @@ def test_no_head_option_where_the_loss_is_the_users() -> None:
     """A user's loss function over the logits is not HF's loss: the option does not apply
     (the chain has none), whatever the model."""
     workload = _workload("gpt2", loss_fn=lambda output: output.logits.float().mean())
-    assert head_chunks_of(workload) == 0
+    assert head_chunk_counts_of(workload) == () and head_chunks_of(workload) == 0
     assert head_chunks_of(_workload("gpt2")) > 0
 
 
@@ -169,7 +172,7 @@ def test_a_forward_that_changes_the_logits_before_its_loss_gets_no_head_option()
     assert head_chunks_of(workload) > 0  # it looks like a causal LM
     with pytest.raises(HeadRefusedError), chunked_head(scaled, 4):
         scaled(**workload.keywords)
-    assert chain_of(workload, cost_model="flops").head is None
+    assert chain_of(workload, cost_model="flops").heads == ()
 
 
 def test_under_autocast_the_head_runs_as_it_is() -> None:
@@ -194,7 +197,7 @@ def test_checkpoint_runs_the_head_option_the_planner_took() -> None:
 
     workload = _workload("llama")
     chain = chain_of(workload, cost_model="flops")
-    own_floor = solve(dataclasses.replace(chain, head=None), 1,
+    own_floor = solve(dataclasses.replace(chain, heads=()), 1,
                       strict=False).min_feasible_bytes
     bare = workload.model(**workload.keywords).loss
     wrapped = memprop.checkpoint(workload.model, workload.keywords, budget=own_floor - 1,
@@ -216,10 +219,10 @@ def test_the_head_option_is_taken_only_when_asked() -> None:
 
     workload = _workload("gpt2")
     asked = chain_of(workload, cost_model="flops")
-    own_floor = solve(dataclasses.replace(asked, head=None), 1, strict=False).min_feasible_bytes
+    own_floor = solve(dataclasses.replace(asked, heads=()), 1, strict=False).min_feasible_bytes
     workload.chunk_head = False
     assert head_chunks_of(workload) == 0
-    assert chain_of(workload, cost_model="flops").head is None
+    assert chain_of(workload, cost_model="flops").heads == ()
     with pytest.raises(BudgetInfeasibleError):
         memprop.plan(workload, budget=own_floor - 1, cost_model="flops")
     with pytest.raises(BudgetInfeasibleError):
@@ -227,3 +230,36 @@ def test_the_head_option_is_taken_only_when_asked() -> None:
                            optimizer=workload.optimizer, cost_model="flops")
     assert memprop.plan(workload, budget=own_floor - 1, cost_model="flops",
                         chunk_head=True).head_chunks > 0
+
+
+def test_a_budget_only_more_chunks_meet_gets_more_chunks() -> None:
+    """GPT-2 at a vocabulary of 4,096 and width 16 over 1,024 tokens, where one chunk's logits
+    hold the peak at every count: a budget one byte under the least peak of the model's own head and of every
+    chunk count but the largest (each chain solved alone) is met by the largest count alone,
+    and the planner takes it; the planned steps' peak at step 3 by the storage ledger and by
+    the allocator is within the budget and within 1% of the prediction; the gradients match
+    the unplanned steps'."""
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    vocabulary, tokens, batch = 4096, 128, 8
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=4, vocab_size=vocabulary, n_positions=tokens,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    ids = torch.randint(0, vocabulary, (batch, tokens),
+                        generator=torch.Generator().manual_seed(1))
+    workload = Workload(model=model, inputs=(), keywords={"input_ids": ids, "labels": ids},
+                        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                        name="gpt2", batch_size=batch, chunk_head=True)
+    chain = chain_of(workload, cost_model="flops")
+    *fewer, most = chain.heads
+    floors = [solve(c, 1, strict=False).min_feasible_bytes
+              for c in (dataclasses.replace(chain, heads=()), *fewer)]
+    budget = min(floors) - 1
+    assert solve(most, budget, strict=False).feasible  # the largest count alone meets it
+    plan = solve(chain, budget)
+    assert plan.head_chunks == most.head_chunks == max(chunk_counts(batch * tokens))
+    result = run_plan(workload, plan, steps=3)
+    ledger, allocator = result.step_peaks_bytes[-1], result.allocator_step_peaks_bytes[-1]
+    assert ledger <= budget and allocator <= budget
+    assert abs(ledger - plan.peak_bytes) <= 0.01 * plan.peak_bytes
+    assert result.gradients_match

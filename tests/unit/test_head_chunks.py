@@ -13,7 +13,7 @@ from memprop.trace.head import (
     MAX_CHUNKS,
     STEP_GRADIENT_RTOL,
     _LinearCrossEntropy,
-    chunks_for,
+    chunk_counts,
 )
 
 
@@ -51,9 +51,9 @@ def test_chunked_loss_and_gradients_equal_torchs_over_the_whole_logits(
         assert (g - e).abs().max() <= STEP_GRADIENT_RTOL * e.abs().max()
 
 
-def test_chunks_weigh_about_the_hidden_states_and_are_bounded() -> None:
-    """The rule's three cases, computed by hand: vocabulary / width when that is smallest, at
-    most MAX_CHUNKS, at most one chunk per token."""
-    assert chunks_for(tokens=1024, vocabulary=512, width=64) == 8
-    assert chunks_for(tokens=1024, vocabulary=50257, width=64) == MAX_CHUNKS
-    assert chunks_for(tokens=3, vocabulary=50257, width=64) == 3
+def test_the_chunk_counts_priced_are_powers_of_two_within_the_tokens_and_the_bound() -> None:
+    """The counts, computed by hand: 2, 4, 8... up to MAX_CHUNKS; at most one chunk per token;
+    a single token in one chunk."""
+    assert chunk_counts(tokens=1024) == (2, 4, 8, 16) and MAX_CHUNKS == 16
+    assert chunk_counts(tokens=5) == (2, 4)
+    assert chunk_counts(tokens=1) == (1,)
