@@ -31,10 +31,15 @@ from typing import Any
 
 import torch
 
-from memprop.blame import is_out_of_memory, user_code
+from memprop.blame import (
+    is_fake_kernel_refusal,
+    is_fake_tensor_limit,
+    is_out_of_memory,
+    user_code,
+)
 from memprop.errors import MemPropError, UsageError
 from memprop.estimate.preflight import shortfall
-from memprop.trace.fake import new_fake_mode
+from memprop.trace.fake import device_of, new_fake_mode
 from memprop.trace.profile import Profile, profile
 from memprop.workload import SeedConfig, Workload, call_factory, seed_workload
 
@@ -302,8 +307,12 @@ def _cell(
     except UsageError:
         raise
     except MemPropError as error:
-        return SweepCell(**size, status="error", message=_one_line(error, "fake trace"),
-                         trace_s=time.perf_counter() - start), {}
+        if not (real and (is_fake_tensor_limit(error) or is_fake_kernel_refusal(error))):
+            return SweepCell(**size, status="error", message=_one_line(error, "fake trace"),
+                             trace_s=time.perf_counter() - start), {}
+        # Code fake tensors cannot trace (it reads values; a fake kernel stricter than the
+        # real one) runs for real unchecked, as profile's pre-check lets it.
+        return _real_cell(build, size, None, None, start)
     closed = (fake.closed_form or {}).get("training_peak_bytes")
     if not real:
         return SweepCell(
@@ -324,9 +333,19 @@ def _cell(
             closed_form_training_peak_bytes=closed, trace_s=time.perf_counter() - start,
             message=f"not run: the step {reason}",
         ), {}
+    return _real_cell(build, size, predicted, closed, start)
+
+
+def _real_cell(build: Build, size: dict[str, Any], predicted: int | None, closed: int | None,
+               start: float) -> tuple[SweepCell, dict[str, Any]]:
+    """The cell run for real (``predicted``: the fake trace's peak, None when fake tensors
+    could not trace it)."""
+    batch_size, depth = size["batch_size"], size["depth"]
+    device = ""
     try:
         with user_code(f"building batch {batch_size}"):
             workload = build(batch_size, depth)
+        device = str(device_of(workload))
         result = profile(workload)
     except UsageError:
         raise

@@ -250,3 +250,18 @@ def test_the_html_report_says_what_the_terminal_notes_say(models: Path, tmp_path
         value = document["measured"][field]
         assert f'data-field="measured.{field}" data-bytes="{value}">{format_bytes(value)}' in \
             page.read_text()
+
+
+def test_a_real_sweep_runs_what_fake_tensors_cannot_trace(models: Path) -> None:
+    """Oracle: memprop profile of the same model and batch on real tensors. A forward that
+    branches on a value cannot be traced on fake tensors; `sweep --real` recorded every cell as
+    an error of the fake trace, advising to trace on real tensors, as it was asked to."""
+    result = CliRunner().invoke(app, ["sweep", "--real", "--batch", "2,4", "--model",
+                                      "models.py:branches", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    cells = json.loads(result.stdout)["cells"]
+    for cell in cells:
+        assert cell["status"] == "ok"
+        alone = _profile("models.py:branches", "--batch", str(cell["batch_size"]))
+        assert cell["training_peak_bytes"] == alone["memory"]["training_peak_bytes"]
+        assert cell["inference_peak_bytes"] == alone["memory"]["inference_peak_bytes"]
