@@ -57,10 +57,22 @@ def render_profile(profile: Profile, console: Console, *, top: int = 12) -> None
                      "prices stages by their FLOPs and bytes moved")
     notes.append(
         "peak: the most bytes held at once by live tensor storages, each counted once; "
-        f"the training peak falls in the {profile.peak_phase} pass"
+        f"the training peak falls in the {profile.peak_phase} pass{_peak_moment(profile)}"
     )
     for note in notes:
         console.print(Text(note, style="dim"))
+
+
+def _peak_moment(profile: Profile) -> str:
+    """Which op's outputs make the training peak, so that the "at the peak" column can be
+    read (gradients at 0 B in a backward pass: the peak came before any was made)."""
+    timeline = profile.timeline
+    tick = timeline.peak_tick
+    if not 0 <= tick < len(timeline.ops):
+        return ""
+    module = timeline.modules[tick]
+    return (f", just after {timeline.ops[tick]}" + (f" in {module}" if module else "")
+            + f" (op tick {tick} of {len(timeline.ops) - 1})")
 
 
 def _steady_state_note(profile: Profile) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import memprop
 from memprop.units import format_bytes
 from memprop_cli.main import app
 
@@ -265,3 +266,21 @@ def test_a_real_sweep_runs_what_fake_tensors_cannot_trace(models: Path) -> None:
         alone = _profile("models.py:branches", "--batch", str(cell["batch_size"]))
         assert cell["training_peak_bytes"] == alone["memory"]["training_peak_bytes"]
         assert cell["inference_peak_bytes"] == alone["memory"]["inference_peak_bytes"]
+
+
+def test_the_peak_note_names_the_op_whose_outputs_make_it(models: Path) -> None:
+    """Oracle: the profile document's timeline (to_dict(timeline=True), the HTML chart's data)
+    of the same real step: the op at its peak tick, and the number of ticks. The report said
+    only 'the backward pass', beside gradients of 0 B at the peak."""
+    sys.path.insert(0, str(models))
+    try:
+        model, inputs = import_module("models").scored_in_forward()
+    finally:
+        sys.path.remove(str(models))
+        sys.modules.pop("models", None)
+    timeline = memprop.profile(model, inputs).to_dict(timeline=True)["timeline"]
+    tick = timeline["peak_tick"]
+    result = CliRunner().invoke(app, ["profile", "--model", "models.py:scored_in_forward"])
+    assert result.exit_code == 0, result.output
+    assert (f"just after {timeline['ops'][tick]} (op tick {tick} of "
+            f"{len(timeline['ops']) - 1})") in " ".join(result.stdout.split())
