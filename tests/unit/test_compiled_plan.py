@@ -35,7 +35,8 @@ class _Residual(nn.Sequential):
     """``x + f(x)``, ``f`` its layers in turn."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + super().forward(x)
+        out: torch.Tensor = x + super().forward(x)
+        return out
 
 
 def residual_mlp(batch_size: int = 128) -> Workload:
@@ -103,10 +104,11 @@ def test_three_peak_budgets_each_chosen_apart_and_measured_within_by_the_allocat
     for plan in plans:
         model = copy.deepcopy(workload.model)
         if plan is plans[0]:  # the user's path: memprop.checkpoint compiles under the plan
-            module: nn.Module = memprop.checkpoint(model, workload.inputs, plan.budget_bytes,
-                                                   optimizer=torch.optim.AdamW(model.parameters()),
-                                                   compile=True)
-            assert module.plan.activation_memory_budget == plan.activation_memory_budget
+            wrapped = memprop.checkpoint(model, workload.inputs, plan.budget_bytes,
+                                         optimizer=torch.optim.AdamW(model.parameters()),
+                                         compile=True)
+            assert wrapped.plan.activation_memory_budget == plan.activation_memory_budget
+            module: nn.Module = wrapped
         else:
             module = compiled_module(model, plan)
         peak, gradients = _measured(module, workload)
@@ -120,7 +122,7 @@ def test_the_budget_reaches_the_compile_even_after_another_compile_of_the_class(
     the plan's budget, read off by the allocator: a step compiled under AMB 1.0 first (the
     user's own torch.compile, same class) must not be the code the plan runs."""
     workload = residual_mlp()
-    user = torch.compile(copy.deepcopy(workload.model), dynamic=False)
+    user: Any = torch.compile(copy.deepcopy(workload.model), dynamic=False)
     full, _ = _measured(user, workload)
     plan = plan_compiled(workload, full - 1, probes=probes)
     assert plan.activation_memory_budget < 1.0
@@ -156,3 +158,61 @@ def test_plan_compile_writes_the_plan_document_with_the_chosen_knobs(tmp_path: A
     assert set(document) >= {"budget_bytes", "strategy", "feasible", "predicted", "baseline"}
     assert document["compiled"]["activation_memory_budget"] == 1.0
     assert document["predicted"]["peak_bytes"] == document["compiled"]["bound_peak_bytes"]
+
+
+def _gpt2() -> Workload:
+    """A 1-layer Hugging Face GPT-2 whose logits (vocabulary 1024) outweigh its hidden states
+    32 times, dropout off (inductor draws other random numbers than eager)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=32, n_head=4, vocab_size=1024, n_positions=64, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model.loss_type = "ForCausalLM"
+    ids = torch.randint(0, 1024, (4, 16))
+    return Workload(model=model, inputs=(), keywords={"input_ids": ids, "labels": ids},
+                    optimizer=torch.optim.AdamW(model.parameters()), name="gpt2")
+
+
+def _loop_measured(module: nn.Module, workload: Workload) -> tuple[int, list[torch.Tensor]]:
+    """As :func:`_measured`, with the workload's keyword inputs (token ids and labels)."""
+    loop = Workload(model=module, inputs=(), keywords=workload.keywords,
+                    optimizer=torch.optim.AdamW(module.parameters()))
+    first: list[torch.Tensor] = []
+    for step in range(3):
+        zero_gradients(loop)
+        if step < 2:
+            training_step(loop)
+        else:
+            with AllocatorMeter("cpu", step_state_tensors(loop)) as meter:
+                training_step(loop)
+        if step == 0:
+            first = [p.grad.detach().clone() for p in module.parameters() if p.grad is not None]
+    assert meter.result is not None
+    return meter.result.peak_bytes, first
+
+
+def test_the_head_option_compiled_once_lowers_the_allocators_peak_with_the_same_gradients(
+        ) -> None:
+    """A plan with the head in chunks: its module compiles once for every step (the option
+    installed per call made dynamo recompile at each), peaks lower than the compiled step with
+    the model's own head by the allocator at step 3, and its first gradients are the eager
+    step's within COMPILED_GRADIENT_RTOL."""
+    from torch._dynamo.utils import counters
+
+    workload = _gpt2()
+    eager_model = copy.deepcopy(workload.model)
+    eager = _loop_measured(eager_model, workload)[1]
+    users: Any = torch.compile(copy.deepcopy(workload.model), dynamic=False)
+    own, _ = _loop_measured(users, workload)
+    plan = CompiledPlan(budget_bytes=own, activation_memory_budget=1.0, head_chunks=4,
+                        predicted_peak_bytes=0, bound_peak_bytes=0, compute_overhead=0.0,
+                        baseline_peak_bytes=0, baseline_bound_peak_bytes=0, cost_model="flops",
+                        candidates=())
+    compiles = counters["stats"]["unique_graphs"]
+    peak, gradients = _loop_measured(compiled_module(copy.deepcopy(workload.model), plan),
+                                     workload)
+    assert counters["stats"]["unique_graphs"] - compiles == 1
+    assert peak < own
+    assert _close(gradients, eager)
