@@ -91,8 +91,8 @@ def main() -> None:
     base = statistics.median(times[0])
     print(f"{args.model} L{args.layers} w{args.width} V{args.vocabulary} "
           f"tokens {args.batch}x{args.tokens}, {torch.get_num_threads()} thread(s), "
-          f"{args.rounds} rounds, {'wall' if args.wall else 'CPU'} time: own step {base * 1e3:.0f} ms (predicted compute "
-          f"{own_s * 1e3:.0f} ms without the optimizer)")
+          f"{args.rounds} rounds, {'wall' if args.wall else 'CPU'} time: own step "
+          f"{base * 1e3:.0f} ms (predicted compute {own_s * 1e3:.0f} ms without the optimizer)")
     for k, extra in predicted.items():
         measured = statistics.median(times[k]) - base
         paired = statistics.median(a - b for a, b in zip(times[k], times[0], strict=True))
