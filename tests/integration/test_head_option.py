@@ -236,10 +236,9 @@ def test_a_budget_only_more_chunks_meet_gets_more_chunks() -> None:
     """GPT-2 at a vocabulary of 4,096 and width 16 over 1,024 tokens, where one chunk's logits
     hold the peak at every count: a budget one byte under the least peak of the model's own
     head and of every chunk count but the largest (each chain solved alone) is met by the
-    largest count alone,
-    and the planner takes it; the planned steps' peak at step 3 by the storage ledger and by
-    the allocator is within the budget and within 1% of the prediction; the gradients match
-    the unplanned steps'."""
+    largest count alone, and the planner takes it; the planned steps' peak at step 3 by the
+    storage ledger and by the allocator is within the budget and within 1% of the prediction;
+    the gradients match the unplanned steps'."""
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     vocabulary, tokens, batch = 4096, 128, 8
