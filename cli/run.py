@@ -58,6 +58,7 @@ def run_command(
     from memprop.plan.costs import on_fake_tensors
     from memprop.report.terminal_plan import render_run
     from memprop.run.measure import check_run, run_plan
+    from memprop.run.scratch import measure_scratch, plan_around, scratch_line
     from memprop.run.verify import verify_plan
     from memprop.trace.fake import device_of
 
@@ -91,13 +92,25 @@ def run_command(
         if cost_model == "measured" and not baseline:
             raise UsageError("--cost-model measured times real unplanned steps, which do not "
                              "fit this device: use --cost-model roofline")
-    with working("running the planned steps"):
+    with working("measuring the kernels' scratch on a real step"):
         workload = build_workload(options, fake=False)
         unfinite = _not_finite(workload)
+        # NOTE [ Scratch the ledger cannot see ] in memprop.run.scratch: measured under the
+        # plan made on fake tensors where there is one (it fits the device), and the plan made
+        # again for the budget less it.
+        scratch = measure_scratch(workload, None if cost_model == "measured" else plan)
+    with working("running the planned steps"):
         if plan is None or cost_model == "measured":
-            plan = memprop.plan(workload, budget=cap.bytes, strategy=strategy,
-                                cost_model=cost_model, chunk_head=chunk_head)
-        result = run_plan(workload, plan, steps=steps, baseline=baseline)
+            plan = plan_around(lambda cap_bytes: memprop.plan(
+                workload, budget=cap_bytes, strategy=strategy, cost_model=cost_model,
+                chunk_head=chunk_head), cap.bytes, scratch)
+        elif scratch.bytes:
+            plan = plan_around(lambda cap_bytes: memprop.plan(
+                fake, budget=cap_bytes, strategy=strategy,
+                cost_model=on_fake_tensors(cost_model), chunk_head=chunk_head),
+                cap.bytes, scratch)
+            verify_plan(fake, plan)
+        result = run_plan(workload, plan, steps=steps, baseline=baseline, scratch=scratch)
     if cap.source != "given":
         console.print(f"budget: {cap.source}")
     render_run(result, console)

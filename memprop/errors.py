@@ -7,6 +7,7 @@ is a clear one-line message for the user, never a traceback. Anything else is a 
 from __future__ import annotations
 
 __all__ = [
+    "BudgetExceededError",
     "BudgetInfeasibleError",
     "DeviceUnavailableError",
     "MemPropError",
@@ -60,6 +61,14 @@ class BudgetInfeasibleError(MemPropError):
         super().__init__(message)
         self.budget_bytes = budget_bytes
         self.min_feasible_bytes = min_feasible_bytes
+
+
+class BudgetExceededError(MemPropError):
+    """Real steps under a plan were measured by the allocator above their budget: the budget
+    does not hold for this step (kernels' scratch the ledger cannot see, or memory the plan's
+    model missed), said in one line with by how much and why."""
+
+    exit_code = EXIT_DOES_NOT_FIT
 
 
 class OutOfMemoryError(MemPropError):

@@ -149,6 +149,9 @@ class AllocatorMeter:
         self._profiler = False
         self._before = 0
         self.result: AllocatorPeak | None = None
+        self.events: list[tuple[int, int, int, int]] = []
+        """On the CPU, after the block: every allocation and free the allocator reported, as
+        (time ns, order, address, bytes: negative for a free), in time order."""
 
     def __enter__(self) -> AllocatorMeter:
         if self.device.type == "cuda":
@@ -182,8 +185,8 @@ class AllocatorMeter:
             results = torch._C._autograd._disable_profiler()
         if kind is None:
             started = time.perf_counter()
-            events = list(_allocations(results))
-            self.result = _count(events, self._entry, time.perf_counter() - started)
+            self.events = sorted(_allocations(results))
+            self.result = _count(self.events, self._entry, time.perf_counter() - started)
 
 
 def unaccounted_bytes(result: AllocatorPeak, held_after: Iterable[torch.Tensor | None],

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import memprop
-from memprop.errors import PlanCheckError
+from memprop.errors import BudgetExceededError
 from memprop.plan.solvers import Plan
 from memprop.run import measure
 from memprop.run.measure import check_run, run_plan
@@ -97,7 +97,7 @@ def test_a_wrong_prediction_that_the_ledger_shares_is_caught(
     result = run_plan(workload, wrong, steps=1)
     assert result.peak_bytes == wrong.peak_bytes  # the ledger agrees with the prediction
     error, warning = check_run(result)
-    assert isinstance(error, PlanCheckError) and "allocator" in str(error)
+    assert isinstance(error, BudgetExceededError) and "allocator" in str(error)
     assert warning is not None
     assert "above the plan's prediction" in warning and "ledger" in warning
 
@@ -113,7 +113,7 @@ def test_a_prediction_off_by_more_than_the_tolerance_is_a_warning() -> None:
     assert warning is not None and "below the plan's prediction" in warning
 
 
-def test_the_cli_exits_1_when_the_allocator_sees_the_budget_broken(
+def test_the_cli_exits_3_when_the_allocator_sees_the_budget_broken(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
@@ -127,8 +127,8 @@ def test_the_cli_exits_1_when_the_allocator_sees_the_budget_broken(
     monkeypatch.setattr(measure, "_measured_step", over)
     done = CliRunner().invoke(app, ["run", "--input-dim", "32", "--hidden", "64", "--depth",
                                     "4", "--batch", "128", "--budget", "400KiB", "--steps", "1"])
-    assert done.exit_code == 1, done.output
-    assert "allocator" in done.output
+    assert done.exit_code == 3, done.output  # README: 3, the budget does not hold
+    assert "allocator" in done.output and "bug" not in done.output
 
 
 def test_the_run_report_shows_both_figures_and_names_each_mechanism() -> None:
