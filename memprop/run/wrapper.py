@@ -44,6 +44,13 @@ from memprop.plan.solvers import Plan
 from memprop.run.compiled import CompiledPlanModule, compiled_module
 from memprop.run.install import installed
 from memprop.run.measure import not_run
+from memprop.run.scratch import (
+    Scratch,
+    measure_scratch,
+    plan_around,
+    scratch_line,
+    unmeasured_note,
+)
 from memprop.run.verify import verify_plan
 from memprop.trace.compiled import original
 from memprop.trace.fake import new_fake_mode, to_fake_workload
@@ -182,11 +189,24 @@ class PlannedModule(nn.Module):
         self._planner = planner
         self.plans: OrderedDict[InputKey, Plan] = OrderedDict()
         """The plans in use, by the inputs' (shape, dtype, device), most recent last."""
+        self.scratch: Scratch | None = None
+        """The kernels' scratch the first inputs' plan was made around (``cost_model=
+        "measured"`` measures it on a real step); None: planned on fake tensors alone, which
+        cannot measure it."""
         self._plans_lock = threading.RLock()
         """Held while the plans are looked up or made: threads share them (NOTE [ Plans
         installed per thread ] in ``memprop.run.install``)."""
         self.register_state_dict_post_hook(_strip_prefix)
         self.register_load_state_dict_pre_hook(_add_prefix)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """What the plans' budget counts of the kernels' scratch, in one line each."""
+        if self.scratch is None:
+            return (unmeasured_note(),)
+        said = (scratch_line(self.scratch, self._planner.budget_bytes),) \
+            if self.scratch.bytes else ()
+        return (*said, "later input shapes, planned on fake tensors, exclude it")
 
     def plan_for(self, *inputs: Any, **keywords: Any) -> Plan:
         """The plan for these inputs: one already made for inputs at least as large, or a new
@@ -332,7 +352,11 @@ def checkpoint(
     and ``"flops"`` plan on fake tensors: nothing is allocated, which matters when the unplanned
     step does not fit. ``"measured"`` traces real steps for the first plan (the model is put
     back as it was); later shapes are then planned by the roofline. Every plan is checked on
-    fake tensors before it runs (:func:`memprop.run.verify.verify_plan`).
+    fake tensors before it runs (:func:`memprop.run.verify.verify_plan`). Kernels allocate
+    scratch inside one op that fake tensors cannot see (oneDNN's in a CPU convolution, cuDNN's
+    workspaces): ``"measured"`` measures it on a real step and plans the first inputs for the
+    budget less it; plans made on fake tensors exclude it. The wrapper's ``notes`` say which
+    (NOTE [ Scratch the ledger cannot see ] in ``memprop.run.scratch``).
 
     A model that is already a checkpoint's wrapper is planned afresh on the model it wraps: the
     new budget replaces the old one (one step runs one plan). A ``torch.compile``'d model is
@@ -379,8 +403,13 @@ def checkpoint(
     )
     wrapper = PlannedModule(model, planner)
     if cost_model == "measured":
-        measured = plan(first, budget=budget_bytes, strategy=strategy, cost_model="measured")
+        # Real steps run anyway: one more measures the kernels' scratch (NOTE [ Scratch the
+        # ledger cannot see ] in memprop.run.scratch), and the plan is made around it.
+        scratch = measure_scratch(first)
+        measured = plan_around(lambda cap: plan(first, budget=cap, strategy=strategy,
+                                                cost_model="measured"), budget_bytes, scratch)
         verify_plan(first, measured)
+        wrapper.scratch = scratch
         wrapper.plans[_key(first.inputs, first.keywords)] = measured
     else:
         wrapper.plan_for(*first.inputs, **first.keywords)

@@ -114,3 +114,34 @@ def test_a_run_measured_over_its_budget_is_one_line_that_exits_3(
     line = errors[0]
     assert "over the budget" in line and "kernels' scratch" in line
     assert "bug" not in line
+
+
+def test_a_measured_checkpoint_holds_the_allocators_peak_at_step_3_to_the_budget(
+        models: Path) -> None:
+    """Oracle: the allocator's count (memprop.devices.allocator, independent of the ledger)
+    of the third step of the user's own loop (zero_grad, forward, loss, backward, SGD step)
+    through ``memprop.checkpoint(..., cost_model="measured")``, within the budget. Failed
+    before: the plan was made for the whole budget, which the scratch broke."""
+    import models as user
+    import torch
+
+    from memprop.devices.allocator import AllocatorMeter
+
+    budget, _ = _tight_budget()
+    model, inputs = user.patch_conv_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    wrapped = memprop.checkpoint(model, inputs, budget, cost_model="measured",
+                                 optimizer=optimizer)
+    assert wrapped.scratch is not None and wrapped.scratch.bytes > 0
+    assert any("kernels' scratch the ledger cannot see" in note for note in wrapped.notes)
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        state = [*model.parameters(), *model.buffers(), inputs]
+        with AllocatorMeter("cpu", state) as meter:
+            wrapped(inputs).float().mean().backward()
+            optimizer.step()
+    assert meter.result is not None and meter.result.peak_bytes <= budget, (
+        meter.result, budget)
+    fake_planned = memprop.checkpoint(model, inputs, budget)
+    assert fake_planned.scratch is None
+    assert any("excludes kernels' scratch" in note for note in fake_planned.notes)
