@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -142,21 +143,26 @@ def test_hf_gpt2_has_every_contender_with_the_allocators_peak(report: BenchRepor
     assert any(c.startswith("memprop") and s.startswith("50% activations")
                for c, s in contenders)
     assert any(c.startswith(LARGEST) for c, _ in contenders)
+    if importlib.util.find_spec("memprop.plan.compiled") is not None:  # issue 18, item 2
+        assert any(c == hf.COMPILED_PLAN and s.startswith("50% activations")
+                   for c, s in contenders)
     for row in rows:
         assert set(row) >= set(COLUMNS)
         assert row["allocator_peak_bytes"] > 0 and row["step_s"] > 0, row
         assert row["peak_bytes"] == row["allocator_peak_bytes"], row  # never the ledger's
-        assert (row["compile_s"] is not None) == (row["contender"] == "torch.compile"), row
+        assert (row["compile_s"] is not None) == row["compiled"], row
 
 
 def test_hf_gpt2_eager_plans_peak_where_the_planner_predicts(report: BenchReport) -> None:
     """Oracle: the allocator's count (which shares nothing with the planner's chain model)
     within 1% of each eager plan's predicted peak; the head option's plans run in chunks."""
-    planned = [r for r in _hf_rows(report) if r["predicted_peak_bytes"] is not None]
+    planned = [r for r in _hf_rows(report)
+               if r["predicted_peak_bytes"] is not None and not r["compiled"]]
     assert planned
     for row in planned:
         assert abs(row["peak_bytes"] - row["predicted_peak_bytes"]) <= 0.01 * row["peak_bytes"]
-        assert (row["head_chunks"] > 0) == (row["contender"] == "memprop, head option"), row
+        if not row["contender"].startswith(LARGEST):  # the largest batch's plan may take it
+            assert (row["head_chunks"] > 0) == (row["contender"] == "memprop, head option"), row
 
 
 def test_hf_gpt2_goal_lines_say_met_or_missed(report: BenchReport) -> None:
