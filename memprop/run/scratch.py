@@ -44,6 +44,7 @@ from memprop.errors import BudgetInfeasibleError
 from memprop.loop import training_step, zero_gradients
 from memprop.plan.solvers import Plan
 from memprop.run.install import installed
+from memprop.trace.compiled import eager_model
 from memprop.trace.ledger import op_name
 from memprop.units import format_bytes
 from memprop.workload import Workload, restore_state, save_state
@@ -77,12 +78,15 @@ def measure_scratch(workload: Workload, plan: Plan | None = None) -> Scratch:
     device = next((p.device for p in workload.model.parameters()),
                   workload.input_tensors[0].device)
     state = save_state(workload)
-    around = contextlib.nullcontext() if plan is None else installed(
-        workload.model, plan.stage_names, plan.tree, plan.selective, plan.draws_random,
-        head_chunks=plan.head_chunks)
     try:
         zero_gradients(workload)
-        with around:
+        # A compiled model runs its original module, as its plan does (NOTE [ Compiled models
+        # are traced eagerly ]): dynamo would compile the dispatch mode into the step.
+        with eager_model(workload, []), contextlib.ExitStack() as around:
+            if plan is not None:
+                around.enter_context(installed(
+                    workload.model, plan.stage_names, plan.tree, plan.selective,
+                    plan.draws_random, head_chunks=plan.head_chunks))
             if device.type == "cuda":
                 return _measured_cuda(workload, device)
             return _measured_cpu(workload, device)

@@ -4,9 +4,11 @@ one op, which the ledger cannot see (NOTE [ Scratch the ledger cannot see ] in
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -50,22 +52,31 @@ def patch_conv_net(batch_size=8):
     return PatchConvNet(), torch.randn(batch_size, 3, 64, 64)
 '''
 
+MODEL = "scratch_models.py:patch_conv_net"
+
 
 @pytest.fixture
 def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    (tmp_path / "models.py").write_text(textwrap.dedent(MODELS))
+    (tmp_path / "scratch_models.py").write_text(textwrap.dedent(MODELS))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     return tmp_path
+
+
+def _user_models() -> Any:
+    """The fixture's file, loaded afresh (another test's ``models`` may be imported)."""
+    spec = importlib.util.spec_from_file_location("scratch_models", "scratch_models.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _tight_budget() -> tuple[int, int]:
     """(a budget that a plan for the whole budget breaks by the allocator's count, the gap):
     the least feasible peak plus the allocator's count above the ledger on the unplanned step
     (measured here by run_plan's two mechanisms, apart from the scratch probe), plus 1 KiB."""
-    import models as user  # the fixture's file
-
-    workload = to_workload(*user.patch_conv_net())
+    workload = to_workload(*_user_models().patch_conv_net())
     with pytest.raises(BudgetInfeasibleError) as infeasible:
         memprop.plan(workload, budget=1, fake=True)
     unplanned = run_plan(workload, memprop.plan(workload, budget="1TiB", fake=True), steps=1,
@@ -81,8 +92,8 @@ def test_a_planned_run_holds_the_allocators_peak_to_the_budget_with_kernels_scra
     is made from) at every measured step, the third (the steady state) included, within the
     budget. Failed before: a plan made for the whole budget peaked above it by the scratch."""
     budget, gap = _tight_budget()
-    result = CliRunner().invoke(app, ["run", "--model", "models.py:patch_conv_net", "--budget",
-                                      str(budget), "--steps", "1", "--json", "-"])
+    result = CliRunner().invoke(app, ["run", "--model", MODEL, "--budget", str(budget),
+                                      "--steps", "1", "--json", "-"])
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     steps = document["measured"]["allocator_step_peaks_bytes"]
@@ -106,8 +117,8 @@ def test_a_run_measured_over_its_budget_is_one_line_that_exits_3(
     budget, _ = _tight_budget()
     monkeypatch.setattr(scratch, "measure_scratch",
                         lambda *_a, **_k: scratch.Scratch(bytes=0, op="", ops=0))
-    result = CliRunner().invoke(app, ["run", "--model", "models.py:patch_conv_net", "--budget",
-                                      str(budget), "--steps", "1"])
+    result = CliRunner().invoke(app, ["run", "--model", MODEL, "--budget", str(budget),
+                                      "--steps", "1"])
     assert result.exit_code == 3, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("memprop: error:")]
     assert len(errors) == 1
@@ -122,13 +133,12 @@ def test_a_measured_checkpoint_holds_the_allocators_peak_at_step_3_to_the_budget
     of the third step of the user's own loop (zero_grad, forward, loss, backward, SGD step)
     through ``memprop.checkpoint(..., cost_model="measured")``, within the budget. Failed
     before: the plan was made for the whole budget, which the scratch broke."""
-    import models as user
     import torch
 
     from memprop.devices.allocator import AllocatorMeter
 
     budget, _ = _tight_budget()
-    model, inputs = user.patch_conv_net()
+    model, inputs = _user_models().patch_conv_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     wrapped = memprop.checkpoint(model, inputs, budget, cost_model="measured",
                                  optimizer=optimizer)
