@@ -140,7 +140,7 @@ def _run_compiled(options: WorkloadOptions, cap: Any, *, steps: int, cost_model:
                   chunk_head: bool, json_path: Path | None, console: Any) -> None:
     """``memprop run --compile``: the compiled plan, made on fake tensors, run for real and
     measured by the allocator against the budget."""
-    from memprop.errors import PlanCheckError
+    from memprop.errors import BudgetExceededError
     from memprop.plan.compiled import plan_compiled
     from memprop.report.terminal_compiled import render_compiled_run
     from memprop.run.compiled import run_compiled
@@ -161,11 +161,16 @@ def _run_compiled(options: WorkloadOptions, cap: Any, *, steps: int, cost_model:
                       f"more than {result.gradients_rtol:g} of their largest magnitude",
                       style="yellow")
     if result.allocator_peak_bytes > plan.budget_bytes:
-        raise PlanCheckError(
+        # The user's outcome (exit 3), as an eager plan's: inductor's kernels allocate inside
+        # one op too, which the op-by-op bound does not see.
+        over = result.allocator_peak_bytes - plan.budget_bytes
+        raise BudgetExceededError(
             f"the compiled steps peaked at {format_bytes(result.allocator_peak_bytes)} by the "
-            f"allocator's count, over the budget of {format_bytes(plan.budget_bytes)} (held "
-            f"{format_bytes(plan.bound_peak_bytes)} op by op): memprop's bound on this compiled "
-            "step is wrong, which is a memprop bug: please report it with the run's JSON")
+            f"allocator's count, {format_bytes(over)} over the budget of "
+            f"{format_bytes(plan.budget_bytes)}, though held to "
+            f"{format_bytes(plan.bound_peak_bytes)} op by op: memory the compiled kernels "
+            "allocate inside themselves, which no traced graph shows; the budget does not hold "
+            "for this step: raise it by that much")
     console.print(f"every measured step within the budget of {format_bytes(plan.budget_bytes)}")
 
 

@@ -155,3 +155,28 @@ def test_a_measured_checkpoint_holds_the_allocators_peak_at_step_3_to_the_budget
     fake_planned = memprop.checkpoint(model, inputs, budget)
     assert fake_planned.scratch is None
     assert any("excludes kernels' scratch" in note for note in fake_planned.notes)
+
+
+def test_compiled_steps_measured_over_their_budget_are_one_line_that_exits_3(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Oracle: README's exit-code table (3: it does not fit). The compiled steps' measurement
+    replaced by one 1 KiB over the budget (as inductor's in-kernel scratch would make it): the
+    user's outcome in one line with by how much, not "a memprop bug" (exit 1 before)."""
+    from memprop.run import compiled
+    from memprop.units import format_bytes
+
+    def over(workload: Any, plan: Any, steps: int = 5) -> compiled.CompiledRunResult:
+        peaks = (plan.budget_bytes + 1024,) * 3
+        return compiled.CompiledRunResult(
+            plan=plan, steps=steps, allocator_step_peaks_bytes=peaks,
+            baseline_allocator_step_peaks_bytes=peaks, allocator_source="the test",
+            step_s=1.0, baseline_step_s=1.0, gradients_match=True)
+
+    monkeypatch.setattr(compiled, "run_compiled", over)
+    model = f"{Path(__file__).parent.parent / 'unit' / 'test_compiled_plan.py'}:residual_mlp"
+    result = CliRunner().invoke(app, ["run", "--model", model, "--batch", "128", "--budget",
+                                      "1GiB", "--compile", "--steps", "1"])
+    assert result.exit_code == 3, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("memprop: error:")]
+    assert len(errors) == 1 and f"{format_bytes(1024)} over the budget" in errors[0]
+    assert "bug" not in errors[0]
