@@ -113,6 +113,8 @@ def run_command(
         result = run_plan(workload, plan, steps=steps, baseline=baseline, scratch=scratch)
     if cap.source != "given":
         console.print(f"budget: {cap.source}")
+    if scratch.bytes:
+        console.print(scratch_line(scratch, cap.bytes))
     render_run(result, console)
     if options.device.startswith("cuda") and result.baseline_peak_bytes is not None:
         from memprop.devices import get_device
