@@ -1,7 +1,33 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+WORKERS = 2
+"""pytest-xdist workers for the whole suite: this project's CI machine has two cores. More
+would multiply the ranks its distribute tests launch (a launch takes up to the machine's cores)."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    # The whole suite (`python -m pytest` with no paths: the README's command, and CI's) runs on
+    # WORKERS pytest-xdist workers, each test in one worker's process as before (what they
+    # measure is per process: the allocator, the ledger, their own launched ranks). A
+    # selection of tests runs in this process, as a developer's single test wants (prints,
+    # --pdb); `-n N` or `-p no:xdist` choose otherwise. Runs before xdist's own hook, which
+    # turns these options into workers.
+    if (config.args_source is pytest.Config.ArgsSource.TESTPATHS
+            and config.pluginmanager.hasplugin("xdist")
+            and not hasattr(config, "workerinput")
+            and config.getoption("numprocesses", None) is None
+            and config.getoption("dist", "no") == "no"
+            and not config.getoption("usepdb") and not config.getoption("collectonly")
+            and (os.cpu_count() or 1) >= WORKERS):
+        config.option.numprocesses = WORKERS
+        # Tests take from a second to a minute: a worker that runs out takes the other's.
+        config.option.dist = "worksteal"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -15,8 +41,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(autouse=True, scope="session")
 def _rates_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    # The roofline cost model measures this machine's rates once and caches them under
-    # XDG_CACHE_HOME: once per test session, never in the user's own cache.
-    import os
-
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    # The roofline cost model measures this machine's rates (and distribute its links) once
+    # and caches them under XDG_CACHE_HOME: once per test run, never in the user's own cache.
+    # pytest-xdist's workers share one (their temporary folders' parent is the run's): the
+    # cache's lock lets one measure while the others wait, then read, so a run measures once.
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    cache = base / "cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["XDG_CACHE_HOME"] = str(cache)
