@@ -115,7 +115,7 @@ def run_command(
         console.print(f"budget: {cap.source}")
     if scratch.bytes:
         console.print(scratch_line(scratch, cap.bytes))
-    render_run(result, console)
+    render_run(result, console, workload)
     if options.device.startswith("cuda") and result.baseline_peak_bytes is not None:
         from memprop.devices import get_device
         from memprop.report.terminal_gpu import render_reconciliation

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from torch import nn
 
 from memprop.plan.solvers import Plan
 from memprop.run.measure import RunResult
+from memprop.trace.compiled import original
 from memprop.trace.head import STEP_GRADIENT_RTOL
 from memprop.units import format_bytes
+from memprop.workload import Workload
 
 __all__ = ["render_plan", "render_run"]
 
@@ -63,10 +67,13 @@ def _comparison(plans: list[Plan]) -> Table:
     return table
 
 
-def render_run(result: RunResult, console: Console) -> None:
+def render_run(result: RunResult, console: Console, workload: Workload | None = None) -> None:
     """The measured steps by both mechanisms (the ledger, the allocator), the timed steps, and
-    the gradients and buffers against the unplanned run."""
+    the gradients and buffers against the unplanned run. Given the run's ``workload``, the
+    notes say only what applies to it (an optimizer's state, which buffers); without it, they
+    name what may apply."""
     plan = result.plan
+    steps_note = _steps_note(workload)
     measured = len(result.step_peaks_bytes)
     table = Table(title=f"{measured} measured and {result.steps} timed training steps under "
                         f"plan '{plan.strategy}' ({plan.cost_model} costs)",
@@ -89,14 +96,14 @@ def render_run(result: RunResult, console: Console) -> None:
                       f"{(result.peak_bytes - allocator) / max(1, allocator):+.2%} of the "
                       "allocator's")
         _steps_row(table, "allocator", result.allocator_step_peaks_bytes,
-                   result.baseline_allocator_step_peaks_bytes, unplanned)
+                   result.baseline_allocator_step_peaks_bytes, unplanned, steps_note)
     else:
         table.add_row("peak (ledger)",
                       Text(format_bytes(result.peak_bytes),
                            style="green" if within else "bold red"),
                       unplanned(format_bytes(result.baseline_peak_bytes or 0)), budget)
     _steps_row(table, "ledger", result.step_peaks_bytes, result.baseline_step_peaks_bytes,
-               unplanned)
+               unplanned, steps_note)
     if result.baseline_step_s:
         ratio = f"{result.step_s / result.baseline_step_s:.2f}x measured / "
         baseline_ms = f"{result.baseline_step_s * 1e3:.2f} ms"
@@ -107,7 +114,9 @@ def render_run(result: RunResult, console: Console) -> None:
     table.add_row("gradients", _verdict(result.gradients_match), "",
                   f"step 1 within {STEP_GRADIENT_RTOL:g} (the head in {plan.head_chunks} chunks)"
                   if plan.head_chunks else "bit for bit on the CPU")
-    table.add_row("buffers", _verdict(result.buffers_match), "", "BatchNorm statistics")
+    buffers = _buffers_note(workload)
+    if buffers:
+        table.add_row("buffers", _verdict(result.buffers_match), "", buffers)
     console.print(table)
     sources = f"peak (ledger): {result.peak_source}"
     if result.allocator_step_peaks_bytes:
@@ -118,14 +127,48 @@ def render_run(result: RunResult, console: Console) -> None:
         timing += (f" (a measured step took {result.measured_step_s * 1e3:.2f} ms under both "
                    "mechanisms)")
     console.print(Text(f"{sources}; {timing}", style="dim"))
+    if workload is not None and original(workload.model) is not workload.model:
+        console.print(Text("the model is torch.compile'd: both runs stepped its original module "
+                           "eagerly, as the plan was made (memprop run --compile plans and "
+                           "runs the compiled step)", style="dim"))
 
 
 def _steps_row(table: Table, mechanism: str, steps: tuple[int, ...],
-               baseline: tuple[int, ...] | None, unplanned: Callable[[str], str]) -> None:
+               baseline: tuple[int, ...] | None, unplanned: Callable[[str], str],
+               note: str) -> None:
     table.add_row(f"steps 1-{len(steps)} ({mechanism})",
                   "\n".join(format_bytes(p) for p in steps),
-                  unplanned("\n".join(format_bytes(p) for p in baseline or ())),
-                  "step 1 makes the\noptimizer's state")
+                  unplanned("\n".join(format_bytes(p) for p in baseline or ())), note)
+
+
+def _steps_note(workload: Workload | None) -> str:
+    """Why step 1 may differ from the rest: an optimizer makes its state there."""
+    if workload is None:
+        return "step 1 makes the\noptimizer's state, if any"
+    return "step 1 makes the\noptimizer's state" if _keeps_state(workload.optimizer) else ""
+
+
+def _keeps_state(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether ``optimizer`` makes state at its first step: every optimizer but plain SGD
+    (no momentum), which steps from the gradients alone."""
+    if optimizer is None:
+        return False
+    if type(optimizer) is torch.optim.SGD:
+        return any(group.get("momentum", 0) for group in optimizer.param_groups)
+    return True
+
+
+def _buffers_note(workload: Workload | None) -> str:
+    """What the buffers compared are, or "" where the model has none (no row then)."""
+    if workload is None:
+        return "running statistics, if any"
+    if not any(True for _ in workload.model.buffers()):
+        return ""
+    kinds = sorted({type(m).__name__ for m in workload.model.modules()
+                    if isinstance(m, nn.modules.batchnorm._NormBase)})
+    if kinds:
+        return f"{', '.join(kinds)} statistics"
+    return "the model's buffers"
 
 
 def _verdict(same: bool | None) -> Text | str:
