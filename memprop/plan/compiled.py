@@ -61,6 +61,7 @@ import torch
 from torch.utils.flop_counter import flop_registry
 
 from memprop.errors import BudgetInfeasibleError, UsageError
+from memprop.plan.solvers import cli_size, least_budget_words
 from memprop.trace.aot import CapturedGraphs, fused_away
 from memprop.trace.caches import without_caches
 from memprop.trace.compiled import compiled_step, original
@@ -235,10 +236,10 @@ def _infeasible(workload: Workload, budget_bytes: int, tried: list[CompiledCandi
     head = f"in {least.head_chunks} chunks" if least.head_chunks else "as it is"
     return BudgetInfeasibleError(
         f"budget {format_bytes(budget_bytes)} is below every compiled step memprop tried for "
-        f"{workload.name}: the least peak held was {format_bytes(least.bound_peak_bytes)} (op "
-        f"by op, activation_memory_budget {least.activation_memory_budget:g}, the head "
+        f"{workload.name}: the least peak held was {least_budget_words(least.bound_peak_bytes)} "
+        f"(op by op, activation_memory_budget {least.activation_memory_budget:g}, the head "
         f"{head}): raise "
-        f"--budget to at least {format_bytes(least.bound_peak_bytes)} or lower --batch",
+        f"--budget to at least {cli_size(least.bound_peak_bytes)} or lower --batch",
         budget_bytes=budget_bytes, min_feasible_bytes=least.bound_peak_bytes)
 
 

@@ -356,8 +356,8 @@ def solve(
         floor = plan.min_feasible_bytes
         raise BudgetInfeasibleError(
             f"budget {format_bytes(budget_bytes)} is below the smallest feasible peak, "
-            f"{format_bytes(floor)}, for this {len(chain)}-stage chain with strategy "
-            f"{strategy!r}: raise the budget to at least {_cli_size(floor)} or lower the batch "
+            f"{least_budget_words(floor)}, for this {len(chain)}-stage chain with strategy "
+            f"{strategy!r}: raise the budget to at least {cli_size(floor)} or lower the batch "
             "size",
             budget_bytes=budget_bytes,
             min_feasible_bytes=floor,
@@ -442,7 +442,15 @@ def _segment_counts(atoms: int) -> list[int]:
     return sorted(counts)
 
 
-def _cli_size(n: int) -> str:
+def least_budget_words(n: int) -> str:
+    """A least feasible peak of ``n`` bytes in words that agree with the budget advised
+    (:func:`cli_size`, rounded up): the bytes, and the size rounded up, never a figure below
+    ``n`` (``format_bytes`` rounds to nearest, and 2.58 MiB would read as a budget that
+    works)."""
+    return f"{n:,} bytes ({cli_size(n)} rounded up)"
+
+
+def cli_size(n: int) -> str:
     """A size the ``--budget`` flag parses back to at least ``n`` bytes (rounded up)."""
     for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if n >= scale:
