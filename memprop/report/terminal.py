@@ -66,13 +66,11 @@ def render_profile(profile: Profile, console: Console, *, top: int = 12) -> None
 def _peak_moment(profile: Profile) -> str:
     """Which op's outputs make the training peak, so that the "at the peak" column can be
     read (gradients at 0 B in a backward pass: the peak came before any was made)."""
-    timeline = profile.timeline
-    tick = timeline.peak_tick
-    if not 0 <= tick < len(timeline.ops):
+    peak = profile.timeline.peak_op()
+    if peak["op"] is None:
         return ""
-    module = timeline.modules[tick]
-    return (f", just after {timeline.ops[tick]}" + (f" in {module}" if module else "")
-            + f" (op tick {tick} of {len(timeline.ops) - 1})")
+    return (f", just after {peak['op']}" + (f" in {peak['module']}" if peak["module"] else "")
+            + f" (op tick {peak['tick']} of {peak['last_tick']})")
 
 
 def _steady_state_note(profile: Profile) -> str:

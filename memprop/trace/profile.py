@@ -112,6 +112,16 @@ class Timeline:
     backward_end: int
     peak_tick: int
 
+    def peak_op(self) -> dict[str, Any]:
+        """The op whose outputs make the training peak: its name (``op``), the module that ran
+        it (``module``, None outside any), its tick (``tick``, in the ticks the saved tensors'
+        ``born`` and ``freed`` use) and the step's last tick (``last_tick``); all None when
+        the peak is at no op."""
+        if not 0 <= self.peak_tick < len(self.ops):
+            return {"op": None, "module": None, "tick": None, "last_tick": None}
+        return {"op": self.ops[self.peak_tick], "module": self.modules[self.peak_tick] or None,
+                "tick": self.peak_tick, "last_tick": len(self.ops) - 1}
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Profile:
@@ -180,7 +190,8 @@ class Profile:
             "device": dict(self.device),
             "workload": dict(self.workload),
             "memory": asdict(self.memory),
-            "peak": {"phase": self.peak_phase, "breakdown": dict(self.peak_breakdown)},
+            "peak": {"phase": self.peak_phase, "breakdown": dict(self.peak_breakdown),
+                     **self.timeline.peak_op()},
             "measured": None if self.measured is None else asdict(self.measured),
             "saved_tensors": [
                 {**asdict(t), "shape": list(t.shape)} for t in self.saved_tensors
