@@ -14,10 +14,12 @@ twice), with a warning.
 Plans are kept by the inputs' shapes, dtypes and devices. An input never seen before reuses the
 plan of one whose every dimension is at least as large (the same plan peaks no higher on smaller
 tensors), and is otherwise planned on first sight on fake tensors, pricing recomputation in
-FLOPs, so planning allocates nothing. At most ``MAX_PLANS`` are kept, the least recently used
-dropped first. Every new plan is checked before it runs: the planned step is traced on fake
-tensors (:func:`memprop.run.verify.verify_plan`); a planned forward that never runs the plan
-raises :class:`memprop.errors.PlanCheckError`.
+FLOPs, so planning allocates nothing; a model that fake tensors cannot trace (its forward
+branches on values, as a mixture of experts' eager routing does) is planned on the real inputs
+in hand instead, as ``memprop run`` plans it, with a warning. At most ``MAX_PLANS`` are kept,
+the least recently used dropped first. Every new plan is checked before it runs: the planned
+step is traced on fake tensors (:func:`memprop.run.verify.verify_plan`); a planned forward that
+never runs the plan raises :class:`memprop.errors.PlanCheckError`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from typing import Any, Literal, overload
 import torch
 from torch import nn
 
-from memprop.errors import PlanCheckError, UsageError
+from memprop.blame import is_fake_kernel_refusal, is_fake_tensor_limit
+from memprop.errors import MemPropError, PlanCheckError, UsageError
 from memprop.plan.api import check_strategy, plan
 from memprop.plan.compiled import plan_compiled
 from memprop.plan.costs import DEFAULT_COST_MODEL, check_cost_model, on_fake_tensors
@@ -139,9 +142,34 @@ class _Planner:
                                                  tensors[0].dim() else None)
         # fake=True: sizes that depend on values at their worst case (a mixture of experts'
         # routing), since a wrapper's forward cannot trace a real step to plan.
-        result = plan(fake, budget=self.budget_bytes, strategy=self.strategy,
-                      cost_model=self.cost_model, fake=True)
+        try:
+            result = plan(fake, budget=self.budget_bytes, strategy=self.strategy,
+                          cost_model=self.cost_model, fake=True)
+        except MemPropError as error:
+            if not (is_fake_tensor_limit(error) or is_fake_kernel_refusal(error)):
+                raise
+            return self._plan_real(real, error)
         verify_plan(fake, result)
+        return result
+
+    def _plan_real(self, real: Workload, refusal: MemPropError) -> Plan:
+        """The plan made on the real inputs in hand, for a model fake tensors cannot trace (it
+        branches on values, as a mixture of experts' eager routing does; a fake kernel stricter
+        than the real one), as ``memprop run`` plans it: one real step, the model put back after
+        it (``memprop.plan``). Said with a warning: planning allocates, and the plan holds for
+        this routing, not the worst case."""
+        warnings.warn(
+            f"{real.name} was planned on its real inputs, not fake tensors: fake tensors cannot "
+            f"trace it ({refusal}); planning ran one real step (its memory allocated, the model "
+            "put back after it), and the plan is this batch's routing, not the worst case",
+            stacklevel=4)
+        if self.targets is not None:  # zeros of the targets' shape (real, outside a fake mode)
+            tensors = real.input_tensors
+            real.targets = self.targets.fake(int(tensors[0].shape[0]) if tensors and
+                                             tensors[0].dim() else None)
+        result = plan(real, budget=self.budget_bytes, strategy=self.strategy,
+                      cost_model=self.cost_model)
+        verify_plan(real, result)
         return result
 
     def __reduce__(self) -> tuple[Any, ...]:
