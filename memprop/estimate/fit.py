@@ -15,7 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from memprop.errors import BudgetInfeasibleError, MemPropError, OutOfMemoryError, WorkloadError
+from memprop.blame import is_fake_kernel_refusal, is_fake_tensor_limit
+from memprop.errors import (
+    BudgetInfeasibleError,
+    MemPropError,
+    ModelError,
+    OutOfMemoryError,
+    WorkloadError,
+)
 from memprop.estimate.preflight import shortfall
 from memprop.estimate.sweep import Build, trace_fake
 from memprop.search import largest_true
@@ -140,7 +147,7 @@ def fit(
         if batch_size not in peaks:
             # The user's code raises MemPropErrors (memprop.blame.user_code); anything else
             # is memprop's bug and keeps its traceback.
-            result = trace_fake(build, batch_size, depth)
+            result = _trace_for_fit(build, batch_size, depth)
             if not described:
                 described.update(result.workload)
             peaks[batch_size] = result.required_bytes
@@ -215,6 +222,22 @@ def _verify(
         )
     finally:
         gc.collect()
+
+
+def _trace_for_fit(build: Build, batch_size: int, depth: int | None) -> Any:
+    """``trace_fake``, whose refusal of the model (code that reads values, a fake kernel
+    stricter than the real one) advises what fit can do: fit searches on fake tensors only, so
+    the advice to trace on real tensors is sweep's to follow, a batch at a time."""
+    try:
+        return trace_fake(build, batch_size, depth)
+    except MemPropError as error:
+        if not (is_fake_tensor_limit(error) or is_fake_kernel_refusal(error)):
+            raise
+        raise ModelError(
+            f"{error}; memprop fit searches on fake tensors only and cannot bisect this model: "
+            "measure batches on real tensors with memprop sweep --real --batch 1,2,4,8 (the "
+            "same --model) and take the largest whose training peak is within the budget"
+            ) from error
 
 
 def _with_checkpointing(
