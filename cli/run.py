@@ -155,7 +155,7 @@ def _run_compiled(options: WorkloadOptions, cap: Any, *, steps: int, cost_model:
         result = run_compiled(build_workload(options, fake=False), plan, steps=steps)
     if cap.source != "given":
         console.print(f"budget: {cap.source}")
-    render_compiled_run(result, console)
+    render_compiled_run(result, console, fake)
     if json_path is not None:
         console.print(f"wrote {write_json(json_path, result.to_dict())}")
     if not result.gradients_match:

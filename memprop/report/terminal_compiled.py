@@ -7,8 +7,10 @@ from rich.table import Table
 from rich.text import Text
 
 from memprop.plan.compiled import CompiledPlan
+from memprop.report.terminal_plan import optimizer_state_note
 from memprop.run.compiled import CompiledRunResult
 from memprop.units import format_bytes
+from memprop.workload import Workload
 
 __all__ = ["render_compiled_plan", "render_compiled_run"]
 
@@ -53,8 +55,10 @@ def render_compiled_plan(plan: CompiledPlan, console: Console) -> None:
         console.print(Text(note, style="dim"))
 
 
-def render_compiled_run(result: CompiledRunResult, console: Console) -> None:
-    """The compiled steps by the allocator against the eager unplanned ones, and the gradients."""
+def render_compiled_run(result: CompiledRunResult, console: Console,
+                        workload: Workload | None = None) -> None:
+    """The compiled steps by the allocator against the eager unplanned ones, and the gradients
+    (``workload``: the run's, or a mirror of it, for what applies: ``optimizer_state_note``)."""
     plan = result.plan
     table = Table(title=f"{len(result.allocator_step_peaks_bytes)} measured and {result.steps} "
                         f"timed steps compiled under activation_memory_budget="
@@ -72,7 +76,7 @@ def render_compiled_run(result: CompiledRunResult, console: Console) -> None:
     table.add_row(f"steps 1-{len(result.allocator_step_peaks_bytes)}",
                   "\n".join(format_bytes(p) for p in result.allocator_step_peaks_bytes),
                   "\n".join(format_bytes(p) for p in result.baseline_allocator_step_peaks_bytes),
-                  "step 1 makes the\noptimizer's state")
+                  optimizer_state_note(workload))
     table.add_row("step time", f"{result.step_s * 1e3:.2f} ms",
                   f"{result.baseline_step_s * 1e3:.2f} ms",
                   f"{result.step_s / result.baseline_step_s:.2f}x measured")

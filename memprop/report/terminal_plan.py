@@ -17,7 +17,7 @@ from memprop.trace.head import STEP_GRADIENT_RTOL
 from memprop.units import format_bytes
 from memprop.workload import Workload
 
-__all__ = ["render_plan", "render_run"]
+__all__ = ["optimizer_state_note", "render_plan", "render_run"]
 
 
 def render_plan(plan: Plan, alternatives: list[Plan], console: Console) -> None:
@@ -73,7 +73,7 @@ def render_run(result: RunResult, console: Console, workload: Workload | None = 
     notes say only what applies to it (an optimizer's state, which buffers); without it, they
     name what may apply."""
     plan = result.plan
-    steps_note = _steps_note(workload)
+    steps_note = optimizer_state_note(workload)
     measured = len(result.step_peaks_bytes)
     table = Table(title=f"{measured} measured and {result.steps} timed training steps under "
                         f"plan '{plan.strategy}' ({plan.cost_model} costs)",
@@ -141,7 +141,7 @@ def _steps_row(table: Table, mechanism: str, steps: tuple[int, ...],
                   unplanned("\n".join(format_bytes(p) for p in baseline or ())), note)
 
 
-def _steps_note(workload: Workload | None) -> str:
+def optimizer_state_note(workload: Workload | None) -> str:
     """Why step 1 may differ from the rest: an optimizer makes its state there."""
     if workload is None:
         return "step 1 makes the\noptimizer's state, if any"

@@ -210,3 +210,35 @@ def test_profiles_json_peak_names_the_op_of_the_peak(models: Path) -> None:
     assert (peak["op"], peak["tick"], peak["last_tick"]) == \
         (timeline["ops"][tick], tick, len(timeline["ops"]) - 1)
     assert {"phase", "breakdown"} <= peak.keys()  # additive: the old keys stay
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.Adam])
+def test_compiled_runs_table_says_step_one_makes_state_only_where_it_does(
+        optimizer: type[torch.optim.Optimizer]) -> None:
+    """Oracle: torch's optimizer after one step (plain SGD keeps no state, Adam does). The
+    compiled run's table (memprop run --compile) said 'step 1 makes the optimizer's state'
+    whatever the optimizer; it must say it only where the step makes some."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from memprop.report.terminal_compiled import render_compiled_run
+    from memprop.run.compiled import CompiledRunResult
+    from memprop.workload import Workload
+
+    model = torch.nn.Linear(4, 4)
+    stepper = optimizer(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    stepper.step()
+    makes_state = bool(stepper.state)
+    plan = SimpleNamespace(activation_memory_budget=0.5, head_chunks=0, budget_bytes=4096,
+                           bound_peak_bytes=2048, predicted_peak_bytes=2048)
+    result = CompiledRunResult(plan=plan, steps=1,  # type: ignore[arg-type]
+                               allocator_step_peaks_bytes=(2048, 1024, 1024),
+                               baseline_allocator_step_peaks_bytes=(2048, 1024, 1024),
+                               allocator_source="c10", step_s=1e-3, baseline_step_s=1e-3,
+                               gradients_match=True)
+    console = Console(record=True, width=120)
+    render_compiled_run(result, console, Workload(model=model, inputs=(torch.randn(2, 4),),
+                                                  optimizer=optimizer(model.parameters())))
+    assert ("optimizer's state" in console.export_text()) == makes_state
