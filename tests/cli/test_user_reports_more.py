@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,12 +73,14 @@ SIZE = re.compile(r"(\d[\d,]*(?:\.\d+)?)\s?(bytes|B|KiB|MiB|GiB)\b")
 
 
 @pytest.fixture
-def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     (tmp_path / "models.py").write_text(MODELS)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "models", raising=False)  # another test's models.py
-    return tmp_path
+    # Other tests import their own models.py under the same name: none is left to another.
+    sys.modules.pop("models", None)
+    yield tmp_path
+    sys.modules.pop("models", None)
 
 
 def _invoke(*args: str) -> tuple[int, str, str]:
