@@ -224,6 +224,11 @@ def _verify(
         gc.collect()
 
 
+_REAL_TENSOR_ADVICE = (": trace on real tensors instead)",
+                       ": if the model trains in plain PyTorch, trace it on real tensors)")
+"""How memprop.blame ends its refusals of fake tracing: advice for profile, not fit."""
+
+
 def _trace_for_fit(build: Build, batch_size: int, depth: int | None) -> Any:
     """``trace_fake``, whose refusal of the model (code that reads values, a fake kernel
     stricter than the real one) advises what fit can do: fit searches on fake tensors only, so
@@ -233,8 +238,12 @@ def _trace_for_fit(build: Build, batch_size: int, depth: int | None) -> Any:
     except MemPropError as error:
         if not (is_fake_tensor_limit(error) or is_fake_kernel_refusal(error)):
             raise
+        # The refusal's own advice (trace on real tensors) is not fit's to follow: left out.
+        refusal = str(error)
+        for advice in _REAL_TENSOR_ADVICE:
+            refusal = refusal.replace(advice, ")")
         raise ModelError(
-            f"{error}; memprop fit searches on fake tensors only and cannot bisect this model: "
+            f"{refusal}; memprop fit searches on fake tensors only and cannot bisect this model: "
             "measure batches on real tensors with memprop sweep --real --batch 1,2,4,8 (the "
             "same --model) and take the largest whose training peak is within the budget"
             ) from error
