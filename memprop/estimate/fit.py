@@ -25,6 +25,7 @@ from memprop.errors import (
 )
 from memprop.estimate.preflight import shortfall
 from memprop.estimate.sweep import Build, trace_fake
+from memprop.plan.solvers import cli_size, least_budget_words
 from memprop.search import largest_true
 from memprop.trace.profile import profile
 from memprop.units import format_bytes
@@ -160,8 +161,8 @@ def fit(
     if first > budget_bytes:
         raise BudgetInfeasibleError(
             f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the training "
-            f"peak at batch {smallest}, {format_bytes(first)}: raise the budget to at least "
-            f"{first} bytes or make the model smaller",
+            f"peak at batch {smallest}, {least_budget_words(first)}: raise the budget to at "
+            f"least {cli_size(first)} or make the model smaller",
             budget_bytes=budget_bytes, min_feasible_bytes=first,
         )
     low = largest_true(lambda b: peak(b) <= budget_bytes, start=smallest, limit=MAX_BATCH_SIZE)

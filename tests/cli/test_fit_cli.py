@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from memprop.closed_form import SeedShape, closed_form
+from memprop.units import parse_size
 from memprop_cli.main import app
 
 SMALL = ["--input-dim", "16", "--hidden", "32", "--classes", "4", "--depth", "2"]
@@ -52,7 +53,8 @@ def test_budget_that_does_not_parse_exits_2() -> None:
 def test_batch_one_over_budget_exits_3_with_the_smallest_budget() -> None:
     result = CliRunner().invoke(app, ["fit", *SMALL, "--budget", str(_peak(1) - 1)])
     assert result.exit_code == 3
-    assert f"at least {_peak(1)} bytes" in result.output
+    advised = result.output.split("raise the budget to at least ", 1)[1].split()[0]
+    assert f"{_peak(1):,} bytes" in result.output and parse_size(advised) >= _peak(1)
 
 
 def test_checkpointing_within_an_overhead_cap(tmp_path: Path) -> None:

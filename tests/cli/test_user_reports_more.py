@@ -245,3 +245,23 @@ def test_compiled_runs_table_says_step_one_makes_state_only_where_it_does(
     render_compiled_run(result, console, Workload(model=model, inputs=(torch.randn(2, 4),),
                                                   optimizer=optimizer(model.parameters())))
     assert ("optimizer's state" in console.export_text()) == makes_state
+
+
+def test_fits_least_budget_is_the_figure_it_states_and_it_works(models: Path) -> None:
+    """Oracle: fit's own probe of batch 1 at the advised budget (JSON probes) and fit accepting
+    that budget. The refusal stated the peak rounded to nearest and advised its bytes: two
+    figures; the advised size must be the one stated, at least the peak, and fit must pass."""
+    code, _, err = _invoke("fit", "--budget", "1KiB", "--model", "models.py:mlp")
+    assert code == 3, err
+    message = " ".join(err.split())
+    advised = re.search(r"raise the budget to at least (\S+)", message)
+    assert advised is not None, message
+    stated = message.split("training peak at batch 1,", 1)[1].split(": raise", 1)[0]
+    assert advised.group(1) in stated, message
+    code, out, err = _invoke("fit", "--budget", advised.group(1), "--model", "models.py:mlp",
+                             "--json", "-")
+    assert code == 0, err
+    floor = json.loads(out)["probes"][0]["training_peak_bytes"]
+    sizes = [parse_size(number.replace(",", "") + ("" if unit == "bytes" else unit))
+             for number, unit in SIZE.findall(stated)]
+    assert sizes and all(size >= floor for size in sizes), (message, floor)
