@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
-from memprop.plan.solvers import Plan
+from memprop.plan.solvers import Plan, cli_size
 from memprop.run.measure import RunResult
 from memprop.trace.compiled import original
 from memprop.trace.head import STEP_GRADIENT_RTOL
@@ -62,7 +62,7 @@ def _comparison(plans: list[Plan]) -> Table:
             Text("yes", style="green") if plan.feasible else Text("no", style="red"),
             format_bytes(plan.peak_bytes),
             f"{plan.compute_overhead:.1%}",
-            format_bytes(plan.min_feasible_bytes),
+            cli_size(plan.min_feasible_bytes),  # rounded up: a budget that plans
         )
     return table
 

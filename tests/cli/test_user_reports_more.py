@@ -265,3 +265,22 @@ def test_fits_least_budget_is_the_figure_it_states_and_it_works(models: Path) ->
     sizes = [parse_size(number.replace(",", "") + ("" if unit == "bytes" else unit))
              for number, unit in SIZE.findall(stated)]
     assert sizes and all(size >= floor for size in sizes), (message, floor)
+
+
+def test_plans_least_budget_column_is_a_budget_that_plans(models: Path) -> None:
+    """Oracle: the plan document's min_feasible_bytes per strategy (JSON). The table's 'least
+    budget' column rounded it to nearest (185 KiB for 189,784 bytes, a budget that does not
+    plan); each row's figure must parse to at least its strategy's least feasible peak."""
+    code, out, err = _invoke("plan", "--budget", "1GiB", "--model", "models.py:mlp", "--json",
+                             "-")
+    assert code == 0, err
+    document = json.loads(out)
+    floors = {row["strategy"]: row["min_feasible_bytes"] for row in document["alternatives"]}
+    floors[document["strategy"]] = document["min_feasible_bytes"]
+    code, out, err = _invoke("plan", "--budget", "1GiB", "--model", "models.py:mlp")
+    assert code == 0, err
+    rows = re.findall(r"│\s*(optimal|uniform|none)\s*│.*│\s*(\S+ ?\S*B)\s*│\s*$", out,
+                      re.MULTILINE)
+    assert {strategy for strategy, _ in rows} == set(floors), out
+    for strategy, least in rows:
+        assert parse_size(least.replace(" ", "")) >= floors[strategy], (strategy, least)
