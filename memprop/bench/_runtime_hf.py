@@ -108,9 +108,31 @@ def _summary(head: str, rows: list[dict[str, Any]], document: dict[str, Any], *,
                      "timed (a guard that failed): the compiled contenders' times include "
                      "compiling.")
     lines += [_goal_amb(r, rows, document) for r in amb]
+    spread = _spread(rows)
+    if spread:
+        lines.append(spread)
     lines.append(_goal_half(rows, document))
     lines.append(_goal_batch(rows, none))
     return lines
+
+
+def _spread(rows: list[dict[str, Any]]) -> str:
+    """How far apart the copies of one compiled plan ran (the same knobs chosen at several
+    budgets, each timed as its own contender): the machine's noise, beside the goals'
+    margins."""
+    knobs: dict[str, list[float]] = {}
+    for row in rows:
+        if row["contender"] == COMPILED_PLAN:
+            setting = row["setting"]
+            chosen = setting[setting.index("activation_memory_budget="):]
+            knobs.setdefault(chosen, []).append(row["step_vs_unplanned"])
+    found = [(k, v) for k, v in knobs.items() if len(v) > 1]
+    if not found:
+        return ""
+    each = "; ".join(f"{len(v)} copies of memprop's compiled plan with {k} ran at "
+                     f"{min(v):.2f}-{max(v):.2f}x the eager step" for k, v in found)
+    return (f"- Noise: {each} (the same step: what separates them is the machine, a measure "
+            "of how far a ratio here can be trusted).")
 
 
 def _memprop(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

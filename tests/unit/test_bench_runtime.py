@@ -231,3 +231,17 @@ def test_batch_goal_is_per_sample() -> None:
     assert line(32, 4.8).endswith(": met).")
     assert "missed: 8% over the bound per sample" in line(32, 5.6)
     assert "missed: 2.00x is 33% short" in line(16, 2.0)
+
+
+def test_noise_line_is_the_spread_of_one_compiled_plans_copies() -> None:
+    """Hand-made rows: two copies of one plan (AMB 1, 16 chunks) at 0.91x and 1.30x the eager
+    step give that spread; a plan with other knobs alone gives none."""
+    def copy(label: str, ratio: float, knobs: str) -> dict[str, Any]:
+        return _row(hf.COMPILED_PLAN, f"{label}: budget 1 B, {knobs}", peak=1, step_s=ratio)
+
+    same = "activation_memory_budget=1, head in 16 chunks"
+    rows = [NONE, copy("a", 1.30, same), copy("b", 0.91, same),
+            copy("c", 0.5, "activation_memory_budget=0.5")]
+    assert ("2 copies of memprop's compiled plan with activation_memory_budget=1, head in 16 "
+            "chunks ran at 0.91-1.30x the eager step") in hf._spread(rows)
+    assert hf._spread(rows[:2] + rows[3:]) == ""
