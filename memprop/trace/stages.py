@@ -111,11 +111,14 @@ class BlockOp:
     occurrence: int
     """Which call of that op within the block's forward, from 0."""
     cache_bytes: int
-    """The storages it makes, which keeping its output holds until the block's backward (its
-    output that is the block's own output is held anyway, and weighs 0 here)."""
+    """The storages it makes, which keeping its output holds until the block's backward (the
+    block's own output weighs 0 here, and is never kept: ``allocates``)."""
     allocates: bool
-    """Whether it makes a storage that may be kept: views and in-place ops make none, and an
-    output that a later op of the block writes in place cannot be handed back unchanged."""
+    """Whether it makes a storage that may be kept: views and in-place ops make none, an
+    output that a later op of the block writes in place cannot be handed back unchanged, and the
+    block's own output is never kept: a selective checkpoint's cache would hold it until the
+    block's re-run, past the next stage's forward where the chain frees it when that stage does
+    not save its input (a ViT's first block fed a transposed view saves a contiguous copy)."""
     flops: int
     moved_bytes: int
     probe: Probe | None = None
@@ -460,7 +463,8 @@ def _block_ops(entries: Sequence[OpEntry], flow: set[int], start: int,
         found.append(BlockOp(op=name, occurrence=occurrence,
                              cache_bytes=sum(r.bytes for r in entry.born if r.index not in flow),
                              allocates=bool(entry.born) and not any(
-                                 r.index in overwritten for r in entry.born),
+                                 r.index in overwritten or r.index in flow
+                                 for r in entry.born),
                              flops=entry.flops,
                              moved_bytes=entry.moved, probe=entry.probe,
                              elements=entry.elements, rise_bytes=rise(since, entry.tick)))

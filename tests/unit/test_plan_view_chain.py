@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 from torch import nn
 
@@ -66,9 +65,6 @@ def _plans(chain: Chain) -> list[Plan]:
     return plans
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a selective option of a block whose input is a non-contiguous view is predicted under "
-    "its traced step (diagnosis in PLANBUG's report)"))
 def test_each_plan_of_a_view_fed_chain_predicts_its_traced_peak() -> None:
     """Oracle: the ledger's peak of the planned step, traced on fake tensors with the plan
     installed as the runtime installs it, is the prediction, for the unplanned step and every
