@@ -26,7 +26,7 @@ import json
 from typing import Any
 
 from memprop.bench._runtime_compile import run_child
-from memprop.bench._runtime_hf_child import BATCH_SLOWDOWN, COMPILED_PLAN, LARGEST
+from memprop.bench._runtime_hf_child import BATCH_LIMIT, BATCH_SLOWDOWN, COMPILED_PLAN, LARGEST
 from memprop.bench._runtime_workloads import HF_CASE, HF_GPT2, HF_QUICK_CASE
 from memprop.units import format_bytes
 
@@ -239,8 +239,9 @@ def _goal_batch(rows: list[dict[str, Any]], none: dict[str, Any]) -> str:
                    f"sample; the plan was priced at "
                    f"{1 + (larger['predicted_overhead'] or 0):.2f}x the unplanned step at "
                    "that batch")
+    limit = " (the search's limit: a larger one may fit)" if factor >= BATCH_LIMIT else ""
     return (f"{start}: the largest batch whose memprop plan fits it at a predicted "
-            f"<= {GOAL_BATCH_SLOWDOWN}x is {larger['batch']} ({factor:.2f}x, "
+            f"<= {GOAL_BATCH_SLOWDOWN}x is {larger['batch']}{limit} ({factor:.2f}x, "
             f"{_head(larger)}), "
             f"measured peak {format_bytes(larger['peak_bytes'])}, "
             f"{per_sample:.2f}x the eager step's time per sample (time per token at batch "

@@ -55,6 +55,9 @@ BATCH_SLOWDOWN = 1.3
 unplanned step's time per sample (the goal's bound)."""
 
 
+BATCH_LIMIT = 8
+"""The largest batch is searched up to this many times the case's batch: enough for the goal's
+3x, and each step at the limit takes that many times the case's."""
 LARGEST = "memprop, batch "
 """The largest batch's contender: this, then the batch."""
 
@@ -193,7 +196,7 @@ def _largest_batch(spec: _Spec, budget_bytes: int) -> tuple[_Entry | None, str]:
 
     if not fits(spec.batch):
         return None, "no plan at the case's own batch fits its unplanned peak"
-    chosen = largest_true(fits, start=spec.batch, limit=16 * spec.batch,
+    chosen = largest_true(fits, start=spec.batch, limit=BATCH_LIMIT * spec.batch,
                           resolution=max(1, spec.batch // 8))
     workload = build(HF_GPT2, chosen, quick=spec.quick)
     plan = solve(chain_of(workload, cost_model="roofline"), budget_bytes, "optimal")

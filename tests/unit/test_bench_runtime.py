@@ -231,6 +231,8 @@ def test_batch_goal_is_per_sample() -> None:
     assert line(32, 4.8).endswith(": met).")
     assert "missed: 8% over the bound per sample" in line(32, 5.6)
     assert "missed: 2.00x is 33% short" in line(16, 2.0)
+    assert "search's limit" not in line(32, 4.8)
+    assert "is 64 (the search's limit: a larger one may fit) (8.00x" in line(64, 9.0)
 
 
 def test_noise_line_is_the_spread_of_one_compiled_plans_copies() -> None:
