@@ -38,8 +38,10 @@ the steady one are both traced, and the higher held.
 NOTE [ How the activation memory budget is searched ]
 The reference candidate is AMB 1.0 without the head option (nothing recomputed): when it fits,
 it is the plan. Otherwise AMB is bisected over [0, 1] (``BISECTIONS`` halvings), going up where a
-probe fits and down where it does not, for each head option; every probe is kept, and the plan
-is the probe of least compute among those within the budget. The peak is not monotone in AMB
+probe fits and down where it does not, for the model's own head and for the head option's most
+chunks; every other chunk count is probed at AMB 1.0 (fewer chunks hold more logits but pass
+over the head's weight fewer times). Every probe is kept, and the plan is the probe of least
+compute among those within the budget. The peak is not monotone in AMB
 (at 0 the backward recomputes all, and its temporaries can peak above AMB 1.0's), so the
 bisection finds the largest fitting AMB only where it is; a budget no probe meets is refused
 with the least held peak found. Probes are memoised by (AMB, chunks) in :class:`CompiledProbes`,
@@ -189,14 +191,13 @@ def plan_compiled(workload: Workload, budget_bytes: int, *, chunk_head: bool = F
     reference = probes.get(workload, 1.0, 0)
     if budget_bytes < _floor_bytes(workload):  # no knob goes below it: no search
         raise _infeasible(workload, budget_bytes, [reference])
-    heads = [0]
-    chunks = _head_chunks(workload) if chunk_head else 0
-    if chunks:
-        heads.append(chunks)
+    counts = _head_chunk_counts(workload) if chunk_head else ()
     tried: list[CompiledCandidate] = [reference]
-    for head in heads:
+    # Every chunk count at AMB 1.0 (fewer chunks may cost less); AMB is bisected for the model's
+    # own head and for the most chunks only, the least memory each can reach without the other.
+    tried += [probes.get(workload, 1.0, head) for head in counts]
+    for head in (0, *counts[-1:]):
         found = probes.get(workload, 1.0, head)
-        tried.append(found)
         if found.bound_peak_bytes <= budget_bytes:
             continue
         low, high = 0.0, 1.0
@@ -260,13 +261,13 @@ HELD_NOTE = ("the peak held to the budget is the compiled step's op by op (every
              "where the partitioner recomputes")
 
 
-def _head_chunks(workload: Workload) -> int:
-    from memprop.plan.api import head_chunks_of  # the planner's own rule of when it applies
+def _head_chunk_counts(workload: Workload) -> tuple[int, ...]:
+    from memprop.plan.api import head_chunk_counts_of  # the planner's rule of when it applies
 
     was = workload.chunk_head
     workload.chunk_head = True
     try:
-        return head_chunks_of(workload)
+        return head_chunk_counts_of(workload)
     finally:
         workload.chunk_head = was
 
