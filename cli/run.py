@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from memprop.budget import resolve_budget
-from memprop.errors import ModelError, UsageError
+from memprop.errors import BudgetInfeasibleError, ModelError, UsageError
 from memprop.report.json_report import write_json
 from memprop.units import format_bytes
 from memprop.workload import Workload
@@ -82,6 +82,19 @@ def run_command(
         except ModelError as error:
             if not is_fake_tensor_limit(error):
                 raise
+        except BudgetInfeasibleError as error:
+            # The least budget said must be one that runs: the kernels' scratch counted too
+            # (NOTE [ Scratch the ledger cannot see ]), measured under the least plan.
+            least = memprop.plan(fake, budget=error.min_feasible_bytes, strategy=strategy,
+                                 cost_model=on_fake_tensors(cost_model), chunk_head=chunk_head)
+            if shortfall(least.peak_bytes, device) is not None:
+                raise
+            scratch = measure_scratch(build_workload(options, fake=False), least)
+            plan_around(lambda cap_bytes: memprop.plan(
+                fake, budget=cap_bytes, strategy=strategy,
+                cost_model=on_fake_tensors(cost_model), chunk_head=chunk_head),
+                cap.bytes, scratch)
+            raise  # the scratch made no difference
     if plan is not None:
         refuse_unless_it_fits(traced, device, "the planned step",
                               "lower --budget to what the device has")

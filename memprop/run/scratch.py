@@ -42,7 +42,7 @@ from memprop.devices import cuda
 from memprop.devices.allocator import AllocatorMeter, step_state_tensors
 from memprop.errors import BudgetInfeasibleError
 from memprop.loop import training_step, zero_gradients
-from memprop.plan.solvers import Plan
+from memprop.plan.solvers import Plan, cli_size
 from memprop.run.install import installed
 from memprop.trace.compiled import eager_model
 from memprop.trace.ledger import op_name
@@ -108,7 +108,7 @@ def plan_around(make: Callable[[int], Plan], budget_bytes: int, scratch: Scratch
             f"scratch its kernels allocate inside one op ({scratch.op}, measured by the "
             f"allocator) is below the smallest feasible peak, "
             f"{format_bytes(error.min_feasible_bytes)}: raise the budget to at least "
-            f"{format_bytes(least)} or lower the batch size",
+            f"{cli_size(least)} or lower the batch size",
             budget_bytes=budget_bytes, min_feasible_bytes=least) from error
     return dataclasses.replace(planned, budget_bytes=budget_bytes,
                                feasible=planned.peak_bytes + scratch.bytes <= budget_bytes,

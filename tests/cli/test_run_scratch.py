@@ -180,3 +180,30 @@ def test_compiled_steps_measured_over_their_budget_are_one_line_that_exits_3(
     errors = [line for line in result.stderr.splitlines() if line.startswith("memprop: error:")]
     assert len(errors) == 1 and f"{format_bytes(1024)} over the budget" in errors[0]
     assert "bug" not in errors[0]
+
+
+def test_the_least_budget_a_refusal_names_runs_within_it_whichever_side_of_the_plan_refused(
+        models: Path) -> None:
+    """Oracle: following the advice. A budget below the least feasible peak (refused by the plan
+    on fake tensors) and one above it that only the scratch makes too small (refused after the
+    scratch is measured) name the same least budget, and a run at that budget passes with the
+    allocator's count at every measured step within it. Failed before: the first refusal named
+    the least peak without the scratch, a budget that was then refused again."""
+    import re
+
+    budget, gap = _tight_budget()
+    least_peak = budget - gap - 1024
+    named = []
+    for below in (least_peak - 1, least_peak + gap // 2):
+        result = CliRunner().invoke(app, ["run", "--model", MODEL, "--budget", str(below),
+                                          "--steps", "1"])
+        assert result.exit_code == 3, result.output
+        found = re.search(r"at least (\S+?)[ ,]", result.stderr)
+        assert found is not None, result.stderr
+        named.append(found.group(1))
+    assert named[0] == named[1], named
+    result = CliRunner().invoke(app, ["run", "--model", MODEL, "--budget", named[0],
+                                      "--steps", "1", "--json", "-"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert max(document["measured"]["allocator_step_peaks_bytes"]) <= document["budget_bytes"]
