@@ -51,8 +51,9 @@ class Option:
 def front(ops: Sequence[BlockOp], cost: Callable[[BlockOp], float]
           ) -> list[tuple[int, float, frozenset[tuple[str, int]]]]:
     """The exact Pareto front of (bytes kept, cost saved, ops kept), fewest bytes first, each
-    point saving strictly more than the one before. Outputs that hold nothing extra (the
-    block's own output) are kept in every point."""
+    point saving strictly more than the one before. Outputs that hold nothing extra are kept in
+    every point (the block's own output is not among the ops: keeping it would hold it until the
+    block's re-run, ``memprop.trace.stages``)."""
     keepable = [(op, cost(op)) for op in ops if op.allocates]
     free = frozenset((o.op, o.occurrence) for o, _ in keepable if o.cache_bytes == 0)
     free_saving = sum(c for o, c in keepable if o.cache_bytes == 0)
