@@ -110,6 +110,16 @@ _COMPOSITE = "composite"
 _RESIZES = frozenset((torch.ops.aten.resize_.default, torch.ops.aten.resize_as_.default))
 
 
+def _composite_only(name: str) -> bool:
+    """Whether the op's only implementation is its composite decomposition (cross_entropy,
+    linear, matmul): what the real op runs is then the decomposition, op by op. An op with a
+    kernel of its own (silu_backward runs one CPU kernel; its composite form, for other
+    backends, makes temporaries the kernel does not) is not decomposed."""
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return has(name, "CompositeImplicitAutograd") and not any(
+        has(name, key) for key in ("CPU", "CUDA", "Meta"))
+
+
 def _classify(func: Any) -> Any:
     """How the hot path treats an op: a metadata query (it cannot allocate), dropout (identity
     when not training), a resize (it may reallocate a known storage), an op with a FLOP formula
@@ -122,7 +132,7 @@ def _classify(func: Any) -> Any:
         return _IDENTITY
     if func in _RESIZES:
         return _RESIZE
-    if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+    if _composite_only(func.name()):
         return _COMPOSITE
     if func in _MATMULS:
         return _MATMULS[func]
