@@ -52,8 +52,8 @@ def residual_mlp(batch_size: int = 128) -> Workload:
 def _measured(module: nn.Module, workload: Workload) -> tuple[int, list[torch.Tensor]]:
     """The allocator's peak of the loop's third step of ``module`` (AdamW from the workload's
     parameters), and the first step's gradients."""
-    optimizer = torch.optim.AdamW(module.parameters())
-    loop = to_workload(module, workload.inputs, optimizer=optimizer)
+    loop = Workload(model=module, inputs=tuple(workload.inputs), keywords=workload.keywords,
+                    optimizer=torch.optim.AdamW(module.parameters()))
     first: list[torch.Tensor] = []
     for step in range(3):
         zero_gradients(loop)
@@ -175,24 +175,6 @@ def _gpt2() -> Workload:
                     optimizer=torch.optim.AdamW(model.parameters()), name="gpt2")
 
 
-def _loop_measured(module: nn.Module, workload: Workload) -> tuple[int, list[torch.Tensor]]:
-    """As :func:`_measured`, with the workload's keyword inputs (token ids and labels)."""
-    loop = Workload(model=module, inputs=(), keywords=workload.keywords,
-                    optimizer=torch.optim.AdamW(module.parameters()))
-    first: list[torch.Tensor] = []
-    for step in range(3):
-        zero_gradients(loop)
-        if step < 2:
-            training_step(loop)
-        else:
-            with AllocatorMeter("cpu", step_state_tensors(loop)) as meter:
-                training_step(loop)
-        if step == 0:
-            first = [p.grad.detach().clone() for p in module.parameters() if p.grad is not None]
-    assert meter.result is not None
-    return meter.result.peak_bytes, first
-
-
 def test_the_head_option_compiled_once_lowers_the_allocators_peak_with_the_same_gradients(
         ) -> None:
     """A plan with the head in chunks: its module compiles once for every step (the option
@@ -203,15 +185,15 @@ def test_the_head_option_compiled_once_lowers_the_allocators_peak_with_the_same_
 
     workload = _gpt2()
     eager_model = copy.deepcopy(workload.model)
-    eager = _loop_measured(eager_model, workload)[1]
+    eager = _measured(eager_model, workload)[1]
     users: Any = torch.compile(copy.deepcopy(workload.model), dynamic=False)
-    own, _ = _loop_measured(users, workload)
+    own, _ = _measured(users, workload)
     plan = CompiledPlan(budget_bytes=own, activation_memory_budget=1.0, head_chunks=4,
                         predicted_peak_bytes=0, bound_peak_bytes=0, compute_overhead=0.0,
                         baseline_peak_bytes=0, baseline_bound_peak_bytes=0, cost_model="flops",
                         candidates=())
     compiles = counters["stats"]["unique_graphs"]
-    peak, gradients = _loop_measured(compiled_module(copy.deepcopy(workload.model), plan),
+    peak, gradients = _measured(compiled_module(copy.deepcopy(workload.model), plan),
                                      workload)
     assert counters["stats"]["unique_graphs"] - compiles == 1
     assert peak < own
